@@ -1,0 +1,50 @@
+"""paramscope: inspect sharded Orbax checkpoints of JAX models.
+
+The library half offers the parameter utilities of xLSTM-JAX's trainer for in-memory pytrees
+(:mod:`paramscope.param_utils`) and readers for checkpoints on disk
+(:mod:`paramscope.inventory`, :mod:`paramscope.stats`). Heavy modules (jax, flax, orbax) load
+only when one of their names is first used, so ``import paramscope`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("paramscope")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+_EXPORTS = {
+    "is_partitioned": "paramscope.param_utils",
+    "get_num_params": "paramscope.param_utils",
+    "tabulate_params": "paramscope.param_utils",
+    "get_grad_norms": "paramscope.param_utils",
+    "get_param_norms": "paramscope.param_utils",
+    "get_sharded_norm_logits": "paramscope.param_utils",
+    "get_sharded_global_norm": "paramscope.param_utils",
+    "get_param_mask_fn": "paramscope.param_utils",
+    "open_checkpoint": "paramscope.inventory",
+    "Inventory": "paramscope.inventory",
+    "ParamInfo": "paramscope.inventory",
+    "count_params": "paramscope.inventory",
+    "weight_decay_mask": "paramscope.inventory",
+    "compute_norms": "paramscope.stats",
+    "ParamscopeError": "paramscope.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'paramscope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

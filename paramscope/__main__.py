@@ -1,0 +1,3 @@
+from paramscope.cli import main
+
+main()

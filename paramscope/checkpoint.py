@@ -1,0 +1,435 @@
+"""The one adapter around Orbax's on-disk format.
+
+Everything that knows how Orbax lays out a checkpoint lives here: manager roots and step
+folders, item kinds, ``_METADATA``, ``_sharding``, and the zarr arrays inside OCDBT databases or
+plain folders. Arrays are opened with TensorStore, read-only, through its public spec API, so the
+rest of paramscope never sees an Orbax or TensorStore type, and nothing here writes, creates,
+deletes, imports handler classes named in metadata, or unpickles.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from paramscope._paths import join_keys
+from paramscope.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    ItemNotFound,
+    NotACheckpoint,
+    StepNotFound,
+)
+
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+TREE_METADATA = "_METADATA"
+SHARDING_FILE = "_sharding"
+OCDBT_MANIFEST = "manifest.ocdbt"
+COMMIT_MARKER = "commit_success.txt"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+ARRAY_ITEM_NAME = "checkpoint"  # ArrayCheckpointHandler stores its one array under this name
+
+_STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
+_TMP_STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)\.orbax-checkpoint-tmp.*$")
+
+
+@dataclass(frozen=True)
+class SavedSharding:
+    """A NamedSharding as saved: the mesh's axes and one partition entry per dimension."""
+
+    mesh_axes: tuple[tuple[str, int], ...]
+    spec: tuple[Any, ...]  # per dimension: None, an axis name, or a tuple of axis names
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One array of an item: its tree keys, shape, dtype, and where TensorStore finds it."""
+
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    driver: str  # "zarr" or "zarr3"
+    kvstore: str  # JSON of the TensorStore kvstore spec of the array's folder
+    sharding: SavedSharding | None
+    value_type: str
+
+    @property
+    def path(self) -> str:
+        return join_keys(self.keys)
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    path: str
+    kind: str  # "pytree", "array", "json" or "unknown"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    path: str
+    step: int | None
+    finished: bool
+
+
+@dataclass
+class Location:
+    """What a user's path points at, resolved down to one step."""
+
+    path: str
+    kind: str  # "root", "step" or "item"
+    step: Step | None
+    items: list[Item]
+    steps: list[Step] = field(default_factory=list)
+    selected_item: str | None = None  # set when the path is an item folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout
+
+
+def _read_json_file(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpoint(
+            f"cannot read {path}: {err}", hint="the checkpoint's metadata is damaged or unreadable"
+        ) from None
+
+
+def _is_finished_step(path: str) -> bool:
+    if os.path.exists(os.path.join(path, COMMIT_MARKER)):
+        return True
+    meta_path = os.path.join(path, CHECKPOINT_METADATA)
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path, "rb") as f:
+                meta = json.loads(f.read())
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
+    # Very old writers left no step metadata: a step folder with items counts as finished.
+    return any(_item_kind(os.path.join(path, name)) != "unknown" for name in _subdirs(path))
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def _item_kind(path: str) -> str:
+    if os.path.isfile(os.path.join(path, TREE_METADATA)):
+        return "pytree"
+    name = os.path.basename(path.rstrip("/"))
+    if os.path.isfile(os.path.join(path, name)):
+        return "json"
+    array_dir = os.path.join(path, ARRAY_ITEM_NAME)
+    if os.path.isfile(os.path.join(array_dir, ".zarray")) or os.path.isfile(os.path.join(array_dir, "zarr.json")):
+        return "array"
+    return "unknown"
+
+
+def list_steps(root: str) -> list[Step]:
+    """The step folders of a CheckpointManager root, finished and unfinished, by step."""
+    steps = []
+    for name in _subdirs(root):
+        path = os.path.join(root, name)
+        tmp = _TMP_STEP_NAME.match(name)
+        if tmp:
+            steps.append(Step(name, path, int(tmp.group("step")), finished=False))
+            continue
+        match = _STEP_NAME.match(name)
+        if match:
+            steps.append(Step(name, path, int(match.group("step")), finished=_is_finished_step(path)))
+    return sorted(steps, key=lambda s: (s.step, s.finished, s.name))
+
+
+def list_items(step_path: str) -> list[Item]:
+    items = []
+    for name in _subdirs(step_path):
+        path = os.path.join(step_path, name)
+        items.append(Item(name, path, _item_kind(path)))
+    return [i for i in items if i.kind != "unknown"]
+
+
+def locate(path: str, step: int | None = None) -> Location:
+    """Resolves a manager root, a step folder or an item folder to one step's items."""
+    if not os.path.exists(path):
+        raise CheckpointNotFound(f"{path} does not exist", hint="check the path")
+    if not os.path.isdir(path):
+        raise NotACheckpoint(
+            f"{path} is a file, not a checkpoint folder",
+            hint="pass the checkpoint folder (a manager root, a step folder or an item folder)",
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise NotACheckpoint(f"{path} cannot be read (permission denied)", hint="check the folder's permissions")
+    path = os.path.abspath(path)
+    name = os.path.basename(path)
+    if TMP_MARKER in name:
+        raise StepNotFound(
+            f"{path} is an unfinished step (a save that has not completed)",
+            hint="pass a finished step or the manager root; `paramscope info` lists the steps",
+        )
+    kind = _item_kind(path)
+    if kind != "unknown":
+        if step is not None:
+            raise StepNotFound(f"--step {step} given, but {path} is a single item", hint="pass the manager root")
+        return Location(path, "item", None, [Item(name, path, kind)], selected_item=name)
+
+    items = list_items(path)
+    if items or os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+        if step is not None:
+            raise StepNotFound(f"--step {step} given, but {path} is a single step", hint="pass the manager root")
+        match = _STEP_NAME.match(name)
+        this = Step(name, path, int(match.group("step")) if match else None, _is_finished_step(path))
+        return Location(path, "step", this, items)
+
+    steps = list_steps(path)
+    if not steps:
+        raise NotACheckpoint(
+            f"{path} holds no Orbax checkpoint (no _METADATA, no step folders)",
+            hint="pass a CheckpointManager root, a step folder or an item folder",
+        )
+    finished = [s for s in steps if s.finished]
+    if step is None:
+        if not finished:
+            raise StepNotFound(
+                f"{path} has no finished step ({len(steps)} unfinished)",
+                hint="wait for the save to complete; `paramscope info` lists the steps",
+            )
+        chosen = finished[-1]
+    else:
+        matches = [s for s in finished if s.step == step]
+        if not matches:
+            available = ", ".join(str(s.step) for s in finished) or "none"
+            raise StepNotFound(f"no finished step {step} in {path}", hint=f"finished steps: {available}")
+        chosen = matches[-1]
+    return Location(path, "root", chosen, list_items(chosen.path), steps=steps)
+
+
+def read_json_item(item: Item) -> Any:
+    return _read_json_file(os.path.join(item.path, item.name))
+
+
+def disk_usage(path: str) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for filename in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, filename)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _kvstore_spec(folder: str) -> dict[str, Any]:
+    folder = os.path.abspath(folder)
+    if os.path.isfile(os.path.join(folder, OCDBT_MANIFEST)):
+        return {"driver": "ocdbt", "base": f"file://{folder}/"}
+    return {"driver": "file", "path": f"{folder}/"}
+
+
+def storage_format(item: Item) -> str:
+    """'ocdbt' or 'zarr' (plain folders), for an item that holds arrays."""
+    folder = item.path if item.kind == "pytree" else os.path.join(item.path, ARRAY_ITEM_NAME)
+    return "ocdbt" if _kvstore_spec(folder)["driver"] == "ocdbt" else "zarr"
+
+
+def _array_kvstore(kv: dict[str, Any], name: str) -> dict[str, Any]:
+    if kv["driver"] == "ocdbt":
+        return {**kv, "path": f"{name}/"}
+    return {**kv, "path": f"{kv['path']}{name}/"}
+
+
+def _parse_sharding(text: Any) -> SavedSharding | None:
+    try:
+        info = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or info.get("sharding_type") != "NamedSharding":
+        return None
+    names, sizes = info.get("axis_names") or [], info.get("shape") or []
+    spec = []
+    for entry in info.get("partition_spec") or []:
+        if isinstance(entry, list):
+            entry = tuple(str(e) for e in entry) if entry else None
+            if entry is not None and len(entry) == 1:
+                entry = entry[0]
+        spec.append(entry)
+    return SavedSharding(tuple(zip((str(n) for n in names), (int(s) for s in sizes))), tuple(spec))
+
+
+def _read_shardings(item_path: str) -> dict[str, SavedSharding | None]:
+    path = os.path.join(item_path, SHARDING_FILE)
+    if not os.path.isfile(path):
+        return {}
+    raw = _read_json_file(path)
+    if not isinstance(raw, dict):
+        raise CorruptCheckpoint(f"{path} is not a JSON object", hint="the sharding file is damaged")
+    shardings = {}
+    for key, value in raw.items():
+        try:
+            name = base64.urlsafe_b64decode(key.encode() + b"==").decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            continue
+        shardings[name] = _parse_sharding(value)
+    return shardings
+
+
+def _tree_entries(item_path: str) -> list[tuple[tuple[str, ...], str]]:
+    """(keys, value_type) of every leaf that holds array data, in the saved order."""
+    path = os.path.join(item_path, TREE_METADATA)
+    meta = _read_json_file(path)
+    tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
+    if not isinstance(tree, dict):
+        raise CorruptCheckpoint(
+            f"{path} has no tree_metadata", hint="the item's metadata is damaged or from an unknown writer"
+        )
+    entries = []
+    for entry in tree.values():
+        try:
+            keys = tuple(str(k["key"]) for k in entry["key_metadata"])
+            value = entry.get("value_metadata") or {}
+        except (KeyError, TypeError, AttributeError):
+            raise CorruptCheckpoint(
+                f"{path} has an entry of unexpected structure", hint="the item's metadata is damaged"
+            ) from None
+        if value.get("skip_deserialize") or value.get("value_type") in ("None", None):
+            continue
+        entries.append((keys, str(value.get("value_type"))))
+    return entries
+
+
+def _dtype_info(name: str) -> tuple[str, int]:
+    import ml_dtypes
+    import numpy as np
+
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        dtype = np.dtype(getattr(ml_dtypes, name))
+    return dtype.name, dtype.itemsize
+
+
+def _zarr_shape_dtype(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, str]:
+    try:
+        meta = json.loads(raw)
+        if meta.get("zarr_format") == 3:
+            return tuple(int(d) for d in meta["shape"]), *_dtype_info(meta["data_type"]), "zarr3"
+        return tuple(int(d) for d in meta["shape"]), *_dtype_info(meta["dtype"]), "zarr"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CorruptCheckpoint(f"bad zarr metadata for {where}", hint="the array's metadata is damaged") from None
+
+
+def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
+    """Reads many keys of one kvstore concurrently; None for a missing key."""
+    import tensorstore as ts
+
+    try:
+        store = ts.KvStore.open(kvstore).result()
+        futures = [store.read(key) for key in keys]
+        results = [f.result() for f in futures]
+    except Exception as err:  # TensorStore raises ValueError/RuntimeError subclasses
+        raise CorruptCheckpoint(
+            f"cannot read the array store at {kvstore.get('base') or kvstore.get('path')}: {_short(err)}",
+            hint="the checkpoint's data files are missing or damaged",
+        ) from None
+    return [bytes(r.value) if r.state == "value" else None for r in results]
+
+
+def _short(err: BaseException) -> str:
+    return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+
+
+def read_arrays(item: Item) -> list[StoredArray]:
+    """Every array of an item, from metadata alone: no array data is read."""
+    if item.kind == "array":
+        entries = [((item.name,), "jax.Array")]
+        names = [ARRAY_ITEM_NAME]
+        kv = {"driver": "file", "path": os.path.abspath(item.path) + "/"}
+        shardings = {item.name: _read_shardings(item.path).get(ARRAY_ITEM_NAME)}
+    elif item.kind == "pytree":
+        entries = _tree_entries(item.path)
+        names = [".".join(keys) for keys, _ in entries]
+        kv = _kvstore_spec(item.path)
+        shardings = _read_shardings(item.path)
+    else:
+        raise ItemNotFound(f"item {item.name!r} holds no arrays (it is {item.kind})", hint="choose a pytree item")
+
+    v2 = _read_kv(kv, [f"{n}/.zarray" for n in names])
+    missing = [i for i, raw in enumerate(v2) if raw is None]
+    v3 = _read_kv(kv, [f"{names[i]}/zarr.json" for i in missing]) if missing else []
+    for i, raw in zip(missing, v3):
+        v2[i] = raw
+    arrays = []
+    for (keys, value_type), name, raw in zip(entries, names, v2):
+        if raw is None:
+            raise CorruptCheckpoint(
+                f"array {name!r} of item {item.name!r} is listed in the metadata but not stored",
+                hint="the checkpoint is incomplete or damaged",
+            )
+        shape, dtype, itemsize, driver = _zarr_shape_dtype(raw, name)
+        arrays.append(
+            StoredArray(
+                keys=keys,
+                shape=shape,
+                dtype=dtype,
+                itemsize=itemsize,
+                driver=driver,
+                kvstore=json.dumps(_array_kvstore(kv, name), sort_keys=True),
+                sharding=shardings.get(".".join(keys)),
+                value_type=value_type,
+            )
+        )
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def open_array(array: StoredArray):
+    """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
+    import tensorstore as ts
+
+    spec = {"driver": array.driver, "kvstore": json.loads(array.kvstore)}
+    try:
+        return ts.open(spec, read=True, write=False, open=True).result()
+    except Exception as err:
+        raise CorruptCheckpoint(
+            f"cannot open array {array.path!r}: {_short(err)}", hint="the checkpoint's data files are damaged"
+        ) from None
+
+
+def start_read(handle, index: tuple[slice, ...], path: str):
+    """Starts reading one slice of an opened array; :func:`finish_read` waits for it."""
+    try:
+        return handle[index].read()
+    except Exception as err:
+        raise CorruptCheckpoint(
+            f"cannot read array {path!r}: {_short(err)}", hint="the checkpoint's data files are damaged"
+        ) from None
+
+
+def finish_read(future, path: str):
+    """The numpy value of a read started by :func:`start_read`."""
+    try:
+        return future.result()
+    except Exception as err:
+        raise CorruptCheckpoint(
+            f"cannot read array {path!r}: {_short(err)}", hint="the checkpoint's data files are damaged"
+        ) from None
