@@ -47,3 +47,6 @@ class UsageError(ParamscopeError):
 
 class BadMesh(UsageError):
     """The requested mesh cannot be built from the local devices."""
+
+
+EXIT_INTERNAL = 4

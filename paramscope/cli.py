@@ -1,0 +1,450 @@
+"""The paramscope command line: parses options, calls the core, hands a report to the renderer.
+
+jax is imported only by the commands that compute on arrays, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+from paramscope import errors
+from paramscope.render import Column, Format, Report, render
+
+app = typer.Typer(
+    name="paramscope",
+    help="Inspect sharded Orbax checkpoints of JAX models: parameters, counts, norms, weight-decay masks.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+CkptArg = Annotated[
+    str,
+    typer.Argument(help="Checkpoint: a CheckpointManager root, a step folder or an item folder.", show_default=False),
+]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)]
+StepOpt = Annotated[int | None, typer.Option("--step", help="Step to read (default: the latest finished step).")]
+ItemOpt = Annotated[
+    str | None,
+    typer.Option("--item", help="Item to read (default: params, else the only pytree item, else all of them)."),
+]
+SubtreeOpt = Annotated[
+    str | None, typer.Option("--subtree", help="Keep one dotted subtree, e.g. params; paths become relative to it.")
+]
+FilterOpt = Annotated[str | None, typer.Option("--filter", help="Keep parameters whose path matches this regex.")]
+MeshOpt = Annotated[
+    str | None,
+    typer.Option("--mesh", help="Device mesh AXIS=N[,AXIS=N...] (default: all local devices, shaped like the saved mesh)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No warnings or progress on stderr.")]
+
+
+class SortKey(str, Enum):
+    path = "path"
+    count = "count"
+    bytes = "bytes"
+    norm = "norm"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing
+
+
+def _stderr(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def _fail(message: str, hint: str | None, code: int) -> typer.Exit:
+    line = f"paramscope: error: {message}"
+    if hint:
+        line += f" (hint: {hint})"
+    print(line, file=sys.stderr)
+    return typer.Exit(code)
+
+
+def handle_errors(command):
+    """Maps paramscope's errors to one-line messages and exit codes; tracebacks only when debugging."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = os.environ.get("PARAMSCOPE_DEBUG", "") not in ("", "0")
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except errors.ParamscopeError as err:
+            if debug:
+                raise
+            raise _fail(err.message, err.hint, err.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted", None, 130) from None
+        except Exception as err:  # a bug: say so in one line, traceback on request
+            if debug:
+                raise
+            raise _fail(f"unexpected {type(err).__name__}: {err}", "set PARAMSCOPE_DEBUG=1 for a traceback and"
+                        " report it", errors.EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from paramscope import __version__
+
+        print(f"paramscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Show the version and exit.", callback=_version_callback, is_eager=True),
+    ] = False,
+) -> None:
+    """Inspect sharded Orbax checkpoints of JAX models without the model code.
+
+    Data goes to stdout, messages to stderr. Exit codes: 0 ok, 1 a check failed, 2 usage error,
+    3 checkpoint problem, 4 internal error.
+    """
+
+
+def _quiet_libraries() -> None:
+    """Keeps XLA's and absl's log noise off the terminal (set before jax loads)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+
+
+def _inventory(ckpt: str, step: int | None, item: str | None, subtree: str | None):
+    from paramscope.inventory import open_checkpoint
+
+    return open_checkpoint(ckpt, step=step, item=item, subtree=subtree)
+
+
+def _header(inv) -> dict[str, Any]:
+    return {
+        "checkpoint": inv.checkpoint,
+        "step": inv.step,
+        "item": inv.items[0] if len(inv.items) == 1 else None,
+        "items": inv.items,
+        "subtree": inv.subtree,
+    }
+
+
+def _title(inv, count: int) -> str:
+    step = f"step {inv.step}" if inv.step is not None else "no step"
+    return f"{inv.checkpoint}  {step}  item {','.join(inv.items)}  {count:,} arrays"
+
+
+def _norms(inv, params, mesh: str | None, quiet: bool):
+    from paramscope.mesh import parse_mesh
+
+    axes = parse_mesh(mesh) if mesh else None
+    _quiet_libraries()
+    from paramscope.stats import compute_norms
+
+    if quiet or not sys.stderr.isatty() or not params:
+        return compute_norms(params, axes, inv.saved_mesh)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    total = sum(p.nbytes for p in params)
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(binary_units=True),
+        TransferSpeedColumn(), console=Console(stderr=True), transient=True,
+    ) as progress:
+        task = progress.add_task("norms", total=total)
+        return compute_norms(params, axes, inv.saved_mesh,
+                             on_param=lambda p: progress.advance(task, p.nbytes))
+
+
+def _mask_options(include: list[str] | None, exclude: list[str] | None):
+    if include and exclude:
+        raise errors.UsageError(
+            "include and exclude patterns given together",
+            hint="a weight-decay mask takes either include regexes or exclude regexes, as get_param_mask_fn does",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+@handle_errors
+def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table) -> None:
+    """Steps, items, storage format, size on disk and array counts of a checkpoint.
+
+    Example: paramscope info checkpoints/
+    """
+    from paramscope.inventory import checkpoint_info
+
+    result = checkpoint_info(ckpt, step)
+    steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
+    items = [
+        {"name": i.name, "kind": i.kind, "storage": i.storage, "arrays": i.arrays, "count": i.count,
+         "bytes_on_disk": i.bytes_on_disk}
+        for i in result.items
+    ]
+    payload = {
+        "schema": "paramscope.info/1",
+        "checkpoint": result.checkpoint,
+        "layout": result.layout,
+        "step": result.step,
+        "steps": steps,
+        "items": [{**row, **({"content": i.content} if i.kind == "json" else {})}
+                  for row, i in zip(items, result.items)],
+    }
+    import json
+
+    notes = [f"{i.name}: {json.dumps(i.content)[:200]}" for i in result.items if i.kind == "json"]
+    unfinished = [s for s in result.steps if not s.finished]
+    if unfinished:
+        notes.append(f"{len(unfinished)} unfinished step(s), skipped: {', '.join(s.name for s in unfinished)}")
+    step_text = f"step {result.step}" if result.step is not None else "single item"
+    items_report = Report(
+        payload=payload,
+        title=f"{result.checkpoint}  ({result.layout}, {step_text})",
+        columns=[Column("name", "item"), Column("kind", "kind"), Column("storage", "storage"),
+                 Column("arrays", "arrays", "int"), Column("count", "parameters", "int"),
+                 Column("bytes_on_disk", "on disk", "bytes")],
+        rows=items,
+        notes=notes,
+    )
+    if steps:
+        items_report.sections.append(
+            Report(payload={}, title="steps", rows=steps,
+                   columns=[Column("step", "step", "int"), Column("name", "folder"),
+                            Column("finished", "finished", "bool")])
+        )
+    render(items_report, fmt)
+
+
+@app.command()
+@handle_errors
+def table(
+    ckpt: CkptArg,
+    filter: FilterOpt = None,
+    sort: Annotated[SortKey, typer.Option("--sort", help="Row order (count, bytes, norm: largest first).")] = SortKey.path,
+    wd_include: Annotated[
+        list[str] | None, typer.Option("--wd-include", help="Weight decay only for paths matching (repeatable).")
+    ] = None,
+    wd_exclude: Annotated[
+        list[str] | None, typer.Option("--wd-exclude", help="Weight decay for all but paths matching (repeatable).")
+    ] = None,
+    norms: Annotated[bool, typer.Option("--norms", help="Add each parameter's L2 norm (reads the data).")] = False,
+    step: StepOpt = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    mesh: MeshOpt = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """One row per parameter: path, shape, dtype, count, bytes, saved sharding.
+
+    Example: paramscope table checkpoints/ --filter 'kernel$' --sort count --wd-exclude 'bias$|scale$'
+    """
+    from paramscope.inventory import filter_params, weight_decay_mask
+
+    _mask_options(wd_include, wd_exclude)
+    inv = _inventory(ckpt, step, item, subtree)
+    params = filter_params(inv.params, filter)
+    rows = {p.path: {"path": p.path, "shape": list(p.shape), "dtype": p.dtype, "count": p.count,
+                     "bytes": p.nbytes, "sharding": _sharding_json(p.sharding)} for p in params}
+    columns = [Column("path", "path"), Column("shape", "shape", "shape"), Column("dtype", "dtype"),
+               Column("count", "count", "int"), Column("bytes", "bytes", "bytes"),
+               Column("sharding", "sharding", "sharding")]
+    if wd_include or wd_exclude:
+        mask = weight_decay_mask(params, include=wd_include, exclude=wd_exclude)
+        for pattern in mask.unmatched_patterns:
+            _stderr(f"paramscope: warning: pattern {pattern!r} matches no parameter", quiet)
+        for param, decayed in mask.decisions:
+            rows[param.path]["weight_decay"] = decayed
+        columns.append(Column("weight_decay", "weight decay", "bool"))
+    if norms or sort == SortKey.norm:
+        result = _norms(inv, params, mesh, quiet)
+        for entry in result.params:
+            rows[entry.param.path]["norm"] = entry.norm
+            rows[entry.param.path]["nonfinite"] = entry.nonfinite
+        columns.append(Column("norm", "norm", "float"))
+    ordered = _sorted_rows(list(rows.values()), sort)
+    total = {"count": sum(p.count for p in params), "bytes": sum(p.nbytes for p in params)}
+    payload = {"schema": "paramscope.table/1", **_header(inv), "params": ordered, "total": total}
+    report = Report(payload=payload, columns=columns, rows=ordered, title=_title(inv, len(params)),
+                    footer={"path": f"total ({len(params):,} arrays)", **total})
+    render(report, fmt)
+
+
+def _sharding_json(spec) -> list | None:
+    if spec is None:
+        return None
+    return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def _sorted_rows(rows: list[dict], key: SortKey) -> list[dict]:
+    if key == SortKey.path:
+        return sorted(rows, key=lambda r: r["path"])
+    import math
+
+    def value(row):
+        v = row.get(key.value)
+        return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    return sorted(rows, key=lambda r: (-value(r), r["path"]))
+
+
+@app.command()
+@handle_errors
+def count(
+    ckpt: CkptArg,
+    depth: Annotated[int, typer.Option("--depth", min=0, help="Group by this many leading path components.")] = 1,
+    filter: FilterOpt = None,
+    step: StepOpt = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Total parameters and bytes, by dtype and by path prefix.
+
+    Example: paramscope count checkpoints/ --depth 2
+    """
+    from paramscope.inventory import count_params, filter_params
+
+    inv = _inventory(ckpt, step, item, subtree)
+    result = count_params(filter_params(inv.params, filter), depth)
+    total = {"count": result.total_count, "bytes": result.total_bytes}
+    groups = [{"path": g, "count": c, "bytes": b, "leaves": n} for g, c, b, n in result.groups]
+    by_dtype = {d: {"count": c, "bytes": b} for d, (c, b) in result.by_dtype.items()}
+    payload = {"schema": "paramscope.count/1", **_header(inv), "depth": depth, "total": total,
+               "by_dtype": by_dtype, "groups": groups}
+    report = Report(
+        payload=payload,
+        title=_title(inv, sum(g["leaves"] for g in groups)),
+        columns=[Column("path", f"group (depth {depth})"), Column("leaves", "arrays", "int"),
+                 Column("count", "count", "int"), Column("bytes", "bytes", "bytes")],
+        rows=[{**g, "path": g["path"] or "(all)"} for g in groups],
+        footer={"path": "total", "leaves": sum(g["leaves"] for g in groups), **total},
+        sections=[Report(payload={}, title="by dtype",
+                         columns=[Column("dtype", "dtype"), Column("count", "count", "int"),
+                                  Column("bytes", "bytes", "bytes")],
+                         rows=[{"dtype": d, **v} for d, v in by_dtype.items()])],
+    )
+    render(report, fmt)
+
+
+@app.command()
+@handle_errors
+def norms(
+    ckpt: CkptArg,
+    per_param: Annotated[bool, typer.Option("--per-param", help="One row per parameter.")] = False,
+    fail_on_nonfinite: Annotated[
+        bool, typer.Option("--fail-on-nonfinite", help="Exit 1 if any value is NaN or Inf.")
+    ] = False,
+    filter: FilterOpt = None,
+    step: StepOpt = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    mesh: MeshOpt = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Global L2 norm (and per-parameter norms), computed on the device mesh in float32 or wider.
+
+    Example: paramscope norms checkpoints/ --per-param --format json | jq .global_norm
+    """
+    from paramscope.inventory import filter_params
+
+    inv = _inventory(ckpt, step, item, subtree)
+    params = filter_params(inv.params, filter)
+    result = _norms(inv, params, mesh, quiet)
+    payload = {"schema": "paramscope.norms/1", **_header(inv), "global_norm": result.global_norm,
+               "nonfinite": result.nonfinite, "count": sum(p.count for p in params),
+               "mesh": dict(result.mesh)}
+    mesh_text = ",".join(f"{n}={s}" for n, s in result.mesh)
+    if per_param:
+        rows = [{"path": r.param.path, "norm": r.norm, "nonfinite": r.nonfinite, "count": r.param.count,
+                 "dtype": r.param.dtype} for r in result.params]
+        payload["params"] = rows
+        report = Report(
+            payload=payload, title=_title(inv, len(rows)) + f"  mesh {mesh_text}", rows=rows,
+            columns=[Column("path", "path"), Column("dtype", "dtype"), Column("count", "count", "int"),
+                     Column("norm", "norm", "float"), Column("nonfinite", "NaN/Inf", "int")],
+            footer={"path": "global", "count": payload["count"], "norm": result.global_norm,
+                    "nonfinite": result.nonfinite},
+        )
+    else:
+        rows = [{"metric": "global_norm", "value": f"{result.global_norm:.9g}"},
+                {"metric": "nonfinite", "value": str(result.nonfinite)},
+                {"metric": "count", "value": str(payload["count"])},
+                {"metric": "arrays", "value": str(len(params))}]
+        report = Report(payload=payload, title=_title(inv, len(params)) + f"  mesh {mesh_text}", rows=rows,
+                        columns=[Column("metric", "metric"), Column("value", "value")])
+    render(report, fmt)
+    if result.nonfinite:
+        bad = [r.param.path for r in result.params if r.nonfinite]
+        _stderr(f"paramscope: warning: {result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): "
+                + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), quiet)
+        if fail_on_nonfinite:
+            raise typer.Exit(errors.EXIT_CHECK_FAILED)
+
+
+@app.command()
+@handle_errors
+def mask(
+    ckpt: CkptArg,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Decay only parameters matching (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Decay all but parameters matching (repeatable).")
+    ] = None,
+    step: StepOpt = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """The weight-decay mask that include or exclude regexes give (as get_param_mask_fn).
+
+    Example: paramscope mask checkpoints/ --exclude 'bias$' --exclude 'LayerNorm'
+    """
+    from paramscope.inventory import weight_decay_mask
+
+    _mask_options(include, exclude)
+    inv = _inventory(ckpt, step, item, subtree)
+    result = weight_decay_mask(inv.params, include=include, exclude=exclude)
+    for pattern in result.unmatched_patterns:
+        _stderr(f"paramscope: warning: pattern {pattern!r} matches no parameter", quiet)
+    rows = [{"path": p.path, "count": p.count, "weight_decay": flag} for p, flag in result.decisions]
+    decayed, not_decayed = result.totals(True), result.totals(False)
+    payload = {
+        "schema": "paramscope.mask/1", **_header(inv),
+        "include": result.include, "exclude": result.exclude, "params": rows,
+        "decayed": {"count": decayed[0], "leaves": decayed[1]},
+        "not_decayed": {"count": not_decayed[0], "leaves": not_decayed[1]},
+        "unmatched_patterns": result.unmatched_patterns,
+    }
+    report = Report(
+        payload=payload, title=_title(inv, len(rows)), rows=rows,
+        columns=[Column("path", "path"), Column("count", "count", "int"),
+                 Column("weight_decay", "weight decay", "bool")],
+        notes=[f"decayed: {decayed[0]:,} parameters in {decayed[1]} arrays; "
+               f"not decayed: {not_decayed[0]:,} parameters in {not_decayed[1]} arrays"],
+    )
+    render(report, fmt)
+
+
+def main() -> None:
+    app(prog_name="paramscope")
+
+
+if __name__ == "__main__":
+    main()
