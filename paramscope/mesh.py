@@ -77,7 +77,9 @@ def fitted_spec(spec: Sequence[Any] | None, shape: Sequence[int], mesh_axes: dic
     """The saved partition spec, with each dimension the mesh cannot divide replicated.
 
     >>> fitted_spec(("data", ("x", "model")), (6, 8), {"data": 4, "model": 2})
-    (None, None)
+    ()
+    >>> fitted_spec(("data", "model"), (6, 8), {"data": 4, "model": 2})
+    (None, 'model')
     >>> fitted_spec(("data", "model"), (8, 8), {"data": 4, "model": 2})
     ('data', 'model')
     """
