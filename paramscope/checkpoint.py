@@ -128,14 +128,16 @@ def _subdirs(path: str) -> list[str]:
 
 
 def _item_kind(path: str) -> str:
+    # ArrayCheckpointHandler items hold one plain zarr array in `checkpoint/` (recent versions
+    # add a _METADATA naming just that key), so they are recognised before pytrees.
+    array_dir = os.path.join(path, ARRAY_ITEM_NAME)
+    if os.path.isfile(os.path.join(array_dir, ".zarray")) or os.path.isfile(os.path.join(array_dir, "zarr.json")):
+        return "array"
     if os.path.isfile(os.path.join(path, TREE_METADATA)):
         return "pytree"
     name = os.path.basename(path.rstrip("/"))
     if os.path.isfile(os.path.join(path, name)):
         return "json"
-    array_dir = os.path.join(path, ARRAY_ITEM_NAME)
-    if os.path.isfile(os.path.join(array_dir, ".zarray")) or os.path.isfile(os.path.join(array_dir, "zarr.json")):
-        return "array"
     return "unknown"
 
 

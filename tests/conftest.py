@@ -212,7 +212,6 @@ def storage_ckpt(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param) / "params")
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3))
     checkpointer.save(path, args=ocp.args.PyTreeSave(params))
-    checkpointer.wait_until_finished()
     return Written(path, host_values(params), host_specs(params))
 
 
