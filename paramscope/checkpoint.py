@@ -131,7 +131,9 @@ def _item_kind(path: str) -> str:
     # ArrayCheckpointHandler items hold one plain zarr array in `checkpoint/` (recent versions
     # add a _METADATA naming just that key), so they are recognised before pytrees.
     array_dir = os.path.join(path, ARRAY_ITEM_NAME)
-    if os.path.isfile(os.path.join(array_dir, ".zarray")) or os.path.isfile(os.path.join(array_dir, "zarr.json")):
+    if os.path.isfile(os.path.join(array_dir, ".zarray")) or os.path.isfile(
+        os.path.join(array_dir, "zarr.json")
+    ):
         return "array"
     if os.path.isfile(os.path.join(path, TREE_METADATA)):
         return "pytree"
@@ -174,7 +176,9 @@ def locate(path: str, step: int | None = None) -> Location:
             hint="pass the checkpoint folder (a manager root, a step folder or an item folder)",
         )
     if not os.access(path, os.R_OK | os.X_OK):
-        raise NotACheckpoint(f"{path} cannot be read (permission denied)", hint="check the folder's permissions")
+        raise NotACheckpoint(
+            f"{path} cannot be read (permission denied)", hint="check the folder's permissions"
+        )
     path = os.path.abspath(path)
     name = os.path.basename(path)
     if TMP_MARKER in name:
@@ -185,13 +189,17 @@ def locate(path: str, step: int | None = None) -> Location:
     kind = _item_kind(path)
     if kind != "unknown":
         if step is not None:
-            raise StepNotFound(f"--step {step} given, but {path} is a single item", hint="pass the manager root")
+            raise StepNotFound(
+                f"--step {step} given, but {path} is a single item", hint="pass the manager root"
+            )
         return Location(path, "item", None, [Item(name, path, kind)], selected_item=name)
 
     items = list_items(path)
     if items or os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
         if step is not None:
-            raise StepNotFound(f"--step {step} given, but {path} is a single step", hint="pass the manager root")
+            raise StepNotFound(
+                f"--step {step} given, but {path} is a single step", hint="pass the manager root"
+            )
         match = _STEP_NAME.match(name)
         this = Step(name, path, int(match.group("step")) if match else None, _is_finished_step(path))
         return Location(path, "step", this, items)
@@ -334,7 +342,9 @@ def _zarr_shape_dtype(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int
             return tuple(int(d) for d in meta["shape"]), *_dtype_info(meta["data_type"]), "zarr3"
         return tuple(int(d) for d in meta["shape"]), *_dtype_info(meta["dtype"]), "zarr"
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise CorruptCheckpoint(f"bad zarr metadata for {where}", hint="the array's metadata is damaged") from None
+        raise CorruptCheckpoint(
+            f"bad zarr metadata for {where}", hint="the array's metadata is damaged"
+        ) from None
 
 
 def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
@@ -370,7 +380,9 @@ def read_arrays(item: Item) -> list[StoredArray]:
         kv = _kvstore_spec(item.path)
         shardings = _read_shardings(item.path)
     else:
-        raise ItemNotFound(f"item {item.name!r} holds no arrays (it is {item.kind})", hint="choose a pytree item")
+        raise ItemNotFound(
+            f"item {item.name!r} holds no arrays (it is {item.kind})", hint="choose a pytree item"
+        )
 
     v2 = _read_kv(kv, [f"{n}/.zarray" for n in names])
     missing = [i for i, raw in enumerate(v2) if raw is None]

@@ -27,21 +27,33 @@ app = typer.Typer(
 
 CkptArg = Annotated[
     str,
-    typer.Argument(help="Checkpoint: a CheckpointManager root, a step folder or an item folder.", show_default=False),
+    typer.Argument(
+        help="Checkpoint: a CheckpointManager root, a step folder or an item folder.", show_default=False
+    ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)]
-StepOpt = Annotated[int | None, typer.Option("--step", help="Step to read (default: the latest finished step).")]
+StepOpt = Annotated[
+    int | None, typer.Option("--step", help="Step to read (default: the latest finished step).")
+]
 ItemOpt = Annotated[
     str | None,
-    typer.Option("--item", help="Item to read (default: params, else the only pytree item, else all of them)."),
+    typer.Option(
+        "--item", help="Item to read (default: params, else the only pytree item, else all of them)."
+    ),
 ]
 SubtreeOpt = Annotated[
-    str | None, typer.Option("--subtree", help="Keep one dotted subtree, e.g. params; paths become relative to it.")
+    str | None,
+    typer.Option("--subtree", help="Keep one dotted subtree, e.g. params; paths become relative to it."),
 ]
-FilterOpt = Annotated[str | None, typer.Option("--filter", help="Keep parameters whose path matches this regex.")]
+FilterOpt = Annotated[
+    str | None, typer.Option("--filter", help="Keep parameters whose path matches this regex.")
+]
 MeshOpt = Annotated[
     str | None,
-    typer.Option("--mesh", help="Device mesh AXIS=N[,AXIS=N...] (default: all local devices, shaped like the saved mesh)."),
+    typer.Option(
+        "--mesh",
+        help="Device mesh AXIS=N[,AXIS=N...] (default: all local devices, shaped like the saved mesh).",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No warnings or progress on stderr.")]
 
@@ -89,8 +101,11 @@ def handle_errors(command):
         except Exception as err:  # a bug: say so in one line, traceback on request
             if debug:
                 raise
-            raise _fail(f"unexpected {type(err).__name__}: {err}", "set PARAMSCOPE_DEBUG=1 for a traceback and"
-                        " report it", errors.EXIT_INTERNAL) from None
+            raise _fail(
+                f"unexpected {type(err).__name__}: {err}",
+                "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
+                errors.EXIT_INTERNAL,
+            ) from None
 
     return wrapper
 
@@ -107,7 +122,9 @@ def _version_callback(value: bool) -> None:
 def _main(
     version: Annotated[
         bool,
-        typer.Option("--version", help="Show the version and exit.", callback=_version_callback, is_eager=True),
+        typer.Option(
+            "--version", help="Show the version and exit.", callback=_version_callback, is_eager=True
+        ),
     ] = False,
 ) -> None:
     """Inspect sharded Orbax checkpoints of JAX models without the model code.
@@ -158,19 +175,24 @@ def _norms(inv, params, mesh: str | None, quiet: bool):
 
     total = sum(p.nbytes for p in params)
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(binary_units=True),
-        TransferSpeedColumn(), console=Console(stderr=True), transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        console=Console(stderr=True),
+        transient=True,
     ) as progress:
         task = progress.add_task("norms", total=total)
-        return compute_norms(params, axes, inv.saved_mesh,
-                             on_param=lambda p: progress.advance(task, p.nbytes))
+        return compute_norms(
+            params, axes, inv.saved_mesh, on_param=lambda p: progress.advance(task, p.nbytes)
+        )
 
 
 def _mask_options(include: list[str] | None, exclude: list[str] | None):
     if include and exclude:
         raise errors.UsageError(
             "include and exclude patterns given together",
-            hint="a weight-decay mask takes either include regexes or exclude regexes, as get_param_mask_fn does",
+            hint="a weight-decay mask takes include or exclude regexes, as get_param_mask_fn does",
         )
 
 
@@ -190,8 +212,14 @@ def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table) -> 
     result = checkpoint_info(ckpt, step)
     steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
     items = [
-        {"name": i.name, "kind": i.kind, "storage": i.storage, "arrays": i.arrays, "count": i.count,
-         "bytes_on_disk": i.bytes_on_disk}
+        {
+            "name": i.name,
+            "kind": i.kind,
+            "storage": i.storage,
+            "arrays": i.arrays,
+            "count": i.count,
+            "bytes_on_disk": i.bytes_on_disk,
+        }
         for i in result.items
     ]
     payload = {
@@ -200,30 +228,46 @@ def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table) -> 
         "layout": result.layout,
         "step": result.step,
         "steps": steps,
-        "items": [{**row, **({"content": i.content} if i.kind == "json" else {})}
-                  for row, i in zip(items, result.items)],
+        "items": [
+            {**row, **({"content": i.content} if i.kind == "json" else {})}
+            for row, i in zip(items, result.items)
+        ],
     }
     import json
 
     notes = [f"{i.name}: {json.dumps(i.content)[:200]}" for i in result.items if i.kind == "json"]
     unfinished = [s for s in result.steps if not s.finished]
     if unfinished:
-        notes.append(f"{len(unfinished)} unfinished step(s), skipped: {', '.join(s.name for s in unfinished)}")
+        notes.append(
+            f"{len(unfinished)} unfinished step(s), skipped: {', '.join(s.name for s in unfinished)}"
+        )
     step_text = f"step {result.step}" if result.step is not None else "single item"
     items_report = Report(
         payload=payload,
         title=f"{result.checkpoint}  ({result.layout}, {step_text})",
-        columns=[Column("name", "item"), Column("kind", "kind"), Column("storage", "storage"),
-                 Column("arrays", "arrays", "int"), Column("count", "parameters", "int"),
-                 Column("bytes_on_disk", "on disk", "bytes")],
+        columns=[
+            Column("name", "item"),
+            Column("kind", "kind"),
+            Column("storage", "storage"),
+            Column("arrays", "arrays", "int"),
+            Column("count", "parameters", "int"),
+            Column("bytes_on_disk", "on disk", "bytes"),
+        ],
         rows=items,
         notes=notes,
     )
     if steps:
         items_report.sections.append(
-            Report(payload={}, title="steps", rows=steps,
-                   columns=[Column("step", "step", "int"), Column("name", "folder"),
-                            Column("finished", "finished", "bool")])
+            Report(
+                payload={},
+                title="steps",
+                rows=steps,
+                columns=[
+                    Column("step", "step", "int"),
+                    Column("name", "folder"),
+                    Column("finished", "finished", "bool"),
+                ],
+            )
         )
     render(items_report, fmt)
 
@@ -233,14 +277,20 @@ def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table) -> 
 def table(
     ckpt: CkptArg,
     filter: FilterOpt = None,
-    sort: Annotated[SortKey, typer.Option("--sort", help="Row order (count, bytes, norm: largest first).")] = SortKey.path,
+    sort: Annotated[
+        SortKey, typer.Option("--sort", help="Row order (count, bytes, norm: largest first).")
+    ] = SortKey.path,
     wd_include: Annotated[
-        list[str] | None, typer.Option("--wd-include", help="Weight decay only for paths matching (repeatable).")
+        list[str] | None,
+        typer.Option("--wd-include", help="Weight decay only for paths matching (repeatable)."),
     ] = None,
     wd_exclude: Annotated[
-        list[str] | None, typer.Option("--wd-exclude", help="Weight decay for all but paths matching (repeatable).")
+        list[str] | None,
+        typer.Option("--wd-exclude", help="Weight decay for all but paths matching (repeatable)."),
     ] = None,
-    norms: Annotated[bool, typer.Option("--norms", help="Add each parameter's L2 norm (reads the data).")] = False,
+    norms: Annotated[
+        bool, typer.Option("--norms", help="Add each parameter's L2 norm (reads the data).")
+    ] = False,
     step: StepOpt = None,
     item: ItemOpt = None,
     subtree: SubtreeOpt = None,
@@ -257,11 +307,25 @@ def table(
     _mask_options(wd_include, wd_exclude)
     inv = _inventory(ckpt, step, item, subtree)
     params = filter_params(inv.params, filter)
-    rows = {p.path: {"path": p.path, "shape": list(p.shape), "dtype": p.dtype, "count": p.count,
-                     "bytes": p.nbytes, "sharding": _sharding_json(p.sharding)} for p in params}
-    columns = [Column("path", "path"), Column("shape", "shape", "shape"), Column("dtype", "dtype"),
-               Column("count", "count", "int"), Column("bytes", "bytes", "bytes"),
-               Column("sharding", "sharding", "sharding")]
+    rows = {
+        p.path: {
+            "path": p.path,
+            "shape": list(p.shape),
+            "dtype": p.dtype,
+            "count": p.count,
+            "bytes": p.nbytes,
+            "sharding": _sharding_json(p.sharding),
+        }
+        for p in params
+    }
+    columns = [
+        Column("path", "path"),
+        Column("shape", "shape", "shape"),
+        Column("dtype", "dtype"),
+        Column("count", "count", "int"),
+        Column("bytes", "bytes", "bytes"),
+        Column("sharding", "sharding", "sharding"),
+    ]
     if wd_include or wd_exclude:
         mask = weight_decay_mask(params, include=wd_include, exclude=wd_exclude)
         for pattern in mask.unmatched_patterns:
@@ -278,8 +342,13 @@ def table(
     ordered = _sorted_rows(list(rows.values()), sort)
     total = {"count": sum(p.count for p in params), "bytes": sum(p.nbytes for p in params)}
     payload = {"schema": "paramscope.table/1", **_header(inv), "params": ordered, "total": total}
-    report = Report(payload=payload, columns=columns, rows=ordered, title=_title(inv, len(params)),
-                    footer={"path": f"total ({len(params):,} arrays)", **total})
+    report = Report(
+        payload=payload,
+        columns=columns,
+        rows=ordered,
+        title=_title(inv, len(params)),
+        footer={"path": f"total ({len(params):,} arrays)", **total},
+    )
     render(report, fmt)
 
 
@@ -305,7 +374,9 @@ def _sorted_rows(rows: list[dict], key: SortKey) -> list[dict]:
 @handle_errors
 def count(
     ckpt: CkptArg,
-    depth: Annotated[int, typer.Option("--depth", min=0, help="Group by this many leading path components.")] = 1,
+    depth: Annotated[
+        int, typer.Option("--depth", min=0, help="Group by this many leading path components.")
+    ] = 1,
     filter: FilterOpt = None,
     step: StepOpt = None,
     item: ItemOpt = None,
@@ -323,19 +394,37 @@ def count(
     total = {"count": result.total_count, "bytes": result.total_bytes}
     groups = [{"path": g, "count": c, "bytes": b, "leaves": n} for g, c, b, n in result.groups]
     by_dtype = {d: {"count": c, "bytes": b} for d, (c, b) in result.by_dtype.items()}
-    payload = {"schema": "paramscope.count/1", **_header(inv), "depth": depth, "total": total,
-               "by_dtype": by_dtype, "groups": groups}
+    payload = {
+        "schema": "paramscope.count/1",
+        **_header(inv),
+        "depth": depth,
+        "total": total,
+        "by_dtype": by_dtype,
+        "groups": groups,
+    }
     report = Report(
         payload=payload,
         title=_title(inv, sum(g["leaves"] for g in groups)),
-        columns=[Column("path", f"group (depth {depth})"), Column("leaves", "arrays", "int"),
-                 Column("count", "count", "int"), Column("bytes", "bytes", "bytes")],
+        columns=[
+            Column("path", f"group (depth {depth})"),
+            Column("leaves", "arrays", "int"),
+            Column("count", "count", "int"),
+            Column("bytes", "bytes", "bytes"),
+        ],
         rows=[{**g, "path": g["path"] or "(all)"} for g in groups],
         footer={"path": "total", "leaves": sum(g["leaves"] for g in groups), **total},
-        sections=[Report(payload={}, title="by dtype",
-                         columns=[Column("dtype", "dtype"), Column("count", "count", "int"),
-                                  Column("bytes", "bytes", "bytes")],
-                         rows=[{"dtype": d, **v} for d, v in by_dtype.items()])],
+        sections=[
+            Report(
+                payload={},
+                title="by dtype",
+                columns=[
+                    Column("dtype", "dtype"),
+                    Column("count", "count", "int"),
+                    Column("bytes", "bytes", "bytes"),
+                ],
+                rows=[{"dtype": d, **v} for d, v in by_dtype.items()],
+            )
+        ],
     )
     render(report, fmt)
 
@@ -365,33 +454,67 @@ def norms(
     inv = _inventory(ckpt, step, item, subtree)
     params = filter_params(inv.params, filter)
     result = _norms(inv, params, mesh, quiet)
-    payload = {"schema": "paramscope.norms/1", **_header(inv), "global_norm": result.global_norm,
-               "nonfinite": result.nonfinite, "count": sum(p.count for p in params),
-               "mesh": dict(result.mesh)}
+    payload = {
+        "schema": "paramscope.norms/1",
+        **_header(inv),
+        "global_norm": result.global_norm,
+        "nonfinite": result.nonfinite,
+        "count": sum(p.count for p in params),
+        "mesh": dict(result.mesh),
+    }
     mesh_text = ",".join(f"{n}={s}" for n, s in result.mesh)
     if per_param:
-        rows = [{"path": r.param.path, "norm": r.norm, "nonfinite": r.nonfinite, "count": r.param.count,
-                 "dtype": r.param.dtype} for r in result.params]
+        rows = [
+            {
+                "path": r.param.path,
+                "norm": r.norm,
+                "nonfinite": r.nonfinite,
+                "count": r.param.count,
+                "dtype": r.param.dtype,
+            }
+            for r in result.params
+        ]
         payload["params"] = rows
         report = Report(
-            payload=payload, title=_title(inv, len(rows)) + f"  mesh {mesh_text}", rows=rows,
-            columns=[Column("path", "path"), Column("dtype", "dtype"), Column("count", "count", "int"),
-                     Column("norm", "norm", "float"), Column("nonfinite", "NaN/Inf", "int")],
-            footer={"path": "global", "count": payload["count"], "norm": result.global_norm,
-                    "nonfinite": result.nonfinite},
+            payload=payload,
+            title=_title(inv, len(rows)) + f"  mesh {mesh_text}",
+            rows=rows,
+            columns=[
+                Column("path", "path"),
+                Column("dtype", "dtype"),
+                Column("count", "count", "int"),
+                Column("norm", "norm", "float"),
+                Column("nonfinite", "NaN/Inf", "int"),
+            ],
+            footer={
+                "path": "global",
+                "count": payload["count"],
+                "norm": result.global_norm,
+                "nonfinite": result.nonfinite,
+            },
         )
     else:
-        rows = [{"metric": "global_norm", "value": f"{result.global_norm:.9g}"},
-                {"metric": "nonfinite", "value": str(result.nonfinite)},
-                {"metric": "count", "value": str(payload["count"])},
-                {"metric": "arrays", "value": str(len(params))}]
-        report = Report(payload=payload, title=_title(inv, len(params)) + f"  mesh {mesh_text}", rows=rows,
-                        columns=[Column("metric", "metric"), Column("value", "value")])
+        rows = [
+            {"metric": "global_norm", "value": f"{result.global_norm:.9g}"},
+            {"metric": "nonfinite", "value": str(result.nonfinite)},
+            {"metric": "count", "value": f"{payload['count']:,}"},
+            {"metric": "arrays", "value": f"{len(params):,}"},
+        ]
+        report = Report(
+            payload=payload,
+            title=_title(inv, len(params)) + f"  mesh {mesh_text}",
+            rows=rows,
+            columns=[Column("metric", "metric"), Column("value", "value")],
+        )
     render(report, fmt)
     if result.nonfinite:
         bad = [r.param.path for r in result.params if r.nonfinite]
-        _stderr(f"paramscope: warning: {result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): "
-                + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), quiet)
+        _stderr(
+            f"paramscope: warning: {result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): "
+            + ", ".join(bad[:5])
+            + (" ..." if len(bad) > 5 else ""),
+            quiet,
+        )
         if fail_on_nonfinite:
             raise typer.Exit(errors.EXIT_CHECK_FAILED)
 
@@ -426,18 +549,28 @@ def mask(
     rows = [{"path": p.path, "count": p.count, "weight_decay": flag} for p, flag in result.decisions]
     decayed, not_decayed = result.totals(True), result.totals(False)
     payload = {
-        "schema": "paramscope.mask/1", **_header(inv),
-        "include": result.include, "exclude": result.exclude, "params": rows,
+        "schema": "paramscope.mask/1",
+        **_header(inv),
+        "include": result.include,
+        "exclude": result.exclude,
+        "params": rows,
         "decayed": {"count": decayed[0], "leaves": decayed[1]},
         "not_decayed": {"count": not_decayed[0], "leaves": not_decayed[1]},
         "unmatched_patterns": result.unmatched_patterns,
     }
     report = Report(
-        payload=payload, title=_title(inv, len(rows)), rows=rows,
-        columns=[Column("path", "path"), Column("count", "count", "int"),
-                 Column("weight_decay", "weight decay", "bool")],
-        notes=[f"decayed: {decayed[0]:,} parameters in {decayed[1]} arrays; "
-               f"not decayed: {not_decayed[0]:,} parameters in {not_decayed[1]} arrays"],
+        payload=payload,
+        title=_title(inv, len(rows)),
+        rows=rows,
+        columns=[
+            Column("path", "path"),
+            Column("count", "count", "int"),
+            Column("weight_decay", "weight decay", "bool"),
+        ],
+        notes=[
+            f"decayed: {decayed[0]:,} parameters in {decayed[1]} arrays; "
+            f"not decayed: {not_decayed[0]:,} parameters in {not_decayed[1]} arrays"
+        ],
     )
     render(report, fmt)
 

@@ -152,7 +152,9 @@ def open_checkpoint(
                     continue
             if saved_mesh is None and array.sharding is not None:
                 saved_mesh = array.sharding.mesh_axes
-            params.append(ParamInfo(name, array.shape, array.dtype, array.itemsize, _spec_per_dim(array), array))
+            params.append(
+                ParamInfo(name, array.shape, array.dtype, array.itemsize, _spec_per_dim(array), array)
+            )
     if subtree and not params:
         raise ItemNotFound(
             f"--subtree {subtree!r} matches no parameter",
@@ -175,7 +177,9 @@ def filter_params(params: Sequence[ParamInfo], pattern: str | None) -> list[Para
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        raise UsageError(f"invalid --filter regex {pattern!r}: {err}", hint="use a Python regular expression") from None
+        raise UsageError(
+            f"invalid --filter regex {pattern!r}: {err}", hint="use a Python regular expression"
+        ) from None
     return [p for p in params if regex.search(p.path)]
 
 
@@ -195,7 +199,8 @@ def count_params(params: Sequence[ParamInfo], depth: int = 1) -> CountResult:
     """Parameter counts and bytes: in total, by dtype, and by the first ``depth`` path components.
 
     >>> from paramscope.inventory import ParamInfo
-    >>> p = [ParamInfo("a.w", (2, 3), "float32", 4, None, None), ParamInfo("b", (4,), "bfloat16", 2, None, None)]
+    >>> p = [ParamInfo("a.w", (2, 3), "float32", 4, None, None)]
+    >>> p.append(ParamInfo("b", (4,), "bfloat16", 2, None, None))
     >>> r = count_params(p, depth=1)
     >>> r.total_count, r.by_dtype, r.groups
     (10, {'bfloat16': (4, 8), 'float32': (6, 24)}, [('a', 6, 24, 1), ('b', 4, 8, 1)])
@@ -250,8 +255,11 @@ def weight_decay_mask(
         decide = mask_predicate(exclude, include)
         patterns = compile_patterns(include or exclude or [])
     except ValueError as err:
-        raise UsageError(str(err), hint="give --wd-include or --wd-exclude (or --include/--exclude), not both,"
-                         " as valid Python regular expressions") from None
+        message = str(err)
+        raise UsageError(
+            message[:1].lower() + message[1:],
+            hint="give either include or exclude patterns, as Python regular expressions",
+        ) from None
     unmatched = [p.pattern for p in patterns if not any(p.search(param.path) for param in params)]
     return MaskResult(include, exclude, [(p, decide(p.path)) for p in params], unmatched)
 
@@ -293,8 +301,11 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
             count = sum(_count(a.shape) for a in stored)
         elif item.kind == "json":
             content = checkpoint.read_json_item(item)
-        summaries.append(ItemSummary(item.name, item.kind, storage, arrays, count,
-                                     checkpoint.disk_usage(item.path), content))
+        summaries.append(
+            ItemSummary(
+                item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item.path), content
+            )
+        )
     return InfoResult(
         checkpoint=location.path,
         layout=location.kind,

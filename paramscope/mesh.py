@@ -22,7 +22,9 @@ def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
     for part in text.split(","):
         match = _AXIS.match(part)
         if not match or int(match.group(2)) < 1:
-            raise UsageError(f"malformed --mesh {text!r}", hint="write AXIS=N[,AXIS=N...], e.g. --mesh data=2,model=4")
+            raise UsageError(
+                f"malformed --mesh {text!r}", hint="write AXIS=N[,AXIS=N...], e.g. --mesh data=2,model=4"
+            )
         axes.append((match.group(1), int(match.group(2))))
     names = [name for name, _ in axes]
     if len(set(names)) != len(names):
@@ -65,7 +67,7 @@ def build_mesh(axes: Sequence[tuple[str, int]]):
     if needed > len(devices):
         raise BadMesh(
             f"mesh {','.join(f'{n}={s}' for n, s in axes)} needs {needed} devices, {len(devices)} available",
-            hint="choose a smaller --mesh (XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N CPUs)",
+            hint="choose a smaller --mesh (XLA_FLAGS=--xla_force_host_platform_device_count=N gives N CPUs)",
         )
     grid = np.array(devices[:needed]).reshape(tuple(size for _, size in axes))
     names = tuple(name for name, _ in axes)
@@ -73,7 +75,9 @@ def build_mesh(axes: Sequence[tuple[str, int]]):
     return Mesh(grid, names, axis_types=axis_types)
 
 
-def fitted_spec(spec: Sequence[Any] | None, shape: Sequence[int], mesh_axes: dict[str, int]) -> tuple[Any, ...]:
+def fitted_spec(
+    spec: Sequence[Any] | None, shape: Sequence[int], mesh_axes: dict[str, int]
+) -> tuple[Any, ...]:
     """The saved partition spec, with each dimension the mesh cannot divide replicated.
 
     >>> fitted_spec(("data", ("x", "model")), (6, 8), {"data": 4, "model": 2})

@@ -83,7 +83,8 @@ def get_num_params(params: PyTree) -> int:
 
     >>> import jax.numpy as jnp
     >>> from flax import linen as nn
-    >>> get_num_params({"w": nn.Partitioned(jnp.ones((3, 4)), names=(None, "tp")), "b": jnp.ones(4), "n": "x"})
+    >>> w = nn.Partitioned(jnp.ones((3, 4)), names=(None, "tp"))
+    >>> get_num_params({"w": w, "b": jnp.ones(4), "n": "x"})
     16
     """
     leaves = jax.tree_util.tree_leaves(params, is_leaf=is_partitioned)
@@ -288,8 +289,13 @@ def tabulate_params(
     decide = mask_predicate(weight_decay_exclude, weight_decay_include) if show_weight_decay else None
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
-    for header, justify in (("Name", "left"), ("Shape", "left"), ("Count", "right"), ("Dtype", "left"),
-                            ("Sharding", "left")):
+    for header, justify in (
+        ("Name", "left"),
+        ("Shape", "left"),
+        ("Count", "right"),
+        ("Dtype", "left"),
+        ("Sharding", "left"),
+    ):
         table.add_column(header, justify=justify, overflow="fold")
     if decide is not None:
         table.add_column("Weight Decay")
@@ -299,8 +305,13 @@ def tabulate_params(
         shape = tuple(np.shape(value))
         count = int(np.size(value)) if hasattr(value, "size") else 0
         total += count
-        cells = [path, str(shape), f"{count:_}", str(getattr(value, "dtype", type(value).__name__)),
-                 _sharding_label(leaf)]
+        cells = [
+            path,
+            str(shape),
+            f"{count:_}",
+            str(getattr(value, "dtype", type(value).__name__)),
+            _sharding_label(leaf),
+        ]
         if decide is not None:
             cells.append(str(decide(path)))
         table.add_row(*cells)

@@ -83,8 +83,11 @@ def _cell(value: Any, kind: str, human: bool) -> str:
     if value is None:
         return "" if not human else "-"
     if kind == "shape":
-        return ("(" + ", ".join(map(str, value)) + (",)" if len(value) == 1 else ")")) if human else "x".join(
-            map(str, value))
+        return (
+            ("(" + ", ".join(map(str, value)) + (",)" if len(value) == 1 else ")"))
+            if human
+            else "x".join(map(str, value))
+        )
     if kind == "bool":
         return ("yes" if value else "no") if human else ("true" if value else "false")
     if kind == "int":
@@ -131,7 +134,9 @@ def _markdown(report: Report) -> str:
     lines.append("|" + "|".join("---:" if c.numeric else "---" for c in report.columns) + "|")
     rows = list(report.rows) + ([report.footer] if report.footer else [])
     for row in rows:
-        cells = [escape(_cell(row.get(c.key), c.kind, human=True)) if c.key in row else "" for c in report.columns]
+        cells = [
+            escape(_cell(row.get(c.key), c.kind, human=True)) if c.key in row else "" for c in report.columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if report.notes:
         lines += [""] + [escape(note) for note in report.notes]
@@ -153,10 +158,13 @@ def _rich_table(report: Report):
             footer = _cell(report.footer[column.key], column.kind, human=True)
         if i == 0:
             longest = max([len(str(r.get(column.key, ""))) for r in report.rows] + [len(column.header)])
-            table.add_column(column.header, footer=footer, overflow="fold", min_width=min(longest, 32), ratio=1)
+            table.add_column(
+                column.header, footer=footer, overflow="fold", min_width=min(longest, 32), ratio=1
+            )
         else:
-            table.add_column(column.header, footer=footer, justify="right" if column.numeric else "left",
-                             no_wrap=True)
+            table.add_column(
+                column.header, footer=footer, justify="right" if column.numeric else "left", no_wrap=True
+            )
     for row in report.rows:
         table.add_row(*[_cell(row.get(c.key), c.kind, human=True) for c in report.columns])
     return table

@@ -23,22 +23,30 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(256, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("data", "model")))(x)
+        h = nn.Dense(
+            256, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("data", "model"))
+        )(x)
         h = nn.gelu(h)
-        h = nn.Dense(64, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("model", "data")))(h)
+        h = nn.Dense(64, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("model", "data")))(
+            h
+        )
         return nn.LayerNorm(param_dtype=jnp.bfloat16)(x + h)
 
 
 class TinyLM(nn.Module):
     @nn.compact
     def __call__(self, tokens):
-        x = nn.Embed(1024, 64, embedding_init=nn.with_partitioning(nn.initializers.normal(0.02), ("model", None)))(
-            tokens
-        )
+        x = nn.Embed(
+            1024, 64, embedding_init=nn.with_partitioning(nn.initializers.normal(0.02), ("model", None))
+        )(tokens)
         for i in range(2):
             x = Block(name=f"block_{i}")(x)
-        return nn.Dense(1024, use_bias=False, kernel_init=nn.with_partitioning(
-            nn.initializers.lecun_normal(), (None, "model")), name="lm_head")(x)
+        return nn.Dense(
+            1024,
+            use_bias=False,
+            kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")),
+            name="lm_head",
+        )(x)
 
 
 def main(out: str) -> None:

@@ -40,7 +40,9 @@ class Block(nn.Module):
             bias_init=nn.with_partitioning(nn.initializers.normal(0.1), ("tp",)),
         )(x)
         x = nn.LayerNorm(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(x)
-        return nn.Dense(16, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("tp", "fsdp")))(x)
+        return nn.Dense(16, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("tp", "fsdp")))(
+            x
+        )
 
 
 class Model(nn.Module):
@@ -77,10 +79,11 @@ def main(out):
             return x.replace_boxed(jax.device_put(x.value, NamedSharding(mesh, P(*x.names))))
         return jax.device_put(x, NamedSharding(mesh, P()))
 
-    params = jax.tree_util.tree_map(place, variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    params = jax.tree_util.tree_map(
+        place, variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
     opt_state = optax.adam(1e-3).init(params)
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), params)
-    _, opt_state = optax.adam(1e-3).update(grads, opt_state, params), opt_state
     updates, opt_state = optax.adam(1e-3).update(grads, opt_state, params)
 
     manager = ocp.CheckpointManager(
@@ -97,7 +100,8 @@ def main(out):
     )
     expected = {"orbax_checkpoint": ocp.__version__, "jax": jax.__version__, "steps": {}}
     for step in (100, 200):
-        params = jax.tree_util.tree_map(lambda p: p * 1.5 if step == 200 else p, params)
+        scale = 1.5 if step == 200 else 1.0
+        params = jax.tree_util.tree_map(lambda p, scale=scale: p * scale, params)
         manager.save(
             step,
             args=ocp.args.Composite(

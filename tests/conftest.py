@@ -42,9 +42,14 @@ def make_mesh():
 class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(32, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("data", "model")),
-                     bias_init=nn.with_partitioning(nn.initializers.normal(0.5), ("model",)))(x)
-        h = nn.Dense(16, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("model", "data")))(h)
+        h = nn.Dense(
+            32,
+            kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("data", "model")),
+            bias_init=nn.with_partitioning(nn.initializers.normal(0.5), ("model",)),
+        )(x)
+        h = nn.Dense(16, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("model", "data")))(
+            h
+        )
         return nn.LayerNorm(param_dtype=jnp.bfloat16)(x + h)
 
 
@@ -59,14 +64,23 @@ class Model(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        x = nn.Embed(64, 16, embedding_init=nn.with_partitioning(nn.initializers.normal(1.0), ("model", "data")))(
-            tokens
+        x = nn.Embed(
+            64, 16, embedding_init=nn.with_partitioning(nn.initializers.normal(1.0), ("model", "data"))
+        )(tokens)
+        stack = nn.scan(
+            ScanBlock,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+            metadata_params={nn.PARTITION_NAME: None},
         )
-        stack = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3,
-                        metadata_params={nn.PARTITION_NAME: None})
         x, _ = stack(name="layers")(x, None)
-        return nn.Dense(8, use_bias=False, name="head",
-                        kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")))(x)
+        return nn.Dense(
+            8,
+            use_bias=False,
+            name="head",
+            kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")),
+        )(x)
 
 
 def init_params(mesh):
@@ -122,12 +136,15 @@ def write_manager(root, steps=(100, 200)):
         grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            step=ocp.args.ArraySave(jnp.asarray(step, jnp.int32)),
-            metadata=ocp.args.JsonSave({"model": "Model", "step": step}),
-        ))
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                step=ocp.args.ArraySave(jnp.asarray(step, jnp.int32)),
+                metadata=ocp.args.JsonSave({"model": "Model", "step": step}),
+            ),
+        )
         manager.wait_until_finished()
         values[step] = {"params": host_values(params), "opt_state": host_values(opt_state)}
     manager.close()
@@ -157,8 +174,10 @@ def special_tree(mesh):
         "bf16": rng.standard_normal((64, 32)).astype(jnp.bfloat16),
         "fp16": (rng.standard_normal((16, 8)) * 100).astype(np.float16),
         "int8": rng.integers(-128, 127, size=(33,), dtype=np.int8),
-        "f32": {"with_nan": rng.standard_normal((8, 8)).astype(np.float32),
-                "with_inf": rng.standard_normal((4,)).astype(np.float32)},
+        "f32": {
+            "with_nan": rng.standard_normal((8, 8)).astype(np.float32),
+            "with_inf": rng.standard_normal((4,)).astype(np.float32),
+        },
         "scalar": np.float32(3.0),
     }
     tree["f32"]["with_nan"][2, 3] = np.nan
@@ -229,8 +248,12 @@ def nnx_ckpt(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("nnx") / "run")
     manager = ocp.CheckpointManager(root)
     model_state, opt_state = nnx.state(model), nnx.state(optimizer)
-    manager.save(1, args=ocp.args.Composite(model=ocp.args.StandardSave(model_state),
-                                            optimizer=ocp.args.StandardSave(opt_state)))
+    manager.save(
+        1,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model_state), optimizer=ocp.args.StandardSave(opt_state)
+        ),
+    )
     manager.wait_until_finished()
     manager.close()
     values = {**host_values(model_state, "model"), **host_values(opt_state, "optimizer")}

@@ -103,7 +103,7 @@ def test_standard_checkpointer_train_state_and_subtree(standard_ckpt):
     assert_structure(whole, standard_ckpt.values, standard_ckpt.specs)
     assert "step" in {p.path for p in whole.params}
     params = open_checkpoint(standard_ckpt.path, subtree="params")
-    expected = {k[len("params."):]: v for k, v in standard_ckpt.values.items() if k.startswith("params.")}
+    expected = {k[len("params.") :]: v for k, v in standard_ckpt.values.items() if k.startswith("params.")}
     assert_structure(params, expected)
 
 
@@ -157,8 +157,13 @@ def test_special_dtypes_and_nonfinite(special_ckpt):
     inventory = open_checkpoint(special_ckpt.path)
     assert_structure(inventory, special_ckpt.values)
     assert {p.path: p.dtype for p in inventory.params} == {
-        "bf16": "bfloat16", "fp16": "float16", "int8": "int8", "f32.with_nan": "float32",
-        "f32.with_inf": "float32", "scalar": "float32"}
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "int8": "int8",
+        "f32.with_nan": "float32",
+        "f32.with_inf": "float32",
+        "scalar": "float32",
+    }
     result = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh)
     by_path = {r.param.path: r for r in result.params}
     finite = {k: v for k, v in special_ckpt.values.items() if np.all(np.isfinite(v.astype(np.float64)))}
@@ -178,7 +183,9 @@ def test_counts_filter_and_mask(manager_ckpt):
     assert counts.total_bytes == sum(v.nbytes for v in values.values())
     assert sum(g[1] for g in counts.groups) == counts.total_count
     assert {g[0] for g in counts.groups} == {".".join(p.split(".")[:2]) for p in values}
-    assert counts.by_dtype["bfloat16"][0] == sum(v.size for v in values.values() if v.dtype.name == "bfloat16")
+    assert counts.by_dtype["bfloat16"][0] == sum(
+        v.size for v in values.values() if v.dtype.name == "bfloat16"
+    )
     kernels = filter_params(params, "kernel$")
     assert {p.path for p in kernels} == {p for p in values if p.endswith("kernel")}
     with pytest.raises(UsageError):
@@ -186,6 +193,7 @@ def test_counts_filter_and_mask(manager_ckpt):
     mask = weight_decay_mask(params, exclude=["bias$", "LayerNorm", "never_matches"])
     assert mask.unmatched_patterns == ["never_matches"]
     assert {p.path: flag for p, flag in mask.decisions} == {
-        p: not (p.endswith("bias") or "LayerNorm" in p) for p in values}
+        p: not (p.endswith("bias") or "LayerNorm" in p) for p in values
+    }
     with pytest.raises(UsageError):
         weight_decay_mask(params, include=["a"], exclude=["b"])

@@ -38,8 +38,16 @@ def params(mesh):
 
 
 def test_public_names_match_the_original_module():
-    for name in ("is_partitioned", "get_num_params", "tabulate_params", "get_grad_norms", "get_param_norms",
-                 "get_sharded_norm_logits", "get_sharded_global_norm", "get_param_mask_fn"):
+    for name in (
+        "is_partitioned",
+        "get_num_params",
+        "tabulate_params",
+        "get_grad_norms",
+        "get_param_norms",
+        "get_sharded_norm_logits",
+        "get_sharded_global_norm",
+        "get_param_mask_fn",
+    ):
         assert getattr(paramscope, name) is getattr(param_utils, name)
         assert name in paramscope.__all__
 
@@ -91,8 +99,9 @@ def test_norms_inside_and_outside_shard_map_agree_with_float64(params, mesh):
 
 def test_norm_logits_of_a_box_inside_shard_map_is_the_full_squared_norm(mesh):
     value = jnp.arange(64.0).reshape(8, 8)
-    box = nn.Partitioned(jax.device_put(value, jax.sharding.NamedSharding(mesh, P("data", "model"))),
-                         names=("data", "model"))
+    box = nn.Partitioned(
+        jax.device_put(value, jax.sharding.NamedSharding(mesh, P("data", "model"))), names=("data", "model")
+    )
     expected = float(np.sum(np.arange(64.0) ** 2))
     assert float(get_sharded_norm_logits(box)) == expected  # outside: the plain sum, no unbound axis
     inside = jax.shard_map(get_sharded_norm_logits, mesh=mesh, in_specs=(P("data", "model"),), out_specs=P())
@@ -101,8 +110,12 @@ def test_norm_logits_of_a_box_inside_shard_map_is_the_full_squared_norm(mesh):
 
 def test_bf16_tree_of_33m_parameters_is_exact_where_the_original_formula_is_not():
     rng = np.random.default_rng(0)
-    leaves = {f"layer_{i:04d}": jnp.asarray(rng.standard_normal(33_000, dtype=np.float32) * 0.065,
-                                            dtype=jnp.bfloat16) for i in range(1000)}
+    leaves = {
+        f"layer_{i:04d}": jnp.asarray(
+            rng.standard_normal(33_000, dtype=np.float32) * 0.065, dtype=jnp.bfloat16
+        )
+        for i in range(1000)
+    }
     reference = float(np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in leaves.values())))
 
     def original(tree):  # the formula of the original: square and sum in the leaf's dtype
@@ -131,8 +144,10 @@ def test_grad_and_param_norm_dicts(params):
 
 
 def _mask_by_path(mask):
-    return {path: (leaf.value if is_partitioned(leaf) else leaf)
-            for path, leaf in param_utils._leaves_with_paths(mask)}
+    return {
+        path: (leaf.value if is_partitioned(leaf) else leaf)
+        for path, leaf in param_utils._leaves_with_paths(mask)
+    }
 
 
 def test_mask_semantics(params):
@@ -203,8 +218,10 @@ def test_global_norm_is_root_of_summed_squared_leaf_norms_and_counts_add_up(tree
     leaf_norms = np.array([float(v) for v in jax.tree_util.tree_leaves(per_leaf)], dtype=np.float64)
     assert np.all(leaf_norms >= 0)
     assert float(norm) == pytest.approx(np.sqrt(np.sum(leaf_norms**2)), rel=1e-6, abs=1e-12)
-    sizes = [np.size(leaf.value if is_partitioned(leaf) else leaf)
-             for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_partitioned)]
+    sizes = [
+        np.size(leaf.value if is_partitioned(leaf) else leaf)
+        for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_partitioned)
+    ]
     assert get_num_params(tree) == sum(sizes)
     reference = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in host_values(tree).values()))
     assert float(norm) == pytest.approx(reference, rel=1e-6, abs=1e-12)
