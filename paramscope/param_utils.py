@@ -101,6 +101,8 @@ def _accumulation_dtype(dtype: Any) -> Any:
 
 def _sum_of_squares(value: jax.Array) -> jax.Array:
     value = jnp.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.complexfloating):
+        value = jnp.abs(value)
     value = value.astype(_accumulation_dtype(value.dtype))
     return jnp.sum(jnp.square(value))
 

@@ -158,12 +158,11 @@ def _rich_table(report: Report):
             footer = _cell(report.footer[column.key], column.kind, human=True)
         if i == 0:
             longest = max([len(str(r.get(column.key, ""))) for r in report.rows] + [len(column.header)])
-            table.add_column(
-                column.header, footer=footer, overflow="fold", min_width=min(longest, 32), ratio=1
-            )
+            # The path column folds rather than shrinks away; the others give way first.
+            table.add_column(column.header, footer=footer, overflow="fold", min_width=min(longest, 24))
         else:
             table.add_column(
-                column.header, footer=footer, justify="right" if column.numeric else "left", no_wrap=True
+                column.header, footer=footer, justify="right" if column.numeric else "left", overflow="fold"
             )
     for row in report.rows:
         table.add_row(*[_cell(row.get(c.key), c.kind, human=True) for c in report.columns])

@@ -2,8 +2,9 @@
 
 Each array is read onto the mesh with the sharding it was saved with (fitted to the mesh), each
 device reading only its own shard, and reduced there with :func:`get_sharded_norm_logits`,
-which accumulates in float32 or wider. The next array's read is in flight while the current one
-is reduced, and only one or two arrays are held at a time.
+which accumulates in float32 or wider. 64-bit arrays, which jax without x64 would narrow to 32
+bits, are reduced on the host in float64 instead. The next array's read is in flight while the
+current one is reduced, and only one or two arrays are held at a time.
 """
 
 from __future__ import annotations
@@ -50,27 +51,53 @@ def _leaf_reduction():
     return jax.jit(reduce)
 
 
-def _start_read(param: ParamInfo, mesh):
-    """Opens the array and starts reading every distinct shard this process's devices need."""
-    sharding = named_sharding(mesh, param.sharding, param.shape)
-    handle = checkpoint.open_array(param.stored)
-    pending = {}
-    for index in sharding.addressable_devices_indices_map(param.shape).values():
-        key = _index_key(index)
-        if key not in pending:
-            pending[key] = checkpoint.start_read(handle, index, param.path)
-    return sharding, pending
+def _needs_host(param: ParamInfo) -> bool:
+    """64-bit arrays when jax runs without x64: jax would narrow them to 32 bits on transfer."""
+    import jax
+
+    return param.itemsize >= 8 and not jax.config.jax_enable_x64
 
 
 def _index_key(index) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
 
 
-def _finish_read(param: ParamInfo, sharding, pending):
-    import jax
+@dataclass
+class _PendingRead:
+    """The shard reads of one array, started; ``sharding`` is None for an array kept on the host."""
 
-    shards = {key: checkpoint.finish_read(future, param.path) for key, future in pending.items()}
-    return jax.make_array_from_callback(param.shape, sharding, lambda index: shards[_index_key(index)])
+    param: ParamInfo
+    sharding: object
+    shards: dict
+
+    @classmethod
+    def start(cls, param: ParamInfo, mesh) -> _PendingRead:
+        handle = checkpoint.open_array(param.stored)
+        if _needs_host(param):
+            sharding, indices = None, [tuple(slice(None) for _ in param.shape)]
+        else:
+            sharding = named_sharding(mesh, param.sharding, param.shape)
+            indices = sharding.addressable_devices_indices_map(param.shape).values()
+        shards = {}
+        for index in indices:  # devices holding the same slice share one read
+            key = _index_key(index)
+            if key not in shards:
+                shards[key] = checkpoint.start_read(handle, index, param.path)
+        return cls(param, sharding, shards)
+
+    def reduce(self) -> tuple[float, int]:
+        """(sum of squares, non-finite count), on the mesh or, for 64-bit arrays, in float64 numpy."""
+        import jax
+        import numpy as np
+
+        values = {key: checkpoint.finish_read(future, self.param.path) for key, future in self.shards.items()}
+        if self.sharding is None:
+            (value,) = values.values()
+            value = np.asarray(np.abs(value) if np.iscomplexobj(value) else value, dtype=np.float64)
+            return float(np.sum(np.square(value))), int(value.size - np.count_nonzero(np.isfinite(value)))
+        array = jax.make_array_from_callback(self.param.shape, self.sharding, lambda i: values[_index_key(i)])
+        sum_sq, nonfinite = _leaf_reduction()(array)
+        return float(sum_sq), int(nonfinite)
 
 
 def compute_norms(
@@ -96,16 +123,15 @@ def compute_norms(
     if mesh_axes is None:
         mesh_axes = fit_mesh(saved_mesh, len(jax.local_devices()))
     mesh = build_mesh(mesh_axes)
-    reduce = _leaf_reduction()
     results = []
-    upcoming = _start_read(params[0], mesh) if params else None
+    upcoming = _PendingRead.start(params[0], mesh) if params else None
     for i, param in enumerate(params):
         current = upcoming
-        array = _finish_read(param, *current)
-        upcoming = _start_read(params[i + 1], mesh) if i + 1 < len(params) else None
-        sum_sq, nonfinite = reduce(array)
-        results.append(ParamNorm(param, float(sum_sq), int(nonfinite)))
-        del array
+        # The next array's reads run while this one is reduced.
+        upcoming = _PendingRead.start(params[i + 1], mesh) if i + 1 < len(params) else None
+        sum_sq, nonfinite = current.reduce()
+        results.append(ParamNorm(param, sum_sq, nonfinite))
+        del current
         if on_param is not None:
             on_param(param)
     global_sq = math.fsum(r.sum_of_squares for r in results)

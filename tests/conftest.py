@@ -179,6 +179,9 @@ def special_tree(mesh):
             "with_inf": rng.standard_normal((4,)).astype(np.float32),
         },
         "scalar": np.float32(3.0),
+        # numpy leaves with values float32 cannot hold
+        "f64": np.array([1e100, -3e100, 1.0]),
+        "i64": np.array([2**40, -(2**35), 7], dtype=np.int64),
     }
     tree["f32"]["with_nan"][2, 3] = np.nan
     tree["f32"]["with_inf"][1] = np.inf
@@ -188,6 +191,8 @@ def special_tree(mesh):
         "int8": jax.device_put(tree["int8"], NamedSharding(mesh, P())),
         "f32": {k: jax.device_put(v, NamedSharding(mesh, P())) for k, v in tree["f32"].items()},
         "scalar": tree["scalar"],
+        "f64": tree["f64"],
+        "i64": tree["i64"],
     }
     return placed, tree
 

@@ -163,6 +163,8 @@ def test_special_dtypes_and_nonfinite(special_ckpt):
         "f32.with_nan": "float32",
         "f32.with_inf": "float32",
         "scalar": "float32",
+        "f64": "float64",
+        "i64": "int64",
     }
     result = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh)
     by_path = {r.param.path: r for r in result.params}

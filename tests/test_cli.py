@@ -321,3 +321,13 @@ def test_legacy_checkpoint_from_the_command_line(legacy_ckpt):
         "rng": "array",
         "metadata": "json",
     }
+
+
+def test_narrow_terminal_keeps_the_path_column(manager_ckpt):
+    result = CliRunner().invoke(app, ["table", manager_ckpt.path], env={"COLUMNS": "60"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 60
+    folded = "".join(line.split()[0] for line in lines if line.strip())
+    for path in manager_ckpt.values[200]["params"]:
+        assert path[:20] in folded
