@@ -9,12 +9,6 @@ only when one of their names is first used, so ``import paramscope`` stays cheap
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("paramscope")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0"
 
 _EXPORTS = {
     "is_partitioned": "paramscope.param_utils",
@@ -37,7 +31,19 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("paramscope")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "0.0.0"
+
+
 def __getattr__(name: str):
+    if name == "__version__":  # importlib.metadata is slow to import: only on demand
+        globals()[name] = _version()
+        return globals()[name]
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'paramscope' has no attribute {name!r}")
