@@ -25,6 +25,8 @@ _EXPORTS = {
     "count_params": "paramscope.inventory",
     "weight_decay_mask": "paramscope.inventory",
     "compute_norms": "paramscope.stats",
+    "compute_stats": "paramscope.stats",
+    "scan": "paramscope.stats",
     "ParamscopeError": "paramscope.errors",
 }
 

@@ -54,6 +54,7 @@ class StoredArray:
     shape: tuple[int, ...]
     dtype: str
     itemsize: int
+    chunks: tuple[int, ...]
     driver: str  # "zarr" or "zarr3"
     kvstore: str  # JSON of the TensorStore kvstore spec of the array's folder
     sharding: SavedSharding | None
@@ -335,12 +336,15 @@ def _dtype_info(name: str) -> tuple[str, int]:
     return dtype.name, dtype.itemsize
 
 
-def _zarr_shape_dtype(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, str]:
+def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str]:
+    """(shape, dtype name, itemsize, chunk shape, TensorStore driver) of a zarr2/zarr3 array."""
     try:
         meta = json.loads(raw)
+        shape = tuple(int(d) for d in meta["shape"])
         if meta.get("zarr_format") == 3:
-            return tuple(int(d) for d in meta["shape"]), *_dtype_info(meta["data_type"]), "zarr3"
-        return tuple(int(d) for d in meta["shape"]), *_dtype_info(meta["dtype"]), "zarr"
+            chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            return shape, *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
+        return shape, *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CorruptCheckpoint(
             f"bad zarr metadata for {where}", hint="the array's metadata is damaged"
@@ -396,13 +400,14 @@ def read_arrays(item: Item) -> list[StoredArray]:
                 f"array {name!r} of item {item.name!r} is listed in the metadata but not stored",
                 hint="the checkpoint is incomplete or damaged",
             )
-        shape, dtype, itemsize, driver = _zarr_shape_dtype(raw, name)
+        shape, dtype, itemsize, chunks, driver = _zarr_metadata(raw, name)
         arrays.append(
             StoredArray(
                 keys=keys,
                 shape=shape,
                 dtype=dtype,
                 itemsize=itemsize,
+                chunks=chunks,
                 driver=driver,
                 kvstore=json.dumps(_array_kvstore(kv, name), sort_keys=True),
                 sharding=shardings.get(".".join(keys)),

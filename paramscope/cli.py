@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from enum import Enum
 from typing import Annotated, Any
@@ -57,6 +58,19 @@ MeshOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No warnings or progress on stderr.")]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget", help="Array data held at once, e.g. 512MiB, 4GiB (default: 1/4 of free memory)."
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine", help="auto (mesh with an accelerator or --mesh, else host), host (numpy) or mesh (jax)."
+    ),
+]
+FailOpt = Annotated[bool, typer.Option("--fail-on-nonfinite", help="Exit 1 if any value is NaN or Inf.")]
 
 
 class SortKey(str, Enum):
@@ -162,31 +176,104 @@ def _title(inv, count: int) -> str:
     return f"{inv.checkpoint}  {step}  item {','.join(inv.items)}  {count:,} arrays"
 
 
-def _norms(inv, params, mesh: str | None, quiet: bool):
+def parse_size(text: str) -> int:
+    """Bytes from ``512MiB``, ``4GiB``, ``1.5GB``, ``1000000`` (binary and decimal units).
+
+    >>> parse_size("512MiB"), parse_size("2GB"), parse_size("4096")
+    (536870912, 2000000000, 4096)
+    """
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 1000,
+        "kb": 1000,
+        "kib": 1 << 10,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "mib": 1 << 20,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "gib": 1 << 30,
+        "t": 1000**4,
+        "tb": 1000**4,
+        "tib": 1 << 40,
+    }
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
+        raise errors.UsageError(f"malformed size {text!r}", hint="write e.g. 512MiB, 4GiB or 2GB")
+    return max(1, int(float(match.group(1)) * units[match.group(2).lower()]))
+
+
+def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget: str | None, quiet: bool):
+    """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
     from paramscope.mesh import parse_mesh
 
     axes = parse_mesh(mesh) if mesh else None
+    budget = parse_size(memory_budget) if memory_budget else None
     _quiet_libraries()
-    from paramscope.stats import compute_norms
+    from paramscope.stats import scan
 
+    options = dict(full=full, engine=engine, mesh_axes=axes, saved_mesh=inv.saved_mesh, memory_budget=budget)
     if quiet or not sys.stderr.isatty() or not params:
-        return compute_norms(params, axes, inv.saved_mesh)
+        return scan(params, **options)
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    total = sum(p.nbytes for p in params)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
     ) as progress:
-        task = progress.add_task("norms", total=total)
-        return compute_norms(
-            params, axes, inv.saved_mesh, on_param=lambda p: progress.advance(task, p.nbytes)
-        )
+        task = progress.add_task("reading", total=sum(p.nbytes for p in params))
+        return scan(params, **options, on_bytes=lambda n: progress.advance(task, n))
+
+
+def _engine_text(result) -> str:
+    if result.mesh is None:
+        return "engine host"
+    return "engine mesh " + ",".join(f"{n}={s}" for n, s in result.mesh)
+
+
+def _scan_header(result) -> dict[str, Any]:
+    return {
+        "global_norm": result.global_norm,
+        "nonfinite": result.nonfinite,
+        "count": sum(r.param.count for r in result.params),
+        "engine": result.engine,
+        "mesh": dict(result.mesh) if result.mesh is not None else None,
+    }
+
+
+def _report_nonfinite(result, fail: bool, quiet: bool) -> None:
+    """Warns about NaN/Inf on stderr, and exits 1 when asked to fail on them."""
+    if not result.nonfinite:
+        return
+    bad = [r.param.path for r in result.params if r.nonfinite]
+    _stderr(
+        f"paramscope: warning: {result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): "
+        + ", ".join(bad[:5])
+        + (" ..." if len(bad) > 5 else ""),
+        quiet,
+    )
+    if fail:
+        raise typer.Exit(errors.EXIT_CHECK_FAILED)
+
+
+STAT_COLUMNS = [
+    Column("norm", "norm", "float"),
+    Column("mean", "mean", "float"),
+    Column("std", "std", "float"),
+    Column("min", "min", "float"),
+    Column("max", "max", "float"),
+    Column("max_abs", "max |x|", "float"),
+    Column("zero_fraction", "zeros", "float"),
+    Column("nan", "NaN", "int"),
+    Column("inf", "Inf", "int"),
+]
 
 
 def _mask_options(include: list[str] | None, exclude: list[str] | None):
@@ -292,10 +379,15 @@ def table(
     norms: Annotated[
         bool, typer.Option("--norms", help="Add each parameter's L2 norm (reads the data).")
     ] = False,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Add norm, mean, std, min, max, zeros, NaN, Inf (reads the data).")
+    ] = False,
     step: StepOpt = None,
     item: ItemOpt = None,
     subtree: SubtreeOpt = None,
     mesh: MeshOpt = None,
+    engine: EngineOpt = "auto",
+    memory_budget: BudgetOpt = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
 ) -> None:
@@ -334,12 +426,13 @@ def table(
         for param, decayed in mask.decisions:
             rows[param.path]["weight_decay"] = decayed
         columns.append(Column("weight_decay", "weight decay", "bool"))
-    if norms or sort == SortKey.norm:
-        result = _norms(inv, params, mesh, quiet)
+    if norms or stats or sort == SortKey.norm:
+        result = _scan(inv, params, stats, mesh, engine, memory_budget, quiet)
         for entry in result.params:
-            rows[entry.param.path]["norm"] = entry.norm
-            rows[entry.param.path]["nonfinite"] = entry.nonfinite
-        columns.append(Column("norm", "norm", "float"))
+            row = rows[entry.param.path]
+            row.update(entry.moments.stats() if stats else {"norm": entry.norm})
+            row["nonfinite"] = entry.nonfinite
+        columns += STAT_COLUMNS if stats else STAT_COLUMNS[:1]
     ordered = _sorted_rows(list(rows.values()), sort)
     total = {"count": sum(p.count for p in params), "bytes": sum(p.nbytes for p in params)}
     payload = {"schema": "paramscope.table/1", **_header(inv), "params": ordered, "total": total}
@@ -435,18 +528,18 @@ def count(
 def norms(
     ckpt: CkptArg,
     per_param: Annotated[bool, typer.Option("--per-param", help="One row per parameter.")] = False,
-    fail_on_nonfinite: Annotated[
-        bool, typer.Option("--fail-on-nonfinite", help="Exit 1 if any value is NaN or Inf.")
-    ] = False,
+    fail_on_nonfinite: FailOpt = False,
     filter: FilterOpt = None,
     step: StepOpt = None,
     item: ItemOpt = None,
     subtree: SubtreeOpt = None,
     mesh: MeshOpt = None,
+    engine: EngineOpt = "auto",
+    memory_budget: BudgetOpt = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
 ) -> None:
-    """Global L2 norm (and per-parameter norms), computed on the device mesh in float32 or wider.
+    """Global L2 norm (and per-parameter norms), streamed in float32 or wider.
 
     Example: paramscope norms checkpoints/ --per-param --format json | jq .global_norm
     """
@@ -454,16 +547,9 @@ def norms(
 
     inv = _inventory(ckpt, step, item, subtree)
     params = filter_params(inv.params, filter)
-    result = _norms(inv, params, mesh, quiet)
-    payload = {
-        "schema": "paramscope.norms/1",
-        **_header(inv),
-        "global_norm": result.global_norm,
-        "nonfinite": result.nonfinite,
-        "count": sum(p.count for p in params),
-        "mesh": dict(result.mesh),
-    }
-    mesh_text = ",".join(f"{n}={s}" for n, s in result.mesh)
+    result = _scan(inv, params, False, mesh, engine, memory_budget, quiet)
+    payload = {"schema": "paramscope.norms/1", **_header(inv), **_scan_header(result)}
+    title = f"{_title(inv, len(params))}  {_engine_text(result)}"
     if per_param:
         rows = [
             {
@@ -478,7 +564,7 @@ def norms(
         payload["params"] = rows
         report = Report(
             payload=payload,
-            title=_title(inv, len(rows)) + f"  mesh {mesh_text}",
+            title=title,
             rows=rows,
             columns=[
                 Column("path", "path"),
@@ -497,27 +583,71 @@ def norms(
     else:
         rows = [
             {"metric": "global_norm", "value": f"{result.global_norm:.9g}"},
-            {"metric": "nonfinite", "value": str(result.nonfinite)},
+            {"metric": "nonfinite", "value": f"{result.nonfinite:,}"},
             {"metric": "count", "value": f"{payload['count']:,}"},
             {"metric": "arrays", "value": f"{len(params):,}"},
         ]
         report = Report(
             payload=payload,
-            title=_title(inv, len(params)) + f"  mesh {mesh_text}",
+            title=title,
             rows=rows,
             columns=[Column("metric", "metric"), Column("value", "value")],
         )
     render(report, fmt)
-    if result.nonfinite:
-        bad = [r.param.path for r in result.params if r.nonfinite]
-        _stderr(
-            f"paramscope: warning: {result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): "
-            + ", ".join(bad[:5])
-            + (" ..." if len(bad) > 5 else ""),
-            quiet,
-        )
-        if fail_on_nonfinite:
-            raise typer.Exit(errors.EXIT_CHECK_FAILED)
+    _report_nonfinite(result, fail_on_nonfinite, quiet)
+
+
+@app.command()
+@handle_errors
+def stats(
+    ckpt: CkptArg,
+    fail_on_nonfinite: FailOpt = False,
+    filter: FilterOpt = None,
+    step: StepOpt = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    mesh: MeshOpt = None,
+    engine: EngineOpt = "auto",
+    memory_budget: BudgetOpt = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per parameter, in one pass: norm, mean, std, min, max, max |x|, zero fraction, NaN and Inf.
+
+    Mean, std, min and max are over the finite values; NaN and Inf are counted.
+
+    Example: paramscope stats checkpoints/ --memory-budget 1GiB --fail-on-nonfinite
+    """
+    from paramscope.inventory import filter_params
+
+    inv = _inventory(ckpt, step, item, subtree)
+    params = filter_params(inv.params, filter)
+    result = _scan(inv, params, True, mesh, engine, memory_budget, quiet)
+    rows = [
+        {"path": r.param.path, "dtype": r.param.dtype, "count": r.param.count, **r.moments.stats()}
+        for r in result.params
+    ]
+    payload = {"schema": "paramscope.stats/1", **_header(inv), **_scan_header(result), "params": rows}
+    report = Report(
+        payload=payload,
+        title=f"{_title(inv, len(params))}  {_engine_text(result)}",
+        rows=rows,
+        columns=[
+            Column("path", "path"),
+            Column("dtype", "dtype"),
+            Column("count", "count", "int"),
+            *STAT_COLUMNS,
+        ],
+        footer={
+            "path": "global",
+            "count": payload["count"],
+            "norm": result.global_norm,
+            "nan": sum(r["nan"] for r in rows),
+            "inf": sum(r["inf"] for r in rows),
+        },
+    )
+    render(report, fmt)
+    _report_nonfinite(result, fail_on_nonfinite, quiet)
 
 
 @app.command()

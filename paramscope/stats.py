@@ -1,143 +1,322 @@
-"""Norms of a checkpoint's parameters, computed with jax on a device mesh.
+"""Norms and statistics of a checkpoint's arrays: one streaming pass, in bounded memory.
 
-Each array is read onto the mesh with the sharding it was saved with (fitted to the mesh), each
-device reading only its own shard, and reduced there with :func:`get_sharded_norm_logits`,
-which accumulates in float32 or wider. 64-bit arrays, which jax without x64 would narrow to 32
-bits, are reduced on the host in float64 instead. The next array's read is in flight while the
-current one is reduced, and only one or two arrays are held at a time.
+Arrays are read in groups that fit half the memory budget (a quarter on the mesh, where values
+also live on devices); an array larger than that is read in slices along its chunk boundaries.
+While one group is reduced the next one is being read and decoded by TensorStore's threads, so
+decoding and reduction overlap and every core works.
+
+Two engines reduce a group, with the same numbers (see :mod:`paramscope.reduce`):
+
+* ``host``: numpy on the host, spread over a thread pool. The fastest path on a CPU-only
+  machine: no jax import, no copy onto simulated devices.
+* ``mesh``: each piece is placed on the device mesh with the sharding it was saved with (fitted
+  to the mesh), every device reading only its own shard, and reduced there with jax.
+  64-bit arrays, which jax without x64 would narrow to 32 bits, are reduced on the host.
+
+``auto`` picks ``mesh`` when a mesh is asked for or an accelerator is present, else ``host``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from typing import Any
 
 from paramscope import checkpoint
+from paramscope.errors import UsageError
 from paramscope.inventory import ParamInfo
-from paramscope.mesh import build_mesh, fit_mesh, named_sharding
+from paramscope.reduce import Accumulator, Moments, mesh_reduction
+
+MiB = 1 << 20
+GiB = 1 << 30
+ENGINES = ("auto", "host", "mesh")
+_ACCELERATOR_PLUGINS = (
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm7_plugin",
+    "jax_rocm60_plugin",
+    "libtpu",
+)
+
+
+def default_memory_budget() -> int:
+    """A quarter of the available memory, between 256 MiB and 4 GiB."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 4 * GiB
+    return int(min(max(available // 4, 256 * MiB), 4 * GiB))
+
+
+# ----------------------------------------------------------------------------------------------
+# Read plan
 
 
 @dataclass(frozen=True)
-class ParamNorm:
-    param: ParamInfo
-    sum_of_squares: float
-    nonfinite: int
+class Region:
+    """A box of one array to read: its global index and shape."""
 
-    @property
-    def norm(self) -> float:
-        return math.sqrt(self.sum_of_squares)
-
-
-@dataclass
-class NormsResult:
-    global_norm: float
-    nonfinite: int
-    params: list[ParamNorm]
-    mesh: tuple[tuple[str, int], ...]
+    param: int  # position in the params list
+    index: tuple[slice, ...]
+    shape: tuple[int, ...]
+    nbytes: int
 
 
-@cache
-def _leaf_reduction():
-    import jax
-    import jax.numpy as jnp
+def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, limit: int) -> Iterator[tuple]:
+    """Index boxes covering an array, each at most ``limit`` bytes when a row allows it.
 
-    from paramscope.param_utils import get_sharded_norm_logits
+    Boxes are slabs of whole rows, so each is contiguous in the flattened array. They slice the
+    leading axis in multiples of the chunk size along it when a band of chunks fits, so each
+    chunk is decoded once; a smaller budget cuts through chunks (decoding them once per box).
+    An axis whose single rows are too large is taken one row at a time and the next axis is
+    split the same way.
+    """
+    full = tuple(slice(0, d) for d in shape)
+    if math.prod(shape) * itemsize <= limit or not shape:
+        yield full
+        return
+    row = math.prod(shape[1:]) * itemsize
+    if row <= limit:
+        step = max(1, limit // row)
+        chunk = chunks[0] if chunks and chunks[0] > 0 else 1
+        if step >= chunk:
+            step -= step % chunk
+        for start in range(0, shape[0], step):
+            yield (slice(start, min(start + step, shape[0])), *full[1:])
+        return
+    for i in range(shape[0]):
+        for rest in _boxes(shape[1:], chunks[1:], itemsize, limit):
+            yield (slice(i, i + 1), *rest)
 
-    def reduce(x):
-        return get_sharded_norm_logits(x), jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
 
-    return jax.jit(reduce)
+def plan_reads(params: Sequence[ParamInfo], limit: int) -> list[list[Region]]:
+    """Groups of regions, each group at most ``limit`` bytes (or one region of one row)."""
+    groups: list[list[Region]] = []
+    current: list[Region] = []
+    size = 0
+    for position, param in enumerate(params):
+        for index in _boxes(param.shape, param.stored.chunks if param.stored else (), param.itemsize, limit):
+            shape = tuple(s.stop - s.start for s in index)
+            region = Region(position, index, shape, math.prod(shape) * param.itemsize)
+            if current and size + region.nbytes > limit:
+                groups.append(current)
+                current, size = [], 0
+            current.append(region)
+            size += region.nbytes
+    if current:
+        groups.append(current)
+    return groups
 
 
-def _needs_host(param: ParamInfo) -> bool:
-    """64-bit arrays when jax runs without x64: jax would narrow them to 32 bits on transfer."""
-    import jax
-
-    return param.itemsize >= 8 and not jax.config.jax_enable_x64
+# ----------------------------------------------------------------------------------------------
+# Engines
 
 
 def _index_key(index) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
 
 
-@dataclass
-class _PendingRead:
-    """The shard reads of one array, started; ``sharding`` is None for an array kept on the host."""
+class HostEngine:
+    """Reduces with numpy on a thread pool (numpy releases the GIL in its loops)."""
 
-    param: ParamInfo
-    sharding: object
-    shards: dict
+    name = "host"
+    mesh = None
 
-    @classmethod
-    def start(cls, param: ParamInfo, mesh) -> _PendingRead:
-        handle = checkpoint.open_array(param.stored)
-        if _needs_host(param):
-            sharding, indices = None, [tuple(slice(None) for _ in param.shape)]
-        else:
-            sharding = named_sharding(mesh, param.sharding, param.shape)
-            indices = sharding.addressable_devices_indices_map(param.shape).values()
-        shards = {}
-        for index in indices:  # devices holding the same slice share one read
-            key = _index_key(index)
-            if key not in shards:
-                shards[key] = checkpoint.start_read(handle, index, param.path)
-        return cls(param, sharding, shards)
+    def __init__(self, full: bool):
+        self.full = full
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
-    def reduce(self) -> tuple[float, int]:
-        """(sum of squares, non-finite count), on the mesh or, for 64-bit arrays, in float64 numpy."""
+    def start(self, param: ParamInfo, handle, region: Region):
+        return checkpoint.start_read(handle, region.index, param.path)
+
+    def reduce(self, param: ParamInfo, pending, into: Accumulator) -> None:
+        into.feed(checkpoint.finish_read(pending, param.path), self.pool)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+class MeshEngine(HostEngine):
+    """Places each region on the device mesh with its saved sharding and reduces it with jax."""
+
+    name = "mesh"
+
+    def __init__(self, full: bool, mesh):
+        super().__init__(full)
         import jax
-        import numpy as np
 
-        values = {key: checkpoint.finish_read(future, self.param.path) for key, future in self.shards.items()}
-        if self.sharding is None:
-            (value,) = values.values()
-            value = np.asarray(np.abs(value) if np.iscomplexobj(value) else value, dtype=np.float64)
-            return float(np.sum(np.square(value))), int(value.size - np.count_nonzero(np.isfinite(value)))
-        array = jax.make_array_from_callback(self.param.shape, self.sharding, lambda i: values[_index_key(i)])
-        sum_sq, nonfinite = _leaf_reduction()(array)
-        return float(sum_sq), int(nonfinite)
+        self.mesh = mesh
+        self.function = mesh_reduction(full)
+        self.narrowed = not jax.config.jax_enable_x64
+
+    def _on_host(self, param: ParamInfo) -> bool:
+        return self.narrowed and param.itemsize >= 8
+
+    def start(self, param: ParamInfo, handle, region: Region):
+        from paramscope.mesh import named_sharding
+
+        if self._on_host(param):
+            return super().start(param, handle, region)
+        sharding = named_sharding(self.mesh, param.sharding, region.shape)
+        reads = {}
+        for local in sharding.addressable_devices_indices_map(region.shape).values():
+            key = _index_key(local)
+            if key not in reads:  # devices holding the same slice share one read
+                index = tuple(
+                    slice(r.start + (s.start or 0), r.start + (dim if s.stop is None else s.stop))
+                    for r, s, dim in zip(region.index, local, region.shape)
+                )
+                reads[key] = checkpoint.start_read(handle, index, param.path)
+        return region, sharding, reads
+
+    def reduce(self, param: ParamInfo, pending, into: Accumulator) -> None:
+        import jax
+
+        if self._on_host(param):
+            return super().reduce(param, pending, into)
+        region, sharding, reads = pending
+        shards = {key: checkpoint.finish_read(future, param.path) for key, future in reads.items()}
+        array = jax.make_array_from_callback(region.shape, sharding, lambda index: shards[_index_key(index)])
+        into.partials.add_summary(**jax.device_get(self.function(array)))
 
 
-def compute_norms(
-    params: Sequence[ParamInfo],
-    mesh_axes: Sequence[tuple[str, int]] | None = None,
-    saved_mesh: Sequence[tuple[str, int]] | None = None,
-    on_param: Callable[[ParamInfo], None] | None = None,
-) -> NormsResult:
-    """Per-parameter squared norms and non-finite counts, and the global L2 norm.
-
-    Args:
-        params: The parameters to reduce (from :func:`paramscope.open_checkpoint`).
-        mesh_axes: The mesh, as (axis, size) pairs; default all local devices laid out like
-            ``saved_mesh``.
-        saved_mesh: The mesh the checkpoint was saved on, to lay out the default mesh.
-        on_param: Called after each parameter is reduced (for progress).
-
-    Returns:
-        A :class:`NormsResult`; the global norm sums the per-parameter float32 sums in float64.
-    """
+def accelerator_present() -> bool:
+    """Whether jax would run on an accelerator, decided without importing jax when possible."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return any(p.strip() not in ("", "cpu") for p in platforms.split(","))
+    if not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS):
+        return False
     import jax
+
+    return jax.default_backend() != "cpu"
+
+
+def make_engine(engine: str, full: bool, mesh_axes, saved_mesh):
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}", hint=f"choose one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        engine = "mesh" if mesh_axes is not None or accelerator_present() else "host"
+    if engine == "host":
+        return HostEngine(full)
+    import jax
+
+    from paramscope.mesh import build_mesh, fit_mesh
 
     if mesh_axes is None:
         mesh_axes = fit_mesh(saved_mesh, len(jax.local_devices()))
-    mesh = build_mesh(mesh_axes)
-    results = []
-    upcoming = _PendingRead.start(params[0], mesh) if params else None
-    for i, param in enumerate(params):
-        current = upcoming
-        # The next array's reads run while this one is reduced.
-        upcoming = _PendingRead.start(params[i + 1], mesh) if i + 1 < len(params) else None
-        sum_sq, nonfinite = current.reduce()
-        results.append(ParamNorm(param, sum_sq, nonfinite))
-        del current
-        if on_param is not None:
-            on_param(param)
-    global_sq = math.fsum(r.sum_of_squares for r in results)
-    return NormsResult(
-        global_norm=math.sqrt(global_sq) if not math.isnan(global_sq) else math.nan,
-        nonfinite=sum(r.nonfinite for r in results),
+    return MeshEngine(full, build_mesh(mesh_axes))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+
+
+@dataclass(frozen=True)
+class ParamStats:
+    param: ParamInfo
+    moments: Moments
+
+    @property
+    def sum_of_squares(self) -> float:
+        return self.moments.sum_sq
+
+    @property
+    def norm(self) -> float:
+        return self.moments.norm
+
+    @property
+    def nonfinite(self) -> int:
+        return self.moments.nonfinite
+
+
+@dataclass
+class ScanResult:
+    params: list[ParamStats]
+    global_norm: float
+    nonfinite: int
+    engine: str
+    mesh: tuple[tuple[str, int], ...] | None
+    memory_budget: int
+
+
+def scan(
+    params: Sequence[ParamInfo],
+    *,
+    full: bool = False,
+    engine: str = "auto",
+    mesh_axes: Sequence[tuple[str, int]] | None = None,
+    saved_mesh: Sequence[tuple[str, int]] | None = None,
+    memory_budget: int | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> ScanResult:
+    """Reads every parameter once and summarises it.
+
+    Args:
+        params: The parameters (from :func:`paramscope.open_checkpoint`).
+        full: Also compute mean, std, min, max, zeros (not only the norm and NaN/Inf counts).
+        engine: ``auto``, ``host`` or ``mesh``.
+        mesh_axes: The mesh as (axis, size) pairs (mesh engine); default all local devices
+            laid out like ``saved_mesh``.
+        saved_mesh: The mesh the checkpoint was saved on.
+        memory_budget: Bytes of array data held at once (default: :func:`default_memory_budget`).
+        on_bytes: Called with the bytes of each region once it is reduced (progress).
+    """
+    budget = memory_budget or default_memory_budget()
+    runner = make_engine(engine, full, mesh_axes, saved_mesh)
+    limit = max(1, budget // (4 if runner.name == "mesh" else 2))
+    groups = plan_reads(params, limit)
+    remaining = {}
+    for group in groups:
+        for region in group:
+            remaining[region.param] = remaining.get(region.param, 0) + 1
+    handles: dict[int, Any] = {}
+    accumulators = [Accumulator(full) for _ in params]
+
+    def start(group):
+        started = []
+        for region in group:
+            if region.param not in handles:
+                handles[region.param] = checkpoint.open_array(params[region.param].stored)
+            started.append((region, runner.start(params[region.param], handles[region.param], region)))
+        return started
+
+    try:
+        upcoming = start(groups[0]) if groups else []
+        for k in range(len(groups)):
+            current = upcoming
+            upcoming = start(groups[k + 1]) if k + 1 < len(groups) else []
+            for region, pending in current:
+                runner.reduce(params[region.param], pending, accumulators[region.param])
+                remaining[region.param] -= 1
+                if not remaining[region.param]:
+                    handles.pop(region.param, None)
+                if on_bytes is not None:
+                    on_bytes(region.nbytes)
+            del current
+    finally:
+        runner.close()
+    results = [ParamStats(param, accumulator.result()) for param, accumulator in zip(params, accumulators)]
+    global_sq = math.fsum(r.moments.sum_sq for r in results)
+    return ScanResult(
         params=results,
-        mesh=tuple(mesh_axes),
+        global_norm=math.sqrt(global_sq),
+        nonfinite=sum(r.nonfinite for r in results),
+        engine=runner.name,
+        mesh=tuple(runner.mesh.shape.items()) if runner.mesh is not None else None,
+        memory_budget=budget,
     )
+
+
+def compute_norms(params: Sequence[ParamInfo], **options) -> ScanResult:
+    """Per-parameter and global L2 norms and NaN/Inf counts, in one pass (see :func:`scan`)."""
+    return scan(params, full=False, **options)
+
+
+def compute_stats(params: Sequence[ParamInfo], **options) -> ScanResult:
+    """Norm, mean, std, min, max, max |x|, zero fraction, NaN and Inf counts (see :func:`scan`)."""
+    return scan(params, full=True, **options)

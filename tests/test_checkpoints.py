@@ -110,7 +110,9 @@ def test_standard_checkpointer_train_state_and_subtree(standard_ckpt):
 def test_storage_formats(storage_ckpt):
     inventory = open_checkpoint(storage_ckpt.path)
     assert_structure(inventory, storage_ckpt.values, storage_ckpt.specs)
-    assert_norms(compute_norms(inventory.params, saved_mesh=inventory.saved_mesh), storage_ckpt.values)
+    for engine in ("host", "mesh"):
+        result = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh, engine=engine)
+        assert_norms(result, storage_ckpt.values)
 
 
 def test_nnx_model_and_optimizer_items_are_unboxed(nnx_ckpt):
@@ -132,7 +134,7 @@ def test_legacy_orbax_checkpoint(legacy_ckpt):
             assert {p.path: (list(p.shape), p.dtype) for p in inventory.params} == {
                 k: (v["shape"], v["dtype"]) for k, v in wanted.items()
             }
-            result = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh)
+            result = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh, engine="mesh")
             for entry in result.params:
                 assert entry.norm == pytest.approx(wanted[entry.param.path]["norm"], rel=1e-6)
     assert open_checkpoint(path).step == 200
@@ -144,16 +146,18 @@ def test_legacy_orbax_checkpoint(legacy_ckpt):
 def test_norms_match_float64_on_every_mesh(manager_ckpt):
     inventory = open_checkpoint(manager_ckpt.path)
     values = manager_ckpt.values[200]["params"]
-    default = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh)
-    assert default.mesh == (("data", 2), ("model", 4))
+    default = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh, engine="mesh")
+    assert default.mesh == (("data", 2), ("model", 4)) and default.engine == "mesh"
     assert_norms(default, values)
     for mesh in ("data=1,model=1", "data=4,model=2", "model=8", "x=2"):
-        result = compute_norms(inventory.params, parse_mesh(mesh))
+        result = compute_norms(inventory.params, mesh_axes=parse_mesh(mesh))
+        assert result.engine == "mesh"
         assert_norms(result, values)
         assert [r.norm for r in result.params] == pytest.approx([r.norm for r in default.params], rel=1e-6)
 
 
-def test_special_dtypes_and_nonfinite(special_ckpt):
+@pytest.mark.parametrize("engine", ["host", "mesh"])
+def test_special_dtypes_and_nonfinite(special_ckpt, engine):
     inventory = open_checkpoint(special_ckpt.path)
     assert_structure(inventory, special_ckpt.values)
     assert {p.path: p.dtype for p in inventory.params} == {
@@ -166,7 +170,7 @@ def test_special_dtypes_and_nonfinite(special_ckpt):
         "f64": "float64",
         "i64": "int64",
     }
-    result = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh)
+    result = compute_norms(inventory.params, saved_mesh=inventory.saved_mesh, engine=engine)
     by_path = {r.param.path: r for r in result.params}
     finite = {k: v for k, v in special_ckpt.values.items() if np.all(np.isfinite(v.astype(np.float64)))}
     for path, value in finite.items():

@@ -124,7 +124,11 @@ def test_norms_json_and_table(manager_ckpt):
     expected = math.sqrt(sum(f64_norm(v) ** 2 for v in values.values()))
     doc = run_json("norms", manager_ckpt.path)
     assert doc["global_norm"] == pytest.approx(expected, rel=1e-6)
-    assert doc["nonfinite"] == 0 and "params" not in doc and doc["mesh"] == {"data": 2, "model": 4}
+    assert doc["nonfinite"] == 0 and "params" not in doc
+    assert doc["engine"] == "host" and doc["mesh"] is None  # no accelerator here: numpy on the host
+    mesh_doc = run_json("norms", manager_ckpt.path, "--engine", "mesh")
+    assert mesh_doc["mesh"] == {"data": 2, "model": 4} and mesh_doc["engine"] == "mesh"
+    assert mesh_doc["global_norm"] == pytest.approx(expected, rel=1e-6)
     doc = run_json("norms", manager_ckpt.path, "--per-param", "--mesh", "data=2,model=2")
     assert doc["mesh"] == {"data": 2, "model": 2}
     assert {p["path"]: pytest.approx(f64_norm(values[p["path"]]), rel=1e-6) for p in doc["params"]} == {
