@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
 import re
@@ -56,7 +57,8 @@ class StoredArray:
     itemsize: int
     chunks: tuple[int, ...]
     driver: str  # "zarr" or "zarr3"
-    kvstore: str  # JSON of the TensorStore kvstore spec of the array's folder
+    store: str  # JSON of the TensorStore kvstore spec of the item's folder (shared by its arrays)
+    name: str  # the array's key in that store
     sharding: SavedSharding | None
     value_type: str
 
@@ -325,6 +327,7 @@ def _tree_entries(item_path: str) -> list[tuple[tuple[str, ...], str]]:
     return entries
 
 
+@functools.cache
 def _dtype_info(name: str) -> tuple[str, int]:
     import ml_dtypes
     import numpy as np
@@ -394,6 +397,7 @@ def read_arrays(item: Item) -> list[StoredArray]:
     for i, raw in zip(missing, v3):
         v2[i] = raw
     arrays = []
+    store = json.dumps(kv, sort_keys=True)
     for (keys, value_type), name, raw in zip(entries, names, v2):
         if raw is None:
             raise CorruptCheckpoint(
@@ -409,7 +413,8 @@ def read_arrays(item: Item) -> list[StoredArray]:
                 itemsize=itemsize,
                 chunks=chunks,
                 driver=driver,
-                kvstore=json.dumps(_array_kvstore(kv, name), sort_keys=True),
+                store=store,
+                name=name,
                 sharding=shardings.get(".".join(keys)),
                 value_type=value_type,
             )
@@ -425,7 +430,7 @@ def open_array(array: StoredArray):
     """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
     import tensorstore as ts
 
-    spec = {"driver": array.driver, "kvstore": json.loads(array.kvstore)}
+    spec = {"driver": array.driver, "kvstore": _array_kvstore(json.loads(array.store), array.name)}
     try:
         return ts.open(spec, read=True, write=False, open=True).result()
     except Exception as err:

@@ -106,7 +106,9 @@ class Partials:
         """One block, already upcast to float64."""
         n = values.size
         self.count += n
-        sum_sq = float(np.dot(values, values))
+        # einsum, not np.dot: BLAS would start its own threads for each block and fight
+        # TensorStore's decoders and our thread pool for the cores.
+        sum_sq = float(np.einsum("i,i->", values, values))
         self.sum_sq.append(sum_sq)
         finite = values
         if not math.isfinite(sum_sq):  # NaN or Inf somewhere (or a float64 overflow)
@@ -124,7 +126,7 @@ class Partials:
             centered = finite - total / finite.size
             self.finite.append(finite.size)
             self.sums.append(total)
-            self.m2.append(float(np.dot(centered, centered)))
+            self.m2.append(float(np.einsum("i,i->", centered, centered)))
             self.min = min(self.min, float(finite.min()))
             self.max = max(self.max, float(finite.max()))
 

@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmark scripts: run a command as its own process, measure it."""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PYTHON = sys.executable
+
+
+def measure(command, env=None, stdout=None):
+    """(wall seconds, peak RSS bytes) of one process, from its own rusage (Linux: KiB units)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        stdout=stdout or subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, command))} failed ({process.returncode}):\n{stderr}")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return wall, rss
+
+
+def median_of(command, repeats, env=None):
+    runs = [measure(command, env) for _ in range(repeats)]
+    return statistics.median(w for w, _ in runs), max(r for _, r in runs)
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    try:
+        with open("/proc/meminfo") as f:
+            total = int(f.readline().split()[1]) * 1024
+        memory = f"{total / 2**30:.0f} GiB"
+    except OSError:
+        memory = "? GiB"
+    return f"{cpus} cores, {memory} memory, Python {sys.version.split()[0]}, {sys.platform}"
+
+
+def report(rows, ratios):
+    """Prints measured rows and target ratios; returns whether every target held."""
+    width = max(len(name) for name, *_ in rows)
+    for name, wall, rss in rows:
+        rss_text = f"{rss / 2**20:8.0f} MiB" if rss is not None else ""
+        print(f"  {name:<{width}}  {wall:8.3f} s  {rss_text}")
+    ok = True
+    for name, value, target in ratios:
+        held = value <= target
+        ok &= held
+        print(f"  {name:<40} {value:6.3f}  (target <= {target}: {'met' if held else 'MISSED'})")
+    return ok
