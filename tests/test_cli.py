@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from paramscope.cli import app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["info", "table", "count", "norms", "mask"]
+COMMANDS = ["info", "table", "count", "norms", "stats", "mask"]
 
 
 def run(*args):
