@@ -73,6 +73,9 @@ EngineOpt = Annotated[
 FailOpt = Annotated[bool, typer.Option("--fail-on-nonfinite", help="Exit 1 if any value is NaN or Inf.")]
 
 
+PROGRESS_MIN_BYTES = 64 << 20  # less data than this reads in a moment: no progress bar
+
+
 class SortKey(str, Enum):
     path = "path"
     count = "count"
@@ -214,7 +217,8 @@ def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget:
     from paramscope.stats import scan
 
     options = dict(full=full, engine=engine, mesh_axes=axes, saved_mesh=inv.saved_mesh, memory_budget=budget)
-    if quiet or not sys.stderr.isatty() or not params:
+    total = sum(p.nbytes for p in params)
+    if quiet or not sys.stderr.isatty() or total < PROGRESS_MIN_BYTES:
         return scan(params, **options)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -228,7 +232,7 @@ def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget:
         console=Console(stderr=True),
         transient=True,
     ) as progress:
-        task = progress.add_task("reading", total=sum(p.nbytes for p in params))
+        task = progress.add_task("reading", total=total)
         return scan(params, **options, on_bytes=lambda n: progress.advance(task, n))
 
 
