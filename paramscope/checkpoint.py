@@ -35,6 +35,7 @@ COMMIT_MARKER = "commit_success.txt"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 ARRAY_ITEM_NAME = "checkpoint"  # ArrayCheckpointHandler stores its one array under this name
 
+_PYTREE_MARKERS = (OCDBT_MANIFEST, SHARDING_FILE, "ocdbt.process_0", "array_metadatas", "d")
 _STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
 _TMP_STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)\.orbax-checkpoint-tmp.*$")
 
@@ -71,7 +72,7 @@ class StoredArray:
 class Item:
     name: str
     path: str
-    kind: str  # "pytree", "array", "json" or "unknown"
+    kind: str  # "pytree", "array", "json", "damaged" (no _METADATA) or "unknown"
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def _is_finished_step(path: str) -> bool:
             return False
         return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
     # Very old writers left no step metadata: a step folder with items counts as finished.
-    return any(_item_kind(os.path.join(path, name)) != "unknown" for name in _subdirs(path))
+    kinds = {_item_kind(os.path.join(path, name)) for name in _subdirs(path)}
+    return bool(kinds - {"unknown", "damaged"})
 
 
 def _subdirs(path: str) -> list[str]:
@@ -143,6 +145,8 @@ def _item_kind(path: str) -> str:
     name = os.path.basename(path.rstrip("/"))
     if os.path.isfile(os.path.join(path, name)):
         return "json"
+    if any(os.path.exists(os.path.join(path, marker)) for marker in _PYTREE_MARKERS):
+        return "damaged"  # the files of a pytree item, without the _METADATA that describes them
     return "unknown"
 
 
@@ -190,6 +194,11 @@ def locate(path: str, step: int | None = None) -> Location:
             hint="pass a finished step or the manager root; `paramscope info` lists the steps",
         )
     kind = _item_kind(path)
+    if kind == "damaged":
+        raise CorruptCheckpoint(
+            f"{path} has the files of an Orbax item but no {TREE_METADATA}",
+            hint="the item's metadata is missing: the save did not finish or the copy is incomplete",
+        )
     if kind != "unknown":
         if step is not None:
             raise StepNotFound(
@@ -249,10 +258,16 @@ def disk_usage(path: str) -> int:
 # Metadata
 
 
-def _kvstore_spec(folder: str) -> dict[str, Any]:
+def _kvstore_spec(folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
+    """The kvstore of an item's arrays: its OCDBT database, or plain zarr folders."""
     folder = os.path.abspath(folder)
     if os.path.isfile(os.path.join(folder, OCDBT_MANIFEST)):
         return {"driver": "ocdbt", "base": f"file://{folder}/"}
+    if use_ocdbt or any(name.startswith("ocdbt.process_") for name in _subdirs(folder)):
+        raise CorruptCheckpoint(
+            f"{os.path.join(folder, OCDBT_MANIFEST)} is missing",
+            hint="the root of the item's OCDBT database is gone; the item cannot be read",
+        )
     return {"driver": "file", "path": f"{folder}/"}
 
 
@@ -269,42 +284,56 @@ def _array_kvstore(kv: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _parse_sharding(text: Any) -> SavedSharding | None:
-    try:
-        info = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
-        return None
+    """A NamedSharding entry of ``_sharding``; None for other kinds; ValueError when malformed."""
+    info = json.loads(text) if isinstance(text, str) else text
     if not isinstance(info, dict) or info.get("sharding_type") != "NamedSharding":
         return None
     names, sizes = info.get("axis_names") or [], info.get("shape") or []
+    if not isinstance(names, list) or not isinstance(sizes, list) or len(names) != len(sizes):
+        raise ValueError("malformed mesh")
+    mesh_axes = tuple((str(n), int(s)) for n, s in zip(names, sizes))
     spec = []
     for entry in info.get("partition_spec") or []:
         if isinstance(entry, list):
             entry = tuple(str(e) for e in entry) if entry else None
             if entry is not None and len(entry) == 1:
                 entry = entry[0]
+        elif entry is not None:
+            entry = str(entry)
         spec.append(entry)
-    return SavedSharding(tuple(zip((str(n) for n in names), (int(s) for s in sizes))), tuple(spec))
+    return SavedSharding(mesh_axes, tuple(spec))
 
 
-def _read_shardings(item_path: str) -> dict[str, SavedSharding | None]:
+def _read_shardings(
+    item_path: str, problems: list[str], expected: bool = True
+) -> dict[str, SavedSharding | None]:
+    """Saved shardings by dotted name. A missing (when ``expected``) or damaged file leaves them
+    unknown (the arrays are still readable) and adds a line to ``problems``."""
     path = os.path.join(item_path, SHARDING_FILE)
     if not os.path.isfile(path):
+        if expected:
+            problems.append(f"{path} is missing: shardings are unknown")
         return {}
-    raw = _read_json_file(path)
+    try:
+        raw = _read_json_file(path)
+    except CorruptCheckpoint:
+        raw = None
     if not isinstance(raw, dict):
-        raise CorruptCheckpoint(f"{path} is not a JSON object", hint="the sharding file is damaged")
+        problems.append(f"{path} is damaged (not a JSON object): shardings are unknown")
+        return {}
     shardings = {}
     for key, value in raw.items():
         try:
             name = base64.urlsafe_b64decode(key.encode() + b"==").decode()
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            continue
-        shardings[name] = _parse_sharding(value)
+            shardings[name] = _parse_sharding(value)
+        except (binascii.Error, UnicodeDecodeError, ValueError, TypeError, AttributeError):
+            problems.append(f"{path} has an unreadable entry {str(key)[:40]!r}")
     return shardings
 
 
-def _tree_entries(item_path: str) -> list[tuple[tuple[str, ...], str]]:
-    """(keys, value_type) of every leaf that holds array data, in the saved order."""
+def _tree_entries(item_path: str) -> tuple[list[tuple[tuple[str, ...], str]], bool | None]:
+    """(keys, value_type) of every leaf that holds array data, in the saved order, and whether
+    the metadata says the arrays live in an OCDBT database."""
     path = os.path.join(item_path, TREE_METADATA)
     meta = _read_json_file(path)
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
@@ -317,6 +346,8 @@ def _tree_entries(item_path: str) -> list[tuple[tuple[str, ...], str]]:
         try:
             keys = tuple(str(k["key"]) for k in entry["key_metadata"])
             value = entry.get("value_metadata") or {}
+            if not keys or not isinstance(value, dict):
+                raise TypeError
         except (KeyError, TypeError, AttributeError):
             raise CorruptCheckpoint(
                 f"{path} has an entry of unexpected structure", hint="the item's metadata is damaged"
@@ -324,7 +355,7 @@ def _tree_entries(item_path: str) -> list[tuple[tuple[str, ...], str]]:
         if value.get("skip_deserialize") or value.get("value_type") in ("None", None):
             continue
         entries.append((keys, str(value.get("value_type"))))
-    return entries
+    return entries, meta.get("use_ocdbt")
 
 
 @functools.cache
@@ -344,11 +375,13 @@ def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, t
     try:
         meta = json.loads(raw)
         shape = tuple(int(d) for d in meta["shape"])
+        if any(d < 0 for d in shape):
+            raise ValueError("negative dimension")
         if meta.get("zarr_format") == 3:
             chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
             return shape, *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
         return shape, *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise CorruptCheckpoint(
             f"bad zarr metadata for {where}", hint="the array's metadata is damaged"
         ) from None
@@ -374,18 +407,29 @@ def _short(err: BaseException) -> str:
     return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
 
 
-def read_arrays(item: Item) -> list[StoredArray]:
-    """Every array of an item, from metadata alone: no array data is read."""
+def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArray]:
+    """Every array of an item, from metadata alone: no array data is read.
+
+    Problems that leave the arrays readable (a missing or damaged ``_sharding``) are appended to
+    ``problems``; anything worse raises :class:`CorruptCheckpoint`.
+    """
+    problems = problems if problems is not None else []
     if item.kind == "array":
         entries = [((item.name,), "jax.Array")]
         names = [ARRAY_ITEM_NAME]
         kv = {"driver": "file", "path": os.path.abspath(item.path) + "/"}
-        shardings = {item.name: _read_shardings(item.path).get(ARRAY_ITEM_NAME)}
+        shardings = {item.name: _read_shardings(item.path, problems).get(ARRAY_ITEM_NAME)}
     elif item.kind == "pytree":
-        entries = _tree_entries(item.path)
+        entries, use_ocdbt = _tree_entries(item.path)
         names = [".".join(keys) for keys, _ in entries]
-        kv = _kvstore_spec(item.path)
-        shardings = _read_shardings(item.path)
+        kv = _kvstore_spec(item.path, use_ocdbt)
+        jax_arrays = any(value_type == "jax.Array" for _, value_type in entries)
+        shardings = _read_shardings(item.path, problems, expected=jax_arrays)
+    elif item.kind == "damaged":
+        raise CorruptCheckpoint(
+            f"item {item.name!r} ({item.path}) has no {TREE_METADATA}",
+            hint="the item's metadata is missing: the save did not finish or the copy is incomplete",
+        )
     else:
         raise ItemNotFound(
             f"item {item.name!r} holds no arrays (it is {item.kind})", hint="choose a pytree item"

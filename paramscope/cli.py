@@ -158,10 +158,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
 
 
-def _inventory(ckpt: str, step: int | None, item: str | None, subtree: str | None):
+def _inventory(ckpt: str, step: int | None, item: str | None, subtree: str | None, quiet: bool):
     from paramscope.inventory import open_checkpoint
 
-    return open_checkpoint(ckpt, step=step, item=item, subtree=subtree)
+    inventory = open_checkpoint(ckpt, step=step, item=item, subtree=subtree)
+    for warning in inventory.warnings:
+        _stderr(f"paramscope: warning: {warning}", quiet)
+    return inventory
 
 
 def _header(inv) -> dict[str, Any]:
@@ -294,7 +297,7 @@ def _mask_options(include: list[str] | None, exclude: list[str] | None):
 
 @app.command()
 @handle_errors
-def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table) -> None:
+def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table, quiet: QuietOpt = False) -> None:
     """Steps, items, storage format, size on disk and array counts of a checkpoint.
 
     Example: paramscope info checkpoints/
@@ -302,6 +305,8 @@ def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table) -> 
     from paramscope.inventory import checkpoint_info
 
     result = checkpoint_info(ckpt, step)
+    for warning in result.warnings:
+        _stderr(f"paramscope: warning: {warning}", quiet)
     steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
     items = [
         {
@@ -402,7 +407,7 @@ def table(
     from paramscope.inventory import filter_params, weight_decay_mask
 
     _mask_options(wd_include, wd_exclude)
-    inv = _inventory(ckpt, step, item, subtree)
+    inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
     rows = {
         p.path: {
@@ -480,6 +485,7 @@ def count(
     item: ItemOpt = None,
     subtree: SubtreeOpt = None,
     fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
 ) -> None:
     """Total parameters and bytes, by dtype and by path prefix.
 
@@ -487,7 +493,7 @@ def count(
     """
     from paramscope.inventory import count_params, filter_params
 
-    inv = _inventory(ckpt, step, item, subtree)
+    inv = _inventory(ckpt, step, item, subtree, quiet)
     result = count_params(filter_params(inv.params, filter), depth)
     total = {"count": result.total_count, "bytes": result.total_bytes}
     groups = [{"path": g, "count": c, "bytes": b, "leaves": n} for g, c, b, n in result.groups]
@@ -549,7 +555,7 @@ def norms(
     """
     from paramscope.inventory import filter_params
 
-    inv = _inventory(ckpt, step, item, subtree)
+    inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
     result = _scan(inv, params, False, mesh, engine, memory_budget, quiet)
     payload = {"schema": "paramscope.norms/1", **_header(inv), **_scan_header(result)}
@@ -624,7 +630,7 @@ def stats(
     """
     from paramscope.inventory import filter_params
 
-    inv = _inventory(ckpt, step, item, subtree)
+    inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
     result = _scan(inv, params, True, mesh, engine, memory_budget, quiet)
     rows = [
@@ -677,7 +683,7 @@ def mask(
     from paramscope.inventory import weight_decay_mask
 
     _mask_options(include, exclude)
-    inv = _inventory(ckpt, step, item, subtree)
+    inv = _inventory(ckpt, step, item, subtree, quiet)
     result = weight_decay_mask(inv.params, include=include, exclude=exclude)
     for pattern in result.unmatched_patterns:
         _stderr(f"paramscope: warning: pattern {pattern!r} matches no parameter", quiet)

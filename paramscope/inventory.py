@@ -60,6 +60,7 @@ class Inventory:
     subtree: str | None
     params: list[ParamInfo]
     saved_mesh: tuple[tuple[str, int], ...] | None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total_count(self) -> int:
@@ -79,7 +80,9 @@ def _spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:
 
 
 def _select_items(location: checkpoint.Location, item: str | None) -> list[checkpoint.Item]:
-    readable = [i for i in location.items if i.kind in ("pytree", "array")]
+    """The items to read. A damaged item (no _METADATA) is chosen like a pytree item, so that
+    reading it fails loudly instead of the choice silently falling to another item."""
+    readable = [i for i in location.items if i.kind in ("pytree", "array", "damaged")]
     if location.selected_item is not None:
         if item is not None and item != location.selected_item:
             raise ItemNotFound(
@@ -96,7 +99,7 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
             names = ", ".join(i.name for i in readable) or "none"
             raise ItemNotFound(f"no item {item!r} with arrays in {location.path}", hint=f"items: {names}")
         return chosen
-    pytrees = [i for i in readable if i.kind == "pytree"]
+    pytrees = [i for i in readable if i.kind in ("pytree", "damaged")]
     defaults = [i for i in pytrees if i.name == DEFAULT_ITEM]
     if defaults:
         return defaults
@@ -143,8 +146,9 @@ def open_checkpoint(
     items = _select_items(location, item)
     params = []
     saved_mesh = None
+    warnings: list[str] = []
     for chosen in items:
-        for array in checkpoint.read_arrays(chosen):
+        for array in checkpoint.read_arrays(chosen, warnings):
             name = array.path if len(items) == 1 else f"{chosen.name}.{array.path}"
             if subtree:
                 name = _relative(name, subtree)
@@ -167,6 +171,7 @@ def open_checkpoint(
         subtree=subtree,
         params=params,
         saved_mesh=saved_mesh,
+        warnings=warnings,
     )
 
 
@@ -286,16 +291,18 @@ class InfoResult:
     step: int | None
     steps: list[checkpoint.Step]
     items: list[ItemSummary]
+    warnings: list[str] = field(default_factory=list)
 
 
 def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoResult:
     """Steps (finished and unfinished), items and their kinds, storage, sizes, JSON items."""
     location = checkpoint.locate(os.fspath(path), step)
     summaries = []
+    problems: list[str] = []
     for item in location.items:
         storage = arrays = count = content = None
         if item.kind in ("pytree", "array"):
-            stored = checkpoint.read_arrays(item)
+            stored = checkpoint.read_arrays(item, problems)
             storage = checkpoint.storage_format(item)
             arrays = len(stored)
             count = sum(_count(a.shape) for a in stored)
@@ -306,12 +313,18 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
                 item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item.path), content
             )
         )
+    problems += [
+        f"item {i.name!r} has no _METADATA (damaged or unfinished)"
+        for i in location.items
+        if i.kind == "damaged"
+    ]
     return InfoResult(
         checkpoint=location.path,
         layout=location.kind,
         step=location.step.step if location.step else None,
         steps=location.steps,
         items=summaries,
+        warnings=problems,
     )
 
 
