@@ -99,7 +99,8 @@ class Location:
 # Layout
 
 
-def _read_json_file(path: str) -> Any:
+def read_json(path: str) -> Any:
+    """A JSON metadata file; :class:`CorruptCheckpoint` when it is unreadable or not JSON."""
     try:
         with open(path, "rb") as f:
             return json.loads(f.read())
@@ -240,7 +241,7 @@ def locate(path: str, step: int | None = None) -> Location:
 
 
 def read_json_item(item: Item) -> Any:
-    return _read_json_file(os.path.join(item.path, item.name))
+    return read_json(os.path.join(item.path, item.name))
 
 
 def disk_usage(path: str) -> int:
@@ -315,7 +316,7 @@ def _read_shardings(
             problems.append(f"{path} is missing: shardings are unknown")
         return {}
     try:
-        raw = _read_json_file(path)
+        raw = read_json(path)
     except CorruptCheckpoint:
         raw = None
     if not isinstance(raw, dict):
@@ -335,7 +336,7 @@ def _tree_entries(item_path: str) -> tuple[list[tuple[tuple[str, ...], str]], bo
     """(keys, value_type) of every leaf that holds array data, in the saved order, and whether
     the metadata says the arrays live in an OCDBT database."""
     path = os.path.join(item_path, TREE_METADATA)
-    meta = _read_json_file(path)
+    meta = read_json(path)
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
     if not isinstance(tree, dict):
         raise CorruptCheckpoint(
@@ -403,8 +404,27 @@ def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
     return [bytes(r.value) if r.state == "value" else None for r in results]
 
 
+_READ_FAILURES = (  # what TensorStore's messages mean for someone holding a damaged checkpoint
+    ("Requested byte range", "a data file is shorter than its index says (truncated)"),
+    ("Truncated Zstd", "a data file is missing or truncated"),
+    ("ZSTD_decompressStream", "a data file is corrupted (decompression failed)"),
+    ("NOT_FOUND", "a file of the database is missing"),
+    ("DATA_LOSS", "a data file is corrupted"),
+)
+_LOCAL_FILE = re.compile(r'local file "([^"]*[^/"])"')
+
+
 def _short(err: BaseException) -> str:
-    return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    """One line for a TensorStore error: what it means, its status code, and the file."""
+    text = str(err)
+    if not text:
+        return type(err).__name__
+    code = text.split(":", 1)[0]
+    for marker, meaning in _READ_FAILURES:
+        if marker in text:
+            found = _LOCAL_FILE.search(text)
+            return f"{meaning} [{code}]" + (f" ({found.group(1)})" if found else "")
+    return text.splitlines()[0][:300]
 
 
 def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArray]:
@@ -501,3 +521,61 @@ def finish_read(future, path: str):
         raise CorruptCheckpoint(
             f"cannot read array {path!r}: {_short(err)}", hint="the checkpoint's data files are damaged"
         ) from None
+
+
+def _stored_array_names(kvstore: dict[str, Any]) -> set[str]:
+    """Names of the arrays a kvstore holds (those with zarr metadata), by listing its keys."""
+    import tensorstore as ts
+
+    try:
+        keys = ts.KvStore.open(kvstore).result().list().result()
+    except Exception as err:
+        raise CorruptCheckpoint(
+            f"cannot list the array store: {_short(err)}", hint="the store is damaged"
+        ) from None
+    names = set()
+    for key in keys:
+        key = bytes(key).decode("utf-8", "replace")
+        for suffix in ("/.zarray", "/zarr.json"):
+            if key.endswith(suffix):
+                names.add(key[: -len(suffix)])
+    return names
+
+
+def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
+    """Where an item's ``_METADATA`` tree, its ``_sharding`` file and its stored arrays disagree.
+
+    Returns (array name or None, problem) pairs; reads metadata only.
+    """
+    if item.kind != "pytree":
+        return []
+    problems: list[tuple[str | None, str]] = []
+    listed = {a.name: a for a in arrays}
+    kvstore = json.loads(arrays[0].store) if arrays else None
+    if kvstore is not None:
+        for name in sorted(_stored_array_names(kvstore) - set(listed)):
+            problems.append((name, f"stored, but not listed in {TREE_METADATA}"))
+    shardings = _read_shardings(item.path, [], expected=False)
+    for name in sorted(set(shardings) - set(listed)):
+        problems.append((name, f"{SHARDING_FILE} has an entry for an array {TREE_METADATA} does not list"))
+    for array in arrays:
+        if array.value_type == "jax.Array" and shardings and array.name not in shardings:
+            problems.append((array.name, f"a jax.Array without an entry in {SHARDING_FILE}"))
+        sharding = array.sharding
+        if sharding is None:
+            continue
+        if len(sharding.spec) > len(array.shape):
+            problems.append(
+                (
+                    array.name,
+                    f"its partition spec has {len(sharding.spec)} entries for {len(array.shape)} dimensions",
+                )
+            )
+        axes = dict(sharding.mesh_axes)
+        for entry in sharding.spec:
+            for axis in (entry,) if isinstance(entry, str) else entry or ():
+                if axis not in axes:
+                    problems.append(
+                        (array.name, f"its partition spec names axis {axis!r}, not in the saved mesh")
+                    )
+    return problems

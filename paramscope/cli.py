@@ -215,14 +215,38 @@ def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget:
     from paramscope.mesh import parse_mesh
 
     axes = parse_mesh(mesh) if mesh else None
+    if axes is not None:
+        _check_mesh(axes, inv, params, engine)
     budget = parse_size(memory_budget) if memory_budget else None
     _quiet_libraries()
     from paramscope.stats import scan
 
     options = dict(full=full, engine=engine, mesh_axes=axes, saved_mesh=inv.saved_mesh, memory_budget=budget)
     total = sum(p.nbytes for p in params)
+    return _with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
+
+
+def _check_mesh(axes, inv, params, engine: str) -> None:
+    from paramscope.mesh import build_mesh, idle_axes
+
+    if engine == "host":
+        raise errors.UsageError(
+            "--mesh given with --engine host", hint="the mesh is for --engine mesh (or auto)"
+        )
+    build_mesh(axes)  # enough devices?
+    idle = idle_axes(axes, params)
+    if idle:
+        saved = ",".join(f"{n}={s}" for n, s in inv.saved_mesh) if inv.saved_mesh else "none"
+        raise errors.UsageError(
+            f"mesh axis {idle[0]!r} divides no dimension of any parameter's saved sharding",
+            hint=f"use the checkpoint's axis names, with sizes that divide its dimensions (saved: {saved})",
+        )
+
+
+def _with_progress(total: int, quiet: bool, run):
+    """``run(on_bytes)``, with a progress bar on stderr when it is a terminal and the read is large."""
     if quiet or not sys.stderr.isatty() or total < PROGRESS_MIN_BYTES:
-        return scan(params, **options)
+        return run(None)
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
@@ -236,7 +260,7 @@ def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget:
         transient=True,
     ) as progress:
         task = progress.add_task("reading", total=total)
-        return scan(params, **options, on_bytes=lambda n: progress.advance(task, n))
+        return run(lambda n: progress.advance(task, n))
 
 
 def _engine_text(result) -> str:
@@ -714,6 +738,64 @@ def mask(
         ],
     )
     render(report, fmt)
+
+
+@app.command()
+@handle_errors
+def verify(
+    ckpt: CkptArg,
+    step: StepOpt = None,
+    item: Annotated[str | None, typer.Option("--item", help="Check only this item (default: all).")] = None,
+    memory_budget: BudgetOpt = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decode every chunk of every array; check arrays, _METADATA and _sharding agree. Exit 3 on damage.
+
+    Example: paramscope verify checkpoints/ --step 400
+    """
+    from paramscope.verify import verify_checkpoint
+
+    budget = parse_size(memory_budget) if memory_budget else None
+    result = _with_progress(
+        _bytes_on_disk(ckpt, step),
+        quiet,
+        lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes),
+    )
+    rows = [{"item": p.item, "path": p.path, "problem": p.problem} for p in result.problems]
+    payload = {
+        "schema": "paramscope.verify/1",
+        "checkpoint": result.checkpoint,
+        "step": result.step,
+        "items": result.items,
+        "ok": result.ok,
+        "arrays": result.arrays,
+        "bytes_read": result.bytes_read,
+        "problems": rows,
+    }
+    verdict = "OK" if result.ok else f"{len(rows)} problem(s)"
+    step_text = f"step {result.step}" if result.step is not None else "no step"
+    report = Report(
+        payload=payload,
+        title=f"{result.checkpoint}  {step_text}  items {','.join(result.items)}",
+        columns=[Column("item", "item"), Column("path", "array"), Column("problem", "problem")],
+        rows=rows,
+        notes=[f"verified {result.arrays:,} arrays, decoded {result.bytes_read:,} bytes: {verdict}"],
+    )
+    render(report, fmt)
+    if not result.ok:
+        raise typer.Exit(errors.EXIT_CHECKPOINT)
+
+
+def _bytes_on_disk(ckpt: str, step: int | None) -> int:
+    """Size of the step's files, for the progress bar; 0 when it cannot be told."""
+    from paramscope import checkpoint
+
+    try:
+        location = checkpoint.locate(ckpt, step)
+    except errors.ParamscopeError:
+        return 0
+    return sum(checkpoint.disk_usage(i.path) for i in location.items)
 
 
 def main() -> None:

@@ -71,7 +71,8 @@ class Inventory:
         return sum(p.nbytes for p in self.params)
 
 
-def _spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:
+def spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:
+    """The saved partition spec with one entry per dimension; None when nothing is sharded."""
     if array.sharding is None:
         return None
     spec = list(array.sharding.spec[: len(array.shape)])
@@ -157,7 +158,7 @@ def open_checkpoint(
             if saved_mesh is None and array.sharding is not None:
                 saved_mesh = array.sharding.mesh_axes
             params.append(
-                ParamInfo(name, array.shape, array.dtype, array.itemsize, _spec_per_dim(array), array)
+                ParamInfo(name, array.shape, array.dtype, array.itemsize, spec_per_dim(array), array)
             )
     if subtree and not params:
         raise ItemNotFound(

@@ -102,6 +102,21 @@ def fitted_spec(
     return tuple(fitted)
 
 
+def idle_axes(axes: Sequence[tuple[str, int]], params) -> list[str]:
+    """Mesh axes (of size > 1) that shard no dimension of any parameter once specs are fitted.
+
+    >>> from types import SimpleNamespace as P
+    >>> idle_axes((("data", 2), ("x", 2)), [P(sharding=("data", None), shape=(4, 4))])
+    ['x']
+    """
+    sizes = dict(axes)
+    used: set[str] = set()
+    for param in params:
+        for entry in fitted_spec(param.sharding, param.shape, sizes):
+            used.update((entry,) if isinstance(entry, str) else entry or ())
+    return [name for name, size in axes if size > 1 and name not in used]
+
+
 def named_sharding(mesh, spec: Sequence[Any] | None, shape: Sequence[int]):
     from jax.sharding import NamedSharding, PartitionSpec
 

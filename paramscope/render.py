@@ -191,6 +191,7 @@ def render(report: Report, fmt: Format, file=None) -> None:
             console.print()
         if part.title:
             console.print(part.title, markup=False, style="bold")
-        console.print(_rich_table(part))
+        if part.rows or not part.notes:  # an empty table says nothing its notes do not
+            console.print(_rich_table(part))
         for note in part.notes:
             console.print(note, markup=False)

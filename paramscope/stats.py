@@ -21,13 +21,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from paramscope import checkpoint
-from paramscope.errors import UsageError
+from paramscope.errors import CorruptCheckpoint, UsageError
 from paramscope.inventory import ParamInfo
 from paramscope.reduce import Accumulator, Moments, mesh_reduction
 
@@ -110,6 +111,52 @@ def plan_reads(params: Sequence[ParamInfo], limit: int) -> list[list[Region]]:
     if current:
         groups.append(current)
     return groups
+
+
+def stream_regions(
+    params: Sequence[ParamInfo],
+    limit: int,
+    start: Callable[[ParamInfo, Any, Region], Any],
+    on_error: Callable[[Region, Exception], None] | None = None,
+) -> Iterator[tuple[Region, Any]]:
+    """Yields ``(region, start(param, handle, region))`` in plan order, one group ahead.
+
+    The reads of the next group (at most ``limit`` bytes) are started before the regions of the
+    current one are handed out, so decoding overlaps whatever the caller does with them. Each
+    array is opened once, for its first region, and let go after its last. With ``on_error``, a
+    :class:`CorruptCheckpoint` from opening or starting a read is passed to it and that array's
+    remaining regions are skipped; without, it propagates.
+    """
+    groups = plan_reads(params, limit)
+    remaining = Counter(region.param for group in groups for region in group)
+    handles: dict[int, Any] = {}
+    failed: set[int] = set()
+
+    def begin(group):
+        started = []
+        for region in group:
+            if region.param in failed:
+                continue
+            try:
+                if region.param not in handles:
+                    handles[region.param] = checkpoint.open_array(params[region.param].stored)
+                started.append((region, start(params[region.param], handles[region.param], region)))
+            except CorruptCheckpoint as err:
+                if on_error is None:
+                    raise
+                failed.add(region.param)
+                on_error(region, err)
+        return started
+
+    upcoming = begin(groups[0]) if groups else []
+    for k in range(len(groups)):
+        current = upcoming
+        upcoming = begin(groups[k + 1]) if k + 1 < len(groups) else []
+        for region, started in current:
+            yield region, started
+            remaining[region.param] -= 1
+            if not remaining[region.param]:
+                handles.pop(region.param, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,35 +316,12 @@ def scan(
     budget = memory_budget or default_memory_budget()
     runner = make_engine(engine, full, mesh_axes, saved_mesh)
     limit = max(1, budget // (4 if runner.name == "mesh" else 2))
-    groups = plan_reads(params, limit)
-    remaining = {}
-    for group in groups:
-        for region in group:
-            remaining[region.param] = remaining.get(region.param, 0) + 1
-    handles: dict[int, Any] = {}
     accumulators = [Accumulator(full) for _ in params]
-
-    def start(group):
-        started = []
-        for region in group:
-            if region.param not in handles:
-                handles[region.param] = checkpoint.open_array(params[region.param].stored)
-            started.append((region, runner.start(params[region.param], handles[region.param], region)))
-        return started
-
     try:
-        upcoming = start(groups[0]) if groups else []
-        for k in range(len(groups)):
-            current = upcoming
-            upcoming = start(groups[k + 1]) if k + 1 < len(groups) else []
-            for region, pending in current:
-                runner.reduce(params[region.param], pending, accumulators[region.param])
-                remaining[region.param] -= 1
-                if not remaining[region.param]:
-                    handles.pop(region.param, None)
-                if on_bytes is not None:
-                    on_bytes(region.nbytes)
-            del current
+        for region, pending in stream_regions(params, limit, runner.start):
+            runner.reduce(params[region.param], pending, accumulators[region.param])
+            if on_bytes is not None:
+                on_bytes(region.nbytes)
     finally:
         runner.close()
     results = [ParamStats(param, accumulator.result()) for param, accumulator in zip(params, accumulators)]
