@@ -34,6 +34,7 @@ OCDBT_MANIFEST = "manifest.ocdbt"
 COMMIT_MARKER = "commit_success.txt"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 ARRAY_ITEM_NAME = "checkpoint"  # ArrayCheckpointHandler stores its one array under this name
+JSON_ITEM_FILE = "metadata"  # JsonCheckpointHandler's default file name
 
 _PYTREE_MARKERS = (OCDBT_MANIFEST, SHARDING_FILE, "ocdbt.process_0", "array_metadatas", "d")
 _STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
@@ -143,8 +144,7 @@ def _item_kind(path: str) -> str:
         return "array"
     if os.path.isfile(os.path.join(path, TREE_METADATA)):
         return "pytree"
-    name = os.path.basename(path.rstrip("/"))
-    if os.path.isfile(os.path.join(path, name)):
+    if _json_file(path) is not None:
         return "json"
     if any(os.path.exists(os.path.join(path, marker)) for marker in _PYTREE_MARKERS):
         return "damaged"  # the files of a pytree item, without the _METADATA that describes them
@@ -240,8 +240,17 @@ def locate(path: str, step: int | None = None) -> Location:
     return Location(path, "root", chosen, list_items(chosen.path), steps=steps)
 
 
+def _json_file(path: str) -> str | None:
+    """The file of a JsonCheckpointHandler item: ``metadata`` (its default) or the item's name."""
+    for name in (JSON_ITEM_FILE, os.path.basename(path.rstrip("/"))):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def read_json_item(item: Item) -> Any:
-    return read_json(os.path.join(item.path, item.name))
+    return read_json(_json_file(item.path) or os.path.join(item.path, JSON_ITEM_FILE))
 
 
 def disk_usage(path: str) -> int:

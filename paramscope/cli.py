@@ -214,11 +214,11 @@ def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget:
     """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
     from paramscope.mesh import parse_mesh
 
+    _quiet_libraries()
     axes = parse_mesh(mesh) if mesh else None
     if axes is not None:
         _check_mesh(axes, inv, params, engine)
     budget = parse_size(memory_budget) if memory_budget else None
-    _quiet_libraries()
     from paramscope.stats import scan
 
     options = dict(full=full, engine=engine, mesh_axes=axes, saved_mesh=inv.saved_mesh, memory_budget=budget)
@@ -784,7 +784,11 @@ def verify(
     )
     render(report, fmt)
     if not result.ok:
-        raise typer.Exit(errors.EXIT_CHECKPOINT)
+        raise _fail(
+            f"{len(rows)} problem(s) in {result.checkpoint}",
+            "the report on stdout lists them by array",
+            errors.EXIT_CHECKPOINT,
+        )
 
 
 def _bytes_on_disk(ckpt: str, step: int | None) -> int:
