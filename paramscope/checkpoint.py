@@ -499,6 +499,17 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
 # Data
 
 
+class ArrayReadError(CorruptCheckpoint):
+    """One array's data could not be read; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, verb: str, path: str, err: BaseException):
+        self.path = path
+        self.reason = _short(err)
+        super().__init__(
+            f"cannot {verb} array {path!r}: {self.reason}", hint="the checkpoint's data files are damaged"
+        )
+
+
 def open_array(array: StoredArray):
     """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
     import tensorstore as ts
@@ -507,9 +518,7 @@ def open_array(array: StoredArray):
     try:
         return ts.open(spec, read=True, write=False, open=True).result()
     except Exception as err:
-        raise CorruptCheckpoint(
-            f"cannot open array {array.path!r}: {_short(err)}", hint="the checkpoint's data files are damaged"
-        ) from None
+        raise ArrayReadError("open", array.path, err) from None
 
 
 def start_read(handle, index: tuple[slice, ...], path: str):
@@ -517,9 +526,7 @@ def start_read(handle, index: tuple[slice, ...], path: str):
     try:
         return handle[index].read()
     except Exception as err:
-        raise CorruptCheckpoint(
-            f"cannot read array {path!r}: {_short(err)}", hint="the checkpoint's data files are damaged"
-        ) from None
+        raise ArrayReadError("read", path, err) from None
 
 
 def finish_read(future, path: str):
@@ -527,9 +534,7 @@ def finish_read(future, path: str):
     try:
         return future.result()
     except Exception as err:
-        raise CorruptCheckpoint(
-            f"cannot read array {path!r}: {_short(err)}", hint="the checkpoint's data files are damaged"
-        ) from None
+        raise ArrayReadError("read", path, err) from None
 
 
 def _stored_array_names(kvstore: dict[str, Any]) -> set[str]:

@@ -107,7 +107,8 @@ def verify_checkpoint(
 
     def fail(region, err: CorruptCheckpoint) -> None:
         failed.add(region.param)
-        result.problems.append(Problem(owners[region.param], params[region.param].path, err.message))
+        reason = err.reason if isinstance(err, checkpoint.ArrayReadError) else err.message
+        result.problems.append(Problem(owners[region.param], params[region.param].path, reason))
 
     def start(param: ParamInfo, handle, region):
         return checkpoint.start_read(handle, region.index, param.path)
