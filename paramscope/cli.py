@@ -428,7 +428,7 @@ def table(
 
     Example: paramscope table checkpoints/ --filter 'kernel$' --sort count --wd-exclude 'bias$|scale$'
     """
-    from paramscope.inventory import filter_params, weight_decay_mask
+    from paramscope.inventory import filter_params, sharding_json, weight_decay_mask
 
     _mask_options(wd_include, wd_exclude)
     inv = _inventory(ckpt, step, item, subtree, quiet)
@@ -440,7 +440,7 @@ def table(
             "dtype": p.dtype,
             "count": p.count,
             "bytes": p.nbytes,
-            "sharding": _sharding_json(p.sharding),
+            "sharding": sharding_json(p.sharding),
         }
         for p in params
     }
@@ -477,12 +477,6 @@ def table(
         footer={"path": f"total ({len(params):,} arrays)", **total},
     )
     render(report, fmt)
-
-
-def _sharding_json(spec) -> list | None:
-    if spec is None:
-        return None
-    return [list(e) if isinstance(e, tuple) else e for e in spec]
 
 
 def _sorted_rows(rows: list[dict], key: SortKey) -> list[dict]:
@@ -800,6 +794,291 @@ def _bytes_on_disk(ckpt: str, step: int | None) -> int:
     except errors.ParamscopeError:
         return 0
     return sum(checkpoint.disk_usage(i.path) for i in location.items)
+
+
+RtolOpt = Annotated[
+    float, typer.Option("--rtol", min=0, help="Relative tolerance: |a - b| <= atol + rtol * |a|.")
+]
+AtolOpt = Annotated[float, typer.Option("--atol", min=0, help="Absolute tolerance.")]
+
+
+@app.command()
+@handle_errors
+def diff(
+    ckpt_a: Annotated[str, typer.Argument(metavar="A", help="The reference checkpoint.", show_default=False)],
+    ckpt_b: Annotated[
+        str, typer.Argument(metavar="B", help="The checkpoint compared with it.", show_default=False)
+    ],
+    step_a: Annotated[
+        int | None, typer.Option("--step-a", help="Step of A (default: latest finished).")
+    ] = None,
+    step_b: Annotated[
+        int | None, typer.Option("--step-b", help="Step of B (default: latest finished).")
+    ] = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    filter: FilterOpt = None,
+    rtol: RtolOpt = 0.0,
+    atol: AtolOpt = 0.0,
+    structure_only: Annotated[
+        bool, typer.Option("--structure-only", help="Compare paths, shapes, dtypes, shardings; read no data.")
+    ] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List identical parameters too.")] = False,
+    fail_on_change: Annotated[
+        bool, typer.Option("--fail-on-change", help="Exit 1 when anything differs beyond the tolerances.")
+    ] = False,
+    memory_budget: BudgetOpt = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare two checkpoints: added, removed and reshaped parameters, and how values moved.
+
+    Example: paramscope diff run/checkpoint_100 run/checkpoint_200 --rtol 1e-3 --fail-on-change
+    """
+    from paramscope.compare import diff_params
+    from paramscope.inventory import filter_params
+
+    inv_a = _inventory(ckpt_a, step_a, item, subtree, quiet)
+    inv_b = _inventory(ckpt_b, step_b, item, subtree, quiet)
+    params_a, params_b = filter_params(inv_a.params, filter), filter_params(inv_b.params, filter)
+    budget = parse_size(memory_budget) if memory_budget else None
+    total = 2 * sum(p.nbytes for p in params_a) if not structure_only else 0
+    result = _with_progress(
+        total,
+        quiet,
+        lambda on_bytes: diff_params(
+            params_a,
+            params_b,
+            rtol=rtol,
+            atol=atol,
+            values=not structure_only,
+            memory_budget=budget,
+            on_bytes=on_bytes,
+        ),
+    )
+    rows = []
+    for entry in result.params:
+        row = {
+            "path": entry.path,
+            "status": entry.status,
+            "changes": entry.changes,
+            "a": _diff_side(entry.a),
+            "b": _diff_side(entry.b),
+        }
+        if entry.values is not None:
+            v = entry.values
+            row.update(
+                norm_a=v.norm_a,
+                norm_b=v.norm_b,
+                diff_norm=v.diff_norm,
+                rel_diff=v.rel_diff,
+                cosine=v.cosine,
+                max_abs_diff=v.max_abs_diff,
+                beyond_tolerance=v.beyond_tolerance,
+                identical=v.identical,
+            )
+        rows.append(row)
+    counts = result.counts()
+    payload = {
+        "schema": "paramscope.diff/1",
+        "a": _header(inv_a),
+        "b": _header(inv_b),
+        "rtol": rtol,
+        "atol": atol,
+        "values_compared": not structure_only,
+        "summary": counts,
+        "params": rows,
+    }
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    shown = [r for r in rows if show_all or r["status"] != "identical"]
+    for row in shown:
+        row["detail"] = "; ".join(row["changes"])
+    report = Report(
+        payload=payload,
+        title=f"A {_where(inv_a)}\nB {_where(inv_b)}",
+        rows=shown,
+        columns=[
+            Column("path", "path"),
+            Column("status", "status"),
+            Column("detail", "structure"),
+            Column("norm_a", "norm A", "float"),
+            Column("norm_b", "norm B", "float"),
+            Column("diff_norm", "||A-B||", "float"),
+            Column("rel_diff", "||A-B||/||A||", "float"),
+            Column("cosine", "cosine", "float"),
+            Column("max_abs_diff", "max |A-B|", "float"),
+        ],
+        notes=[summary],
+    )
+    render(report, fmt)
+    if fail_on_change and result.differs:
+        raise _fail(
+            f"the checkpoints differ: {summary}", "see the report on stdout", errors.EXIT_CHECK_FAILED
+        )
+
+
+def _diff_side(param) -> dict | None:
+    from paramscope.inventory import sharding_json
+
+    if param is None:
+        return None
+    return {"shape": list(param.shape), "dtype": param.dtype, "sharding": sharding_json(param.sharding)}
+
+
+def _where(inv) -> str:
+    step = f"step {inv.step}" if inv.step is not None else "no step"
+    return f"{inv.checkpoint}  {step}  item {','.join(inv.items)}"
+
+
+@app.command()
+@handle_errors
+def snapshot(
+    ckpt: CkptArg,
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="File to write the baseline to ('-': stdout).")
+    ] = "-",
+    step: StepOpt = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    mesh: MeshOpt = None,
+    engine: EngineOpt = "auto",
+    memory_budget: BudgetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a JSON baseline: structure, counts and every parameter's statistics.
+
+    Example: paramscope snapshot checkpoints/ -o baseline.json
+    """
+    import json
+
+    from paramscope import __version__
+    from paramscope.baseline import snapshot as make_snapshot
+    from paramscope.render import json_ready
+
+    inv = _inventory(ckpt, step, item, subtree, quiet)
+    if output != "-":
+        target = os.path.realpath(output)
+        if target == inv.checkpoint or target.startswith(inv.checkpoint + os.sep):
+            raise errors.UsageError(
+                f"--output {output} is inside the checkpoint",
+                hint="paramscope never writes into a checkpoint folder; write elsewhere",
+            )
+    result = _scan(inv, inv.params, True, mesh, engine, memory_budget, quiet)
+    text = json.dumps(json_ready(make_snapshot(inv, result, __version__)), indent=1, allow_nan=False) + "\n"
+    if output == "-":
+        sys.stdout.write(text)
+    else:
+        try:
+            with open(output, "w") as f:
+                f.write(text)
+        except OSError as err:
+            raise errors.UsageError(
+                f"cannot write {output}: {err.strerror}", hint="choose a writable path"
+            ) from None
+        _stderr(f"paramscope: wrote {output} ({len(inv.params):,} parameters)", quiet)
+
+
+@app.command()
+@handle_errors
+def check(
+    ckpt: CkptArg,
+    baseline_file: Annotated[
+        str, typer.Option("--baseline", "-b", help="Baseline JSON (snapshot, or table/norms/stats JSON).")
+    ],
+    rtol: RtolOpt = 1e-5,
+    atol: AtolOpt = 0.0,
+    ignore: Annotated[
+        list[str] | None, typer.Option("--ignore", help="Leave out parameters matching (repeatable).")
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Compare only: structure, counts, norms, stats (repeatable)."),
+    ] = None,
+    allow_new: Annotated[
+        bool, typer.Option("--allow-new", help="Parameters absent from the baseline pass.")
+    ] = False,
+    allow_missing: Annotated[
+        bool, typer.Option("--allow-missing", help="Baseline parameters absent here pass.")
+    ] = False,
+    step: StepOpt = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    mesh: MeshOpt = None,
+    engine: EngineOpt = "auto",
+    memory_budget: BudgetOpt = None,
+    fmt: FormatOpt = Format.table,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check a checkpoint against a baseline: exit 0 pass, 1 regression, 3 unreadable.
+
+    Example: paramscope check checkpoints/ --baseline baseline.json --rtol 1e-4 --ignore 'opt_state'
+    """
+    from paramscope.baseline import CheckOptions, categories, load_baseline, needs_data
+    from paramscope.baseline import check as run_check
+
+    options = CheckOptions(
+        rtol=rtol,
+        atol=atol,
+        ignore=ignore or (),
+        only=only or (),
+        allow_new=allow_new,
+        allow_missing=allow_missing,
+    )
+    baseline = load_baseline(baseline_file)
+    inv = _inventory(ckpt, step, item, subtree, quiet)
+    scan_kind = needs_data(baseline, options)
+    params = [p for p in inv.params if not options.ignored(p.path)]
+    result = (
+        _scan(inv, params, scan_kind == "stats", mesh, engine, memory_budget, quiet) if scan_kind else None
+    )
+    violations = run_check(baseline, inv, result, options)
+    rows = [
+        {
+            "path": v.path,
+            "metric": v.metric,
+            "baseline": v.baseline,
+            "actual": v.actual,
+            "rel_diff": v.rel_diff,
+        }
+        for v in violations
+    ]
+    compared = categories(baseline, options)
+    payload = {
+        "schema": "paramscope.check/1",
+        **_header(inv),
+        "baseline": os.path.abspath(baseline_file),
+        "baseline_schema": baseline.schema,
+        "compared": compared,
+        "rtol": rtol,
+        "atol": atol,
+        "passed": not violations,
+        "violations": rows,
+    }
+    verdict = "pass" if not violations else f"{len(violations)} violation(s)"
+    report = Report(
+        payload=payload,
+        title=f"{_where(inv)}  vs  {baseline_file}",
+        rows=[{**r, "baseline": _text(r["baseline"]), "actual": _text(r["actual"])} for r in rows],
+        columns=[
+            Column("path", "path"),
+            Column("metric", "metric"),
+            Column("baseline", "baseline"),
+            Column("actual", "actual"),
+            Column("rel_diff", "rel. diff", "float"),
+        ],
+        notes=[f"compared {', '.join(compared) or 'nothing'} of {len(params):,} parameters: {verdict}"],
+    )
+    render(report, fmt)
+    if violations:
+        raise _fail(
+            f"{len(violations)} regression(s) against {baseline_file}",
+            "see the report on stdout",
+            errors.EXIT_CHECK_FAILED,
+        )
+
+
+def _text(value) -> str:
+    return f"{value:.9g}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:

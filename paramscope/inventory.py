@@ -71,6 +71,17 @@ class Inventory:
         return sum(p.nbytes for p in self.params)
 
 
+def sharding_json(spec) -> list | None:
+    """A partition spec as JSON: one entry per dimension (axis name, list of names, or null).
+
+    >>> sharding_json((None, ("data", "fsdp"))), sharding_json(None)
+    ([None, ['data', 'fsdp']], None)
+    """
+    if spec is None:
+        return None
+    return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
 def spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:
     """The saved partition spec with one entry per dimension; None when nothing is sharded."""
     if array.sharding is None:

@@ -1,0 +1,197 @@
+"""Comparing two checkpoints, parameter by parameter: structure, and values in one streaming pass.
+
+Parameters are matched by path. Those in both with the same shape are read region by region from
+both checkpoints at once (under the memory budget, each region's two reads in flight together)
+and reduced in float64 blocks: the norms of A, B and A - B, their inner product, the largest
+absolute difference, how many elements differ beyond ``atol + rtol * |a|`` (numpy's ``isclose``
+with A as the reference), and whether the two are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramscope import checkpoint
+from paramscope.inventory import ParamInfo
+from paramscope.reduce import BLOCK
+from paramscope.stats import default_memory_budget, stream_regions
+
+STATUSES = ("identical", "close", "changed", "added", "removed")
+
+
+@dataclass
+class ValueDiff:
+    norm_a: float
+    norm_b: float
+    diff_norm: float
+    cosine: float
+    max_abs_diff: float
+    beyond_tolerance: int
+    identical: bool
+
+    @property
+    def rel_diff(self) -> float:
+        if self.norm_a:
+            return self.diff_norm / self.norm_a
+        return 0.0 if self.diff_norm == 0 else math.inf
+
+
+@dataclass
+class ParamDiff:
+    path: str
+    status: str
+    a: ParamInfo | None
+    b: ParamInfo | None
+    changes: list[str] = field(default_factory=list)  # structure: "shape (2, 3) -> (3, 2)", ...
+    values: ValueDiff | None = None
+
+
+@dataclass
+class DiffResult:
+    params: list[ParamDiff]
+    rtol: float
+    atol: float
+
+    def counts(self) -> dict[str, int]:
+        return {status: sum(p.status == status for p in self.params) for status in STATUSES}
+
+    @property
+    def differs(self) -> bool:
+        return any(p.status in ("changed", "added", "removed") for p in self.params)
+
+
+class _PairSums:
+    """Float64 block sums of one parameter's two versions, fed region by region."""
+
+    def __init__(self, rtol: float, atol: float):
+        self.rtol, self.atol = rtol, atol
+        self.aa: list[float] = []
+        self.bb: list[float] = []
+        self.dd: list[float] = []
+        self.ab: list[float] = []
+        self.max_abs = 0.0
+        self.beyond = 0
+        self.identical = True
+
+    def feed(self, a: np.ndarray, b: np.ndarray) -> None:
+        if self.identical:
+            self.identical = a.dtype == b.dtype and np.array_equal(
+                np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)
+            )
+        a, b = a.reshape(-1), b.reshape(-1)
+        for start in range(0, a.size, BLOCK):
+            x = a[start : start + BLOCK].astype(np.float64)
+            y = b[start : start + BLOCK].astype(np.float64)
+            d = x - y
+            both_nan = np.isnan(x) & np.isnan(y)
+            if both_nan.any():  # the same NaN in both is no difference
+                d[both_nan] = 0.0
+            self.aa.append(float(np.einsum("i,i->", x, x)))
+            self.bb.append(float(np.einsum("i,i->", y, y)))
+            self.dd.append(float(np.einsum("i,i->", d, d)))
+            self.ab.append(float(np.einsum("i,i->", x, y)))
+            magnitude = np.abs(d)
+            if magnitude.size:
+                self.max_abs = max(self.max_abs, float(magnitude.max()))
+            with np.errstate(invalid="ignore"):
+                self.beyond += int(
+                    magnitude.size - np.count_nonzero(magnitude <= self.atol + self.rtol * np.abs(x))
+                )
+
+    def result(self) -> ValueDiff:
+        aa, bb = math.fsum(self.aa), math.fsum(self.bb)
+        denominator = math.sqrt(aa) * math.sqrt(bb)
+        cosine = math.fsum(self.ab) / denominator if denominator else (1.0 if aa == bb == 0 else 0.0)
+        return ValueDiff(
+            norm_a=math.sqrt(aa),
+            norm_b=math.sqrt(bb),
+            diff_norm=math.sqrt(math.fsum(self.dd)),
+            cosine=cosine,
+            max_abs_diff=self.max_abs,
+            beyond_tolerance=self.beyond,
+            identical=self.identical,
+        )
+
+
+def _structure_changes(a: ParamInfo, b: ParamInfo) -> list[str]:
+    changes = []
+    if a.shape != b.shape:
+        changes.append(f"shape {a.shape} -> {b.shape}")
+    if a.dtype != b.dtype:
+        changes.append(f"dtype {a.dtype} -> {b.dtype}")
+    if a.sharding != b.sharding:
+        changes.append(f"sharding {a.sharding} -> {b.sharding}")
+    return changes
+
+
+def diff_params(
+    params_a: Sequence[ParamInfo],
+    params_b: Sequence[ParamInfo],
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    values: bool = True,
+    memory_budget: int | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> DiffResult:
+    """Compares two checkpoints' parameters (from :func:`paramscope.open_checkpoint`).
+
+    Args:
+        params_a: The reference (A).
+        params_b: The other (B).
+        rtol, atol: An element differs when ``|a - b| > atol + rtol * |a|``.
+        values: Compare values (reads both); False compares structure only.
+        memory_budget: Bytes of array data held at once, both sides together.
+        on_bytes: Called with the bytes of each region once compared (progress).
+    """
+    by_path_b = {p.path: p for p in params_b}
+    paths_a = {p.path for p in params_a}
+    diffs: list[ParamDiff] = []
+    pairs: list[tuple[ParamDiff, ParamInfo, ParamInfo]] = []
+    for a in params_a:
+        b = by_path_b.get(a.path)
+        if b is None:
+            diffs.append(ParamDiff(a.path, "removed", a, None))
+            continue
+        entry = ParamDiff(a.path, "identical", a, b, _structure_changes(a, b))
+        diffs.append(entry)
+        if entry.changes:
+            entry.status = "changed"
+        if a.shape == b.shape and values:
+            pairs.append((entry, a, b))
+    diffs += [ParamDiff(b.path, "added", None, b) for b in params_b if b.path not in paths_a]
+    if pairs:
+        _compare_values(pairs, rtol, atol, memory_budget, on_bytes)
+    return DiffResult(sorted(diffs, key=lambda d: d.path), rtol, atol)
+
+
+def _compare_values(pairs, rtol, atol, memory_budget, on_bytes) -> None:
+    sides_a = [a for _, a, _ in pairs]
+    sums = [_PairSums(rtol, atol) for _ in pairs]
+    handles_b: dict[int, Any] = {}
+
+    def start(param: ParamInfo, handle_a, region):
+        i = region.param
+        if i not in handles_b:
+            handles_b[i] = checkpoint.open_array(pairs[i][2].stored)
+        return (
+            checkpoint.start_read(handle_a, region.index, param.path),
+            checkpoint.start_read(handles_b[i], region.index, param.path),
+        )
+
+    # Both sides of a region are in memory together, and the next group's are in flight.
+    limit = max(1, (memory_budget or default_memory_budget()) // 4)
+    for region, (read_a, read_b) in stream_regions(sides_a, limit, start):
+        path = sides_a[region.param].path
+        sums[region.param].feed(checkpoint.finish_read(read_a, path), checkpoint.finish_read(read_b, path))
+        if on_bytes is not None:
+            on_bytes(2 * region.nbytes)
+    for (entry, _, _), pair_sums in zip(pairs, sums):
+        entry.values = pair_sums.result()
+        if entry.status == "identical" and not entry.values.identical:
+            entry.status = "changed" if entry.values.beyond_tolerance else "close"
