@@ -30,7 +30,9 @@ app = typer.Typer(
 CkptArg = Annotated[
     str,
     typer.Argument(
-        help="Checkpoint: a CheckpointManager root, a step folder or an item folder.", show_default=False
+        metavar="CKPT",
+        help="Checkpoint: a CheckpointManager root, a step folder or an item folder.",
+        show_default=False,
     ),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format.", case_sensitive=False)]

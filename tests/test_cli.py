@@ -210,7 +210,10 @@ def test_version_and_help():
     assert run("--version").stdout.strip() == f"paramscope {__version__}"
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    for command in COMMANDS:
+    listing = run("--help").stdout
+    commands = re.findall(r"^  ([a-z]+)  ", listing.split("Commands:")[1], re.M)
+    assert set(COMMANDS) < set(commands) and {"diff", "snapshot", "check"} <= set(commands)
+    for command in commands:
         result = run(command, "--help")
         assert result.exit_code == 0 and "Example:" in result.stdout
         assert f"paramscope {command}" in readme
