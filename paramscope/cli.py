@@ -72,6 +72,30 @@ EngineOpt = Annotated[
         "--engine", help="auto (mesh with an accelerator or --mesh, else host), host (numpy) or mesh (jax)."
     ),
 ]
+DistributedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        help="Join the processes of a cluster launcher (SLURM, TPU pod) via jax.distributed.initialize().",
+    ),
+]
+CoordinatorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="Coordinator of N processes started by hand (env PARAMSCOPE_COORDINATOR).",
+    ),
+]
+NumProcessesOpt = Annotated[
+    int | None, typer.Option("--num-processes", help="Number of processes (env PARAMSCOPE_NUM_PROCESSES).")
+]
+ProcessIdOpt = Annotated[
+    int | None, typer.Option("--process-id", help="This process, 0..N-1 (env PARAMSCOPE_PROCESS_ID).")
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", min=1, help="Seconds a process waits for the others before exit 3.")
+]
 FailOpt = Annotated[bool, typer.Option("--fail-on-nonfinite", help="Exit 1 if any value is NaN or Inf.")]
 
 
@@ -103,31 +127,49 @@ def _fail(message: str, hint: str | None, code: int) -> typer.Exit:
 
 
 def handle_errors(command):
-    """Maps paramscope's errors to one-line messages and exit codes; tracebacks only when debugging."""
+    """Maps paramscope's errors to one-line messages and exit codes; tracebacks only when debugging.
+
+    In a cluster of processes every process leaves through :func:`paramscope.distributed.finish`,
+    with the same exit code.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        debug = os.environ.get("PARAMSCOPE_DEBUG", "") not in ("", "0")
         try:
-            return command(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except errors.ParamscopeError as err:
-            if debug:
-                raise
-            raise _fail(err.message, err.hint, err.exit_code) from None
-        except KeyboardInterrupt:
-            raise _fail("interrupted", None, 130) from None
-        except Exception as err:  # a bug: say so in one line, traceback on request
-            if debug:
-                raise
-            raise _fail(
-                f"unexpected {type(err).__name__}: {err}",
-                "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
-                errors.EXIT_INTERNAL,
-            ) from None
+            _run(command, *args, **kwargs)
+            code = 0
+        except typer.Exit as exit_:
+            code = exit_.exit_code
+        from paramscope import distributed
+
+        if distributed.CURRENT is not None:
+            distributed.finish(distributed.CURRENT, code)
+        if code:
+            raise typer.Exit(code)
 
     return wrapper
+
+
+def _run(command, *args, **kwargs):
+    debug = os.environ.get("PARAMSCOPE_DEBUG", "") not in ("", "0")
+    try:
+        return command(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except errors.ParamscopeError as err:
+        if debug:
+            raise
+        raise _fail(err.message, err.hint, err.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", None, 130) from None
+    except Exception as err:  # a bug: say so in one line, traceback on request
+        if debug:
+            raise
+        raise _fail(
+            f"unexpected {type(err).__name__}: {err}",
+            "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
+            errors.EXIT_INTERNAL,
+        ) from None
 
 
 def _version_callback(value: bool) -> None:
@@ -212,7 +254,28 @@ def parse_size(text: str) -> int:
     return max(1, int(float(match.group(1)) * units[match.group(2).lower()]))
 
 
-def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget: str | None, quiet: bool):
+def _join(distributed: bool, coordinator, num_processes, process_id, timeout: float):
+    """This process's cluster: alone, or joined with the others through jax.distributed."""
+    from paramscope.distributed import LOCAL, join, settings_from
+
+    settings = settings_from(coordinator, num_processes, process_id, distributed)
+    if settings is None:
+        return LOCAL
+    _quiet_libraries()
+    debug = os.environ.get("PARAMSCOPE_DEBUG", "") not in ("", "0")
+    return join(settings if any(v is not None for v in settings.values()) else None, timeout, debug)
+
+
+def _scan(
+    inv,
+    params,
+    full: bool,
+    mesh: str | None,
+    engine: str,
+    memory_budget: str | None,
+    quiet: bool,
+    cluster=None,
+):
     """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
     from paramscope.mesh import parse_mesh
 
@@ -224,6 +287,8 @@ def _scan(inv, params, full: bool, mesh: str | None, engine: str, memory_budget:
     from paramscope.stats import scan
 
     options = dict(full=full, engine=engine, mesh_axes=axes, saved_mesh=inv.saved_mesh, memory_budget=budget)
+    if cluster is not None:
+        options["cluster"] = cluster
     total = sum(p.nbytes for p in params)
     return _with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
 
@@ -278,6 +343,7 @@ def _scan_header(result) -> dict[str, Any]:
         "count": sum(r.param.count for r in result.params),
         "engine": result.engine,
         "mesh": dict(result.mesh) if result.mesh is not None else None,
+        "bytes_read": result.bytes_read,
     }
 
 
@@ -425,6 +491,11 @@ def table(
     memory_budget: BudgetOpt = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
+    distributed: DistributedOpt = False,
+    coordinator: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+    timeout: TimeoutOpt = 300,
 ) -> None:
     """One row per parameter: path, shape, dtype, count, bytes, saved sharding.
 
@@ -433,6 +504,9 @@ def table(
     from paramscope.inventory import filter_params, sharding_json, weight_decay_mask
 
     _mask_options(wd_include, wd_exclude)
+    reads = norms or stats or sort == SortKey.norm
+    cluster = _join(distributed, coordinator, num_processes, process_id, timeout) if reads else None
+    quiet = quiet or (cluster is not None and not cluster.primary)
     inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
     rows = {
@@ -461,8 +535,8 @@ def table(
         for param, decayed in mask.decisions:
             rows[param.path]["weight_decay"] = decayed
         columns.append(Column("weight_decay", "weight decay", "bool"))
-    if norms or stats or sort == SortKey.norm:
-        result = _scan(inv, params, stats, mesh, engine, memory_budget, quiet)
+    if reads:
+        result = _scan(inv, params, stats, mesh, engine, memory_budget, quiet, cluster)
         for entry in result.params:
             row = rows[entry.param.path]
             row.update(entry.moments.stats() if stats else {"norm": entry.norm})
@@ -568,6 +642,11 @@ def norms(
     memory_budget: BudgetOpt = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
+    distributed: DistributedOpt = False,
+    coordinator: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+    timeout: TimeoutOpt = 300,
 ) -> None:
     """Global L2 norm (and per-parameter norms), streamed in float32 or wider.
 
@@ -575,9 +654,11 @@ def norms(
     """
     from paramscope.inventory import filter_params
 
+    cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
+    quiet = quiet or not cluster.primary
     inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
-    result = _scan(inv, params, False, mesh, engine, memory_budget, quiet)
+    result = _scan(inv, params, False, mesh, engine, memory_budget, quiet, cluster)
     payload = {"schema": "paramscope.norms/1", **_header(inv), **_scan_header(result)}
     title = f"{_title(inv, len(params))}  {_engine_text(result)}"
     if per_param:
@@ -641,6 +722,11 @@ def stats(
     memory_budget: BudgetOpt = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
+    distributed: DistributedOpt = False,
+    coordinator: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+    timeout: TimeoutOpt = 300,
 ) -> None:
     """Per parameter, in one pass: norm, mean, std, min, max, max |x|, zero fraction, NaN and Inf.
 
@@ -650,9 +736,11 @@ def stats(
     """
     from paramscope.inventory import filter_params
 
+    cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
+    quiet = quiet or not cluster.primary
     inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
-    result = _scan(inv, params, True, mesh, engine, memory_budget, quiet)
+    result = _scan(inv, params, True, mesh, engine, memory_budget, quiet, cluster)
     rows = [
         {"path": r.param.path, "dtype": r.param.dtype, "count": r.param.count, **r.moments.stats()}
         for r in result.params
@@ -832,6 +920,11 @@ def diff(
     memory_budget: BudgetOpt = None,
     fmt: FormatOpt = Format.table,
     quiet: QuietOpt = False,
+    distributed: DistributedOpt = False,
+    coordinator: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+    timeout: TimeoutOpt = 300,
 ) -> None:
     """Compare two checkpoints: added, removed and reshaped parameters, and how values moved.
 
@@ -840,6 +933,8 @@ def diff(
     from paramscope.compare import diff_params
     from paramscope.inventory import filter_params
 
+    cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
+    quiet = quiet or not cluster.primary
     inv_a = _inventory(ckpt_a, step_a, item, subtree, quiet)
     inv_b = _inventory(ckpt_b, step_b, item, subtree, quiet)
     params_a, params_b = filter_params(inv_a.params, filter), filter_params(inv_b.params, filter)
@@ -856,6 +951,7 @@ def diff(
             values=not structure_only,
             memory_budget=budget,
             on_bytes=on_bytes,
+            cluster=cluster,
         ),
     )
     rows = []

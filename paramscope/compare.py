@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from paramscope import checkpoint
+from paramscope.distributed import LOCAL, Cluster, agree_on_failure, gather_float64, share
+from paramscope.errors import ParamscopeError
 from paramscope.inventory import ParamInfo
 from paramscope.reduce import BLOCK
 from paramscope.stats import default_memory_budget, stream_regions
@@ -103,6 +105,28 @@ class _PairSums:
                     magnitude.size - np.count_nonzero(magnitude <= self.atol + self.rtol * np.abs(x))
                 )
 
+    def summary(self) -> list[float]:
+        """What another process needs to merge these sums: exact sums, extremes and counts."""
+        return [
+            math.fsum(self.aa),
+            math.fsum(self.bb),
+            math.fsum(self.dd),
+            math.fsum(self.ab),
+            self.max_abs,
+            self.beyond,
+            float(self.identical),
+        ]
+
+    def merge_summary(self, summary) -> None:
+        aa, bb, dd, ab, max_abs, beyond, identical = (float(v) for v in summary)
+        self.aa.append(aa)
+        self.bb.append(bb)
+        self.dd.append(dd)
+        self.ab.append(ab)
+        self.max_abs = max(self.max_abs, max_abs)
+        self.beyond += int(beyond)
+        self.identical = self.identical and bool(identical)
+
     def result(self) -> ValueDiff:
         aa, bb = math.fsum(self.aa), math.fsum(self.bb)
         denominator = math.sqrt(aa) * math.sqrt(bb)
@@ -138,6 +162,7 @@ def diff_params(
     values: bool = True,
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
+    cluster: Cluster = LOCAL,
 ) -> DiffResult:
     """Compares two checkpoints' parameters (from :func:`paramscope.open_checkpoint`).
 
@@ -148,6 +173,7 @@ def diff_params(
         values: Compare values (reads both); False compares structure only.
         memory_budget: Bytes of array data held at once, both sides together.
         on_bytes: Called with the bytes of each region once compared (progress).
+        cluster: Cooperating processes; each compares its share, all end with the result.
     """
     by_path_b = {p.path: p for p in params_b}
     paths_a = {p.path for p in params_a}
@@ -166,11 +192,11 @@ def diff_params(
             pairs.append((entry, a, b))
     diffs += [ParamDiff(b.path, "added", None, b) for b in params_b if b.path not in paths_a]
     if pairs:
-        _compare_values(pairs, rtol, atol, memory_budget, on_bytes)
+        _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster)
     return DiffResult(sorted(diffs, key=lambda d: d.path), rtol, atol)
 
 
-def _compare_values(pairs, rtol, atol, memory_budget, on_bytes) -> None:
+def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster) -> None:
     sides_a = [a for _, a, _ in pairs]
     sums = [_PairSums(rtol, atol) for _ in pairs]
     handles_b: dict[int, Any] = {}
@@ -186,11 +212,31 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes) -> None:
 
     # Both sides of a region are in memory together, and the next group's are in flight.
     limit = max(1, (memory_budget or default_memory_budget()) // 4)
-    for region, (read_a, read_b) in stream_regions(sides_a, limit, start):
-        path = sides_a[region.param].path
-        sums[region.param].feed(checkpoint.finish_read(read_a, path), checkpoint.finish_read(read_b, path))
-        if on_bytes is not None:
-            on_bytes(2 * region.nbytes)
+    failure = None
+    try:
+        for region, (read_a, read_b) in stream_regions(
+            sides_a, limit, start, select=lambda regions: share(cluster, [r.nbytes for r in regions])
+        ):
+            path = sides_a[region.param].path
+            sums[region.param].feed(
+                checkpoint.finish_read(read_a, path), checkpoint.finish_read(read_b, path)
+            )
+            if on_bytes is not None:
+                on_bytes(2 * region.nbytes)
+    except ParamscopeError as err:
+        if not cluster.active:
+            raise
+        failure = err
+    if cluster.active:
+        agree_on_failure(cluster, failure, "comparing")
+        vectors = np.array([pair_sums.summary() for pair_sums in sums], dtype=np.float64)
+        gathered = gather_float64(cluster, vectors.ravel(), "combining results").reshape(
+            cluster.num_processes, len(sums), -1
+        )
+        sums = [_PairSums(rtol, atol) for _ in pairs]
+        for i, pair_sums in enumerate(sums):
+            for process in range(cluster.num_processes):
+                pair_sums.merge_summary(gathered[process, i])
     for (entry, _, _), pair_sums in zip(pairs, sums):
         entry.values = pair_sums.result()
         if entry.status == "identical" and not entry.values.identical:

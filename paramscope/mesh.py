@@ -56,13 +56,13 @@ def fit_mesh(saved: Sequence[tuple[str, int]] | None, num_devices: int) -> tuple
     return tuple(axes)
 
 
-def build_mesh(axes: Sequence[tuple[str, int]]):
-    """A jax Mesh with automatic axis types over the first local devices."""
+def build_mesh(axes: Sequence[tuple[str, int]], devices=None):
+    """A jax Mesh with automatic axis types over the first devices (default: the local ones)."""
     import jax
     import numpy as np
     from jax.sharding import Mesh
 
-    devices = jax.local_devices()
+    devices = list(devices) if devices is not None else jax.local_devices()
     needed = math.prod(size for _, size in axes)
     if needed > len(devices):
         raise BadMesh(

@@ -223,11 +223,46 @@ class Accumulator:
         if whole < flat.size:
             self.carry = flat[whole:].copy()
 
-    def result(self) -> Moments:
+    def flush(self) -> Partials:
+        """The partials of everything fed, the last short block included."""
         if self.carry is not None:
             self.partials.extend(block_partials(self.carry, self.partials.full))
             self.carry = None
-        return self.partials.result()
+        return self.partials
+
+    def result(self) -> Moments:
+        return self.flush().result()
+
+    def summary(self) -> list[float]:
+        """The arguments of :meth:`Partials.add_summary` for everything fed (to send elsewhere)."""
+        moments = self.result()
+        if not moments.full or not moments.finite:
+            return [
+                moments.count,
+                moments.sum_sq,
+                moments.nan,
+                moments.inf,
+                0,
+                0.0,
+                0.0,
+                0.0,
+                math.inf,
+                -math.inf,
+                moments.zeros,
+            ]
+        return [
+            moments.count,
+            moments.sum_sq,
+            moments.nan,
+            moments.inf,
+            moments.finite,
+            moments.mean,
+            0.0,
+            moments.m2,
+            moments.min,
+            moments.max,
+            moments.zeros,
+        ]
 
 
 def host_moments(values: np.ndarray, full: bool = False) -> Moments:

@@ -27,8 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from paramscope import checkpoint
-from paramscope.errors import CorruptCheckpoint, UsageError
+from paramscope.distributed import LOCAL, Cluster, agree_on_failure, gather_float64, share
+from paramscope.errors import CorruptCheckpoint, ParamscopeError, UsageError
 from paramscope.inventory import ParamInfo
 from paramscope.reduce import Accumulator, Moments, mesh_reduction
 
@@ -94,20 +97,30 @@ def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, limit
             yield (slice(i, i + 1), *rest)
 
 
-def plan_reads(params: Sequence[ParamInfo], limit: int) -> list[list[Region]]:
-    """Groups of regions, each group at most ``limit`` bytes (or one region of one row)."""
-    groups: list[list[Region]] = []
-    current: list[Region] = []
-    size = 0
+def plan_reads(
+    params: Sequence[ParamInfo], limit: int, select: Callable[[list[Region]], list[bool]] | None = None
+) -> list[list[Region]]:
+    """Groups of regions, each group at most ``limit`` bytes (or one region of one row).
+
+    ``select`` is given every region of the plan (the same list in every process) and says which
+    to read, so that cooperating processes can share one plan out.
+    """
+    regions = []
     for position, param in enumerate(params):
         for index in _boxes(param.shape, param.stored.chunks if param.stored else (), param.itemsize, limit):
             shape = tuple(s.stop - s.start for s in index)
-            region = Region(position, index, shape, math.prod(shape) * param.itemsize)
-            if current and size + region.nbytes > limit:
-                groups.append(current)
-                current, size = [], 0
-            current.append(region)
-            size += region.nbytes
+            regions.append(Region(position, index, shape, math.prod(shape) * param.itemsize))
+    if select is not None:
+        regions = [region for region, chosen in zip(regions, select(regions)) if chosen]
+    groups: list[list[Region]] = []
+    current: list[Region] = []
+    size = 0
+    for region in regions:
+        if current and size + region.nbytes > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(region)
+        size += region.nbytes
     if current:
         groups.append(current)
     return groups
@@ -118,6 +131,7 @@ def stream_regions(
     limit: int,
     start: Callable[[ParamInfo, Any, Region], Any],
     on_error: Callable[[Region, Exception], None] | None = None,
+    select: Callable[[list[Region]], list[bool]] | None = None,
 ) -> Iterator[tuple[Region, Any]]:
     """Yields ``(region, start(param, handle, region))`` in plan order, one group ahead.
 
@@ -127,7 +141,7 @@ def stream_regions(
     :class:`CorruptCheckpoint` from opening or starting a read is passed to it and that array's
     remaining regions are skipped; without, it propagates.
     """
-    groups = plan_reads(params, limit)
+    groups = plan_reads(params, limit, select)
     remaining = Counter(region.param for group in groups for region in group)
     handles: dict[int, Any] = {}
     failed: set[int] = set()
@@ -176,12 +190,20 @@ class HostEngine:
     def __init__(self, full: bool):
         self.full = full
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        self.bytes_read = 0
+
+    def collective(self, param: ParamInfo) -> bool:
+        """Whether every process takes part in reducing this parameter's regions (on the mesh)."""
+        return False
 
     def start(self, param: ParamInfo, handle, region: Region):
+        self.bytes_read += region.nbytes
         return checkpoint.start_read(handle, region.index, param.path)
 
-    def reduce(self, param: ParamInfo, pending, into: Accumulator) -> None:
-        into.feed(checkpoint.finish_read(pending, param.path), self.pool)
+    def reduce(self, param: ParamInfo, pending, local: Accumulator, shared: Accumulator) -> None:
+        """Adds a region to ``local`` (this process's own share) or, reduced on the mesh by every
+        process together, to ``shared``."""
+        local.feed(checkpoint.finish_read(pending, param.path), self.pool)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -203,6 +225,9 @@ class MeshEngine(HostEngine):
     def _on_host(self, param: ParamInfo) -> bool:
         return self.narrowed and param.itemsize >= 8
 
+    def collective(self, param: ParamInfo) -> bool:
+        return not self._on_host(param)
+
     def start(self, param: ParamInfo, handle, region: Region):
         from paramscope.mesh import named_sharding
 
@@ -217,18 +242,20 @@ class MeshEngine(HostEngine):
                     slice(r.start + (s.start or 0), r.start + (dim if s.stop is None else s.stop))
                     for r, s, dim in zip(region.index, local, region.shape)
                 )
+                self.bytes_read += math.prod(s.stop - s.start for s in index) * param.itemsize
                 reads[key] = checkpoint.start_read(handle, index, param.path)
         return region, sharding, reads
 
-    def reduce(self, param: ParamInfo, pending, into: Accumulator) -> None:
+    def reduce(self, param: ParamInfo, pending, local: Accumulator, shared: Accumulator) -> None:
         import jax
 
         if self._on_host(param):
-            return super().reduce(param, pending, into)
+            return super().reduce(param, pending, local, shared)
         region, sharding, reads = pending
         shards = {key: checkpoint.finish_read(future, param.path) for key, future in reads.items()}
         array = jax.make_array_from_callback(region.shape, sharding, lambda index: shards[_index_key(index)])
-        into.partials.add_summary(**jax.device_get(self.function(array)))
+        out = self.function(array)  # replicated results: every process holds them
+        shared.partials.add_summary(**{name: np.asarray(value).item() for name, value in out.items()})
 
 
 def accelerator_present() -> bool:
@@ -243,7 +270,7 @@ def accelerator_present() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def make_engine(engine: str, full: bool, mesh_axes, saved_mesh):
+def make_engine(engine: str, full: bool, mesh_axes, saved_mesh, cluster: Cluster = LOCAL):
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}", hint=f"choose one of {', '.join(ENGINES)}")
     if engine == "auto":
@@ -254,9 +281,10 @@ def make_engine(engine: str, full: bool, mesh_axes, saved_mesh):
 
     from paramscope.mesh import build_mesh, fit_mesh
 
+    devices = jax.devices() if cluster.active else jax.local_devices()  # the mesh spans every process
     if mesh_axes is None:
-        mesh_axes = fit_mesh(saved_mesh, len(jax.local_devices()))
-    return MeshEngine(full, build_mesh(mesh_axes))
+        mesh_axes = fit_mesh(saved_mesh, len(devices))
+    return MeshEngine(full, build_mesh(mesh_axes, devices))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +317,7 @@ class ScanResult:
     engine: str
     mesh: tuple[tuple[str, int], ...] | None
     memory_budget: int
+    bytes_read: list[int]  # array bytes each process read, by process
 
 
 def scan(
@@ -300,6 +329,7 @@ def scan(
     saved_mesh: Sequence[tuple[str, int]] | None = None,
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
+    cluster: Cluster = LOCAL,
 ) -> ScanResult:
     """Reads every parameter once and summarises it.
 
@@ -307,24 +337,53 @@ def scan(
         params: The parameters (from :func:`paramscope.open_checkpoint`).
         full: Also compute mean, std, min, max, zeros (not only the norm and NaN/Inf counts).
         engine: ``auto``, ``host`` or ``mesh``.
-        mesh_axes: The mesh as (axis, size) pairs (mesh engine); default all local devices
-            laid out like ``saved_mesh``.
+        mesh_axes: The mesh as (axis, size) pairs (mesh engine); default all devices laid out
+            like ``saved_mesh``.
         saved_mesh: The mesh the checkpoint was saved on.
         memory_budget: Bytes of array data held at once (default: :func:`default_memory_budget`).
         on_bytes: Called with the bytes of each region once it is reduced (progress).
+        cluster: Cooperating processes (:mod:`paramscope.distributed`); each reads its share,
+            and all end with the same result.
     """
     budget = memory_budget or default_memory_budget()
-    runner = make_engine(engine, full, mesh_axes, saved_mesh)
+    runner = make_engine(engine, full, mesh_axes, saved_mesh, cluster)
     limit = max(1, budget // (4 if runner.name == "mesh" else 2))
-    accumulators = [Accumulator(full) for _ in params]
+    local = [Accumulator(full) for _ in params]  # this process's share
+    shared = [Accumulator(full) for _ in params]  # reduced on the mesh by every process together
+
+    def select(regions: list[Region]) -> list[bool]:
+        """Every process reduces the collective regions together; the others are shared out."""
+        collective = [runner.collective(params[r.param]) for r in regions]
+        mine = iter(share(cluster, [r.nbytes for r, c in zip(regions, collective) if not c]))
+        return [c or next(mine) for c in collective]
+
+    failure = None
     try:
-        for region, pending in stream_regions(params, limit, runner.start):
-            runner.reduce(params[region.param], pending, accumulators[region.param])
+        for region, pending in stream_regions(params, limit, runner.start, select=select):
+            runner.reduce(params[region.param], pending, local[region.param], shared[region.param])
             if on_bytes is not None:
                 on_bytes(region.nbytes)
+    except ParamscopeError as err:
+        if not cluster.active:
+            raise
+        failure = err
     finally:
         runner.close()
-    results = [ParamStats(param, accumulator.result()) for param, accumulator in zip(params, accumulators)]
+    bytes_read = [runner.bytes_read]
+    if cluster.active:
+        agree_on_failure(cluster, failure, "reading")
+        vectors = np.array([acc.summary() for acc in local] + [[runner.bytes_read] * 11], dtype=np.float64)
+        gathered = gather_float64(cluster, vectors.ravel(), "combining results").reshape(
+            cluster.num_processes, len(params) + 1, -1
+        )
+        for position in range(len(params)):
+            for process in range(cluster.num_processes):
+                shared[position].partials.add_summary(*gathered[process, position])
+        bytes_read = [int(b) for b in gathered[:, -1, 0]]
+    else:
+        for acc_shared, acc_local in zip(shared, local):
+            acc_shared.partials.extend(acc_local.flush())
+    results = [ParamStats(param, acc.result()) for param, acc in zip(params, shared)]
     global_sq = math.fsum(r.moments.sum_sq for r in results)
     return ScanResult(
         params=results,
@@ -333,6 +392,7 @@ def scan(
         engine=runner.name,
         mesh=tuple(runner.mesh.shape.items()) if runner.mesh is not None else None,
         memory_budget=budget,
+        bytes_read=bytes_read,
     )
 
 

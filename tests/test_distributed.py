@@ -1,0 +1,193 @@
+"""Several real processes joined by jax.distributed on 127.0.0.1, 4 simulated CPU devices each."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_cli import run_json
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, process_id, port, n=2, env=None):
+    command = [sys.executable, "-m", "paramscope", *map(str, args)]
+    extra = {}
+    if env is None:
+        command += [
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(n),
+            "--process-id",
+            str(process_id),
+        ]
+    else:
+        extra = {
+            "PARAMSCOPE_COORDINATOR": f"127.0.0.1:{port}",
+            "PARAMSCOPE_NUM_PROCESSES": str(n),
+            "PARAMSCOPE_PROCESS_ID": str(process_id),
+        }
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **extra}
+    )
+
+
+def launch(args, n=2, limit=180, env=None):
+    """Runs the command as n cooperating processes; always cleans up; returns (code, out, err) each."""
+    port = free_port()
+    processes = [start(args, i, port, n, env) for i in range(n)]
+    try:
+        results = []
+        for process in processes:
+            out, err = process.communicate(timeout=limit)
+            results.append((process.returncode, out, err))
+        return results
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def shared_ckpt(tmp_path_factory):
+    """Arrays of many sizes, some larger than the budget the tests read them with."""
+    rng = np.random.default_rng(5)
+    tree = {
+        f"layer_{i}": {
+            "w": rng.standard_normal((64 * (i + 1), 96)).astype(np.float32),
+            "b": rng.standard_normal(96).astype(np.float32),
+        }
+        for i in range(8)
+    }
+    tree["embed"] = rng.standard_normal((1024, 128)).astype(np.float32)
+    tree["embed"][3, 4] = np.nan
+    path = str(tmp_path_factory.mktemp("dist") / "ckpt")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+    return path
+
+
+def assert_same_numbers(single, multi):
+    assert [p["path"] for p in single["params"]] == [p["path"] for p in multi["params"]]
+    for a, b in zip(single["params"], multi["params"]):
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (a["path"], key)
+            else:
+                assert b[key] == value, (a["path"], key)
+    if single.get("global_norm") is not None:
+        assert multi["global_norm"] == pytest.approx(single["global_norm"], rel=1e-6)
+
+
+@pytest.mark.parametrize("command", [["norms", "--per-param"], ["stats"]])
+def test_two_processes_equal_one_and_share_the_reading(shared_ckpt, command):
+    args = [command[0], shared_ckpt, *command[1:], "--memory-budget", "256KiB", "--format", "json"]
+    single = run_json(*args)
+    results = launch(args)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    (_, out0, err0), (_, out1, err1) = results
+    assert out1 == "" and err1 == ""  # process 0 alone reports, and warns of the NaN
+    assert err0.splitlines() == ["paramscope: warning: 1 NaN/Inf value(s) in 1 parameter(s): embed"]
+    multi = json.loads(out0)
+    assert_same_numbers(single, multi)
+    total = sum(p["count"] * 4 for p in multi["params"])
+    assert sum(multi["bytes_read"]) == total
+    assert all(0.4 * total <= b <= 0.6 * total for b in multi["bytes_read"]), multi["bytes_read"]
+
+
+def test_mesh_engine_and_environment_variables(shared_ckpt):
+    args = ["stats", shared_ckpt, "--engine", "mesh", "--format", "json", "--memory-budget", "1MiB"]
+    single = run_json(*args)
+    results = launch(args, env=True)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    multi = json.loads(results[0][1])
+    assert multi["engine"] == "mesh" and multi["mesh"] == {"devices": 8}
+    assert_same_numbers(single, multi)
+
+
+def test_diff_and_table_norms_across_processes(manager_ckpt):
+    diff = [
+        "diff",
+        manager_ckpt.path,
+        manager_ckpt.path,
+        "--step-a",
+        "100",
+        "--step-b",
+        "200",
+        "--format",
+        "json",
+    ]
+    single = run_json(*diff)
+    results = launch(diff)
+    assert [code for code, _, _ in results] == [0, 0]
+    multi = json.loads(results[0][1])
+    assert multi["summary"] == single["summary"]
+    for a, b in zip(single["params"], multi["params"]):
+        assert b["diff_norm"] == pytest.approx(a["diff_norm"], rel=1e-6, abs=1e-12)
+        assert b["identical"] == a["identical"]
+    table = ["table", manager_ckpt.path, "--norms", "--format", "json"]
+    results = launch(table)
+    assert [code for code, _, _ in results] == [0, 0] and results[1][1] == ""
+    assert_same_numbers(run_json(*table), json.loads(results[0][1]))
+
+
+def test_every_process_exits_with_the_same_code(shared_ckpt):
+    results = launch(["norms", shared_ckpt, "--fail-on-nonfinite", "--quiet"])
+    assert [code for code, _, _ in results] == [1, 1]
+    results = launch(["norms", shared_ckpt, "--step", "3"])  # a usage problem every process sees
+    assert [code for code, _, _ in results] == [3, 3]
+
+
+def test_a_killed_process_stops_the_other_within_the_bound(tmp_path):
+    path = str(tmp_path / "ckpt")
+    rng = np.random.default_rng(1)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, {f"w{i}": rng.standard_normal((256, 1024)).astype(np.float32) for i in range(16)})
+    checkpointer.wait_until_finished()
+    port = free_port()
+    args = ["stats", path, "--memory-budget", "2KiB", "--timeout", "60"]
+    survivor, victim = start(args, 0, port), start(args, 1, port)
+    try:
+        time.sleep(4)
+        assert survivor.poll() is None and victim.poll() is None
+        victim.kill()
+        began = time.monotonic()
+        out, err = survivor.communicate(timeout=90)
+        elapsed = time.monotonic() - began
+    finally:
+        for p in (survivor, victim):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert survivor.returncode == 3 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "process 1 stopped" in lines[0], err
+    assert elapsed < 60
+
+
+def test_a_process_that_never_joins(shared_ckpt):
+    began = time.monotonic()
+    alone = start(["norms", shared_ckpt, "--timeout", "5"], 0, free_port())
+    try:
+        out, err = alone.communicate(timeout=60)
+    finally:
+        if alone.poll() is None:
+            alone.kill()
+    assert alone.returncode == 3 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "waiting for all 2 processes to join" in lines[0]
+    assert time.monotonic() - began < 30
