@@ -65,7 +65,7 @@ def share(cluster: Cluster, sizes: list[int]) -> list[bool]:
     process reads about 1/N of the bytes.
 
     >>> share(Cluster(process_id=1, num_processes=2), [4, 4, 2, 1, 1])
-    [False, True, False, True, False]
+    [False, True, False, True, True]
     """
     loads = [0] * cluster.num_processes
     mine = [False] * len(sizes)
