@@ -27,6 +27,8 @@ _EXPORTS = {
     "compute_norms": "paramscope.stats",
     "compute_stats": "paramscope.stats",
     "scan": "paramscope.stats",
+    "verify_checkpoint": "paramscope.verify",
+    "diff_params": "paramscope.compare",
     "ParamscopeError": "paramscope.errors",
 }
 

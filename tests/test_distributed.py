@@ -156,7 +156,8 @@ def test_a_killed_process_stops_the_other_within_the_bound(tmp_path):
     path = str(tmp_path / "ckpt")
     rng = np.random.default_rng(1)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, {f"w{i}": rng.standard_normal((256, 1024)).astype(np.float32) for i in range(16)})
+    # enough work (about 10 s a process) that the victim is killed mid-run on any machine
+    checkpointer.save(path, {f"w{i}": rng.standard_normal((256, 1024)).astype(np.float32) for i in range(40)})
     checkpointer.wait_until_finished()
     port = free_port()
     args = ["stats", path, "--memory-budget", "2KiB", "--timeout", "60"]
