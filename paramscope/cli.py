@@ -10,12 +10,12 @@ import os
 import re
 import sys
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from paramscope import errors
-from paramscope.render import Column, Format, Report, render
+from paramscope.render import Format, render
 
 app = typer.Typer(
     name="paramscope",
@@ -211,21 +211,6 @@ def _inventory(ckpt: str, step: int | None, item: str | None, subtree: str | Non
     return inventory
 
 
-def _header(inv) -> dict[str, Any]:
-    return {
-        "checkpoint": inv.checkpoint,
-        "step": inv.step,
-        "item": inv.items[0] if len(inv.items) == 1 else None,
-        "items": inv.items,
-        "subtree": inv.subtree,
-    }
-
-
-def _title(inv, count: int) -> str:
-    step = f"step {inv.step}" if inv.step is not None else "no step"
-    return f"{inv.checkpoint}  {step}  item {','.join(inv.items)}  {count:,} arrays"
-
-
 def parse_size(text: str) -> int:
     """Bytes from ``512MiB``, ``4GiB``, ``1.5GB``, ``1000000`` (binary and decimal units).
 
@@ -330,23 +315,6 @@ def _with_progress(total: int, quiet: bool, run):
         return run(lambda n: progress.advance(task, n))
 
 
-def _engine_text(result) -> str:
-    if result.mesh is None:
-        return "engine host"
-    return "engine mesh " + ",".join(f"{n}={s}" for n, s in result.mesh)
-
-
-def _scan_header(result) -> dict[str, Any]:
-    return {
-        "global_norm": result.global_norm,
-        "nonfinite": result.nonfinite,
-        "count": sum(r.param.count for r in result.params),
-        "engine": result.engine,
-        "mesh": dict(result.mesh) if result.mesh is not None else None,
-        "bytes_read": result.bytes_read,
-    }
-
-
 def _report_nonfinite(result, fail: bool, quiet: bool) -> None:
     """Warns about NaN/Inf on stderr, and exits 1 when asked to fail on them."""
     if not result.nonfinite:
@@ -362,17 +330,9 @@ def _report_nonfinite(result, fail: bool, quiet: bool) -> None:
         raise typer.Exit(errors.EXIT_CHECK_FAILED)
 
 
-STAT_COLUMNS = [
-    Column("norm", "norm", "float"),
-    Column("mean", "mean", "float"),
-    Column("std", "std", "float"),
-    Column("min", "min", "float"),
-    Column("max", "max", "float"),
-    Column("max_abs", "max |x|", "float"),
-    Column("zero_fraction", "zeros", "float"),
-    Column("nan", "NaN", "int"),
-    Column("inf", "Inf", "int"),
-]
+def _warn_unmatched(mask, quiet: bool) -> None:
+    for pattern in mask.unmatched_patterns:
+        _stderr(f"paramscope: warning: pattern {pattern!r} matches no parameter", quiet)
 
 
 def _mask_options(include: list[str] | None, exclude: list[str] | None):
@@ -395,70 +355,12 @@ def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table, qui
     Example: paramscope info checkpoints/
     """
     from paramscope.inventory import checkpoint_info
+    from paramscope.reports import info_report
 
     result = checkpoint_info(ckpt, step)
     for warning in result.warnings:
         _stderr(f"paramscope: warning: {warning}", quiet)
-    steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
-    items = [
-        {
-            "name": i.name,
-            "kind": i.kind,
-            "storage": i.storage,
-            "arrays": i.arrays,
-            "count": i.count,
-            "bytes_on_disk": i.bytes_on_disk,
-        }
-        for i in result.items
-    ]
-    payload = {
-        "schema": "paramscope.info/1",
-        "checkpoint": result.checkpoint,
-        "layout": result.layout,
-        "step": result.step,
-        "steps": steps,
-        "items": [
-            {**row, **({"content": i.content} if i.kind == "json" else {})}
-            for row, i in zip(items, result.items)
-        ],
-    }
-    import json
-
-    notes = [f"{i.name}: {json.dumps(i.content)[:200]}" for i in result.items if i.kind == "json"]
-    unfinished = [s for s in result.steps if not s.finished]
-    if unfinished:
-        notes.append(
-            f"{len(unfinished)} unfinished step(s), skipped: {', '.join(s.name for s in unfinished)}"
-        )
-    step_text = f"step {result.step}" if result.step is not None else "single item"
-    items_report = Report(
-        payload=payload,
-        title=f"{result.checkpoint}  ({result.layout}, {step_text})",
-        columns=[
-            Column("name", "item"),
-            Column("kind", "kind"),
-            Column("storage", "storage"),
-            Column("arrays", "arrays", "int"),
-            Column("count", "parameters", "int"),
-            Column("bytes_on_disk", "on disk", "bytes"),
-        ],
-        rows=items,
-        notes=notes,
-    )
-    if steps:
-        items_report.sections.append(
-            Report(
-                payload={},
-                title="steps",
-                rows=steps,
-                columns=[
-                    Column("step", "step", "int"),
-                    Column("name", "folder"),
-                    Column("finished", "finished", "bool"),
-                ],
-            )
-        )
-    render(items_report, fmt)
+    render(info_report(result), fmt)
 
 
 @app.command()
@@ -501,7 +403,8 @@ def table(
 
     Example: paramscope table checkpoints/ --filter 'kernel$' --sort count --wd-exclude 'bias$|scale$'
     """
-    from paramscope.inventory import filter_params, sharding_json, weight_decay_mask
+    from paramscope.inventory import filter_params, weight_decay_mask
+    from paramscope.reports import table_report
 
     _mask_options(wd_include, wd_exclude)
     reads = norms or stats or sort == SortKey.norm
@@ -509,62 +412,12 @@ def table(
     quiet = quiet or (cluster is not None and not cluster.primary)
     inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
-    rows = {
-        p.path: {
-            "path": p.path,
-            "shape": list(p.shape),
-            "dtype": p.dtype,
-            "count": p.count,
-            "bytes": p.nbytes,
-            "sharding": sharding_json(p.sharding),
-        }
-        for p in params
-    }
-    columns = [
-        Column("path", "path"),
-        Column("shape", "shape", "shape"),
-        Column("dtype", "dtype"),
-        Column("count", "count", "int"),
-        Column("bytes", "bytes", "bytes"),
-        Column("sharding", "sharding", "sharding"),
-    ]
+    mask = None
     if wd_include or wd_exclude:
         mask = weight_decay_mask(params, include=wd_include, exclude=wd_exclude)
-        for pattern in mask.unmatched_patterns:
-            _stderr(f"paramscope: warning: pattern {pattern!r} matches no parameter", quiet)
-        for param, decayed in mask.decisions:
-            rows[param.path]["weight_decay"] = decayed
-        columns.append(Column("weight_decay", "weight decay", "bool"))
-    if reads:
-        result = _scan(inv, params, stats, mesh, engine, memory_budget, quiet, cluster)
-        for entry in result.params:
-            row = rows[entry.param.path]
-            row.update(entry.moments.stats() if stats else {"norm": entry.norm})
-            row["nonfinite"] = entry.nonfinite
-        columns += STAT_COLUMNS if stats else STAT_COLUMNS[:1]
-    ordered = _sorted_rows(list(rows.values()), sort)
-    total = {"count": sum(p.count for p in params), "bytes": sum(p.nbytes for p in params)}
-    payload = {"schema": "paramscope.table/1", **_header(inv), "params": ordered, "total": total}
-    report = Report(
-        payload=payload,
-        columns=columns,
-        rows=ordered,
-        title=_title(inv, len(params)),
-        footer={"path": f"total ({len(params):,} arrays)", **total},
-    )
-    render(report, fmt)
-
-
-def _sorted_rows(rows: list[dict], key: SortKey) -> list[dict]:
-    if key == SortKey.path:
-        return sorted(rows, key=lambda r: r["path"])
-    import math
-
-    def value(row):
-        v = row.get(key.value)
-        return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-    return sorted(rows, key=lambda r: (-value(r), r["path"]))
+        _warn_unmatched(mask, quiet)
+    result = _scan(inv, params, stats, mesh, engine, memory_budget, quiet, cluster) if reads else None
+    render(table_report(inv, params, mask, result, full=stats, sort=sort.value), fmt)
 
 
 @app.command()
@@ -586,45 +439,10 @@ def count(
     Example: paramscope count checkpoints/ --depth 2
     """
     from paramscope.inventory import count_params, filter_params
+    from paramscope.reports import count_report
 
     inv = _inventory(ckpt, step, item, subtree, quiet)
-    result = count_params(filter_params(inv.params, filter), depth)
-    total = {"count": result.total_count, "bytes": result.total_bytes}
-    groups = [{"path": g, "count": c, "bytes": b, "leaves": n} for g, c, b, n in result.groups]
-    by_dtype = {d: {"count": c, "bytes": b} for d, (c, b) in result.by_dtype.items()}
-    payload = {
-        "schema": "paramscope.count/1",
-        **_header(inv),
-        "depth": depth,
-        "total": total,
-        "by_dtype": by_dtype,
-        "groups": groups,
-    }
-    report = Report(
-        payload=payload,
-        title=_title(inv, sum(g["leaves"] for g in groups)),
-        columns=[
-            Column("path", f"group (depth {depth})"),
-            Column("leaves", "arrays", "int"),
-            Column("count", "count", "int"),
-            Column("bytes", "bytes", "bytes"),
-        ],
-        rows=[{**g, "path": g["path"] or "(all)"} for g in groups],
-        footer={"path": "total", "leaves": sum(g["leaves"] for g in groups), **total},
-        sections=[
-            Report(
-                payload={},
-                title="by dtype",
-                columns=[
-                    Column("dtype", "dtype"),
-                    Column("count", "count", "int"),
-                    Column("bytes", "bytes", "bytes"),
-                ],
-                rows=[{"dtype": d, **v} for d, v in by_dtype.items()],
-            )
-        ],
-    )
-    render(report, fmt)
+    render(count_report(inv, count_params(filter_params(inv.params, filter), depth), depth), fmt)
 
 
 @app.command()
@@ -653,58 +471,14 @@ def norms(
     Example: paramscope norms checkpoints/ --per-param --format json | jq .global_norm
     """
     from paramscope.inventory import filter_params
+    from paramscope.reports import norms_report
 
     cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
     quiet = quiet or not cluster.primary
     inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
     result = _scan(inv, params, False, mesh, engine, memory_budget, quiet, cluster)
-    payload = {"schema": "paramscope.norms/1", **_header(inv), **_scan_header(result)}
-    title = f"{_title(inv, len(params))}  {_engine_text(result)}"
-    if per_param:
-        rows = [
-            {
-                "path": r.param.path,
-                "norm": r.norm,
-                "nonfinite": r.nonfinite,
-                "count": r.param.count,
-                "dtype": r.param.dtype,
-            }
-            for r in result.params
-        ]
-        payload["params"] = rows
-        report = Report(
-            payload=payload,
-            title=title,
-            rows=rows,
-            columns=[
-                Column("path", "path"),
-                Column("dtype", "dtype"),
-                Column("count", "count", "int"),
-                Column("norm", "norm", "float"),
-                Column("nonfinite", "NaN/Inf", "int"),
-            ],
-            footer={
-                "path": "global",
-                "count": payload["count"],
-                "norm": result.global_norm,
-                "nonfinite": result.nonfinite,
-            },
-        )
-    else:
-        rows = [
-            {"metric": "global_norm", "value": f"{result.global_norm:.9g}"},
-            {"metric": "nonfinite", "value": f"{result.nonfinite:,}"},
-            {"metric": "count", "value": f"{payload['count']:,}"},
-            {"metric": "arrays", "value": f"{len(params):,}"},
-        ]
-        report = Report(
-            payload=payload,
-            title=title,
-            rows=rows,
-            columns=[Column("metric", "metric"), Column("value", "value")],
-        )
-    render(report, fmt)
+    render(norms_report(inv, params, result, per_param), fmt)
     _report_nonfinite(result, fail_on_nonfinite, quiet)
 
 
@@ -735,36 +509,14 @@ def stats(
     Example: paramscope stats checkpoints/ --memory-budget 1GiB --fail-on-nonfinite
     """
     from paramscope.inventory import filter_params
+    from paramscope.reports import stats_report
 
     cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
     quiet = quiet or not cluster.primary
     inv = _inventory(ckpt, step, item, subtree, quiet)
     params = filter_params(inv.params, filter)
     result = _scan(inv, params, True, mesh, engine, memory_budget, quiet, cluster)
-    rows = [
-        {"path": r.param.path, "dtype": r.param.dtype, "count": r.param.count, **r.moments.stats()}
-        for r in result.params
-    ]
-    payload = {"schema": "paramscope.stats/1", **_header(inv), **_scan_header(result), "params": rows}
-    report = Report(
-        payload=payload,
-        title=f"{_title(inv, len(params))}  {_engine_text(result)}",
-        rows=rows,
-        columns=[
-            Column("path", "path"),
-            Column("dtype", "dtype"),
-            Column("count", "count", "int"),
-            *STAT_COLUMNS,
-        ],
-        footer={
-            "path": "global",
-            "count": payload["count"],
-            "norm": result.global_norm,
-            "nan": sum(r["nan"] for r in rows),
-            "inf": sum(r["inf"] for r in rows),
-        },
-    )
-    render(report, fmt)
+    render(stats_report(inv, params, result), fmt)
     _report_nonfinite(result, fail_on_nonfinite, quiet)
 
 
@@ -789,39 +541,13 @@ def mask(
     Example: paramscope mask checkpoints/ --exclude 'bias$' --exclude 'LayerNorm'
     """
     from paramscope.inventory import weight_decay_mask
+    from paramscope.reports import mask_report
 
     _mask_options(include, exclude)
     inv = _inventory(ckpt, step, item, subtree, quiet)
     result = weight_decay_mask(inv.params, include=include, exclude=exclude)
-    for pattern in result.unmatched_patterns:
-        _stderr(f"paramscope: warning: pattern {pattern!r} matches no parameter", quiet)
-    rows = [{"path": p.path, "count": p.count, "weight_decay": flag} for p, flag in result.decisions]
-    decayed, not_decayed = result.totals(True), result.totals(False)
-    payload = {
-        "schema": "paramscope.mask/1",
-        **_header(inv),
-        "include": result.include,
-        "exclude": result.exclude,
-        "params": rows,
-        "decayed": {"count": decayed[0], "leaves": decayed[1]},
-        "not_decayed": {"count": not_decayed[0], "leaves": not_decayed[1]},
-        "unmatched_patterns": result.unmatched_patterns,
-    }
-    report = Report(
-        payload=payload,
-        title=_title(inv, len(rows)),
-        rows=rows,
-        columns=[
-            Column("path", "path"),
-            Column("count", "count", "int"),
-            Column("weight_decay", "weight decay", "bool"),
-        ],
-        notes=[
-            f"decayed: {decayed[0]:,} parameters in {decayed[1]} arrays; "
-            f"not decayed: {not_decayed[0]:,} parameters in {not_decayed[1]} arrays"
-        ],
-    )
-    render(report, fmt)
+    _warn_unmatched(result, quiet)
+    render(mask_report(inv, result), fmt)
 
 
 @app.command()
@@ -838,6 +564,7 @@ def verify(
 
     Example: paramscope verify checkpoints/ --step 400
     """
+    from paramscope.reports import verify_report
     from paramscope.verify import verify_checkpoint
 
     budget = parse_size(memory_budget) if memory_budget else None
@@ -846,30 +573,10 @@ def verify(
         quiet,
         lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes),
     )
-    rows = [{"item": p.item, "path": p.path, "problem": p.problem} for p in result.problems]
-    payload = {
-        "schema": "paramscope.verify/1",
-        "checkpoint": result.checkpoint,
-        "step": result.step,
-        "items": result.items,
-        "ok": result.ok,
-        "arrays": result.arrays,
-        "bytes_read": result.bytes_read,
-        "problems": rows,
-    }
-    verdict = "OK" if result.ok else f"{len(rows)} problem(s)"
-    step_text = f"step {result.step}" if result.step is not None else "no step"
-    report = Report(
-        payload=payload,
-        title=f"{result.checkpoint}  {step_text}  items {','.join(result.items)}",
-        columns=[Column("item", "item"), Column("path", "array"), Column("problem", "problem")],
-        rows=rows,
-        notes=[f"verified {result.arrays:,} arrays, decoded {result.bytes_read:,} bytes: {verdict}"],
-    )
-    render(report, fmt)
+    render(verify_report(result), fmt)
     if not result.ok:
         raise _fail(
-            f"{len(rows)} problem(s) in {result.checkpoint}",
+            f"{len(result.problems)} problem(s) in {result.checkpoint}",
             "the report on stdout lists them by array",
             errors.EXIT_CHECKPOINT,
         )
@@ -932,6 +639,7 @@ def diff(
     """
     from paramscope.compare import diff_params
     from paramscope.inventory import filter_params
+    from paramscope.reports import diff_report, diff_summary
 
     cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
     quiet = quiet or not cluster.primary
@@ -954,78 +662,13 @@ def diff(
             cluster=cluster,
         ),
     )
-    rows = []
-    for entry in result.params:
-        row = {
-            "path": entry.path,
-            "status": entry.status,
-            "changes": entry.changes,
-            "a": _diff_side(entry.a),
-            "b": _diff_side(entry.b),
-        }
-        if entry.values is not None:
-            v = entry.values
-            row.update(
-                norm_a=v.norm_a,
-                norm_b=v.norm_b,
-                diff_norm=v.diff_norm,
-                rel_diff=v.rel_diff,
-                cosine=v.cosine,
-                max_abs_diff=v.max_abs_diff,
-                beyond_tolerance=v.beyond_tolerance,
-                identical=v.identical,
-            )
-        rows.append(row)
-    counts = result.counts()
-    payload = {
-        "schema": "paramscope.diff/1",
-        "a": _header(inv_a),
-        "b": _header(inv_b),
-        "rtol": rtol,
-        "atol": atol,
-        "values_compared": not structure_only,
-        "summary": counts,
-        "params": rows,
-    }
-    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
-    shown = [r for r in rows if show_all or r["status"] != "identical"]
-    for row in shown:
-        row["detail"] = "; ".join(row["changes"])
-    report = Report(
-        payload=payload,
-        title=f"A {_where(inv_a)}\nB {_where(inv_b)}",
-        rows=shown,
-        columns=[
-            Column("path", "path"),
-            Column("status", "status"),
-            Column("detail", "structure"),
-            Column("norm_a", "norm A", "float"),
-            Column("norm_b", "norm B", "float"),
-            Column("diff_norm", "||A-B||", "float"),
-            Column("rel_diff", "||A-B||/||A||", "float"),
-            Column("cosine", "cosine", "float"),
-            Column("max_abs_diff", "max |A-B|", "float"),
-        ],
-        notes=[summary],
-    )
-    render(report, fmt)
+    render(diff_report(inv_a, inv_b, result, not structure_only, show_all), fmt)
     if fail_on_change and result.differs:
         raise _fail(
-            f"the checkpoints differ: {summary}", "see the report on stdout", errors.EXIT_CHECK_FAILED
+            f"the checkpoints differ: {diff_summary(result)}",
+            "see the report on stdout",
+            errors.EXIT_CHECK_FAILED,
         )
-
-
-def _diff_side(param) -> dict | None:
-    from paramscope.inventory import sharding_json
-
-    if param is None:
-        return None
-    return {"shape": list(param.shape), "dtype": param.dtype, "sharding": sharding_json(param.sharding)}
-
-
-def _where(inv) -> str:
-    step = f"step {inv.step}" if inv.step is not None else "no step"
-    return f"{inv.checkpoint}  {step}  item {','.join(inv.items)}"
 
 
 @app.command()
@@ -1113,6 +756,7 @@ def check(
     """
     from paramscope.baseline import CheckOptions, categories, load_baseline, needs_data
     from paramscope.baseline import check as run_check
+    from paramscope.reports import check_report
 
     options = CheckOptions(
         rtol=rtol,
@@ -1130,53 +774,18 @@ def check(
         _scan(inv, params, scan_kind == "stats", mesh, engine, memory_budget, quiet) if scan_kind else None
     )
     violations = run_check(baseline, inv, result, options)
-    rows = [
-        {
-            "path": v.path,
-            "metric": v.metric,
-            "baseline": v.baseline,
-            "actual": v.actual,
-            "rel_diff": v.rel_diff,
-        }
-        for v in violations
-    ]
-    compared = categories(baseline, options)
-    payload = {
-        "schema": "paramscope.check/1",
-        **_header(inv),
-        "baseline": os.path.abspath(baseline_file),
-        "baseline_schema": baseline.schema,
-        "compared": compared,
-        "rtol": rtol,
-        "atol": atol,
-        "passed": not violations,
-        "violations": rows,
-    }
-    verdict = "pass" if not violations else f"{len(violations)} violation(s)"
-    report = Report(
-        payload=payload,
-        title=f"{_where(inv)}  vs  {baseline_file}",
-        rows=[{**r, "baseline": _text(r["baseline"]), "actual": _text(r["actual"])} for r in rows],
-        columns=[
-            Column("path", "path"),
-            Column("metric", "metric"),
-            Column("baseline", "baseline"),
-            Column("actual", "actual"),
-            Column("rel_diff", "rel. diff", "float"),
-        ],
-        notes=[f"compared {', '.join(compared) or 'nothing'} of {len(params):,} parameters: {verdict}"],
+    render(
+        check_report(
+            inv, baseline_file, baseline, categories(baseline, options), options, violations, len(params)
+        ),
+        fmt,
     )
-    render(report, fmt)
     if violations:
         raise _fail(
             f"{len(violations)} regression(s) against {baseline_file}",
             "see the report on stdout",
             errors.EXIT_CHECK_FAILED,
         )
-
-
-def _text(value) -> str:
-    return f"{value:.9g}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:
