@@ -285,7 +285,9 @@ def _check_mesh(axes, inv, params, engine: str) -> None:
         raise errors.UsageError(
             "--mesh given with --engine host", hint="the mesh is for --engine mesh (or auto)"
         )
-    build_mesh(axes)  # enough devices?
+    import jax
+
+    build_mesh(axes, jax.devices())  # enough devices (of every process, in a cluster)?
     idle = idle_axes(axes, params)
     if idle:
         saved = ",".join(f"{n}={s}" for n, s in inv.saved_mesh) if inv.saved_mesh else "none"

@@ -57,7 +57,7 @@ def fit_mesh(saved: Sequence[tuple[str, int]] | None, num_devices: int) -> tuple
 
 
 def build_mesh(axes: Sequence[tuple[str, int]], devices=None):
-    """A jax Mesh with automatic axis types over the first devices (default: the local ones)."""
+    """A jax Mesh with automatic axis types over the first of ``devices`` (default: the local ones)."""
     import jax
     import numpy as np
     from jax.sharding import Mesh

@@ -281,7 +281,7 @@ def make_engine(engine: str, full: bool, mesh_axes, saved_mesh, cluster: Cluster
 
     from paramscope.mesh import build_mesh, fit_mesh
 
-    devices = jax.devices() if cluster.active else jax.local_devices()  # the mesh spans every process
+    devices = jax.devices()  # in a cluster, every process's devices: the mesh spans them all
     if mesh_axes is None:
         mesh_axes = fit_mesh(saved_mesh, len(devices))
     return MeshEngine(full, build_mesh(mesh_axes, devices))

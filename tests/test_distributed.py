@@ -109,14 +109,20 @@ def test_two_processes_equal_one_and_share_the_reading(shared_ckpt, command):
     assert all(0.4 * total <= b <= 0.6 * total for b in multi["bytes_read"]), multi["bytes_read"]
 
 
-def test_mesh_engine_and_environment_variables(shared_ckpt):
+def test_mesh_engine_and_environment_variables(shared_ckpt, manager_ckpt):
     args = ["stats", shared_ckpt, "--engine", "mesh", "--format", "json", "--memory-budget", "1MiB"]
     single = run_json(*args)
     results = launch(args, env=True)
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     multi = json.loads(results[0][1])
-    assert multi["engine"] == "mesh" and multi["mesh"] == {"devices": 8}
+    assert multi["engine"] == "mesh" and multi["mesh"] == {"devices": 8}  # the mesh spans both processes
     assert_same_numbers(single, multi)
+    sharded = ["norms", manager_ckpt.path, "--per-param", "--format", "json", "--mesh", "data=2,model=4"]
+    results = launch(sharded)  # the saved (2, 4) mesh, its rows on different processes
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    multi = json.loads(results[0][1])
+    assert multi["mesh"] == {"data": 2, "model": 4}
+    assert_same_numbers(run_json(*sharded), multi)
 
 
 def test_diff_and_table_norms_across_processes(manager_ckpt):

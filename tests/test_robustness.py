@@ -394,7 +394,7 @@ def test_ctrl_c_exits_130_promptly(tmp_path):
     checkpointer.save(path, {f"w{i}": rng.standard_normal((256, 1024)).astype(np.float32) for i in range(16)})
     checkpointer.wait_until_finished()
     process = subprocess.Popen(
-        [sys.executable, "-m", "paramscope", "stats", path, "--memory-budget", "2KiB"],
+        [sys.executable, "-m", "paramscope", "norms", path, "--memory-budget", "2KiB"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
