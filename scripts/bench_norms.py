@@ -11,7 +11,10 @@ CPU devices, then measures wall time and peak RSS of each of these as a separate
 It checks that (a) and (b) agree to 1e-6 and prints the ratios against the targets:
 (a)/(c) wall <= 1.25, (a)/(b) wall <= 0.6, (a) peak RSS <= 0.25 x (b) and < 1.2 GiB.
 
-Usage: python scripts/bench_norms.py [--path DIR] [--gib 2.0] [--budget 256MiB] [--keep]
+Each command runs --repeats times (default 3), interleaved; the median wall time and the largest
+peak RSS are reported.
+
+Usage: python scripts/bench_norms.py [--path DIR] [--gib 2.0] [--budget 256MiB] [--repeats 3] [--keep]
 """
 
 import argparse
@@ -19,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +88,7 @@ def main():
     parser.add_argument("--gib", type=float, default=2.0, help="size of the checkpoint to write")
     parser.add_argument("--budget", default="256MiB")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each command (median wall, max RSS)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="paramscope-bench-")
     try:
@@ -126,14 +131,18 @@ def main():
         }
         mesh_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
         measure(commands["(c) tensorstore decode only"])  # warm the file cache
-        results, outputs = {}, {}
-        for name, command in commands.items():
-            out = os.path.join(tmp, f"out{len(results)}.json")
-            with open(out, "w") as f:
-                results[name] = measure(command, env=mesh_env if "mesh" in name else None, stdout=f)
-            with open(out) as f:
-                text = f.read()
-            outputs[name] = json.loads(text) if text.strip() else None
+        runs, outputs = {name: [] for name in commands}, {}
+        for _ in range(args.repeats):  # interleaved, so that a slow spell hits every command alike
+            for name, command in commands.items():
+                out = os.path.join(tmp, "out.json")
+                with open(out, "w") as f:
+                    runs[name].append(measure(command, env=mesh_env if "mesh" in name else None, stdout=f))
+                with open(out) as f:
+                    text = f.read()
+                outputs[name] = json.loads(text) if text.strip() else None
+        results = {
+            name: (statistics.median(w for w, _ in r), max(m for _, m in r)) for name, r in runs.items()
+        }
         ours = outputs["(a) paramscope norms"]
         naive = outputs["(b) orbax restore + numpy"]["global_norm"]
         on_mesh = outputs["(d) paramscope norms --engine mesh"]["global_norm"]
@@ -142,7 +151,7 @@ def main():
         data = sum(p["count"] * 4 for p in ours["params"])
         print(
             f"bench_norms: {data / 2**30:.2f} GiB of float32 arrays ({size / 2**30:.2f} GiB on disk),"
-            f" {len(ours['params'])} arrays, budget {args.budget}; {machine()}"
+            f" {len(ours['params'])} arrays, budget {args.budget}, median of {args.repeats}; {machine()}"
         )
         print(
             f"  global norm: host {ours['global_norm']:.9g}, mesh {on_mesh:.9g}, numpy float64 {naive:.9g}"
