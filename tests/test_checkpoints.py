@@ -203,3 +203,27 @@ def test_counts_filter_and_mask(manager_ckpt):
     }
     with pytest.raises(UsageError):
         weight_decay_mask(params, include=["a"], exclude=["b"])
+
+
+def test_logically_partitioned_boxes_are_unboxed(tmp_path):
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    values = {"w": np.arange(32, dtype=np.float32).reshape(4, 8), "b": np.ones(8, np.float32)}
+    tree = {
+        "dense": {
+            "kernel": nn.LogicallyPartitioned(jnp.asarray(values["w"]), names=("embed", "mlp")),
+            "bias": nn.Partitioned(jnp.asarray(values["b"]), names=("mlp",)),
+        }
+    }
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(tmp_path / "item"), tree)
+    checkpointer.wait_until_finished()
+    inventory = open_checkpoint(tmp_path / "item")
+    assert {p.path: p.shape for p in inventory.params} == {"dense.kernel": (4, 8), "dense.bias": (8,)}
+    norms = {r.param.path: r.norm for r in compute_norms(inventory.params).params}
+    assert norms == {
+        "dense.kernel": pytest.approx(f64_norm(values["w"])),
+        "dense.bias": pytest.approx(f64_norm(values["b"])),
+    }
