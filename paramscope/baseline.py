@@ -141,8 +141,6 @@ class Violation:
     @property
     def rel_diff(self) -> float | None:
         if isinstance(self.baseline, (int, float)) and isinstance(self.actual, (int, float)):
-            if self.baseline in (None,) or self.actual is None:
-                return None
             if self.baseline == 0:
                 return 0.0 if self.actual == 0 else math.inf
             return abs(self.actual - self.baseline) / abs(self.baseline)

@@ -297,10 +297,6 @@ class ParamStats:
     moments: Moments
 
     @property
-    def sum_of_squares(self) -> float:
-        return self.moments.sum_sq
-
-    @property
     def norm(self) -> float:
         return self.moments.norm
 
