@@ -229,14 +229,28 @@ def _process(*args, env=None):
     )
 
 
-def test_help_does_not_import_jax():
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["paramscope", "--help"], {}, "Commands:"),
+        # shell completion, as bash asks for it after `paramscope no<TAB>`
+        (
+            ["paramscope"],
+            {"_PARAMSCOPE_COMPLETE": "complete_bash", "COMP_WORDS": "paramscope no", "COMP_CWORD": "1"},
+            "norms",
+        ),
+    ],
+)
+def test_help_and_completion_do_not_import_jax(argv, env, expected):
     code = (
-        "import sys, runpy\nsys.argv = ['paramscope', '--help']\n"
+        f"import sys, runpy\nsys.argv = {argv!r}\n"
         "try:\n    runpy.run_module('paramscope', run_name='__main__')\nexcept SystemExit:\n    pass\n"
         "print('HEAVY', sorted(m for m in ('jax', 'flax', 'orbax', 'tensorstore') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
-    assert "HEAVY []" in out
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    ).stdout
+    assert expected in out and "HEAVY []" in out
 
 
 def test_metadata_commands_do_not_import_jax(manager_ckpt):
@@ -333,6 +347,7 @@ def test_legacy_checkpoint_from_the_command_line(legacy_ckpt):
 def test_narrow_terminal_keeps_the_path_column(manager_ckpt):
     result = CliRunner().invoke(app, ["table", manager_ckpt.path], env={"COLUMNS": "60"})
     assert result.exit_code == 0
+    assert "\x1b[" not in result.stdout  # not a terminal: no colour or style codes
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 60
     folded = "".join(line.split()[0] for line in lines if line.strip())
