@@ -97,37 +97,24 @@ def main():
             print(f"writing a {args.gib} GiB checkpoint to {path}", file=sys.stderr)
             subprocess.run([PYTHON, "-c", WRITE, path, str(args.gib)], check=True, capture_output=True)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+        norms = [
+            PYTHON,
+            "-m",
+            "paramscope",
+            "norms",
+            path,
+            "--per-param",
+            "--memory-budget",
+            args.budget,
+            "--format",
+            "json",
+            "--quiet",
+        ]
         commands = {
-            "(a) paramscope norms": [
-                PYTHON,
-                "-m",
-                "paramscope",
-                "norms",
-                path,
-                "--per-param",
-                "--memory-budget",
-                args.budget,
-                "--format",
-                "json",
-                "--quiet",
-            ],
+            "(a) paramscope norms": norms,
             "(b) orbax restore + numpy": [PYTHON, "-c", NAIVE, path],
             "(c) tensorstore decode only": [PYTHON, "-c", FLOOR, path],
-            "(d) paramscope norms --engine mesh": [
-                PYTHON,
-                "-m",
-                "paramscope",
-                "norms",
-                path,
-                "--per-param",
-                "--memory-budget",
-                args.budget,
-                "--format",
-                "json",
-                "--quiet",
-                "--engine",
-                "mesh",
-            ],
+            "(d) paramscope norms --engine mesh": [*norms, "--engine", "mesh"],
         }
         mesh_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
         measure(commands["(c) tensorstore decode only"])  # warm the file cache
