@@ -2,7 +2,7 @@
 
 The library half offers the parameter utilities of xLSTM-JAX's trainer for in-memory pytrees
 (:mod:`paramscope.param_utils`) and readers for checkpoints on disk
-(:mod:`paramscope.inventory`, :mod:`paramscope.stats`). Heavy modules (jax, flax, orbax) load
+(:mod:`paramscope.io.inventory`, :mod:`paramscope.compute.engines`). Heavy modules (jax, flax, orbax) load
 only when one of their names is first used, so ``import paramscope`` stays cheap.
 """
 
@@ -19,16 +19,16 @@ _EXPORTS = {
     "get_sharded_norm_logits": "paramscope.param_utils",
     "get_sharded_global_norm": "paramscope.param_utils",
     "get_param_mask_fn": "paramscope.param_utils",
-    "open_checkpoint": "paramscope.inventory",
-    "Inventory": "paramscope.inventory",
-    "ParamInfo": "paramscope.inventory",
-    "count_params": "paramscope.inventory",
-    "weight_decay_mask": "paramscope.inventory",
-    "compute_norms": "paramscope.stats",
-    "compute_stats": "paramscope.stats",
-    "scan": "paramscope.stats",
-    "verify_checkpoint": "paramscope.verify",
-    "diff_params": "paramscope.compare",
+    "open_checkpoint": "paramscope.io.inventory",
+    "Inventory": "paramscope.io.inventory",
+    "ParamInfo": "paramscope.io.inventory",
+    "count_params": "paramscope.io.inventory",
+    "weight_decay_mask": "paramscope.io.inventory",
+    "compute_norms": "paramscope.compute.engines",
+    "compute_stats": "paramscope.compute.engines",
+    "scan": "paramscope.compute.engines",
+    "verify_checkpoint": "paramscope.compute.verify",
+    "diff_params": "paramscope.compute.diff",
     "ParamscopeError": "paramscope.errors",
 }
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from paramscope._mask import mask_predicate
-from paramscope._paths import dotted_path
+from paramscope.names import dotted_path
 
 PyTree = Any
 

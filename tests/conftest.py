@@ -23,7 +23,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from paramscope._paths import dotted_path  # noqa: E402
+from paramscope.names import dotted_path  # noqa: E402
 
 LEGACY_DIR = os.path.join(os.path.dirname(__file__), "data", "orbax_0_6_1")
 

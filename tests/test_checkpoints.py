@@ -9,8 +9,8 @@ from conftest import f64_norm
 
 from paramscope import compute_norms, open_checkpoint
 from paramscope.errors import CheckpointNotFound, ItemNotFound, NotACheckpoint, StepNotFound, UsageError
-from paramscope.inventory import checkpoint_info, count_params, filter_params, weight_decay_mask
-from paramscope.mesh import parse_mesh
+from paramscope.io.inventory import checkpoint_info, count_params, filter_params, weight_decay_mask
+from paramscope.parallel.mesh import parse_mesh
 
 
 def assert_structure(inventory, values, specs=None):

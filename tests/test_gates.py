@@ -225,7 +225,7 @@ def test_bad_baselines(variants, tmp_path):
 
 
 def _validator(name):
-    schema = json.loads(files("paramscope").joinpath("schemas", f"{name}.json").read_text())
+    schema = json.loads(files("paramscope").joinpath("output", "schemas", f"{name}.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 

@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec as P
 from test_cli import run
 
 from paramscope import compute_stats, open_checkpoint
-from paramscope.reduce import BLOCK, Accumulator, host_moments
-from paramscope.stats import plan_reads
+from paramscope.compute.moments import BLOCK, Accumulator, host_moments
+from paramscope.compute.plan import plan_reads
 
 MiB = 1 << 20
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from paramscope import checkpoint
+from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.errors import CorruptCheckpoint, ItemNotFound
-from paramscope.inventory import ParamInfo, spec_per_dim
-from paramscope.stats import default_memory_budget, stream_regions
+from paramscope.io import orbax as checkpoint
+from paramscope.io.inventory import ParamInfo, spec_per_dim
 
 
 @dataclass(frozen=True)

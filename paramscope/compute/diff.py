@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from paramscope import checkpoint
-from paramscope.distributed import LOCAL, Cluster, agree_on_failure, gather_float64, share
+from paramscope.compute.moments import BLOCK
+from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError
-from paramscope.inventory import ParamInfo
-from paramscope.reduce import BLOCK
-from paramscope.stats import default_memory_budget, stream_regions
+from paramscope.io import orbax as checkpoint
+from paramscope.io.inventory import ParamInfo
+from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 
 STATUSES = ("identical", "close", "changed", "added", "removed")
 

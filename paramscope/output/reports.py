@@ -1,7 +1,7 @@
 """What each command shows: its JSON document and the same data as rows, from the core's results.
 
 One builder per command; the CLI calls the core, hands the result here, and renders the
-:class:`~paramscope.render.Report` it gets back in the format asked for.
+:class:`paramscope.output.render.Report` it gets back in the format asked for.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 import os
 from typing import Any
 
-from paramscope.inventory import sharding_json
-from paramscope.render import Column, Report
+from paramscope.io.inventory import sharding_json
+from paramscope.output.render import Column, Report
 
 STAT_COLUMNS = [
     Column("norm", "norm", "float"),

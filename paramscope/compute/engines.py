@@ -1,11 +1,9 @@
 """Norms and statistics of a checkpoint's arrays: one streaming pass, in bounded memory.
 
-Arrays are read in groups that fit half the memory budget (a quarter on the mesh, where values
-also live on devices); an array larger than that is read in slices along its chunk boundaries.
-While one group is reduced the next one is being read and decoded by TensorStore's threads, so
-decoding and reduction overlap and every core works.
+Arrays are read by :mod:`paramscope.compute.plan` in groups that fit half the memory budget (a
+quarter on the mesh, where values also live on devices).
 
-Two engines reduce a group, with the same numbers (see :mod:`paramscope.reduce`):
+Two engines reduce a group, with the same numbers (see :mod:`paramscope.compute.moments`):
 
 * ``host``: numpy on the host, spread over a thread pool. The fastest path on a CPU-only
   machine: no jax import, no copy onto simulated devices.
@@ -21,22 +19,20 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from paramscope import checkpoint
-from paramscope.distributed import LOCAL, Cluster, agree_on_failure, gather_float64, share
-from paramscope.errors import CorruptCheckpoint, ParamscopeError, UsageError
-from paramscope.inventory import ParamInfo
-from paramscope.reduce import Accumulator, Moments, mesh_reduction
+from paramscope.compute.moments import Accumulator, Moments, mesh_reduction
+from paramscope.compute.plan import Region, default_memory_budget, stream_regions
+from paramscope.errors import ParamscopeError, UsageError
+from paramscope.io import orbax as checkpoint
+from paramscope.io.inventory import ParamInfo
+from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 
-MiB = 1 << 20
-GiB = 1 << 30
 ENGINES = ("auto", "host", "mesh")
 _ACCELERATOR_PLUGINS = (
     "jax_cuda12_plugin",
@@ -45,132 +41,6 @@ _ACCELERATOR_PLUGINS = (
     "jax_rocm60_plugin",
     "libtpu",
 )
-
-
-def default_memory_budget() -> int:
-    """A quarter of the available memory, between 256 MiB and 4 GiB."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 4 * GiB
-    return int(min(max(available // 4, 256 * MiB), 4 * GiB))
-
-
-# ----------------------------------------------------------------------------------------------
-# Read plan
-
-
-@dataclass(frozen=True)
-class Region:
-    """A box of one array to read: its global index and shape."""
-
-    param: int  # position in the params list
-    index: tuple[slice, ...]
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, limit: int) -> Iterator[tuple]:
-    """Index boxes covering an array, each at most ``limit`` bytes when a row allows it.
-
-    Boxes are slabs of whole rows, so each is contiguous in the flattened array. They slice the
-    leading axis in multiples of the chunk size along it when a band of chunks fits, so each
-    chunk is decoded once; a smaller budget cuts through chunks (decoding them once per box).
-    An axis whose single rows are too large is taken one row at a time and the next axis is
-    split the same way.
-    """
-    full = tuple(slice(0, d) for d in shape)
-    if math.prod(shape) * itemsize <= limit or not shape:
-        yield full
-        return
-    row = math.prod(shape[1:]) * itemsize
-    if row <= limit:
-        step = max(1, limit // row)
-        chunk = chunks[0] if chunks and chunks[0] > 0 else 1
-        if step >= chunk:
-            step -= step % chunk
-        for start in range(0, shape[0], step):
-            yield (slice(start, min(start + step, shape[0])), *full[1:])
-        return
-    for i in range(shape[0]):
-        for rest in _boxes(shape[1:], chunks[1:], itemsize, limit):
-            yield (slice(i, i + 1), *rest)
-
-
-def plan_reads(
-    params: Sequence[ParamInfo], limit: int, select: Callable[[list[Region]], list[bool]] | None = None
-) -> list[list[Region]]:
-    """Groups of regions, each group at most ``limit`` bytes (or one region of one row).
-
-    ``select`` is given every region of the plan (the same list in every process) and says which
-    to read, so that cooperating processes can share one plan out.
-    """
-    regions = []
-    for position, param in enumerate(params):
-        for index in _boxes(param.shape, param.stored.chunks if param.stored else (), param.itemsize, limit):
-            shape = tuple(s.stop - s.start for s in index)
-            regions.append(Region(position, index, shape, math.prod(shape) * param.itemsize))
-    if select is not None:
-        regions = [region for region, chosen in zip(regions, select(regions)) if chosen]
-    groups: list[list[Region]] = []
-    current: list[Region] = []
-    size = 0
-    for region in regions:
-        if current and size + region.nbytes > limit:
-            groups.append(current)
-            current, size = [], 0
-        current.append(region)
-        size += region.nbytes
-    if current:
-        groups.append(current)
-    return groups
-
-
-def stream_regions(
-    params: Sequence[ParamInfo],
-    limit: int,
-    start: Callable[[ParamInfo, Any, Region], Any],
-    on_error: Callable[[Region, Exception], None] | None = None,
-    select: Callable[[list[Region]], list[bool]] | None = None,
-) -> Iterator[tuple[Region, Any]]:
-    """Yields ``(region, start(param, handle, region))`` in plan order, one group ahead.
-
-    The reads of the next group (at most ``limit`` bytes) are started before the regions of the
-    current one are handed out, so decoding overlaps whatever the caller does with them. Each
-    array is opened once, for its first region, and let go after its last. With ``on_error``, a
-    :class:`CorruptCheckpoint` from opening or starting a read is passed to it and that array's
-    remaining regions are skipped; without, it propagates.
-    """
-    groups = plan_reads(params, limit, select)
-    remaining = Counter(region.param for group in groups for region in group)
-    handles: dict[int, Any] = {}
-    failed: set[int] = set()
-
-    def begin(group):
-        started = []
-        for region in group:
-            if region.param in failed:
-                continue
-            try:
-                if region.param not in handles:
-                    handles[region.param] = checkpoint.open_array(params[region.param].stored)
-                started.append((region, start(params[region.param], handles[region.param], region)))
-            except CorruptCheckpoint as err:
-                if on_error is None:
-                    raise
-                failed.add(region.param)
-                on_error(region, err)
-        return started
-
-    upcoming = begin(groups[0]) if groups else []
-    for k in range(len(groups)):
-        current = upcoming
-        upcoming = begin(groups[k + 1]) if k + 1 < len(groups) else []
-        for region, started in current:
-            yield region, started
-            remaining[region.param] -= 1
-            if not remaining[region.param]:
-                handles.pop(region.param, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +99,7 @@ class MeshEngine(HostEngine):
         return not self._on_host(param)
 
     def start(self, param: ParamInfo, handle, region: Region):
-        from paramscope.mesh import named_sharding
+        from paramscope.parallel.mesh import named_sharding
 
         if self._on_host(param):
             return super().start(param, handle, region)
@@ -279,7 +149,7 @@ def make_engine(engine: str, full: bool, mesh_axes, saved_mesh, cluster: Cluster
         return HostEngine(full)
     import jax
 
-    from paramscope.mesh import build_mesh, fit_mesh
+    from paramscope.parallel.mesh import build_mesh, fit_mesh
 
     devices = jax.devices()  # in a cluster, every process's devices: the mesh spans them all
     if mesh_axes is None:
@@ -338,7 +208,7 @@ def scan(
         saved_mesh: The mesh the checkpoint was saved on.
         memory_budget: Bytes of array data held at once (default: :func:`default_memory_budget`).
         on_bytes: Called with the bytes of each region once it is reduced (progress).
-        cluster: Cooperating processes (:mod:`paramscope.distributed`); each reads its share,
+        cluster: Cooperating processes (:mod:`paramscope.parallel.cluster`); each reads its share,
             and all end with the same result.
     """
     budget = memory_budget or default_memory_budget()

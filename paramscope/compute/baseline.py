@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paramscope.errors import ParamscopeError, UsageError
-from paramscope.inventory import Inventory, ParamInfo, sharding_json
+from paramscope.io.inventory import Inventory, ParamInfo, sharding_json
 
 SNAPSHOT_SCHEMA = "paramscope.snapshot/1"
 STAT_NAMES = ("norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nan", "inf")

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from paramscope import checkpoint
 from paramscope._mask import compile_patterns, mask_predicate
-from paramscope._paths import prefix_groups
 from paramscope.errors import ItemNotFound, UsageError
+from paramscope.io import orbax as checkpoint
+from paramscope.names import prefix_groups
 
 DEFAULT_ITEM = "params"
 
@@ -215,7 +215,7 @@ class CountResult:
 def count_params(params: Sequence[ParamInfo], depth: int = 1) -> CountResult:
     """Parameter counts and bytes: in total, by dtype, and by the first ``depth`` path components.
 
-    >>> from paramscope.inventory import ParamInfo
+    >>> from paramscope.io.inventory import ParamInfo
     >>> p = [ParamInfo("a.w", (2, 3), "float32", 4, None, None)]
     >>> p.append(ParamInfo("b", (4,), "bfloat16", 2, None, None))
     >>> r = count_params(p, depth=1)

@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from paramscope._paths import join_keys
 from paramscope.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
@@ -26,6 +25,7 @@ from paramscope.errors import (
     NotACheckpoint,
     StepNotFound,
 )
+from paramscope.names import join_keys
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 TREE_METADATA = "_METADATA"

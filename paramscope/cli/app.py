@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from paramscope import errors
-from paramscope.render import Format, render
+from paramscope.output.render import Format, render
 
 app = typer.Typer(
     name="paramscope",
@@ -129,7 +129,7 @@ def _fail(message: str, hint: str | None, code: int) -> typer.Exit:
 def handle_errors(command):
     """Maps paramscope's errors to one-line messages and exit codes; tracebacks only when debugging.
 
-    In a cluster of processes every process leaves through :func:`paramscope.distributed.finish`,
+    In a cluster of processes every process leaves through :func:`paramscope.parallel.cluster.finish`,
     with the same exit code.
     """
 
@@ -140,7 +140,7 @@ def handle_errors(command):
             code = 0
         except typer.Exit as exit_:
             code = exit_.exit_code
-        from paramscope import distributed
+        from paramscope.parallel import cluster as distributed
 
         if distributed.CURRENT is not None:
             distributed.finish(distributed.CURRENT, code)
@@ -203,7 +203,7 @@ def _quiet_libraries() -> None:
 
 
 def _inventory(ckpt: str, step: int | None, item: str | None, subtree: str | None, quiet: bool):
-    from paramscope.inventory import open_checkpoint
+    from paramscope.io.inventory import open_checkpoint
 
     inventory = open_checkpoint(ckpt, step=step, item=item, subtree=subtree)
     for warning in inventory.warnings:
@@ -241,7 +241,7 @@ def parse_size(text: str) -> int:
 
 def _join(distributed: bool, coordinator, num_processes, process_id, timeout: float):
     """This process's cluster: alone, or joined with the others through jax.distributed."""
-    from paramscope.distributed import LOCAL, join, settings_from
+    from paramscope.parallel.cluster import LOCAL, join, settings_from
 
     settings = settings_from(coordinator, num_processes, process_id, distributed)
     if settings is None:
@@ -262,14 +262,14 @@ def _scan(
     cluster=None,
 ):
     """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
-    from paramscope.mesh import parse_mesh
+    from paramscope.parallel.mesh import parse_mesh
 
     _quiet_libraries()
     axes = parse_mesh(mesh) if mesh else None
     if axes is not None:
         _check_mesh(axes, inv, params, engine)
     budget = parse_size(memory_budget) if memory_budget else None
-    from paramscope.stats import scan
+    from paramscope.compute.engines import scan
 
     options = dict(full=full, engine=engine, mesh_axes=axes, saved_mesh=inv.saved_mesh, memory_budget=budget)
     if cluster is not None:
@@ -279,7 +279,7 @@ def _scan(
 
 
 def _check_mesh(axes, inv, params, engine: str) -> None:
-    from paramscope.mesh import build_mesh, idle_axes
+    from paramscope.parallel.mesh import build_mesh, idle_axes
 
     if engine == "host":
         raise errors.UsageError(
@@ -356,8 +356,8 @@ def info(ckpt: CkptArg, step: StepOpt = None, fmt: FormatOpt = Format.table, qui
 
     Example: paramscope info checkpoints/
     """
-    from paramscope.inventory import checkpoint_info
-    from paramscope.reports import info_report
+    from paramscope.io.inventory import checkpoint_info
+    from paramscope.output.reports import info_report
 
     result = checkpoint_info(ckpt, step)
     for warning in result.warnings:
@@ -405,8 +405,8 @@ def table(
 
     Example: paramscope table checkpoints/ --filter 'kernel$' --sort count --wd-exclude 'bias$|scale$'
     """
-    from paramscope.inventory import filter_params, weight_decay_mask
-    from paramscope.reports import table_report
+    from paramscope.io.inventory import filter_params, weight_decay_mask
+    from paramscope.output.reports import table_report
 
     _mask_options(wd_include, wd_exclude)
     reads = norms or stats or sort == SortKey.norm
@@ -440,8 +440,8 @@ def count(
 
     Example: paramscope count checkpoints/ --depth 2
     """
-    from paramscope.inventory import count_params, filter_params
-    from paramscope.reports import count_report
+    from paramscope.io.inventory import count_params, filter_params
+    from paramscope.output.reports import count_report
 
     inv = _inventory(ckpt, step, item, subtree, quiet)
     render(count_report(inv, count_params(filter_params(inv.params, filter), depth), depth), fmt)
@@ -472,8 +472,8 @@ def norms(
 
     Example: paramscope norms checkpoints/ --per-param --format json | jq .global_norm
     """
-    from paramscope.inventory import filter_params
-    from paramscope.reports import norms_report
+    from paramscope.io.inventory import filter_params
+    from paramscope.output.reports import norms_report
 
     cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
     quiet = quiet or not cluster.primary
@@ -510,8 +510,8 @@ def stats(
 
     Example: paramscope stats checkpoints/ --memory-budget 1GiB --fail-on-nonfinite
     """
-    from paramscope.inventory import filter_params
-    from paramscope.reports import stats_report
+    from paramscope.io.inventory import filter_params
+    from paramscope.output.reports import stats_report
 
     cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
     quiet = quiet or not cluster.primary
@@ -542,8 +542,8 @@ def mask(
 
     Example: paramscope mask checkpoints/ --exclude 'bias$' --exclude 'LayerNorm'
     """
-    from paramscope.inventory import weight_decay_mask
-    from paramscope.reports import mask_report
+    from paramscope.io.inventory import weight_decay_mask
+    from paramscope.output.reports import mask_report
 
     _mask_options(include, exclude)
     inv = _inventory(ckpt, step, item, subtree, quiet)
@@ -566,8 +566,8 @@ def verify(
 
     Example: paramscope verify checkpoints/ --step 400
     """
-    from paramscope.reports import verify_report
-    from paramscope.verify import verify_checkpoint
+    from paramscope.compute.verify import verify_checkpoint
+    from paramscope.output.reports import verify_report
 
     budget = parse_size(memory_budget) if memory_budget else None
     result = _with_progress(
@@ -586,7 +586,7 @@ def verify(
 
 def _bytes_on_disk(ckpt: str, step: int | None) -> int:
     """Size of the step's files, for the progress bar; 0 when it cannot be told."""
-    from paramscope import checkpoint
+    from paramscope.io import orbax as checkpoint
 
     try:
         location = checkpoint.locate(ckpt, step)
@@ -639,9 +639,9 @@ def diff(
 
     Example: paramscope diff run/checkpoint_100 run/checkpoint_200 --rtol 1e-3 --fail-on-change
     """
-    from paramscope.compare import diff_params
-    from paramscope.inventory import filter_params
-    from paramscope.reports import diff_report, diff_summary
+    from paramscope.compute.diff import diff_params
+    from paramscope.io.inventory import filter_params
+    from paramscope.output.reports import diff_report, diff_summary
 
     cluster = _join(distributed, coordinator, num_processes, process_id, timeout)
     quiet = quiet or not cluster.primary
@@ -695,8 +695,8 @@ def snapshot(
     import json
 
     from paramscope import __version__
-    from paramscope.baseline import snapshot as make_snapshot
-    from paramscope.render import json_ready
+    from paramscope.compute.baseline import snapshot as make_snapshot
+    from paramscope.output.render import json_ready
 
     inv = _inventory(ckpt, step, item, subtree, quiet)
     if output != "-":
@@ -756,9 +756,9 @@ def check(
 
     Example: paramscope check checkpoints/ --baseline baseline.json --rtol 1e-4 --ignore 'opt_state'
     """
-    from paramscope.baseline import CheckOptions, categories, load_baseline, needs_data
-    from paramscope.baseline import check as run_check
-    from paramscope.reports import check_report
+    from paramscope.compute.baseline import CheckOptions, categories, load_baseline, needs_data
+    from paramscope.compute.baseline import check as run_check
+    from paramscope.output.reports import check_report
 
     options = CheckOptions(
         rtol=rtol,

@@ -1,0 +1,148 @@
+"""The read plan: which boxes of which arrays to read, in groups that fit a memory budget.
+
+Arrays are read in groups that fit the limit; an array larger than that is read in slices along
+its chunk boundaries. While one group is reduced the next one is being read and decoded by
+TensorStore's threads, so decoding and reduction overlap and every core works.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from paramscope.errors import CorruptCheckpoint
+from paramscope.io import orbax as checkpoint
+from paramscope.io.inventory import ParamInfo
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def default_memory_budget() -> int:
+    """A quarter of the available memory, between 256 MiB and 4 GiB."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 4 * GiB
+    return int(min(max(available // 4, 256 * MiB), 4 * GiB))
+
+
+# ----------------------------------------------------------------------------------------------
+# Read plan
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box of one array to read: its global index and shape."""
+
+    param: int  # position in the params list
+    index: tuple[slice, ...]
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, limit: int) -> Iterator[tuple]:
+    """Index boxes covering an array, each at most ``limit`` bytes when a row allows it.
+
+    Boxes are slabs of whole rows, so each is contiguous in the flattened array. They slice the
+    leading axis in multiples of the chunk size along it when a band of chunks fits, so each
+    chunk is decoded once; a smaller budget cuts through chunks (decoding them once per box).
+    An axis whose single rows are too large is taken one row at a time and the next axis is
+    split the same way.
+    """
+    full = tuple(slice(0, d) for d in shape)
+    if math.prod(shape) * itemsize <= limit or not shape:
+        yield full
+        return
+    row = math.prod(shape[1:]) * itemsize
+    if row <= limit:
+        step = max(1, limit // row)
+        chunk = chunks[0] if chunks and chunks[0] > 0 else 1
+        if step >= chunk:
+            step -= step % chunk
+        for start in range(0, shape[0], step):
+            yield (slice(start, min(start + step, shape[0])), *full[1:])
+        return
+    for i in range(shape[0]):
+        for rest in _boxes(shape[1:], chunks[1:], itemsize, limit):
+            yield (slice(i, i + 1), *rest)
+
+
+def plan_reads(
+    params: Sequence[ParamInfo], limit: int, select: Callable[[list[Region]], list[bool]] | None = None
+) -> list[list[Region]]:
+    """Groups of regions, each group at most ``limit`` bytes (or one region of one row).
+
+    ``select`` is given every region of the plan (the same list in every process) and says which
+    to read, so that cooperating processes can share one plan out.
+    """
+    regions = []
+    for position, param in enumerate(params):
+        for index in _boxes(param.shape, param.stored.chunks if param.stored else (), param.itemsize, limit):
+            shape = tuple(s.stop - s.start for s in index)
+            regions.append(Region(position, index, shape, math.prod(shape) * param.itemsize))
+    if select is not None:
+        regions = [region for region, chosen in zip(regions, select(regions)) if chosen]
+    groups: list[list[Region]] = []
+    current: list[Region] = []
+    size = 0
+    for region in regions:
+        if current and size + region.nbytes > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(region)
+        size += region.nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+def stream_regions(
+    params: Sequence[ParamInfo],
+    limit: int,
+    start: Callable[[ParamInfo, Any, Region], Any],
+    on_error: Callable[[Region, Exception], None] | None = None,
+    select: Callable[[list[Region]], list[bool]] | None = None,
+) -> Iterator[tuple[Region, Any]]:
+    """Yields ``(region, start(param, handle, region))`` in plan order, one group ahead.
+
+    The reads of the next group (at most ``limit`` bytes) are started before the regions of the
+    current one are handed out, so decoding overlaps whatever the caller does with them. Each
+    array is opened once, for its first region, and let go after its last. With ``on_error``, a
+    :class:`CorruptCheckpoint` from opening or starting a read is passed to it and that array's
+    remaining regions are skipped; without, it propagates.
+    """
+    groups = plan_reads(params, limit, select)
+    remaining = Counter(region.param for group in groups for region in group)
+    handles: dict[int, Any] = {}
+    failed: set[int] = set()
+
+    def begin(group):
+        started = []
+        for region in group:
+            if region.param in failed:
+                continue
+            try:
+                if region.param not in handles:
+                    handles[region.param] = checkpoint.open_array(params[region.param].stored)
+                started.append((region, start(params[region.param], handles[region.param], region)))
+            except CorruptCheckpoint as err:
+                if on_error is None:
+                    raise
+                failed.add(region.param)
+                on_error(region, err)
+        return started
+
+    upcoming = begin(groups[0]) if groups else []
+    for k in range(len(groups)):
+        current = upcoming
+        upcoming = begin(groups[k + 1]) if k + 1 < len(groups) else []
+        for region, started in current:
+            yield region, started
+            remaining[region.param] -= 1
+            if not remaining[region.param]:
+                handles.pop(region.param, None)
