@@ -50,3 +50,12 @@ class BadMesh(UsageError):
 
 
 EXIT_INTERNAL = 4
+
+
+def error_line(message: str, hint: str | None = None) -> str:
+    """The one line every error is reported as, on stderr.
+
+    >>> error_line("no step 7 in ckpt", "finished steps: 100, 200")
+    'paramscope: error: no step 7 in ckpt (hint: finished steps: 100, 200)'
+    """
+    return f"paramscope: error: {message}" + (f" (hint: {hint})" if hint else "")

@@ -149,8 +149,12 @@ def test_bad_paths_and_selections(ckpt, tmp_path):
         (["norms", ckpt, "--mesh", "data=2,data=2"], 2, "names an axis twice"),
         (["norms", ckpt, "--mesh", "data=1024"], 2, "needs 1024 devices"),
         (["norms", ckpt, "--mesh", "data=2"], 2, "divides no dimension"),
-        (["norms", ckpt, "--engine", "host", "--mesh", "data=1"], 2, "--engine host"),
+        (["norms", ckpt, "--engine", "host", "--mesh", "data=1"], 2, "with the host engine"),
         (["stats", ckpt, "--memory-budget", "-5"], 2, "malformed size"),
+        (["stats", ckpt, "--memory-budget", "0"], 2, "too small"),
+        (["stats", ckpt, "--engine", "gpu"], 2, "'gpu' is not one of"),
+        (["stats", ckpt, "--bogus"], 2, "No such option: --bogus"),
+        (["stats", ckpt, "--timeout", "0"], 2, "greater than or equal to 1"),
     ]
     for args, code, message in cases:
         assert_fails(args, code, message)

@@ -171,4 +171,4 @@ def test_table_stats_and_budget_option(big_ckpt):
     bad = run("norms", big_ckpt.path, "--memory-budget", "lots")
     assert bad.exit_code == 2 and "malformed size" in bad.stderr
     bad = run("norms", big_ckpt.path, "--engine", "gpu")
-    assert bad.exit_code == 2 and "unknown engine" in bad.stderr
+    assert bad.exit_code == 2 and "'gpu' is not one of 'auto', 'host', 'mesh'" in bad.stderr

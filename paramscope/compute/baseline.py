@@ -155,7 +155,9 @@ class CheckOptions:
     only: Sequence[str] = ()
     allow_new: bool = False
     allow_missing: bool = False
+    filter: str | None = None  # compare only the paths this regex matches
     compiled: list[re.Pattern] = field(default_factory=list)
+    kept: re.Pattern | None = None
 
     def __post_init__(self):
         for pattern in self.ignore:
@@ -165,12 +167,26 @@ class CheckOptions:
                 raise UsageError(
                     f"invalid --ignore regex {pattern!r}: {err}", hint="use a Python regex"
                 ) from None
+        if self.filter is not None:
+            try:
+                self.kept = re.compile(self.filter)
+            except re.error as err:
+                raise UsageError(
+                    f"invalid --filter regex {self.filter!r}: {err}", hint="use a Python regex"
+                ) from None
         unknown = [c for c in self.only if c not in CATEGORIES]
         if unknown:
             raise UsageError(f"unknown --only {unknown[0]!r}", hint=f"choose from {', '.join(CATEGORIES)}")
 
     def ignored(self, path: str) -> bool:
+        if self.kept is not None and not self.kept.search(path):
+            return True
         return any(p.search(path) for p in self.compiled)
+
+    @property
+    def partial(self) -> bool:
+        """Whether only some parameters are compared (totals then cannot be)."""
+        return bool(self.ignore) or self.filter is not None
 
 
 def categories(baseline: Baseline, options: CheckOptions) -> list[str]:
@@ -197,7 +213,7 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
     expected = {path: row for path, row in baseline.params.items() if not options.ignored(path)}
     numbers = {r.param.path: r.moments.stats() for r in scan_result.params} if scan_result is not None else {}
     violations: list[Violation] = []
-    complete = not options.ignore and not options.allow_new and not options.allow_missing
+    complete = not options.partial and not options.allow_new and not options.allow_missing
     if "structure" in chosen:
         if not options.allow_missing:
             violations += [

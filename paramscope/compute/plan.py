@@ -9,17 +9,50 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint
+from paramscope.errors import CorruptCheckpoint, UsageError
 from paramscope.io import orbax as checkpoint
 from paramscope.io.inventory import ParamInfo
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+MIN_MEMORY_BUDGET = 1 << 10  # 1 KiB: any less and a read would not hold a row of most arrays
+_UNITS = {
+    **{u: 1 for u in ("", "b")},
+    **{u: 1000 for u in ("k", "kb")},
+    "kib": 1 << 10,
+    **{u: 1000**2 for u in ("m", "mb")},
+    "mib": 1 << 20,
+    **{u: 1000**3 for u in ("g", "gb")},
+    "gib": 1 << 30,
+    **{u: 1000**4 for u in ("t", "tb")},
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512MiB``, ``4GiB``, ``1.5GB``, ``1000000`` (binary and decimal units).
+
+    >>> parse_size("512MiB"), parse_size("2GB"), parse_size("4096")
+    (536870912, 2000000000, 4096)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UsageError(f"malformed size {text!r}", hint="write e.g. 512MiB, 4GiB or 2GB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < MIN_MEMORY_BUDGET:
+        raise UsageError(
+            f"memory budget {text!r} is too small",
+            hint=f"give at least {MIN_MEMORY_BUDGET >> 10}KiB, e.g. 512MiB",
+        )
+    return size
 
 
 def default_memory_budget() -> int:

@@ -61,6 +61,7 @@ class Inventory:
     params: list[ParamInfo]
     saved_mesh: tuple[tuple[str, int], ...] | None
     warnings: list[str] = field(default_factory=list)
+    shown: str = ""  # the path as the caller wrote it (relative stays relative)
 
     @property
     def total_count(self) -> int:
@@ -172,10 +173,7 @@ def open_checkpoint(
                 ParamInfo(name, array.shape, array.dtype, array.itemsize, spec_per_dim(array), array)
             )
     if subtree and not params:
-        raise ItemNotFound(
-            f"--subtree {subtree!r} matches no parameter",
-            hint="use a dotted prefix of the paths `paramscope table` shows",
-        )
+        warnings.append(f"subtree {subtree!r} matches no parameter (paths are dotted, e.g. params.Dense_0)")
     return Inventory(
         checkpoint=location.path,
         step=location.step.step if location.step else None,
@@ -184,6 +182,7 @@ def open_checkpoint(
         params=params,
         saved_mesh=saved_mesh,
         warnings=warnings,
+        shown=os.fspath(path),
     )
 
 
@@ -304,6 +303,7 @@ class InfoResult:
     steps: list[checkpoint.Step]
     items: list[ItemSummary]
     warnings: list[str] = field(default_factory=list)
+    shown: str = ""  # the path as the caller wrote it
 
 
 def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoResult:
@@ -337,6 +337,7 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
         steps=location.steps,
         items=summaries,
         warnings=problems,
+        shown=os.fspath(path),
     )
 
 

@@ -23,6 +23,7 @@ from paramscope.errors import (
     CorruptCheckpoint,
     ItemNotFound,
     NotACheckpoint,
+    ParamscopeError,
     StepNotFound,
 )
 from paramscope.names import join_keys
@@ -593,3 +594,12 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
                         (array.name, f"its partition spec names axis {axis!r}, not in the saved mesh")
                     )
     return problems
+
+
+def step_bytes(path: str, step: int | None = None) -> int:
+    """Bytes stored for the step a path resolves to (for a progress bar); 0 when it cannot be told."""
+    try:
+        location = locate(path, step)
+    except ParamscopeError:
+        return 0
+    return sum(disk_usage(item.path) for item in location.items)

@@ -1,7 +1,8 @@
 """The one output layer: a report goes to stdout as a table, JSON, CSV or Markdown.
 
 Commands build a :class:`Report` (a JSON payload plus rows for the tabular formats) and never
-branch on the format themselves.
+branch on the format themselves. Tables never cut a number (see :mod:`paramscope.output.layout`);
+CSV carries machine values, one table per output; Markdown is escaped GitHub tables.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import csv
 import io
 import json
 import math
-import os
-import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
+
+from paramscope.errors import UsageError
+from paramscope.output import layout
 
 
 class Format(str, Enum):
@@ -24,20 +27,26 @@ class Format(str, Enum):
     markdown = "markdown"
 
 
+# Column kinds: path (folds at dots), note (free text, folds at spaces), text, dtype, shape,
+# sharding, bool, int, count (an int that may be abbreviated), bytes, float.
+NUMERIC_KINDS = ("int", "count", "bytes", "float")
+
+
 @dataclass
 class Column:
     key: str
     header: str
-    kind: str = "text"  # text, int, bytes, float, shape, sharding, bool
+    kind: str = "text"
+    priority: int = 1  # 0: always shown; on a narrow terminal larger numbers are hidden first
 
     @property
     def numeric(self) -> bool:
-        return self.kind in ("int", "bytes", "float")
+        return self.kind in NUMERIC_KINDS
 
 
 @dataclass
 class Report:
-    """What a command shows: a JSON document, and the same data as rows."""
+    """What a command shows: a JSON document, and the same data as rows (one or more tables)."""
 
     payload: dict[str, Any]
     columns: list[Column]
@@ -46,6 +55,19 @@ class Report:
     title: str | None = None
     notes: list[str] = field(default_factory=list)
     sections: list[Report] = field(default_factory=list)
+    name: str = ""  # how --format csv and the table options pick this table among the sections
+    empty: str = "nothing to show"  # the sentence shown instead of a table without rows
+
+
+@dataclass
+class View:
+    """How to show a report: the terminal width (None off a terminal), exact digits, a column pick."""
+
+    width: int | None = None
+    exact: bool = False
+    columns: Sequence[str] | None = None
+    table: str | None = None  # the table (section name) to show; CSV shows one, default the first
+    console: Any = None  # a rich Console on a terminal: titles and headers in bold
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,26 +99,65 @@ def spec_text(spec: Any) -> str:
     return "P(" + ", ".join(repr(tuple(e)) if isinstance(e, (list, tuple)) else repr(e) for e in spec) + ")"
 
 
-def _cell(value: Any, kind: str, human: bool) -> str:
+def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
+    """One cell: for people (``human``) or as a machine value (CSV).
+
+    >>> cell(197504, "count", True), cell(197504, "count", False), cell(0.1 + 0.2, "float", False)
+    ('197,504', '197504', '0.30000000000000004')
+    """
     if kind == "sharding":
         return spec_text(value)
     if value is None:
-        return "" if not human else "-"
+        return ""
     if kind == "shape":
-        return (
-            ("(" + ", ".join(map(str, value)) + (",)" if len(value) == 1 else ")"))
-            if human
-            else "x".join(map(str, value))
-        )
+        if not human:
+            return "x".join(map(str, value))
+        return "(" + ", ".join(map(str, value)) + (",)" if len(value) == 1 else ")")
     if kind == "bool":
         return ("yes" if value else "no") if human else ("true" if value else "false")
-    if kind == "int":
+    if kind in ("int", "count"):
         return f"{value:,}" if human else str(value)
     if kind == "bytes":
         return human_bytes(value) if human else str(value)
     if kind == "float":
-        return f"{value:.6g}" if human else repr(float(value))
+        if not human or exact:
+            return repr(float(value))
+        return f"{value:.6g}"
     return str(value)
+
+
+def _empty_column(column: Column, report: Report) -> bool:
+    values = [row.get(column.key) for row in report.rows]
+    if report.footer:
+        values.append(report.footer.get(column.key))
+    return column.kind != "sharding" and all(v is None or v == "" or v == [] for v in values)
+
+
+def _choose_columns(report: Report, keys: Sequence[str] | None, hide_empty: bool) -> list[Column]:
+    if keys:
+        by_key = {c.key: c for c in report.columns}
+        unknown = [k for k in keys if k not in by_key]
+        if unknown:
+            raise UsageError(
+                f"no column {unknown[0]!r} in this table",
+                hint="columns: " + ", ".join(by_key),
+            )
+        return [replace(by_key[k], priority=0) for k in keys]
+    if not hide_empty or not report.rows:
+        return list(report.columns)
+    return [c for c in report.columns if not _empty_column(c, report)]
+
+
+def _tables(report: Report, view: View, one: bool) -> list[Report]:
+    """The tables to show: all of them, the one named by ``view.table``, or (``one``) the first."""
+    tables = [report, *report.sections]
+    if view.table is not None:
+        chosen = [t for t in tables if t.name == view.table]
+        if not chosen:
+            names = ", ".join(t.name for t in tables if t.name)
+            raise UsageError(f"no table {view.table!r} in this report", hint=f"tables: {names}")
+        return chosen
+    return tables[:1] if one else tables
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,84 +175,130 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def _csv(report: Report) -> str:
+def to_json(report: Report) -> str:
+    return json.dumps(json_ready(report.payload), indent=2, allow_nan=False) + "\n"
+
+
+def to_csv(report: Report, view: View) -> str:
+    """One table (the first, or the one ``view.table`` names), machine values, ``pandas``-ready."""
+    (table,) = _tables(report, view, one=True)
+    columns = _choose_columns(table, view.columns, hide_empty=False)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([c.key for c in report.columns])
-    for row in report.rows:
-        writer.writerow([_cell(row.get(c.key), c.kind, human=False) for c in report.columns])
+    writer.writerow([c.key for c in columns])
+    for row in table.rows:
+        writer.writerow([cell(row.get(c.key), c.kind, human=False) for c in columns])
     return buffer.getvalue()
 
 
-def _markdown(report: Report) -> str:
-    def escape(text: str) -> str:
-        return text.replace("|", "\\|")
+def markdown_escape(text: str) -> str:
+    """Text safe inside a GitHub table cell.
 
-    lines = []
-    if report.title:
-        lines += [f"**{escape(report.title)}**", ""]
-    lines.append("| " + " | ".join(c.header for c in report.columns) + " |")
-    lines.append("|" + "|".join("---:" if c.numeric else "---" for c in report.columns) + "|")
-    rows = list(report.rows) + ([report.footer] if report.footer else [])
-    for row in rows:
-        cells = [
-            escape(_cell(row.get(c.key), c.kind, human=True)) if c.key in row else "" for c in report.columns
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    if report.notes:
-        lines += [""] + [escape(note) for note in report.notes]
-    return "\n".join(lines) + "\n"
+    >>> markdown_escape("max |x|")
+    'max \\\\|x\\\\|'
+    """
+    for char in ("\\", "|", "*", "`", "<"):
+        text = text.replace(char, "\\" + char)
+    return text.replace("\n", " ")
 
 
-def _rich_table(report: Report):
-    from rich import box
-    from rich.table import Table
+def to_markdown(report: Report, view: View) -> str:
+    parts = []
+    for table in _tables(report, view, one=False):
+        lines = []
+        if table.title:
+            lines += [f"**{markdown_escape(line)}**" for line in table.title.splitlines()] + [""]
+        if table.rows:
+            columns = _choose_columns(table, view.columns if table is report else None, hide_empty=True)
+            lines.append("| " + " | ".join(markdown_escape(c.header) for c in columns) + " |")
+            lines.append("|" + "|".join("---:" if c.numeric else "---" for c in columns) + "|")
+            for row in [*table.rows, *([table.footer] if table.footer else [])]:
+                cells = [markdown_escape(cell(row.get(c.key), c.kind, True, view.exact)) for c in columns]
+                lines.append("| " + " | ".join(cells) + " |")
+        elif not table.notes:
+            lines.append(markdown_escape(table.empty))
+        if table.notes:
+            lines += ([""] if table.rows else []) + [markdown_escape(note) for note in table.notes]
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        show_footer=report.footer is not None,
-        highlight=False,
-    )
-    for i, column in enumerate(report.columns):
-        footer = ""
-        if report.footer and column.key in report.footer:
-            footer = _cell(report.footer[column.key], column.kind, human=True)
-        if i == 0:
-            longest = max([len(str(r.get(column.key, ""))) for r in report.rows] + [len(column.header)])
-            # The path column folds rather than shrinks away; the others give way first.
-            table.add_column(column.header, footer=footer, overflow="fold", min_width=min(longest, 24))
-        else:
-            table.add_column(
-                column.header, footer=footer, justify="right" if column.numeric else "left", overflow="fold"
+
+def _text_columns(table: Report, columns: list[Column], view: View) -> list[layout.TextColumn]:
+    out = []
+    footer = table.footer or {}
+    for column in columns:
+        cells = [cell(row.get(column.key), column.kind, True, view.exact) for row in table.rows]
+        foot = cell(footer[column.key], column.kind, True, view.exact) if column.key in footer else ""
+        compact = None
+        if column.kind == "count" and not view.exact:
+            values = [row.get(column.key) for row in table.rows]
+            compact = (
+                [layout.compact_count(v) if isinstance(v, int) else c for v, c in zip(values, cells)],
+                layout.compact_count(footer[column.key]) if isinstance(footer.get(column.key), int) else foot,
             )
-    for row in report.rows:
-        table.add_row(*[_cell(row.get(c.key), c.kind, human=True) for c in report.columns])
-    return table
+        fold = "path" if column.kind == "path" else "text" if column.kind == "note" else None
+        out.append(
+            layout.TextColumn(
+                column.header, cells, foot, column.numeric, fold, column.priority, compact=compact
+            )
+        )
+    return out
 
 
-def render(report: Report, fmt: Format, file=None) -> None:
-    """Writes a report to ``file`` (default stdout) in the given format."""
+def to_text(report: Report, view: View) -> tuple[list[tuple[str, bool]], list[str]]:
+    """The table format as (line, bold) pairs, and the notes for stderr about what was hidden."""
+    out: list[tuple[str, bool]] = []
+    hidden: list[str] = []
+    abbreviated = False
+    for table in _tables(report, view, one=False):
+        if out:
+            out.append(("", False))
+        if table.title:
+            out += [(line, True) for line in table.title.splitlines()] + [("", False)]
+        if table.rows:
+            columns = _choose_columns(table, view.columns if table is report else None, hide_empty=True)
+            fitted = layout.fit(_text_columns(table, columns, view), view.width)
+            hidden += fitted.hidden
+            abbreviated = abbreviated or fitted.abbreviated
+            table_lines = layout.lines(fitted.columns, fitted.widths)
+            out += [(table_lines[0], True)] + [(line, False) for line in table_lines[1:]]
+        elif not table.notes:
+            out.append((table.empty, False))
+        if table.notes:
+            out += ([("", False)] if table.rows else []) + [(note, False) for note in table.notes]
+    messages = []
+    if hidden:
+        messages.append(
+            f"{len(hidden)} column(s) hidden to fit {view.width} columns: {', '.join(hidden)} "
+            "(see them in a wider terminal, pick columns with --columns, or use --format csv)"
+        )
+    if abbreviated:
+        messages.append("counts abbreviated to fit (--exact shows every digit)")
+    return out, messages
+
+
+def render(report: Report, fmt: Format, file=None, view: View | None = None) -> list[str]:
+    """Writes a report to ``file`` (default stdout); returns notes for stderr (hidden columns)."""
+    import sys
+
     file = file if file is not None else sys.stdout
+    view = view or View()
     if fmt == Format.json:
-        file.write(json.dumps(json_ready(report.payload), indent=2, allow_nan=False) + "\n")
-        return
-    reports = [report, *report.sections]
+        file.write(to_json(report))
+        return []
     if fmt == Format.csv:
-        file.write("\n".join(_csv(r) for r in reports))
-        return
+        file.write(to_csv(report, view))
+        return []
     if fmt == Format.markdown:
-        file.write("\n".join(_markdown(r) for r in reports))
-        return
-    from rich.console import Console
-
-    width = None if file.isatty() or "COLUMNS" in os.environ else 160
-    console = Console(file=file, highlight=False, soft_wrap=False, width=width)
-    for i, part in enumerate(reports):
-        if i:
-            console.print()
-        if part.title:
-            console.print(part.title, markup=False, style="bold")
-        if part.rows or not part.notes:  # an empty table says nothing its notes do not
-            console.print(_rich_table(part))
-        for note in part.notes:
-            console.print(note, markup=False)
+        file.write(to_markdown(report, view))
+        return []
+    text, messages = to_text(report, view)
+    if view.console is None:
+        file.write("".join(f"{line}\n" for line, _ in text))
+        return messages
+    for line, bold in text:
+        if bold and line:
+            view.console.print(line, style="bold", markup=False, highlight=False, soft_wrap=True)
+        else:
+            view.console.file.write(line + "\n")
+    return messages

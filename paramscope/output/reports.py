@@ -15,17 +15,32 @@ from paramscope.io.inventory import sharding_json
 from paramscope.output.render import Column, Report
 
 STAT_COLUMNS = [
-    Column("norm", "norm", "float"),
-    Column("mean", "mean", "float"),
-    Column("std", "std", "float"),
-    Column("min", "min", "float"),
-    Column("max", "max", "float"),
-    Column("max_abs", "max |x|", "float"),
-    Column("zero_fraction", "zeros", "float"),
-    Column("nan", "NaN", "int"),
-    Column("inf", "Inf", "int"),
+    Column("norm", "norm", "float", priority=0),
+    Column("mean", "mean", "float", priority=2),
+    Column("std", "std", "float", priority=2),
+    Column("min", "min", "float", priority=3),
+    Column("max", "max", "float", priority=3),
+    Column("max_abs", "max |x|", "float", priority=2),
+    Column("zero_fraction", "zeros", "float", priority=4),
+    Column("nan", "NaN", "int", priority=1),
+    Column("inf", "Inf", "int", priority=1),
 ]
-SORT_KEYS = ("path", "count", "bytes", "norm")
+STAT_KEYS = tuple(c.key for c in STAT_COLUMNS)
+# Sort keys of the commands that sort: largest first, but for path (and cosine: smallest first).
+TABLE_SORT_KEYS = ("path", "count", "bytes", "norm")
+NORMS_SORT_KEYS = ("path", "count", "norm", "nonfinite")
+STATS_SORT_KEYS = ("path", "count", *STAT_KEYS)
+DIFF_SORT_KEYS = ("path", "rel_diff", "diff_norm", "max_abs_diff", "cosine", "norm_a", "norm_b")
+ASCENDING = ("path", "cosine")
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 array``, ``2 arrays``, ``1,024 arrays``.
+
+    >>> plural(1, "array"), plural(2000, "array")
+    ('1 array', '2,000 arrays')
+    """
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def header(inv) -> dict[str, Any]:
@@ -40,12 +55,32 @@ def header(inv) -> dict[str, Any]:
 
 
 def where(inv) -> str:
-    step = f"step {inv.step}" if inv.step is not None else "no step"
-    return f"{inv.checkpoint}  {step}  item {','.join(inv.items)}"
+    """The selection as the user would write it: path as typed, step, item(s), subtree."""
+    parts = [inv.shown or inv.checkpoint]
+    if inv.step is not None:
+        parts.append(f"step {inv.step}")
+    parts.append(("item " if len(inv.items) == 1 else "items ") + ",".join(inv.items))
+    if inv.subtree:
+        parts.append(f"subtree {inv.subtree}")
+    return "  ".join(parts)
 
 
 def _title(inv, arrays: int) -> str:
-    return f"{where(inv)}  {arrays:,} arrays"
+    return f"{where(inv)}  {plural(arrays, 'array')}"
+
+
+def sort_rows(rows: list[dict], key: str, top: int | None = None) -> list[dict]:
+    """Rows by ``key`` (largest first, but path and cosine ascending), missing values last."""
+
+    def value(row):
+        v = row.get(key)
+        missing = v is None or (isinstance(v, float) and math.isnan(v))
+        if key in ASCENDING:
+            return (missing, v if not missing else 0, row["path"])
+        return (missing, -v if not missing else 0, row["path"])
+
+    ordered = sorted(rows, key=lambda r: r["path"]) if key == "path" else sorted(rows, key=value)
+    return ordered[:top] if top is not None else ordered
 
 
 def _engine_text(result) -> str:
@@ -93,51 +128,50 @@ def info_report(result) -> Report:
     unfinished = [s for s in result.steps if not s.finished]
     if unfinished:
         notes.append(
-            f"{len(unfinished)} unfinished step(s), skipped: {', '.join(s.name for s in unfinished)}"
+            f"{plural(len(unfinished), 'unfinished step')}, skipped: {', '.join(s.name for s in unfinished)}"
         )
-    step_text = f"step {result.step}" if result.step is not None else "single item"
+    if result.step is not None:
+        step_text = f"step {result.step}"
+    elif result.layout == "root":
+        step_text = "no finished step"
+    else:
+        step_text = "single item" if result.layout == "item" else "single step"
     report = Report(
         payload=payload,
-        title=f"{result.checkpoint}  ({result.layout}, {step_text})",
+        name="items",
+        title=f"{result.shown or result.checkpoint}  ({result.layout}, {step_text})",
         columns=[
-            Column("name", "item"),
-            Column("kind", "kind"),
-            Column("storage", "storage"),
-            Column("arrays", "arrays", "int"),
-            Column("count", "parameters", "int"),
-            Column("bytes_on_disk", "on disk", "bytes"),
+            Column("name", "item", "path", priority=0),
+            Column("kind", "kind", priority=2),
+            Column("storage", "storage", priority=3),
+            Column("arrays", "arrays", "count", priority=1),
+            Column("count", "parameters", "count", priority=0),
+            Column("bytes_on_disk", "on disk", "bytes", priority=1),
         ],
         rows=items,
         notes=notes,
+        empty="no items in this step",
     )
     if steps:
         report.sections.append(
             Report(
                 payload={},
+                name="steps",
                 title="steps",
                 rows=steps,
                 columns=[
-                    Column("step", "step", "int"),
-                    Column("name", "folder"),
-                    Column("finished", "finished", "bool"),
+                    Column("step", "step", "int", priority=0),
+                    Column("name", "folder", "path", priority=0),
+                    Column("finished", "finished", "bool", priority=0),
                 ],
             )
         )
     return report
 
 
-def _sorted_rows(rows: list[dict], key: str) -> list[dict]:
-    if key == "path":
-        return sorted(rows, key=lambda r: r["path"])
-
-    def value(row):
-        v = row.get(key)
-        return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-    return sorted(rows, key=lambda r: (-value(r), r["path"]))
-
-
-def table_report(inv, params, mask=None, scan=None, full: bool = False, sort: str = "path") -> Report:
+def table_report(
+    inv, params, mask=None, scan=None, full: bool = False, sort: str = "path", top: int | None = None
+) -> Report:
     """``mask``: a weight-decay MaskResult; ``scan``: norms (or, ``full``, all statistics)."""
     rows = {
         p.path: {
@@ -151,31 +185,32 @@ def table_report(inv, params, mask=None, scan=None, full: bool = False, sort: st
         for p in params
     }
     columns = [
-        Column("path", "path"),
-        Column("shape", "shape", "shape"),
-        Column("dtype", "dtype"),
-        Column("count", "count", "int"),
-        Column("bytes", "bytes", "bytes"),
-        Column("sharding", "sharding", "sharding"),
+        Column("path", "path", "path", priority=0),
+        Column("shape", "shape", "shape", priority=0),
+        Column("dtype", "dtype", priority=0),
+        Column("count", "count", "count", priority=0),
+        Column("bytes", "bytes", "bytes", priority=3),
+        Column("sharding", "sharding", "sharding", priority=4),
     ]
     if mask is not None:
         for param, decayed in mask.decisions:
             rows[param.path]["weight_decay"] = decayed
-        columns.append(Column("weight_decay", "weight decay", "bool"))
+        columns.append(Column("weight_decay", "weight decay", "bool", priority=0))
     if scan is not None:
         for entry in scan.params:
             row = rows[entry.param.path]
             row.update(entry.moments.stats() if full else {"norm": entry.norm})
             row["nonfinite"] = entry.nonfinite
         columns += STAT_COLUMNS if full else STAT_COLUMNS[:1]
-    ordered = _sorted_rows(list(rows.values()), sort)
+    ordered = sort_rows(list(rows.values()), sort, top)
     total = {"count": sum(p.count for p in params), "bytes": sum(p.nbytes for p in params)}
     return Report(
         payload={"schema": "paramscope.table/1", **header(inv), "params": ordered, "total": total},
         columns=columns,
         rows=ordered,
         title=_title(inv, len(params)),
-        footer={"path": f"total ({len(params):,} arrays)", **total},
+        footer={"path": f"total ({plural(len(params), 'array')})", **total},
+        empty="no parameters match",
     )
 
 
@@ -193,100 +228,108 @@ def count_report(inv, result, depth: int) -> Report:
             "by_dtype": by_dtype,
             "groups": groups,
         },
+        name="groups",
         title=_title(inv, leaves),
         columns=[
-            Column("path", f"group (depth {depth})"),
-            Column("leaves", "arrays", "int"),
-            Column("count", "count", "int"),
-            Column("bytes", "bytes", "bytes"),
+            Column("path", f"group (depth {depth})", "path", priority=0),
+            Column("leaves", "arrays", "count", priority=1),
+            Column("count", "count", "count", priority=0),
+            Column("bytes", "bytes", "bytes", priority=1),
         ],
         rows=[{**g, "path": g["path"] or "(all)"} for g in groups],
         footer={"path": "total", "leaves": leaves, **total},
+        empty="no parameters match",
         sections=[
             Report(
                 payload={},
+                name="dtypes",
                 title="by dtype",
                 columns=[
-                    Column("dtype", "dtype"),
-                    Column("count", "count", "int"),
-                    Column("bytes", "bytes", "bytes"),
+                    Column("dtype", "dtype", priority=0),
+                    Column("count", "count", "count", priority=0),
+                    Column("bytes", "bytes", "bytes", priority=1),
                 ],
                 rows=[{"dtype": d, **v} for d, v in by_dtype.items()],
+                empty="no parameters match",
             )
         ],
     )
 
 
-def norms_report(inv, params, result, per_param: bool) -> Report:
+GLOBAL_ROW = "(global)"
+
+
+def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: int | None = None) -> Report:
+    """The global norm as a row of its own (path ``(global)``), after the parameters when asked."""
     payload = {"schema": "paramscope.norms/1", **header(inv), **_scan_header(result)}
-    title = f"{_title(inv, len(params))}  {_engine_text(result)}"
-    if not per_param:
-        rows = [
-            {"metric": "global_norm", "value": f"{result.global_norm:.9g}"},
-            {"metric": "nonfinite", "value": f"{result.nonfinite:,}"},
-            {"metric": "count", "value": f"{payload['count']:,}"},
-            {"metric": "arrays", "value": f"{len(params):,}"},
-        ]
-        return Report(
-            payload=payload,
-            title=title,
-            rows=rows,
-            columns=[Column("metric", "metric"), Column("value", "value")],
+    overall = {
+        "path": GLOBAL_ROW,
+        "arrays": len(params),
+        "count": payload["count"],
+        "norm": result.global_norm,
+        "nonfinite": result.nonfinite,
+    }
+    rows = []
+    if per_param:
+        rows = sort_rows(
+            [
+                {
+                    "path": r.param.path,
+                    "dtype": r.param.dtype,
+                    "arrays": 1,
+                    "count": r.param.count,
+                    "norm": r.norm,
+                    "nonfinite": r.nonfinite,
+                }
+                for r in result.params
+            ],
+            sort,
+            top,
         )
-    rows = [
-        {
-            "path": r.param.path,
-            "norm": r.norm,
-            "nonfinite": r.nonfinite,
-            "count": r.param.count,
-            "dtype": r.param.dtype,
-        }
-        for r in result.params
-    ]
-    payload["params"] = rows
+        payload["params"] = [{k: v for k, v in r.items() if k != "arrays"} for r in rows]
     return Report(
         payload=payload,
-        title=title,
-        rows=rows,
+        title=f"{_title(inv, len(params))}  {_engine_text(result)}",
+        rows=[*rows, overall],
         columns=[
-            Column("path", "path"),
-            Column("dtype", "dtype"),
-            Column("count", "count", "int"),
-            Column("norm", "norm", "float"),
-            Column("nonfinite", "NaN/Inf", "int"),
+            Column("path", "path", "path", priority=0),
+            Column("dtype", "dtype", priority=3),
+            Column("arrays", "arrays", "count", priority=2),
+            Column("count", "count", "count", priority=1),
+            Column("norm", "norm", "float", priority=0),
+            Column("nonfinite", "NaN/Inf", "int", priority=0),
         ],
-        footer={
-            "path": "global",
-            "count": payload["count"],
-            "norm": result.global_norm,
-            "nonfinite": result.nonfinite,
-        },
     )
 
 
-def stats_report(inv, params, result) -> Report:
-    rows = [
-        {"path": r.param.path, "dtype": r.param.dtype, "count": r.param.count, **r.moments.stats()}
-        for r in result.params
-    ]
+def stats_report(inv, params, result, sort: str = "path", top: int | None = None) -> Report:
+    rows = sort_rows(
+        [
+            {"path": r.param.path, "dtype": r.param.dtype, "count": r.param.count, **r.moments.stats()}
+            for r in result.params
+        ],
+        sort,
+        top,
+    )
     payload = {"schema": "paramscope.stats/1", **header(inv), **_scan_header(result), "params": rows}
     return Report(
         payload=payload,
         title=f"{_title(inv, len(params))}  {_engine_text(result)}",
         rows=rows,
         columns=[
-            Column("path", "path"),
-            Column("dtype", "dtype"),
-            Column("count", "count", "int"),
+            Column("path", "path", "path", priority=0),
+            Column("dtype", "dtype", priority=3),
+            Column("count", "count", "count", priority=2),
             *STAT_COLUMNS,
         ],
         footer={
             "path": "global",
             "count": payload["count"],
             "norm": result.global_norm,
-            "nan": sum(r["nan"] for r in rows),
-            "inf": sum(r["inf"] for r in rows),
+            "nan": sum(r.moments.nan for r in result.params),
+            "inf": sum(r.moments.inf for r in result.params),
         },
+        empty="no parameters match",
     )
 
 
@@ -307,21 +350,22 @@ def mask_report(inv, result) -> Report:
         title=_title(inv, len(rows)),
         rows=rows,
         columns=[
-            Column("path", "path"),
-            Column("count", "count", "int"),
-            Column("weight_decay", "weight decay", "bool"),
+            Column("path", "path", "path", priority=0),
+            Column("count", "count", "count", priority=1),
+            Column("weight_decay", "weight decay", "bool", priority=0),
         ],
         notes=[
-            f"decayed: {decayed[0]:,} parameters in {decayed[1]} arrays; "
-            f"not decayed: {not_decayed[0]:,} parameters in {not_decayed[1]} arrays"
+            f"decayed: {decayed[0]:,} parameters in {plural(decayed[1], 'array')}; "
+            f"not decayed: {not_decayed[0]:,} parameters in {plural(not_decayed[1], 'array')}"
         ],
     )
 
 
-def verify_report(result) -> Report:
+def verify_report(result, shown: str | None = None) -> Report:
     rows = [{"item": p.item, "path": p.path, "problem": p.problem} for p in result.problems]
-    verdict = "OK" if result.ok else f"{len(rows)} problem(s)"
-    step_text = f"step {result.step}" if result.step is not None else "no step"
+    verdict = "OK" if result.ok else plural(len(rows), "problem")
+    step_text = f"  step {result.step}" if result.step is not None else ""
+    items = ("item " if len(result.items) == 1 else "items ") + ",".join(result.items)
     return Report(
         payload={
             "schema": "paramscope.verify/1",
@@ -333,10 +377,14 @@ def verify_report(result) -> Report:
             "bytes_read": result.bytes_read,
             "problems": rows,
         },
-        title=f"{result.checkpoint}  {step_text}  items {','.join(result.items)}",
-        columns=[Column("item", "item"), Column("path", "array"), Column("problem", "problem")],
+        title=f"{shown or result.checkpoint}{step_text}  {items}",
+        columns=[
+            Column("item", "item", priority=2),
+            Column("path", "array", "path", priority=0),
+            Column("problem", "problem", "note", priority=0),
+        ],
         rows=rows,
-        notes=[f"verified {result.arrays:,} arrays, decoded {result.bytes_read:,} bytes: {verdict}"],
+        notes=[f"verified {plural(result.arrays, 'array')}, decoded {result.bytes_read:,} bytes: {verdict}"],
     )
 
 
@@ -350,7 +398,15 @@ def diff_summary(result) -> str:
     return ", ".join(f"{n} {status}" for status, n in result.counts().items())
 
 
-def diff_report(inv_a, inv_b, result, values_compared: bool, show_all: bool) -> Report:
+def diff_report(
+    inv_a,
+    inv_b,
+    result,
+    values_compared: bool,
+    show_all: bool,
+    sort: str = "path",
+    top: int | None = None,
+) -> Report:
     rows = []
     for entry in result.params:
         row = {
@@ -373,6 +429,7 @@ def diff_report(inv_a, inv_b, result, values_compared: bool, show_all: bool) -> 
                 identical=v.identical,
             )
         rows.append(row)
+    rows = sort_rows(rows, sort)
     payload = {
         "schema": "paramscope.diff/1",
         "a": header(inv_a),
@@ -384,27 +441,30 @@ def diff_report(inv_a, inv_b, result, values_compared: bool, show_all: bool) -> 
         "params": rows,
     }
     shown = [{**r, "detail": "; ".join(r["changes"])} for r in rows if show_all or r["status"] != "identical"]
+    if top is not None:
+        shown = shown[:top]
     return Report(
         payload=payload,
         title=f"A {where(inv_a)}\nB {where(inv_b)}",
         rows=shown,
         columns=[
-            Column("path", "path"),
-            Column("status", "status"),
-            Column("detail", "structure"),
-            Column("norm_a", "norm A", "float"),
-            Column("norm_b", "norm B", "float"),
-            Column("diff_norm", "||A-B||", "float"),
-            Column("rel_diff", "||A-B||/||A||", "float"),
-            Column("cosine", "cosine", "float"),
-            Column("max_abs_diff", "max |A-B|", "float"),
+            Column("path", "path", "path", priority=0),
+            Column("status", "status", priority=0),
+            Column("detail", "structure", "note", priority=1),
+            Column("norm_a", "norm A", "float", priority=3),
+            Column("norm_b", "norm B", "float", priority=3),
+            Column("diff_norm", "||A-B||", "float", priority=2),
+            Column("rel_diff", "||A-B||/||A||", "float", priority=0),
+            Column("cosine", "cosine", "float", priority=1),
+            Column("max_abs_diff", "max |A-B|", "float", priority=2),
         ],
         notes=[diff_summary(result)],
+        empty="no differences",
     )
 
 
 def _text(value) -> str:
-    return f"{value:.9g}" if isinstance(value, float) else str(value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def check_report(inv, baseline_file: str, baseline, compared, options, violations, checked: int) -> Report:
@@ -418,7 +478,7 @@ def check_report(inv, baseline_file: str, baseline, compared, options, violation
         }
         for v in violations
     ]
-    verdict = "pass" if not violations else f"{len(violations)} violation(s)"
+    verdict = "pass" if not violations else plural(len(violations), "violation")
     return Report(
         payload={
             "schema": "paramscope.check/1",
@@ -434,11 +494,11 @@ def check_report(inv, baseline_file: str, baseline, compared, options, violation
         title=f"{where(inv)}  vs  {baseline_file}",
         rows=[{**r, "baseline": _text(r["baseline"]), "actual": _text(r["actual"])} for r in rows],
         columns=[
-            Column("path", "path"),
-            Column("metric", "metric"),
-            Column("baseline", "baseline"),
-            Column("actual", "actual"),
-            Column("rel_diff", "rel. diff", "float"),
+            Column("path", "path", "path", priority=0),
+            Column("metric", "metric", priority=0),
+            Column("baseline", "baseline", priority=1),
+            Column("actual", "actual", priority=1),
+            Column("rel_diff", "rel. diff", "float", priority=0),
         ],
-        notes=[f"compared {', '.join(compared) or 'nothing'} of {checked:,} parameters: {verdict}"],
+        notes=[f"compared {', '.join(compared) or 'nothing'} of {plural(checked, 'parameter')}: {verdict}"],
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paramscope.errors import EXIT_CHECKPOINT, ParamscopeError, UsageError
+from paramscope.errors import EXIT_CHECKPOINT, ParamscopeError, UsageError, error_line
 
 ENV_COORDINATOR = "PARAMSCOPE_COORDINATOR"
 ENV_NUM_PROCESSES = "PARAMSCOPE_NUM_PROCESSES"
@@ -143,7 +143,7 @@ def abort(cluster: Cluster, message: str, stderr=None, code: int = EXIT_CHECKPOI
     """One line, then out, skipping JAX's shutdown (which would wait on the missing process)."""
     stream = stderr or sys.stderr
     hint = "every process must be started, with the same options, and reach the coordinator"
-    stream.write(f"paramscope: error: process {cluster.process_id}: {message} (hint: {hint})\n")
+    stream.write(error_line(f"process {cluster.process_id}: {message}", hint) + "\n")
     stream.flush()
     os._exit(code)
 

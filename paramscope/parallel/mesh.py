@@ -121,3 +121,21 @@ def named_sharding(mesh, spec: Sequence[Any] | None, shape: Sequence[int]):
     from jax.sharding import NamedSharding, PartitionSpec
 
     return NamedSharding(mesh, PartitionSpec(*fitted_spec(spec, shape, dict(mesh.shape))))
+
+
+def check_mesh(axes: Sequence[tuple[str, int]], engine: str, params, saved_mesh) -> None:
+    """Refuses a mesh the host engine would ignore, that the devices cannot hold, or with idle axes."""
+    if engine == "host":
+        raise UsageError(
+            "a mesh given with the host engine", hint="the mesh is for the mesh engine (or auto)"
+        )
+    import jax
+
+    build_mesh(axes, jax.devices())  # enough devices (of every process, in a cluster)?
+    idle = idle_axes(axes, params)
+    if idle:
+        saved = ",".join(f"{n}={s}" for n, s in saved_mesh) if saved_mesh else "none"
+        raise UsageError(
+            f"mesh axis {idle[0]!r} divides no dimension of any parameter's saved sharding",
+            hint=f"use the checkpoint's axis names, with sizes that divide its dimensions (saved: {saved})",
+        )

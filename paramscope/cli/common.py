@@ -1,0 +1,229 @@
+"""What every command does around the core: errors to exit codes, stderr, progress, rendering.
+
+The one place that maps paramscope's errors to exit codes and formats stderr lines.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import typer
+
+from paramscope import errors
+from paramscope.cli.options import Cluster, Output, Reading, Selection
+from paramscope.output.render import Format, Report, View, render
+
+PROGRESS_MIN_BYTES = 64 << 20  # less data than this reads in a moment: no progress bar
+
+
+def debugging() -> bool:
+    return os.environ.get("PARAMSCOPE_DEBUG", "") not in ("", "0")
+
+
+def warn(message: str, quiet: bool = False, kind: str = "warning") -> None:
+    if not quiet:
+        print(f"paramscope: {kind}: {message}", file=sys.stderr)
+
+
+def fail(message: str, hint: str | None, code: int) -> typer.Exit:
+    print(errors.error_line(message, hint), file=sys.stderr)
+    return typer.Exit(code)
+
+
+def handle_errors(command):
+    """Maps paramscope's errors to one-line messages and exit codes; tracebacks only when debugging.
+
+    In a cluster of processes every process leaves through
+    :func:`paramscope.parallel.cluster.finish`, with the same exit code.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            _run(command, *args, **kwargs)
+            code = 0
+        except typer.Exit as exit_:
+            code = exit_.exit_code
+        from paramscope.parallel import cluster
+
+        if cluster.CURRENT is not None:
+            cluster.finish(cluster.CURRENT, code)
+        if code:
+            raise typer.Exit(code)
+
+    return wrapper
+
+
+def _run(command, *args, **kwargs):
+    try:
+        return command(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except BrokenPipeError:  # a reader that went away (`| head`): not an error
+        silence_stdout()
+        raise typer.Exit(0) from None
+    except errors.ParamscopeError as err:
+        if debugging():
+            raise
+        raise fail(err.message, err.hint, err.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", None, 130) from None
+    except Exception as err:  # a bug: say so in one line, traceback on request
+        if debugging():
+            raise
+        raise fail(
+            f"unexpected {type(err).__name__}: {err}",
+            "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
+            errors.EXIT_INTERNAL,
+        ) from None
+
+
+def silence_stdout() -> None:
+    """Points stdout at /dev/null, so that no later flush meets the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def quiet_libraries() -> None:
+    """Keeps XLA's and absl's log noise off the terminal (set before jax loads)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def emit(report: Report, out: Output, table: str | None = None) -> None:
+    """Renders a report to stdout as ``out`` says; hidden columns are named on stderr.
+
+    On a terminal tables fit its width; anywhere else (a pipe, a file) nothing is cut or folded.
+    """
+    keys = out.column_keys
+    if keys and out.fmt == Format.json:
+        raise errors.UsageError(
+            "--columns picks columns of a table", hint="use it with -f table, csv or markdown"
+        )
+    view = View(exact=out.exact, columns=keys, table=table)
+    if out.fmt == Format.table:
+        from rich.console import Console
+
+        console = Console(file=sys.stdout, highlight=False)
+        if console.is_terminal:
+            view.width = console.width
+            view.console = console
+    for message in render(report, out.fmt, sys.stdout, view):
+        warn(message, out.quiet, kind="note")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def inventory(ckpt: str, sel: Selection, quiet: bool, step: int | None = None):
+    """The checkpoint's parameters as ``sel`` selects them; unmatched patterns are warned about."""
+    from paramscope.io.inventory import filter_params, open_checkpoint
+
+    inv = open_checkpoint(ckpt, step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree)
+    for warning in inv.warnings:
+        warn(warning, quiet)
+    params = filter_params(inv.params, sel.filter)
+    if sel.filter is not None and inv.params and not params:
+        warn(f"--filter {sel.filter!r} matches no parameter", quiet)
+    return inv, params
+
+
+def join(options: Cluster):
+    """This process's cluster: alone, or joined with the others through jax.distributed."""
+    from paramscope.parallel.cluster import LOCAL, join, settings_from
+
+    settings = settings_from(
+        options.coordinator, options.num_processes, options.process_id, options.distributed
+    )
+    if settings is None:
+        return LOCAL
+    quiet_libraries()
+    explicit = settings if any(v is not None for v in settings.values()) else None
+    return join(explicit, options.timeout, debugging())
+
+
+def memory_budget(reading: Reading) -> int | None:
+    from paramscope.compute.plan import parse_size
+
+    return parse_size(reading.memory_budget) if reading.memory_budget else None
+
+
+def scan(inv, params, full: bool, reading: Reading, quiet: bool, cluster=None):
+    """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
+    from paramscope.compute.engines import scan
+    from paramscope.parallel.mesh import check_mesh, parse_mesh
+
+    quiet_libraries()
+    engine = reading.engine.value
+    axes = parse_mesh(reading.mesh) if reading.mesh else None
+    if axes is not None:
+        check_mesh(axes, engine, params, inv.saved_mesh)
+    options = dict(
+        full=full,
+        engine=engine,
+        mesh_axes=axes,
+        saved_mesh=inv.saved_mesh,
+        memory_budget=memory_budget(reading),
+    )
+    if cluster is not None:
+        options["cluster"] = cluster
+    total = sum(p.nbytes for p in params)
+    return with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
+
+
+def with_progress(total: int, quiet: bool, run):
+    """``run(on_bytes)``, with a progress bar on stderr when it is a terminal and the read is large."""
+    if quiet or not sys.stderr.isatty() or total < PROGRESS_MIN_BYTES:
+        return run(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("reading", total=total)
+        return run(lambda n: progress.advance(task, n))
+
+
+def report_nonfinite(result, fail_on_it: bool, quiet: bool) -> None:
+    """Warns about NaN/Inf on stderr, and exits 1 when asked to fail on them."""
+    if not result.nonfinite:
+        return
+    bad = [r.param.path for r in result.params if r.nonfinite]
+    warn(
+        f"{result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): "
+        + ", ".join(bad[:5])
+        + (" ..." if len(bad) > 5 else ""),
+        quiet,
+    )
+    if fail_on_it:
+        raise typer.Exit(errors.EXIT_CHECK_FAILED)
+
+
+def weight_decay_mask(params, include: list[str] | None, exclude: list[str] | None, quiet: bool):
+    """The mask of include or exclude regexes; patterns that match nothing are warned about."""
+    from paramscope.io.inventory import weight_decay_mask
+
+    if include and exclude:
+        raise errors.UsageError(
+            "include and exclude patterns given together",
+            hint="a weight-decay mask takes include or exclude regexes, as get_param_mask_fn does",
+        )
+    mask = weight_decay_mask(params, include=include, exclude=exclude)
+    for pattern in mask.unmatched_patterns:
+        warn(f"pattern {pattern!r} matches no parameter", quiet)
+    return mask

@@ -1,0 +1,314 @@
+"""Commands that judge a checkpoint: verify, diff, snapshot and check."""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from paramscope import errors
+from paramscope.cli import common
+from paramscope.cli.options import (
+    CHECKS,
+    OUTPUT,
+    SELECTION,
+    AtolOpt,
+    CkptArg,
+    Cluster,
+    FilterOpt,
+    ItemOpt,
+    Output,
+    QuietOpt,
+    Reading,
+    RtolOpt,
+    Selection,
+    StepOpt,
+    SubtreeOpt,
+    TopOpt,
+    with_options,
+)
+from paramscope.output.reports import DIFF_SORT_KEYS
+
+DiffSort = Enum("DiffSort", {k: k for k in DIFF_SORT_KEYS}, type=str)
+
+
+@with_options(out=Output)
+def verify(
+    ckpt: CkptArg,
+    step: StepOpt = None,
+    item: Annotated[
+        str | None, typer.Option("--item", metavar="NAME", help="Check only this item (default: all).")
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", metavar="SIZE", help="Array data held at once, e.g. 512MiB."),
+    ] = None,
+    out: Output = None,
+) -> None:
+    """Decode every chunk of every array; check arrays, _METADATA and _sharding agree. Exit 3 on damage.
+
+    Examples:
+
+    - `paramscope verify ckpt --step 400`
+    """
+    from paramscope.compute.plan import parse_size
+    from paramscope.compute.verify import verify_checkpoint
+    from paramscope.io import orbax
+    from paramscope.output.reports import verify_report
+
+    budget = parse_size(memory_budget) if memory_budget else None
+    result = common.with_progress(
+        orbax.step_bytes(ckpt, step),
+        out.quiet,
+        lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes),
+    )
+    common.emit(verify_report(result, ckpt), out)
+    if not result.ok:
+        raise common.fail(
+            f"{len(result.problems)} problem(s) in {ckpt}",
+            "the report on stdout lists them by array",
+            errors.EXIT_CHECKPOINT,
+        )
+
+
+@with_options(out=Output, reading=Reading, cluster=Cluster)
+def diff(
+    ckpt_a: Annotated[str, typer.Argument(metavar="A", help="The reference checkpoint.", show_default=False)],
+    ckpt_b: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[B]",
+            help="The checkpoint compared with it (default: A, at another step).",
+            show_default=False,
+        ),
+    ] = None,
+    step_a: Annotated[
+        int | None,
+        typer.Option(
+            "--step-a", metavar="N", help="Step of A (default: latest finished).", rich_help_panel=SELECTION
+        ),
+    ] = None,
+    step_b: Annotated[
+        int | None,
+        typer.Option(
+            "--step-b", metavar="N", help="Step of B (default: latest finished).", rich_help_panel=SELECTION
+        ),
+    ] = None,
+    item: ItemOpt = None,
+    subtree: SubtreeOpt = None,
+    filter: FilterOpt = None,
+    rtol: RtolOpt = 0.0,
+    atol: AtolOpt = 0.0,
+    structure_only: Annotated[
+        bool,
+        typer.Option(
+            "--structure-only",
+            help="Compare paths, shapes, dtypes, shardings; read no data.",
+            rich_help_panel=CHECKS,
+        ),
+    ] = False,
+    fail_on_change: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-change",
+            help="Exit 1 when anything differs beyond the tolerances.",
+            rich_help_panel=CHECKS,
+        ),
+    ] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="List identical parameters too.", rich_help_panel=OUTPUT)
+    ] = False,
+    sort: Annotated[
+        DiffSort,
+        typer.Option(
+            "--sort",
+            help="Row order (path, cosine: smallest first; others largest first).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = DiffSort.path,
+    top: TopOpt = None,
+    out: Output = None,
+    reading: Reading = None,
+    cluster: Cluster = None,
+) -> None:
+    """Compare two checkpoints, or two steps of one: added, removed, reshaped, and how values moved.
+
+    Examples:
+
+    - `paramscope diff run --step-a 100`
+    - `paramscope diff old new --rtol 1e-3`
+    """
+    from paramscope.compute.diff import diff_params
+    from paramscope.output.reports import diff_report, diff_summary
+
+    joined = common.join(cluster)
+    quiet = out.quiet or not joined.primary
+    sel = Selection(item=item, subtree=subtree, filter=filter)
+    inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a)
+    inv_b, params_b = common.inventory(ckpt_b or ckpt_a, sel, quiet, step=step_b)
+    budget = common.memory_budget(reading)
+    total = 2 * sum(p.nbytes for p in params_a) if not structure_only else 0
+    result = common.with_progress(
+        total,
+        quiet,
+        lambda on_bytes: diff_params(
+            params_a,
+            params_b,
+            rtol=rtol,
+            atol=atol,
+            values=not structure_only,
+            memory_budget=budget,
+            on_bytes=on_bytes,
+            cluster=joined,
+        ),
+    )
+    common.emit(diff_report(inv_a, inv_b, result, not structure_only, show_all, sort.value, top), out)
+    if fail_on_change and result.differs:
+        raise common.fail(
+            f"the checkpoints differ: {diff_summary(result)}",
+            "see the report on stdout",
+            errors.EXIT_CHECK_FAILED,
+        )
+
+
+@with_options(sel=Selection, reading=Reading)
+def snapshot(
+    ckpt: CkptArg,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="File to write the baseline to ('-': stdout).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = "-",
+    quiet: QuietOpt = False,
+    sel: Selection = None,
+    reading: Reading = None,
+) -> None:
+    """Write a JSON baseline: structure, counts and every parameter's statistics.
+
+    Examples:
+
+    - `paramscope snapshot ckpt -o b.json`
+    """
+    import json
+
+    from paramscope import __version__
+    from paramscope.compute.baseline import snapshot as make_snapshot
+    from paramscope.output.render import json_ready
+
+    inv, params = common.inventory(ckpt, sel, quiet)
+    if output != "-":
+        target = os.path.realpath(output)
+        if target == inv.checkpoint or target.startswith(inv.checkpoint + os.sep):
+            raise errors.UsageError(
+                f"--output {output} is inside the checkpoint",
+                hint="paramscope never writes into a checkpoint folder; write elsewhere",
+            )
+    inv.params = params
+    result = common.scan(inv, params, True, reading, quiet)
+    text = json.dumps(json_ready(make_snapshot(inv, result, __version__)), indent=1, allow_nan=False) + "\n"
+    if output == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        with open(output, "w") as f:
+            f.write(text)
+    except OSError as err:
+        raise errors.UsageError(
+            f"cannot write {output}: {err.strerror}", hint="choose a writable path"
+        ) from None
+    common.warn(f"wrote {output} ({len(params):,} parameters)", quiet, kind="note")
+
+
+@with_options(sel=Selection, out=Output, reading=Reading)
+def check(
+    ckpt: CkptArg,
+    baseline_file: Annotated[
+        str,
+        typer.Option(
+            "--baseline",
+            "-b",
+            metavar="FILE",
+            help="Baseline JSON (snapshot, or table/norms/stats JSON).",
+            rich_help_panel=CHECKS,
+        ),
+    ],
+    rtol: RtolOpt = 1e-5,
+    atol: AtolOpt = 0.0,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore",
+            metavar="REGEX",
+            help="Leave out parameters matching (repeatable).",
+            rich_help_panel=SELECTION,
+        ),
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            metavar="WHAT",
+            help="Compare only: structure, counts, norms, stats (repeatable).",
+            rich_help_panel=CHECKS,
+        ),
+    ] = None,
+    allow_new: Annotated[
+        bool,
+        typer.Option("--allow-new", help="Parameters absent from the baseline pass.", rich_help_panel=CHECKS),
+    ] = False,
+    allow_missing: Annotated[
+        bool,
+        typer.Option("--allow-missing", help="Baseline parameters absent here pass.", rich_help_panel=CHECKS),
+    ] = False,
+    sel: Selection = None,
+    out: Output = None,
+    reading: Reading = None,
+) -> None:
+    """Check a checkpoint against a baseline: exit 0 pass, 1 regression, 3 unreadable.
+
+    Examples:
+
+    - `paramscope check ckpt -b b.json`
+    """
+    from paramscope.compute.baseline import CheckOptions, categories, load_baseline, needs_data
+    from paramscope.compute.baseline import check as run_check
+    from paramscope.output.reports import check_report
+
+    options = CheckOptions(
+        rtol=rtol,
+        atol=atol,
+        ignore=ignore or (),
+        only=only or (),
+        allow_new=allow_new,
+        allow_missing=allow_missing,
+        filter=sel.filter,
+    )
+    baseline = load_baseline(baseline_file)
+    inv, params = common.inventory(ckpt, sel, out.quiet)
+    for pattern in options.compiled:
+        if not any(pattern.search(p.path) for p in params):
+            common.warn(f"--ignore {pattern.pattern!r} matches no parameter", out.quiet)
+    kept = [p for p in params if not options.ignored(p.path)]
+    scan_kind = needs_data(baseline, options)
+    result = common.scan(inv, kept, scan_kind == "stats", reading, out.quiet) if scan_kind else None
+    violations = run_check(baseline, inv, result, options)
+    common.emit(
+        check_report(
+            inv, baseline_file, baseline, categories(baseline, options), options, violations, len(kept)
+        ),
+        out,
+    )
+    if violations:
+        raise common.fail(
+            f"{len(violations)} regression(s) against {baseline_file}",
+            "see the report on stdout",
+            errors.EXIT_CHECK_FAILED,
+        )

@@ -1,0 +1,92 @@
+"""Commands that read every value once: norms and stats."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from paramscope.cli import common
+from paramscope.cli.options import (
+    OUTPUT,
+    CkptArg,
+    Cluster,
+    FailOpt,
+    Output,
+    Reading,
+    Selection,
+    TopOpt,
+    with_options,
+)
+from paramscope.output.reports import NORMS_SORT_KEYS, STATS_SORT_KEYS
+
+NormsSort = Enum("NormsSort", {k: k for k in NORMS_SORT_KEYS}, type=str)
+StatsSort = Enum("StatsSort", {k: k for k in STATS_SORT_KEYS}, type=str)
+
+
+@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster)
+def norms(
+    ckpt: CkptArg,
+    per_param: Annotated[bool, typer.Option("--per-param", help="One row per parameter.")] = False,
+    fail_on_nonfinite: FailOpt = False,
+    sort: Annotated[
+        NormsSort,
+        typer.Option(
+            "--sort", help="Row order of --per-param (path; others largest first).", rich_help_panel=OUTPUT
+        ),
+    ] = NormsSort.path,
+    top: TopOpt = None,
+    sel: Selection = None,
+    out: Output = None,
+    reading: Reading = None,
+    cluster: Cluster = None,
+) -> None:
+    """Global L2 norm, and per-parameter norms, in one streaming pass (float64 on the host).
+
+    Examples:
+
+    - `paramscope norms ckpt --per-param`
+    - `paramscope norms ckpt -f json`
+    """
+    from paramscope.output.reports import norms_report
+
+    joined = common.join(cluster)
+    quiet = out.quiet or not joined.primary
+    inv, params = common.inventory(ckpt, sel, quiet)
+    result = common.scan(inv, params, False, reading, quiet, joined)
+    common.emit(norms_report(inv, params, result, per_param, sort.value, top), out)
+    common.report_nonfinite(result, fail_on_nonfinite, quiet)
+
+
+@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster)
+def stats(
+    ckpt: CkptArg,
+    fail_on_nonfinite: FailOpt = False,
+    sort: Annotated[
+        StatsSort,
+        typer.Option("--sort", help="Row order (path; others largest first).", rich_help_panel=OUTPUT),
+    ] = StatsSort.path,
+    top: TopOpt = None,
+    sel: Selection = None,
+    out: Output = None,
+    reading: Reading = None,
+    cluster: Cluster = None,
+) -> None:
+    """Per parameter, in one pass: norm, mean, std, min, max, max |x|, zero fraction, NaN and Inf.
+
+    Mean, std, min and max are over the finite values; NaN and Inf are counted.
+
+    Examples:
+
+    - `paramscope stats ckpt --sort std`
+    - `paramscope stats ckpt -f csv`
+    """
+    from paramscope.output.reports import stats_report
+
+    joined = common.join(cluster)
+    quiet = out.quiet or not joined.primary
+    inv, params = common.inventory(ckpt, sel, quiet)
+    result = common.scan(inv, params, True, reading, quiet, joined)
+    common.emit(stats_report(inv, params, result, sort.value, top), out)
+    common.report_nonfinite(result, fail_on_nonfinite, quiet)

@@ -1,0 +1,301 @@
+"""Options declared once: each group a dataclass, added to a command by :func:`with_options`.
+
+A command names the groups it takes (``@with_options(sel=Selection, out=Output)``) and receives
+one instance of each; Typer sees the group's options in the command's signature, in the help
+panel the group names. Completion of ``--step`` and ``--item`` reads the checkpoint's folder
+listing only (no jax, no TensorStore).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from paramscope.output.render import Format
+
+SELECTION = "Selection"
+OUTPUT = "Output"
+READING = "Reading"
+CLUSTER = "Cluster (jax.distributed)"
+CHECKS = "Checks"
+
+
+# ----------------------------------------------------------------------------------------------
+# Completion: cheap, from the folder listing
+
+
+def _complete_steps(ctx: typer.Context, incomplete: str) -> list[str]:
+    from paramscope.io import orbax
+
+    path = ctx.params.get("ckpt") or ctx.params.get("ckpt_a")
+    try:
+        steps = orbax.list_steps(path) if path else []
+    except Exception:  # completion never fails loudly
+        return []
+    return [str(s.step) for s in steps if s.finished and str(s.step).startswith(incomplete)]
+
+
+def _complete_items(ctx: typer.Context, incomplete: str) -> list[str]:
+    from paramscope.io import orbax
+
+    path = ctx.params.get("ckpt") or ctx.params.get("ckpt_a")
+    step = ctx.params.get("step")
+    try:
+        location = orbax.locate(path, step) if path else None
+    except Exception:
+        return []
+    names = [i.name for i in location.items] if location else []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Single options, shared by several commands
+
+CkptArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="CKPT",
+        help="Checkpoint: a CheckpointManager root, a step folder or an item folder.",
+        show_default=False,
+    ),
+]
+StepOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--step",
+        metavar="N",
+        help="Step to read (default: the latest finished step).",
+        autocompletion=_complete_steps,
+        rich_help_panel=SELECTION,
+    ),
+]
+ItemOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--item",
+        metavar="NAME",
+        help="Item to read (default: params, else the only pytree item, else all of them).",
+        autocompletion=_complete_items,
+        rich_help_panel=SELECTION,
+    ),
+]
+SubtreeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--subtree",
+        metavar="PREFIX",
+        help="Keep one dotted subtree, e.g. params; paths become relative to it.",
+        rich_help_panel=SELECTION,
+    ),
+]
+FilterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--filter",
+        metavar="REGEX",
+        help="Keep parameters whose path matches this regex.",
+        rich_help_panel=SELECTION,
+    ),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No warnings or progress on stderr.", rich_help_panel=OUTPUT)
+]
+FailOpt = Annotated[
+    bool,
+    typer.Option("--fail-on-nonfinite", help="Exit 1 if any value is NaN or Inf.", rich_help_panel=CHECKS),
+]
+TopOpt = Annotated[
+    int | None,
+    typer.Option("--top", metavar="K", min=1, help="Show only the first K rows.", rich_help_panel=OUTPUT),
+]
+RtolOpt = Annotated[
+    float,
+    typer.Option(
+        "--rtol",
+        metavar="X",
+        min=0,
+        help="Relative tolerance: |a - b| <= atol + rtol * |a|.",
+        rich_help_panel=CHECKS,
+    ),
+]
+AtolOpt = Annotated[
+    float, typer.Option("--atol", metavar="X", min=0, help="Absolute tolerance.", rich_help_panel=CHECKS)
+]
+
+
+class Engine(str, Enum):
+    auto = "auto"
+    host = "host"
+    mesh = "mesh"
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups
+
+
+@dataclass
+class Selection:
+    """Which step, item, subtree and parameters a command reads."""
+
+    step: StepOpt = None
+    item: ItemOpt = None
+    subtree: SubtreeOpt = None
+    filter: FilterOpt = None
+
+
+@dataclass
+class Output:
+    """How the report is shown."""
+
+    fmt: Annotated[
+        Format,
+        typer.Option("--format", "-f", help="Output format.", case_sensitive=False, rich_help_panel=OUTPUT),
+    ] = Format.table
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            metavar="COL,COL...",
+            help="Show these columns, in this order (names as in --format csv).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact", help="Every digit: no abbreviated counts, floats in full.", rich_help_panel=OUTPUT
+        ),
+    ] = False
+    quiet: QuietOpt = False
+
+    @property
+    def column_keys(self) -> list[str] | None:
+        return [c.strip() for c in self.columns.split(",") if c.strip()] if self.columns else None
+
+
+@dataclass
+class Reading:
+    """How array data is read and reduced."""
+
+    mesh: Annotated[
+        str | None,
+        typer.Option(
+            "--mesh",
+            metavar="AXIS=N,...",
+            help="Device mesh (default: all local devices, shaped like the saved mesh).",
+            rich_help_panel=READING,
+        ),
+    ] = None
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            "--engine",
+            help="auto: mesh with an accelerator or --mesh, else host; host: numpy in float64; "
+            "mesh: jax on the device mesh.",
+            case_sensitive=False,
+            rich_help_panel=READING,
+        ),
+    ] = Engine.auto
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-budget",
+            metavar="SIZE",
+            help="Array data held at once, e.g. 512MiB, 4GiB (default: 1/4 of free memory).",
+            rich_help_panel=READING,
+        ),
+    ] = None
+
+
+@dataclass
+class Cluster:
+    """How this process joins others through jax.distributed."""
+
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="Join the processes of a cluster launcher (SLURM, TPU pod) via jax.distributed.",
+            rich_help_panel=CLUSTER,
+        ),
+    ] = False
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            "--coordinator",
+            metavar="HOST:PORT",
+            help="Coordinator of N processes started by hand (env PARAMSCOPE_COORDINATOR).",
+            rich_help_panel=CLUSTER,
+        ),
+    ] = None
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes",
+            metavar="N",
+            help="Number of processes (env PARAMSCOPE_NUM_PROCESSES).",
+            rich_help_panel=CLUSTER,
+        ),
+    ] = None
+    process_id: Annotated[
+        int | None,
+        typer.Option(
+            "--process-id",
+            metavar="I",
+            help="This process, 0..N-1 (env PARAMSCOPE_PROCESS_ID).",
+            rich_help_panel=CLUSTER,
+        ),
+    ] = None
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            min=1,
+            help="Seconds a process waits for the others before exit 3.",
+            rich_help_panel=CLUSTER,
+        ),
+    ] = 300
+
+
+def with_options(**groups: type) -> typing.Callable:
+    """Adds the options of each group (a dataclass) to a command; it receives one instance each.
+
+    ``@with_options(out=Output)`` on ``def cmd(ckpt, out: Output)``: Typer sees ``--format``,
+    ``--columns``, ... in place of ``out``, and the command gets ``Output(fmt=..., ...)``.
+    """
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        params = [p for p in signature.parameters.values() if p.name not in groups]
+        hints = typing.get_type_hints(command, include_extras=True)
+        params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in params]
+        members = {}
+        for name, group in groups.items():
+            group_hints = typing.get_type_hints(group, include_extras=True)
+            members[name] = [f.name for f in fields(group)]
+            params += [
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, annotation=group_hints[f.name], default=f.default
+                )
+                for f in fields(group)
+            ]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            for name, group in groups.items():
+                kwargs[name] = group(**{key: kwargs.pop(key) for key in members[name]})
+            return command(*args, **kwargs)
+
+        del wrapper.__wrapped__  # Typer must read the new signature, not the command's
+        wrapper.__signature__ = signature.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate

@@ -1,0 +1,167 @@
+"""Text tables that never cut a number: column widths for a terminal, folding, dropped columns.
+
+A table is laid out from whole cells. Numbers, dtypes, shapes, shardings and headers are never
+cut or wrapped. When the table is wider than the terminal, in this order: the folding columns
+(paths fold at dots, free text at spaces) shrink to their longest unbreakable piece; large
+counts are abbreviated (``277M``, unless exact digits are asked for); whole columns are hidden,
+lowest priority first; only then does a path fold inside a name. Off a terminal (``width`` None)
+nothing is folded or hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+GAP = 2  # spaces between columns
+RULE = "─"
+_MIN_FOLD = 8  # a folding column never gets narrower than this (or its header)
+
+
+@dataclass
+class TextColumn:
+    """One column of a laid-out table: its header, cells (already text) and how it may give way."""
+
+    header: str
+    cells: list[str]
+    footer: str = ""
+    right: bool = False  # right-justified (numbers)
+    fold: str | None = None  # "path" (fold at dots), "text" (at spaces) or None (never)
+    priority: int = 1  # 0: always shown; larger numbers are hidden first
+    compact: tuple[list[str], str] | None = None  # shorter cells and footer, for when it does not fit
+
+    def natural(self) -> int:
+        return max([len(self.header), len(self.footer), *map(len, self.cells)])
+
+    def unbreakable(self) -> int:
+        """The width below which a cell must break inside a name (or a word)."""
+        if self.fold is None:
+            return self.natural()
+        pieces = [len(p) for cell in self.cells for p in _pieces(cell, self.fold)]
+        return max([len(self.header), len(self.footer), *pieces, 1])
+
+
+def _pieces(text: str, fold: str) -> list[str]:
+    """The parts a cell may break between: ``a.b.c`` -> ``a.``, ``b.``, ``c``; words for text."""
+    if fold == "path":
+        return re.findall(r"[^.]*\.|[^.]+$", text) or [text]
+    return re.findall(r"\S+\s*", text) or [text]
+
+
+def fold_cell(text: str, width: int, fold: str | None) -> list[str]:
+    """Lines of at most ``width`` characters, broken between pieces, inside one only if it is longer.
+
+    >>> fold_cell("block_0.LayerNorm_0.scale", 12, "path")
+    ['block_0.', 'LayerNorm_0.', 'scale']
+    >>> fold_cell("encoder.layers_10.attention", 20, "path")
+    ['encoder.layers_10.', 'attention']
+    >>> fold_cell("averyveryverylongname", 8, "path")
+    ['averyver', 'yverylon', 'gname']
+    """
+    if fold is None or len(text) <= width:
+        return [text]
+    lines: list[str] = []
+    line = ""
+    for piece in _pieces(text, fold):
+        if len(line) + len(piece.rstrip()) <= width:
+            line += piece
+            continue
+        if line:
+            lines.append(line.rstrip())
+        while len(piece.rstrip()) > width:  # the last resort: inside a name
+            lines.append(piece[:width])
+            piece = piece[width:]
+        line = piece
+    if line.strip() or not lines:
+        lines.append(line.rstrip())
+    return lines
+
+
+@dataclass
+class Fitted:
+    columns: list[TextColumn]
+    widths: list[int]
+    hidden: list[str]  # headers of the columns left out to fit
+    abbreviated: bool  # counts shown as 277M
+
+
+def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
+    """The columns to show and their widths, so the table fits ``width`` (None: no limit)."""
+    shown = list(columns)
+    if width is None:
+        return Fitted(shown, [c.natural() for c in shown], [], False)
+
+    def needed(cols, widths):
+        return sum(widths) + GAP * (len(cols) - 1)
+
+    def widths_for(cols, shrink_folds: bool):
+        return [c.unbreakable() if (c.fold and shrink_folds) else c.natural() for c in cols]
+
+    if needed(shown, widths_for(shown, False)) <= width:
+        return Fitted(shown, widths_for(shown, False), [], False)
+    abbreviated = False
+    for column in shown:  # abbreviate large counts before hiding anything
+        if column.compact is not None and needed(shown, widths_for(shown, True)) > width:
+            (column.cells, column.footer), column.compact = column.compact, None
+            abbreviated = True
+    hidden: list[str] = []
+    while needed(shown, widths_for(shown, True)) > width:
+        droppable = [i for i, c in enumerate(shown) if c.priority > 0]
+        if not droppable:
+            break
+        victim = max(droppable, key=lambda i: (shown[i].priority, i))
+        hidden.append(shown.pop(victim).header)
+    widths = widths_for(shown, True)
+    spare = width - needed(shown, widths)
+    folding = [i for i, c in enumerate(shown) if c.fold]
+    if spare > 0:  # give the room back to the folding columns, the first (the path) first
+        for i in folding:
+            extra = min(spare, shown[i].natural() - widths[i])
+            widths[i] += extra
+            spare -= extra
+    elif spare < 0:  # the last resort: folding columns break inside names
+        for i in folding:
+            floor = max(len(shown[i].header), _MIN_FOLD)
+            give = min(-spare, max(0, widths[i] - floor))
+            widths[i] -= give
+            spare += give
+    return Fitted(shown, widths, hidden, abbreviated)
+
+
+def lines(columns: Sequence[TextColumn], widths: Sequence[int], rule: str = RULE) -> list[str]:
+    """The table as lines: header, rule, rows (folded), and a rule and footer when there is one."""
+
+    def row(cells: Sequence[str]) -> list[str]:
+        folded = [fold_cell(cell, w, c.fold) for cell, w, c in zip(cells, widths, columns)]
+        out = []
+        for k in range(max(map(len, folded))):
+            parts = []
+            for part, w, c in zip(folded, widths, columns):
+                text = part[k] if k < len(part) else ""
+                parts.append(text.rjust(w) if c.right else text.ljust(w))
+            out.append((" " * GAP).join(parts).rstrip())
+        return out
+
+    total = sum(widths) + GAP * (len(widths) - 1)
+    out = row([c.header for c in columns]) + [rule * total]
+    for k in range(len(columns[0].cells) if columns else 0):
+        out += row([c.cells[k] for c in columns])
+    if any(c.footer for c in columns):
+        out += [rule * total] + row([c.footer for c in columns])
+    return out
+
+
+def compact_count(value: int) -> str:
+    """A count in three significant digits with a unit: 277M, 1.5B, 12.3K.
+
+    >>> compact_count(277_000_001), compact_count(1_536_000_000), compact_count(999)
+    ('277M', '1.54B', '999')
+    """
+    if abs(value) < 1000:
+        return str(value)
+    exponent = min(int(math.log10(abs(value))) // 3, 4)
+    scaled = value / 1000**exponent
+    digits = f"{scaled:.3g}" if scaled < 1000 else f"{scaled:.0f}"
+    return digits + "KMBT"[exponent - 1]
