@@ -199,6 +199,7 @@ def test_info_json(manager_ckpt):
         (["table", "{missing}"], 3, "does not exist"),
         (["count", "{root}", "--step", "999"], 3, "no finished step 999"),
         (["count", "{root}", "--item", "ema"], 3, "no item 'ema'"),
+        (["table", "{root}", "--item", "metadata"], 3, "is a JSON item"),
         (["mask", "{root}", "--include", "a", "--exclude", "b"], 2, "together"),
         (["mask", "{root}", "--exclude", "[bad"], 2, "invalid exclude regex"),
         (["table", "{root}", "--filter", "(bad"], 2, "invalid --filter regex"),

@@ -127,6 +127,10 @@ def test_bad_paths_and_selections(ckpt, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.md").write_text("# not a checkpoint")
     (tmp_path / "other" / "sub").mkdir()
+    runs = tmp_path / "runs"  # a folder of run folders: the error points at the checkpoints
+    (runs / "wandb").mkdir(parents=True)
+    shutil.copytree(ckpt, runs / "run_1" / "checkpoints")
+    shutil.copytree(ckpt, runs / "run_2")
     no_finished = tmp_path / "nofinished"
     shutil.copytree(
         os.path.join(ckpt, "6.orbax-checkpoint-tmp-99"), no_finished / "6.orbax-checkpoint-tmp-99"
@@ -135,9 +139,10 @@ def test_bad_paths_and_selections(ckpt, tmp_path):
     cases = [
         (["table", tmp_path / "missing"], 3, "does not exist"),
         (["table", tmp_path / "file.txt"], 3, "is a file"),
-        (["table", tmp_path / "empty"], 3, "holds no Orbax checkpoint"),
-        (["count", tmp_path / "other"], 3, "holds no Orbax checkpoint"),
-        (["norms", no_finished], 3, "no finished step"),
+        (["table", tmp_path / "empty"], 3, "is not a checkpoint"),
+        (["count", tmp_path / "other"], 3, "is not a checkpoint"),
+        (["count", runs], 3, "found checkpoints under run_1/checkpoints/, run_2/"),
+        (["norms", no_finished], 3, "no finished step, only 1 unfinished: 6.orbax-checkpoint-tmp-99"),
         (["table", ckpt, "--step", "7"], 3, "no finished step 7"),
         (["table", ckpt, "--item", "ema"], 3, "no item 'ema'"),
         (["verify", ckpt, "--item", "ema"], 3, "no item 'ema'"),

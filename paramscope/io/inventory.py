@@ -108,6 +108,12 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
         return chosen
     if item is not None:
         chosen = [i for i in readable if i.name == item]
+        json_items = [i for i in location.items if i.kind == "json" and i.name == item]
+        if json_items:
+            raise ItemNotFound(
+                f"item {item!r} is a JSON item, not arrays",
+                hint=f"`paramscope info {location.path}` shows its content",
+            )
         if not chosen:
             names = ", ".join(i.name for i in readable) or "none"
             raise ItemNotFound(f"no item {item!r} with arrays in {location.path}", hint=f"items: {names}")
@@ -308,7 +314,7 @@ class InfoResult:
 
 def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoResult:
     """Steps (finished and unfinished), items and their kinds, storage, sizes, JSON items."""
-    location = checkpoint.locate(os.fspath(path), step)
+    location = checkpoint.locate(os.fspath(path), step, allow_unfinished=True)
     summaries = []
     problems: list[str] = []
     for item in location.items:

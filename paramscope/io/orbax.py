@@ -128,6 +128,13 @@ def _is_finished_step(path: str) -> bool:
     return bool(kinds - {"unknown", "damaged"})
 
 
+def _started_step(path: str) -> bool:
+    """Whether an unfinished folder named like a step was begun by a checkpoint writer."""
+    if os.path.exists(os.path.join(path, CHECKPOINT_METADATA)):
+        return True
+    return any(_item_kind(os.path.join(path, name)) != "unknown" for name in _subdirs(path))
+
+
 def _subdirs(path: str) -> list[str]:
     try:
         return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
@@ -163,7 +170,9 @@ def list_steps(root: str) -> list[Step]:
             continue
         match = _STEP_NAME.match(name)
         if match:
-            steps.append(Step(name, path, int(match.group("step")), finished=_is_finished_step(path)))
+            finished = _is_finished_step(path)
+            if finished or _started_step(path):  # not a step: e.g. run_1/ holding a run's folders
+                steps.append(Step(name, path, int(match.group("step")), finished=finished))
     return sorted(steps, key=lambda s: (s.step, s.finished, s.name))
 
 
@@ -175,8 +184,12 @@ def list_items(step_path: str) -> list[Item]:
     return [i for i in items if i.kind != "unknown"]
 
 
-def locate(path: str, step: int | None = None) -> Location:
-    """Resolves a manager root, a step folder or an item folder to one step's items."""
+def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -> Location:
+    """Resolves a manager root, a step folder or an item folder to one step's items.
+
+    ``allow_unfinished``: a root whose steps are all unfinished resolves to no step (for
+    ``info``), rather than failing.
+    """
     if not os.path.exists(path):
         raise CheckpointNotFound(f"{path} does not exist", hint="check the path")
     if not os.path.isdir(path):
@@ -220,15 +233,20 @@ def locate(path: str, step: int | None = None) -> Location:
 
     steps = list_steps(path)
     if not steps:
-        raise NotACheckpoint(
-            f"{path} holds no Orbax checkpoint (no _METADATA, no step folders)",
-            hint="pass a CheckpointManager root, a step folder or an item folder",
-        )
+        found = _checkpoints_below(path)
+        hint = "pass a CheckpointManager root, a step folder or an item folder"
+        if found:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            hint = "found checkpoints under " + ", ".join(found[:3]) + more
+        raise NotACheckpoint(f"{path} is not a checkpoint (no _METADATA, no step folders)", hint=hint)
     finished = [s for s in steps if s.finished]
     if step is None:
         if not finished:
+            if allow_unfinished:
+                return Location(path, "root", None, [], steps=steps)
+            names = ", ".join(s.name for s in steps[:3]) + (" ..." if len(steps) > 3 else "")
             raise StepNotFound(
-                f"{path} has no finished step ({len(steps)} unfinished)",
+                f"{path} has no finished step, only {len(steps)} unfinished: {names}",
                 hint="wait for the save to complete; `paramscope info` lists the steps",
             )
         chosen = finished[-1]
@@ -239,6 +257,18 @@ def locate(path: str, step: int | None = None) -> Location:
             raise StepNotFound(f"no finished step {step} in {path}", hint=f"finished steps: {available}")
         chosen = matches[-1]
     return Location(path, "root", chosen, list_items(chosen.path), steps=steps)
+
+
+def _checkpoints_below(path: str, depth: int = 2) -> list[str]:
+    """Folders up to ``depth`` levels below ``path`` that hold a checkpoint (for a hint), relative."""
+    found = []
+    for name in _subdirs(path):
+        below = os.path.join(path, name)
+        if list_steps(below) or list_items(below) or _item_kind(below) != "unknown":
+            found.append(name + "/")
+        elif depth > 1:
+            found += [name + "/" + inner for inner in _checkpoints_below(below, depth - 1)]
+    return found
 
 
 def _json_file(path: str) -> str | None:
