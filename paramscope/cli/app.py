@@ -6,6 +6,7 @@ jax is imported only by the commands that compute on arrays, so ``--help`` stays
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -67,6 +68,8 @@ def run(args: list[str] | None = None) -> int:
     (unknown option, bad value) included. A reader that closes the pipe early (``| head``) is
     no error: exit 0, nothing on stderr.
     """
+    args = sys.argv[1:] if args is None else list(args)
+    _shell_named(args)
     try:
         code = app(args=args, prog_name="paramscope", standalone_mode=False)
         sys.stdout.flush()
@@ -84,6 +87,16 @@ def run(args: list[str] | None = None) -> int:
         print(errors.error_line(message, f"see {command} --help"), file=sys.stderr)
         return err.exit_code
     return code if isinstance(code, int) else 0
+
+
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
+
+def _shell_named(args: list[str]) -> None:
+    """``--show-completion zsh``: Typer takes a shell name only with its shell detection off."""
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("--show-completion", "--install-completion") and args[i + 1] in SHELLS:
+            os.environ["_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"] = "1"
 
 
 def main() -> None:

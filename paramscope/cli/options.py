@@ -30,10 +30,15 @@ CHECKS = "Checks"
 # Completion: cheap, from the folder listing
 
 
+def _typed_checkpoint(ctx: typer.Context) -> str | None:
+    """The checkpoint typed so far (while completing, click may leave it among the extra args)."""
+    return ctx.params.get("ckpt") or ctx.params.get("ckpt_a") or next(iter(ctx.args), None)
+
+
 def _complete_steps(ctx: typer.Context, incomplete: str) -> list[str]:
     from paramscope.io import orbax
 
-    path = ctx.params.get("ckpt") or ctx.params.get("ckpt_a")
+    path = _typed_checkpoint(ctx)
     try:
         steps = orbax.list_steps(path) if path else []
     except Exception:  # completion never fails loudly
@@ -44,13 +49,13 @@ def _complete_steps(ctx: typer.Context, incomplete: str) -> list[str]:
 def _complete_items(ctx: typer.Context, incomplete: str) -> list[str]:
     from paramscope.io import orbax
 
-    path = ctx.params.get("ckpt") or ctx.params.get("ckpt_a")
+    path = _typed_checkpoint(ctx)
     step = ctx.params.get("step")
     try:
         location = orbax.locate(path, step) if path else None
     except Exception:
         return []
-    names = [i.name for i in location.items] if location else []
+    names = [i.name for i in location.items if i.kind != "json"] if location else []
     return [n for n in names if n.startswith(incomplete)]
 
 

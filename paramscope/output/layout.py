@@ -18,6 +18,7 @@ from dataclasses import dataclass
 GAP = 2  # spaces between columns
 RULE = "─"
 _MIN_FOLD = 8  # a folding column never gets narrower than this (or its header)
+COMFORTABLE = 28  # columns are hidden before a path column gets narrower than this
 
 
 @dataclass
@@ -40,7 +41,8 @@ class TextColumn:
         if self.fold is None:
             return self.natural()
         pieces = [len(p) for cell in self.cells for p in _pieces(cell, self.fold)]
-        return max([len(self.header), len(self.footer), *pieces, 1])
+        pieces += [len(p.rstrip()) for p in _pieces(self.footer, "text")]
+        return max([len(self.header), *pieces, 1])
 
 
 def _pieces(text: str, fold: str) -> list[str]:
@@ -88,33 +90,56 @@ class Fitted:
 
 
 def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
-    """The columns to show and their widths, so the table fits ``width`` (None: no limit)."""
+    """The columns to show and their widths, so the table fits ``width`` (None: no limit).
+
+    In order, until the table fits: folding columns fold (a path keeps a comfortable width
+    while columns can be hidden); counts are abbreviated if that alone suffices; whole columns
+    are hidden, lowest priority first; folding columns shrink to their longest piece; counts
+    are abbreviated; folding columns break inside names. Spare room goes back to the first
+    folding column (the path).
+    """
     shown = list(columns)
     if width is None:
         return Fitted(shown, [c.natural() for c in shown], [], False)
 
-    def needed(cols, widths):
-        return sum(widths) + GAP * (len(cols) - 1)
+    def needed(widths):
+        return sum(widths) + GAP * (len(widths) - 1)
 
-    def widths_for(cols, shrink_folds: bool):
-        return [c.unbreakable() if (c.fold and shrink_folds) else c.natural() for c in cols]
+    def widths_for(floor):
+        return [floor(c) if c.fold else c.natural() for c in shown]
 
-    if needed(shown, widths_for(shown, False)) <= width:
-        return Fitted(shown, widths_for(shown, False), [], False)
+    def comfortable(c):
+        return min(c.natural(), max(c.unbreakable(), COMFORTABLE))
+
+    def tightest(c):
+        return c.unbreakable()
+
+    def abbreviate():
+        for column in shown:
+            if column.compact is not None:
+                (column.cells, column.footer), column.compact = column.compact, None
+
     abbreviated = False
-    for column in shown:  # abbreviate large counts before hiding anything
-        if column.compact is not None and needed(shown, widths_for(shown, True)) > width:
-            (column.cells, column.footer), column.compact = column.compact, None
+    if needed(widths_for(TextColumn.natural)) > width:
+        compact = [c for c in shown if c.compact is not None]
+        saving = sum(
+            c.natural() - max(len(c.header), len(c.compact[1]), *map(len, c.compact[0])) for c in compact
+        )
+        if compact and needed(widths_for(comfortable)) - saving <= width:
+            abbreviate()
             abbreviated = True
     hidden: list[str] = []
-    while needed(shown, widths_for(shown, True)) > width:
+    while needed(widths_for(comfortable)) > width:
         droppable = [i for i, c in enumerate(shown) if c.priority > 0]
         if not droppable:
             break
         victim = max(droppable, key=lambda i: (shown[i].priority, i))
         hidden.append(shown.pop(victim).header)
-    widths = widths_for(shown, True)
-    spare = width - needed(shown, widths)
+    if needed(widths_for(tightest)) > width and not abbreviated and any(c.compact for c in shown):
+        abbreviate()
+        abbreviated = True
+    widths = widths_for(tightest)
+    spare = width - needed(widths)
     folding = [i for i, c in enumerate(shown) if c.fold]
     if spare > 0:  # give the room back to the folding columns, the first (the path) first
         for i in folding:
@@ -133,8 +158,11 @@ def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
 def lines(columns: Sequence[TextColumn], widths: Sequence[int], rule: str = RULE) -> list[str]:
     """The table as lines: header, rule, rows (folded), and a rule and footer when there is one."""
 
-    def row(cells: Sequence[str]) -> list[str]:
-        folded = [fold_cell(cell, w, c.fold) for cell, w, c in zip(cells, widths, columns)]
+    def row(cells: Sequence[str], footer: bool = False) -> list[str]:
+        folded = [
+            fold_cell(cell, w, "text" if (footer and c.fold) else c.fold)
+            for cell, w, c in zip(cells, widths, columns)
+        ]
         out = []
         for k in range(max(map(len, folded))):
             parts = []
@@ -149,7 +177,7 @@ def lines(columns: Sequence[TextColumn], widths: Sequence[int], rule: str = RULE
     for k in range(len(columns[0].cells) if columns else 0):
         out += row([c.cells[k] for c in columns])
     if any(c.footer for c in columns):
-        out += [rule * total] + row([c.footer for c in columns])
+        out += [rule * total] + row([c.footer for c in columns], footer=True)
     return out
 
 
