@@ -76,6 +76,11 @@ def run(args: list[str] | None = None) -> int:
     except BrokenPipeError:
         silence_stdout()
         return 0
+    except SystemExit as exit_:  # completion and Typer's own exits; a closed pipe under help
+        if isinstance(exit_.__context__, BrokenPipeError):
+            silence_stdout()
+            return 0
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     except Exception as err:  # Typer's own usage errors carry an exit code and a message
         if not (hasattr(err, "exit_code") and hasattr(err, "format_message")):
             raise

@@ -223,6 +223,10 @@ def to_markdown(report: Report, view: View) -> str:
     return "\n".join(parts)
 
 
+def shorter(a: str, b: str) -> str:
+    return a if len(a) < len(b) else b
+
+
 def _text_columns(table: Report, columns: list[Column], view: View) -> list[layout.TextColumn]:
     out = []
     footer = table.footer or {}
@@ -233,7 +237,10 @@ def _text_columns(table: Report, columns: list[Column], view: View) -> list[layo
         if column.kind == "count" and not view.exact:
             values = [row.get(column.key) for row in table.rows]
             compact = (
-                [layout.compact_count(v) if isinstance(v, int) else c for v, c in zip(values, cells)],
+                [
+                    shorter(layout.compact_count(v), c) if isinstance(v, int) else c
+                    for v, c in zip(values, cells)
+                ],
                 layout.compact_count(footer[column.key]) if isinstance(footer.get(column.key), int) else foot,
             )
         fold = "path" if column.kind == "path" else "text" if column.kind == "note" else None

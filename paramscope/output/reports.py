@@ -186,8 +186,8 @@ def table_report(
     }
     columns = [
         Column("path", "path", "path", priority=0),
-        Column("shape", "shape", "shape", priority=0),
-        Column("dtype", "dtype", priority=0),
+        Column("shape", "shape", "shape", priority=1),
+        Column("dtype", "dtype", priority=1),
         Column("count", "count", "count", priority=0),
         Column("bytes", "bytes", "bytes", priority=3),
         Column("sharding", "sharding", "sharding", priority=4),
@@ -195,7 +195,7 @@ def table_report(
     if mask is not None:
         for param, decayed in mask.decisions:
             rows[param.path]["weight_decay"] = decayed
-        columns.append(Column("weight_decay", "weight decay", "bool", priority=0))
+        columns.append(Column("weight_decay", "decay", "bool", priority=0))
     if scan is not None:
         for entry in scan.params:
             row = rows[entry.param.path]
@@ -352,7 +352,7 @@ def mask_report(inv, result) -> Report:
         columns=[
             Column("path", "path", "path", priority=0),
             Column("count", "count", "count", priority=1),
-            Column("weight_decay", "weight decay", "bool", priority=0),
+            Column("weight_decay", "decay", "bool", priority=0),
         ],
         notes=[
             f"decayed: {decayed[0]:,} parameters in {plural(decayed[1], 'array')}; "

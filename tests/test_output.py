@@ -1,0 +1,438 @@
+"""What a person and a pipe see: tables at every width, CSV, Markdown, closed pipes, completion."""
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import f64_norm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_cli import run
+
+from paramscope import compute_stats, open_checkpoint
+from paramscope.compute.diff import diff_params
+from paramscope.output import layout
+from paramscope.output import reports as R
+from paramscope.output.render import View, cell, to_markdown, to_text
+
+WIDTHS = (40, 60, 80, 100, 120, 200)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+# Every tabular command, as a user would run it on a manager root (its name is {root}).
+COMMAND_LINES = [
+    ["info", "{root}"],
+    ["table", "{root}"],
+    ["table", "{root}", "--norms", "--wd-exclude", "bias$"],
+    ["table", "{root}", "--stats"],
+    ["count", "{root}", "--depth", "2"],
+    ["norms", "{root}", "--per-param"],
+    ["norms", "{root}"],
+    ["stats", "{root}"],
+    ["mask", "{root}", "--exclude", "bias$"],
+    ["verify", "{root}"],
+    ["diff", "{root}", "--step-a", "100", "--step-b", "200"],
+    ["check", "{root}", "--baseline", "{baseline}"],
+]
+
+
+KNOWN_HEADERS = (
+    {c.header for columns in (R.STAT_COLUMNS,) for c in columns}
+    | {"path", "shape", "dtype", "count", "bytes", "sharding", "decay", "item", "kind", "storage", "arrays"}
+    | {
+        "parameters",
+        "on disk",
+        "step",
+        "folder",
+        "finished",
+        "group (depth 2)",
+        "NaN/Inf",
+        "status",
+        "norm A",
+        "norm B",
+        "||A-B||",
+        "||A-B||/||A||",
+        "cosine",
+        "max |A-B|",
+        "metric",
+        "baseline",
+        "actual",
+        "rel. diff",
+        "array",
+        "problem",
+        "structure",
+    }
+)
+
+
+def terminal(width):
+    return {"TTY_COMPATIBLE": "1", "COLUMNS": str(width), "NO_COLOR": "1"}
+
+
+@pytest.fixture(scope="session")
+def baseline_file(manager_ckpt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("baseline") / "baseline.json"
+    assert run("snapshot", manager_ckpt.path, "-o", path, "-q").exit_code == 0
+    return str(path)
+
+
+def command_line(args, manager_ckpt, baseline_file):
+    return [a.format(root=manager_ckpt.path, baseline=baseline_file) for a in args]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables at every width
+
+
+def shown_headers(text: str) -> list[str]:
+    """The header line's cells: the line above the first rule (headers have single spaces only)."""
+    lines = text.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("─"))
+    return re.split(r"\s{2,}", lines[rule - 1].strip())
+
+
+def check_fitted(report, width):
+    """Every shown cell is whole on one line (paths: folded at dots), lines fit, headers whole."""
+    texts = []
+    for table in [report, *report.sections]:
+        lines, notes = to_text(report, View(width=width, table=table.name if report.sections else None))
+        text = "\n".join(line for line, _ in lines)
+        texts.append(text)
+        if not table.rows:
+            continue
+        headers = [c.header for c in table.columns]
+        present = [h for h in headers if re.search(rf"(^|  ){re.escape(h)}(  |$)", text, re.M)]
+        for column in table.columns:
+            if column.header not in present:
+                continue
+            for row in table.rows:
+                value = cell(row.get(column.key), column.kind, True)
+                if column.kind == "path":
+                    for piece in re.findall(r"[^.]*\.|[^.]+$", value):  # each piece whole
+                        # below 60 columns the essential columns may leave a path less than a
+                        # name: then it breaks inside names, never narrower than 8 characters
+                        whole = piece.rstrip(".") if width >= 60 else piece.rstrip(".")[:8]
+                        assert any(whole in line for line, _ in lines), (piece, width)
+                elif column.kind == "note":
+                    assert all(word in text for word in value.split()), value
+                elif column.kind == "count" and any("abbreviated" in n for n in notes):
+                    assert layout.compact_count(row[column.key]) in text or value in text
+                else:
+                    assert value in text, (column.header, value, width)
+        empty = {c.header for c in table.columns if all(r.get(c.key) in (None, "", []) for r in table.rows)}
+        hidden = [h for h in headers if h not in present and h not in empty]
+        if hidden:
+            assert notes and all(h in notes[0] for h in hidden), (hidden, notes)
+        prose = set((table.title or "").splitlines()) | set(table.notes)  # may wrap in a terminal
+        for line, _ in lines:
+            assert len(line) <= width or width < 60 or line in prose, (line, width)
+            assert line == line.rstrip()
+    return "\n".join(texts)
+
+
+@pytest.fixture(scope="session")
+def reports(manager_ckpt, special_ckpt):
+    """The report of every command, from real checkpoints, as the CLI builds them."""
+    from paramscope.io.inventory import checkpoint_info, count_params, weight_decay_mask
+
+    inv = open_checkpoint(manager_ckpt.path)
+    result = compute_stats(inv.params, engine="host")
+    old = open_checkpoint(manager_ckpt.path, step=100)
+    special = open_checkpoint(special_ckpt.path)
+    special_result = compute_stats(special.params, engine="host")
+    mask = weight_decay_mask(inv.params, exclude=["bias$"])
+    return {
+        "info": R.info_report(checkpoint_info(manager_ckpt.path)),
+        "table": R.table_report(inv, inv.params, mask, result, full=False),
+        "table --stats": R.table_report(inv, inv.params, None, result, full=True),
+        "count": R.count_report(inv, count_params(inv.params, 2), 2),
+        "norms": R.norms_report(inv, inv.params, result, True),
+        "stats": R.stats_report(inv, inv.params, result),
+        "stats nonfinite": R.stats_report(special, special.params, special_result),
+        "mask": R.mask_report(inv, mask),
+        "diff": R.diff_report(old, inv, diff_params(old.params, inv.params), True, False),
+    }
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_every_report_fits_without_cutting_a_number(reports, width):
+    for name, report in reports.items():
+        assert check_fitted(report, width), name
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_every_command_at_every_width(manager_ckpt, baseline_file, width):
+    for args in COMMAND_LINES:
+        result = run(*command_line(args, manager_ckpt, baseline_file), env=terminal(width))
+        assert result.exit_code in (0, 1), (args, result.stderr)
+        text = ANSI.sub("", result.stdout)
+        if "─" in text:
+            assert set(shown_headers(text)) <= KNOWN_HEADERS, shown_headers(text)  # none cut
+        if width >= 60:
+            below_title = text.split("\n\n", 1)[-1].splitlines()  # notes are prose: a terminal wraps them
+            table_lines = [line for line in below_title if "  " in line or "─" in line]
+            assert max(map(len, table_lines), default=0) <= width, (args, width)
+        for line in result.stderr.splitlines():
+            assert line.startswith("paramscope: "), line
+
+
+def test_narrow_tables_hide_whole_columns_and_say_which(manager_ckpt):
+    wide = run("table", manager_ckpt.path, "--norms", env=terminal(200))
+    narrow = run("table", manager_ckpt.path, "--norms", env=terminal(80))
+    assert "sharding" in shown_headers(ANSI.sub("", wide.stdout)) and wide.stderr == ""
+    headers = shown_headers(ANSI.sub("", narrow.stdout))
+    assert "norm" in headers and "path" in headers  # asked for: kept
+    hidden = [h for h in ("bytes", "sharding") if h not in headers]
+    assert hidden and all(h in narrow.stderr for h in hidden) and "--format csv" in narrow.stderr
+    assert run("table", manager_ckpt.path, "--norms", "-q", env=terminal(80)).stderr == ""
+    picked = run("table", manager_ckpt.path, "--columns", "path,sharding", env=terminal(60))
+    assert shown_headers(ANSI.sub("", picked.stdout)) == ["path", "sharding"]
+    bad = run("table", manager_ckpt.path, "--columns", "path,colour")
+    assert bad.exit_code == 2 and "no column 'colour'" in bad.stderr and "sharding" in bad.stderr
+
+
+def test_empty_columns_are_not_shown(manager_ckpt):
+    text = run("diff", manager_ckpt.path, "--step-a", "100", "--step-b", "200").stdout
+    assert "structure" not in text and "cosine" in text
+    csv_text = run("diff", manager_ckpt.path, "--step-a", "100", "--step-b", "200", "-f", "csv").stdout
+    assert "detail" in csv_text.splitlines()[0]  # CSV keeps every column
+
+
+def test_counts_abbreviate_only_to_fit_and_exact_shows_every_digit():
+    big = [{"path": f"layer_{i}.weight", "count": 277_123_456_789 + i, "bytes": 10**12} for i in range(3)]
+    report = R.Report(
+        payload={},
+        columns=[
+            R.Column("path", "path", "path", priority=0),
+            R.Column("count", "count", "count", priority=0),
+            R.Column("bytes", "bytes", "bytes", priority=1),
+        ],
+        rows=big,
+    )
+    lines, notes = to_text(report, View(width=40))
+    text = "\n".join(line for line, _ in lines)
+    assert "277B" in text and notes == ["counts abbreviated to fit (--exact shows every digit)"]
+    lines, notes = to_text(report, View(width=40, exact=True))
+    text = "\n".join(line for line, _ in lines)
+    assert "277,123,456,789" in text and "abbreviated" not in " ".join(notes)
+    lines, notes = to_text(report, View(width=None))
+    assert "277,123,456,789" in "\n".join(line for line, _ in lines) and notes == []
+
+
+def test_piped_output_is_never_folded_or_padded(manager_ckpt):
+    result = run("stats", manager_ckpt.path, env={"COLUMNS": "40"})  # not a terminal: width ignored
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) > 100 and all(line == line.rstrip() for line in lines)
+    assert "\x1b[" not in result.stdout and result.stderr == ""
+    for path in manager_ckpt.values[200]["params"]:
+        assert any(line.startswith(path + " ") for line in lines)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    paths=st.lists(
+        st.lists(st.text("abcdefghijk_0123", min_size=1, max_size=14), min_size=1, max_size=5).map(".".join),
+        min_size=1,
+        max_size=6,
+    ),
+    numbers=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=6, max_size=6),
+    width=st.integers(20, 160),
+)
+def test_layout_never_cuts_a_number(paths, numbers, width):
+    rows = [
+        {"path": p, "x": numbers[i], "y": numbers[-1 - i], "n": 10 ** (i * 3) + i}
+        for i, p in enumerate(paths)
+    ]
+    columns = [
+        R.Column("path", "path", "path", priority=0),
+        R.Column("x", "value x", "float", priority=0),
+        R.Column("y", "value y", "float", priority=2),
+        R.Column("n", "count", "count", priority=1),
+    ]
+    lines, notes = to_text(R.Report(payload={}, columns=columns, rows=rows), View(width=width))
+    text = "\n".join(line for line, _ in lines)
+    shown = shown_headers(text)
+    assert shown[0] == "path" and "value x" in shown
+    for row in rows:
+        assert cell(row["x"], "float", True) in text
+        folded = "".join(line.split("  ")[0].strip() for line, _ in lines)
+        assert row["path"].replace(".", "") in folded.replace(".", "") or len(row["path"]) > width
+    for header in ("value y", "count"):
+        if header not in shown:
+            assert header in notes[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV and Markdown
+
+
+@pytest.mark.parametrize("args", COMMAND_LINES, ids=lambda a: " ".join(a[:1] + a[2:]))
+def test_csv_loads_with_pandas_and_markdown_parses(manager_ckpt, baseline_file, args):
+    pandas = pytest.importorskip("pandas")
+    line = command_line(args, manager_ckpt, baseline_file)
+    result = run(*line, "-f", "csv")
+    assert result.exit_code in (0, 1), result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert len({len(r) for r in rows}) == 1  # one table
+    if len(rows) > 1:
+        frame = pandas.read_csv(io.StringIO(result.stdout))
+        assert list(frame.columns) == rows[0] and len(frame) == len(rows) - 1
+        for column in ("count", "bytes", "arrays", "leaves"):
+            if column in frame.columns:  # raw integers (empty where there is none), never "197,504"
+                values = frame[column].dropna()
+                assert frame[column].dtype.kind in "if" and (values == values.round()).all(), column
+                assert all("," not in row[rows[0].index(column)] for row in rows[1:]), column
+    markdown = run(*line, "-f", "markdown").stdout
+    for block in markdown.split("\n\n"):
+        rows = [row for row in block.splitlines() if row.startswith("|")]
+        cells = {len(re.split(r"(?<!\\)\|", row)) for row in rows}
+        assert len(cells) <= 1, block  # every row has the header's cell count
+        if rows:
+            assert re.fullmatch(r"\|(---:?\|)+", rows[1]) and len(rows) == len(block.splitlines())
+    assert markdown.strip()  # an empty result is a sentence, not an empty table
+
+
+def test_csv_numbers_are_machine_values(manager_ckpt):
+    values = manager_ckpt.values[200]["params"]
+    frame = list(
+        csv.DictReader(io.StringIO(run("norms", manager_ckpt.path, "--per-param", "-f", "csv").stdout))
+    )
+    by_path = {row["path"]: row for row in frame}
+    assert by_path["(global)"]["arrays"] == str(len(values))
+    for path, value in values.items():
+        assert float(by_path[path]["norm"]) == pytest.approx(f64_norm(value), rel=1e-6)
+        assert by_path[path]["count"] == str(value.size)
+    doc = json.loads(run("norms", manager_ckpt.path, "--per-param", "-f", "json").stdout)
+    assert float(by_path["(global)"]["norm"]) == doc["global_norm"]  # full precision
+    groups = run("count", manager_ckpt.path, "-f", "csv").stdout.splitlines()
+    dtypes = run("count", manager_ckpt.path, "-f", "csv", "--show", "dtypes").stdout.splitlines()
+    assert groups[0] == "path,leaves,count,bytes" and dtypes[0] == "dtype,count,bytes"
+    steps = run("info", manager_ckpt.path, "-f", "csv", "--show", "steps").stdout.splitlines()
+    assert steps[0] == "step,name,finished" and steps[1].startswith("100,")
+
+
+def test_markdown_escapes_headers_and_cells(manager_ckpt):
+    text = run("stats", manager_ckpt.path, "-f", "markdown").stdout
+    assert "max \\|x\\|" in text and "| max |x| |" not in text
+    empty = run("table", manager_ckpt.path, "--filter", "nomatch", "-f", "markdown")
+    assert "no parameters match" in empty.stdout and "|" not in empty.stdout
+    assert empty.stderr == "paramscope: warning: --filter 'nomatch' matches no parameter\n"
+    assert (
+        to_markdown(R.Report(payload={}, columns=[], rows=[], empty="nothing"), View()).strip() == "nothing"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Headers, selections, sorting
+
+
+def test_header_shows_the_path_as_typed_and_the_subtree(standard_ckpt, monkeypatch):
+    parent, name = os.path.split(standard_ckpt.path)
+    monkeypatch.chdir(parent)
+    text = run("table", name, "--subtree", "params", "--filter", "bias").stdout
+    first = text.splitlines()[0]
+    assert first.startswith(f"{name}  ") and "subtree params" in first and parent not in first
+    one = run("table", name, "--filter", "^params.head.kernel$").stdout
+    assert "1 array" in one.splitlines()[0] and "1 arrays" not in one
+
+
+def test_filters_that_match_nothing_are_warned_about(manager_ckpt, baseline_file):
+    result = run("norms", manager_ckpt.path, "--filter", "nomatch", "--fail-on-nonfinite")
+    assert result.exit_code == 0 and "--filter 'nomatch' matches no parameter" in result.stderr
+    result = run("table", manager_ckpt.path, "--subtree", "nope")
+    assert result.exit_code == 0 and "subtree 'nope' matches no parameter" in result.stderr
+    result = run("check", manager_ckpt.path, "-b", baseline_file, "--ignore", "zzz", "--only", "structure")
+    assert "--ignore 'zzz' matches no parameter" in result.stderr
+
+
+def test_norms_stats_and_diff_sort_and_top(manager_ckpt):
+    values = manager_ckpt.values[200]["params"]
+    doc = json.loads(
+        run("norms", manager_ckpt.path, "--per-param", "--sort", "norm", "--top", "3", "-f", "json").stdout
+    )
+    expected = sorted(values, key=lambda p: -f64_norm(values[p]))[:3]
+    assert [p["path"] for p in doc["params"]] == expected
+    doc = json.loads(run("stats", manager_ckpt.path, "--sort", "std", "-f", "json").stdout)
+    stds = [p["std"] for p in doc["params"]]
+    assert stds == sorted(stds, reverse=True)
+    doc = json.loads(
+        run("diff", manager_ckpt.path, "--step-a", "100", "--sort", "rel_diff", "-f", "json").stdout
+    )
+    assert doc["a"]["step"] == 100 and doc["b"]["step"] == 200  # B defaults to A, latest step
+    rel = [p["rel_diff"] for p in doc["params"]]
+    assert rel == sorted(rel, reverse=True)
+    text = run("diff", manager_ckpt.path, "--step-a", "100", "--sort", "rel_diff", "--top", "2").stdout
+    assert sum(1 for line in text.splitlines() if " changed " in line) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: pipes, help
+
+
+def _paramscope(*args, env=None):
+    return [sys.executable, "-m", "paramscope", *map(str, args)]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["table", "{root}"],
+        ["info", "{root}"],
+        ["count", "{root}", "-f", "json"],
+        ["mask", "{root}", "-f", "csv"],
+        ["norms", "{root}", "--per-param", "-f", "json"],
+        ["stats", "{root}", "-f", "markdown"],
+        ["verify", "{root}"],
+        ["diff", "{root}", "--step-a", "100", "--all"],
+        ["snapshot", "{root}"],
+        ["check", "{root}", "-b", "{baseline}"],
+        ["--help"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_a_closed_pipe_is_not_an_error(manager_ckpt, baseline_file, args):
+    line = " ".join(_paramscope(*command_line(args, manager_ckpt, baseline_file)))
+    for reader in ("head -1", "true"):
+        result = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {line} | {reader}"], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, (reader, result.stderr)
+        assert result.stderr == "", result.stderr
+
+
+def test_help_examples_are_never_broken(monkeypatch):
+    from paramscope.cli.app import app
+
+    commands = [c.callback for c in __import__("typer").main.get_command(app).commands.values()]
+    examples = [e for c in commands for e in re.findall(r"- `(paramscope [^`]+)`", c.__doc__ or "")]
+    assert len(examples) >= 10
+    for width in (40, 80, 200):
+        for command in {e.split()[1] for e in examples}:
+            text = run(command, "--help", env={"COLUMNS": str(width)}).stdout
+            for example in (e for e in examples if e.split()[1] == command):
+                assert example in text, (example, width)
+    top = run("--help", env={"COLUMNS": "80"}).stdout
+    assert "Start here" in top and "Selection" not in top
+    table_help = run("table", "--help", env={"COLUMNS": "100"}).stdout
+    for panel in ("Selection", "Output", "Reading", "Cluster"):
+        assert f"─ {panel}" in table_help
+    for metavar in ("REGEX", "SIZE", "AXIS=N,...", "<auto|host|mesh>"):
+        assert metavar in table_help
+
+
+def test_completion_offers_steps_and_items(manager_ckpt):
+    def complete(words, cword):
+        env = {"_PARAMSCOPE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        return run(env=env).stdout.split()
+
+    root = manager_ckpt.path
+    assert complete(f"paramscope norms {root} --step ", 4) == ["100", "200"]  # 300 is unfinished
+    assert complete(f"paramscope table {root} --step 1", 4) == ["100"]
+    assert complete(f"paramscope table {root} --item ", 4) == ["opt_state", "params", "step"]
+    assert complete("paramscope table /nowhere --step ", 4) == []
+    zsh = run("--show-completion", "zsh")
+    assert zsh.exit_code == 0 and "#compdef paramscope" in zsh.stdout
