@@ -235,14 +235,12 @@ def _text_columns(table: Report, columns: list[Column], view: View) -> list[layo
         foot = cell(footer[column.key], column.kind, True, view.exact) if column.key in footer else ""
         compact = None
         if column.kind == "count" and not view.exact:
-            values = [row.get(column.key) for row in table.rows]
-            compact = (
-                [
-                    shorter(layout.compact_count(v), c) if isinstance(v, int) else c
-                    for v, c in zip(values, cells)
-                ],
-                layout.compact_count(footer[column.key]) if isinstance(footer.get(column.key), int) else foot,
-            )
+            values = [row.get(column.key) for row in table.rows] + [footer.get(column.key)]
+            short = [
+                shorter(layout.compact_count(v), c) if isinstance(v, int) else c
+                for v, c in zip(values, [*cells, foot])
+            ]
+            compact = (short[:-1], short[-1])
         fold = "path" if column.kind == "path" else "text" if column.kind == "note" else None
         out.append(
             layout.TextColumn(
