@@ -276,7 +276,6 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
                 {
                     "path": r.param.path,
                     "dtype": r.param.dtype,
-                    "arrays": 1,
                     "count": r.param.count,
                     "norm": r.norm,
                     "nonfinite": r.nonfinite,
@@ -286,7 +285,7 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
             sort,
             top,
         )
-        payload["params"] = [{k: v for k, v in r.items() if k != "arrays"} for r in rows]
+        payload["params"] = rows
     return Report(
         payload=payload,
         title=f"{_title(inv, len(params))}  {_engine_text(result)}",
@@ -464,7 +463,7 @@ def diff_report(
 
 
 def _text(value) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
+    return f"{value:.9g}" if isinstance(value, float) else str(value)
 
 
 def check_report(inv, baseline_file: str, baseline, compared, options, violations, checked: int) -> Report:
