@@ -30,6 +30,7 @@ _EXPORTS = {
     "verify_checkpoint": "paramscope.compute.verify",
     "diff_params": "paramscope.compute.diff",
     "ParamscopeError": "paramscope.errors",
+    "digest": "paramscope.compute.digest",
 }
 
 __all__ = ["__version__", *_EXPORTS]

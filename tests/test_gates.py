@@ -86,7 +86,7 @@ def test_identical_checkpoints_pass(variants):
     result = run("check", paths["same"], "--baseline", baseline, "--format", "json")
     assert result.exit_code == 0, result.stdout
     doc = json.loads(result.stdout)
-    assert doc["passed"] and doc["compared"] == ["structure", "counts", "norms", "stats"]
+    assert doc["passed"] and doc["compared"] == ["structure", "counts", "norms", "stats", "digests"]
 
 
 def test_one_scaled_parameter_fails_check_and_shows_in_diff(variants):
@@ -127,7 +127,13 @@ def test_one_scaled_parameter_fails_check_and_shows_in_diff(variants):
 
 def test_tolerances_and_ignore(variants):
     paths, baseline, _ = variants
-    assert run("check", paths["scaled"], "--baseline", baseline, "--rtol", "2e-3").exit_code == 0
+    numbers = ["--only", "structure", "--only", "counts", "--only", "norms", "--only", "stats"]
+    assert run("check", paths["scaled"], "--baseline", baseline, "--rtol", "2e-3", *numbers).exit_code == 0
+    exact = run("check", paths["scaled"], "--baseline", baseline, "--rtol", "2e-3", "-f", "json")
+    assert exact.exit_code == 1  # a tolerance is for numbers: digests are exact
+    assert [(v["path"], v["metric"]) for v in json.loads(exact.stdout)["violations"]] == [
+        ("dense.kernel", "digest")
+    ]
     assert run("check", paths["scaled"], "--baseline", baseline, "--ignore", "kernel$").exit_code == 0
     assert (
         run(

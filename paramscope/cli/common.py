@@ -156,7 +156,7 @@ def memory_budget(reading: Reading) -> int | None:
     return parse_size(reading.memory_budget) if reading.memory_budget else None
 
 
-def scan(inv, params, full: bool, reading: Reading, quiet: bool, cluster=None):
+def scan(inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, digest: bool = False):
     """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
     from paramscope.compute.engines import scan
     from paramscope.parallel.mesh import check_mesh, parse_mesh
@@ -172,6 +172,7 @@ def scan(inv, params, full: bool, reading: Reading, quiet: bool, cluster=None):
         mesh_axes=axes,
         saved_mesh=inv.saved_mesh,
         memory_budget=memory_budget(reading),
+        digest=digest,
     )
     if cluster is not None:
         options["cluster"] = cluster

@@ -46,6 +46,16 @@ def verify(
         str | None,
         typer.Option("--memory-budget", metavar="SIZE", help="Array data held at once, e.g. 512MiB."),
     ] = None,
+    baseline_file: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            "-b",
+            metavar="FILE",
+            help="Also compare every array's content with the digests a snapshot recorded.",
+            rich_help_panel=CHECKS,
+        ),
+    ] = None,
     out: Output = None,
 ) -> None:
     """Decode every chunk of every array; check arrays, _METADATA and _sharding agree. Exit 3 on damage.
@@ -60,10 +70,20 @@ def verify(
     from paramscope.output.reports import verify_report
 
     budget = parse_size(memory_budget) if memory_budget else None
+    digests = None
+    if baseline_file is not None:
+        from paramscope.compute.baseline import load_baseline
+
+        digests = load_baseline(baseline_file).digests_by_item()
+        if not digests:
+            raise errors.UsageError(
+                f"baseline {baseline_file} records no digests",
+                hint="write it with this `paramscope snapshot`",
+            )
     result = common.with_progress(
         orbax.step_bytes(ckpt, step),
         out.quiet,
-        lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes),
+        lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes, digests),
     )
     common.emit(verify_report(result, ckpt), out)
     if not result.ok:
@@ -110,6 +130,14 @@ def diff(
             rich_help_panel=CHECKS,
         ),
     ] = False,
+    digest_only: Annotated[
+        bool,
+        typer.Option(
+            "--digest-only",
+            help="Compare content digests only: each side read once, alone, no statistics.",
+            rich_help_panel=CHECKS,
+        ),
+    ] = False,
     fail_on_change: Annotated[
         bool,
         typer.Option(
@@ -141,17 +169,37 @@ def diff(
     - `paramscope diff run --step-a 100`
     - `paramscope diff old new --rtol 1e-3`
     """
-    from paramscope.compute.diff import diff_params
     from paramscope.output.reports import diff_report, diff_summary
 
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     sel = Selection(item=item, subtree=subtree, filter=filter)
     inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a)
-    inv_b, params_b = common.inventory(ckpt_b or ckpt_a, sel, quiet, step=step_b)
+    if ckpt_b is not None and ckpt_b.endswith(".json") and os.path.isfile(ckpt_b):
+        inv_b, result = _against_baseline(inv_a, params_a, ckpt_b, sel, reading, quiet, joined)
+    else:
+        inv_b, params_b = common.inventory(ckpt_b or ckpt_a, sel, quiet, step=step_b)
+        if digest_only:
+            result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined)
+        else:
+            result = _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined)
+    values = not (structure_only or digest_only or (ckpt_b or "").endswith(".json"))
+    common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort.value, top), out)
+    if fail_on_change and result.differs:
+        raise common.fail(
+            f"the checkpoints differ: {diff_summary(result)}",
+            "see the report on stdout",
+            errors.EXIT_CHECK_FAILED,
+        )
+
+
+def _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined):
+    """Both sides read together, region by region: how every value moved."""
+    from paramscope.compute.diff import diff_params
+
     budget = common.memory_budget(reading)
     total = 2 * sum(p.nbytes for p in params_a) if not structure_only else 0
-    result = common.with_progress(
+    return common.with_progress(
         total,
         quiet,
         lambda on_bytes: diff_params(
@@ -165,13 +213,38 @@ def diff(
             cluster=joined,
         ),
     )
-    common.emit(diff_report(inv_a, inv_b, result, not structure_only, show_all, sort.value, top), out)
-    if fail_on_change and result.differs:
-        raise common.fail(
-            f"the checkpoints differ: {diff_summary(result)}",
-            "see the report on stdout",
-            errors.EXIT_CHECK_FAILED,
+
+
+def _digests(inv, params, reading, quiet, joined) -> dict[str, str]:
+    result = common.scan(inv, params, False, reading, quiet, joined, digest=True)
+    return {r.param.path: r.digest for r in result.params}
+
+
+def _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined):
+    """Each side read once, alone: identical where the content digests agree."""
+    from paramscope.compute.diff import diff_digests
+
+    digests_a = _digests(inv_a, params_a, reading, quiet, joined)
+    return diff_digests(params_a, digests_a, params_b, _digests(inv_b, params_b, reading, quiet, joined))
+
+
+def _against_baseline(inv_a, params_a, baseline_file, sel, reading, quiet, joined):
+    """A checkpoint against the digests a snapshot recorded, without the original at hand."""
+    from dataclasses import replace
+
+    from paramscope.compute.baseline import load_baseline
+    from paramscope.compute.diff import diff_digests
+    from paramscope.io.inventory import filter_params
+
+    baseline = load_baseline(baseline_file)
+    recorded = baseline.digests()
+    if not recorded:
+        raise errors.UsageError(
+            f"baseline {baseline_file} records no digests", hint="write it with this `paramscope snapshot`"
         )
+    side_b = filter_params(baseline.as_params(), sel.filter)
+    result = diff_digests(params_a, _digests(inv_a, params_a, reading, quiet, joined), side_b, recorded)
+    return replace(inv_a, checkpoint=baseline_file, shown=baseline_file, params=side_b, step=None), result
 
 
 @with_options(sel=Selection, reading=Reading)
@@ -212,7 +285,7 @@ def snapshot(
                 hint="paramscope never writes into a checkpoint folder; write elsewhere",
             )
     inv.params = params
-    result = common.scan(inv, params, True, reading, quiet)
+    result = common.scan(inv, params, True, reading, quiet, digest=True)
     text = json.dumps(json_ready(make_snapshot(inv, result, __version__)), indent=1, allow_nan=False) + "\n"
     if output == "-":
         sys.stdout.write(text)
@@ -278,7 +351,7 @@ def check(
 
     - `paramscope check ckpt -b b.json`
     """
-    from paramscope.compute.baseline import CheckOptions, categories, load_baseline, needs_data
+    from paramscope.compute.baseline import CheckOptions, categories, load_baseline, needs_data, needs_digests
     from paramscope.compute.baseline import check as run_check
     from paramscope.output.reports import check_report
 
@@ -298,7 +371,12 @@ def check(
             common.warn(f"--ignore {pattern.pattern!r} matches no parameter", out.quiet)
     kept = [p for p in params if not options.ignored(p.path)]
     scan_kind = needs_data(baseline, options)
-    result = common.scan(inv, kept, scan_kind == "stats", reading, out.quiet) if scan_kind else None
+    digests = needs_digests(baseline, options)
+    result = (
+        common.scan(inv, kept, scan_kind == "stats", reading, out.quiet, digest=digests)
+        if scan_kind
+        else None
+    )
     violations = run_check(baseline, inv, result, options)
     common.emit(
         check_report(

@@ -12,6 +12,7 @@ from paramscope.cli.options import (
     OUTPUT,
     CkptArg,
     Cluster,
+    DigestOpt,
     Output,
     Reading,
     Selection,
@@ -90,6 +91,7 @@ def table(
         typer.Option("--sort", help="Row order (count, bytes, norm: largest first).", rich_help_panel=OUTPUT),
     ] = TableSort.path,
     top: TopOpt = None,
+    digest: DigestOpt = False,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -105,14 +107,14 @@ def table(
     """
     from paramscope.output.reports import table_report
 
-    reads = norms or stats or sort == TableSort.norm
+    reads = norms or stats or digest or sort == TableSort.norm
     joined = common.join(cluster) if reads else None
     quiet = out.quiet or (joined is not None and not joined.primary)
     inv, params = common.inventory(ckpt, sel, quiet)
     mask = None
     if wd_include or wd_exclude:
         mask = common.weight_decay_mask(params, wd_include, wd_exclude, quiet)
-    result = common.scan(inv, params, stats, reading, quiet, joined) if reads else None
+    result = common.scan(inv, params, stats, reading, quiet, joined, digest) if reads else None
     common.emit(table_report(inv, params, mask, result, full=stats, sort=sort.value, top=top), out)
 
 

@@ -12,6 +12,7 @@ from paramscope.cli.options import (
     OUTPUT,
     CkptArg,
     Cluster,
+    DigestOpt,
     FailOpt,
     Output,
     Reading,
@@ -37,6 +38,7 @@ def norms(
         ),
     ] = NormsSort.path,
     top: TopOpt = None,
+    digest: DigestOpt = False,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -54,7 +56,7 @@ def norms(
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet)
-    result = common.scan(inv, params, False, reading, quiet, joined)
+    result = common.scan(inv, params, False, reading, quiet, joined, digest)
     common.emit(norms_report(inv, params, result, per_param, sort.value, top), out)
     common.report_nonfinite(result, fail_on_nonfinite, quiet)
 
@@ -68,6 +70,7 @@ def stats(
         typer.Option("--sort", help="Row order (path; others largest first).", rich_help_panel=OUTPUT),
     ] = StatsSort.path,
     top: TopOpt = None,
+    digest: DigestOpt = False,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -87,6 +90,6 @@ def stats(
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet)
-    result = common.scan(inv, params, True, reading, quiet, joined)
+    result = common.scan(inv, params, True, reading, quiet, joined, digest)
     common.emit(stats_report(inv, params, result, sort.value, top), out)
     common.report_nonfinite(result, fail_on_nonfinite, quiet)

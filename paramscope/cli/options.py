@@ -115,6 +115,14 @@ FailOpt = Annotated[
     bool,
     typer.Option("--fail-on-nonfinite", help="Exit 1 if any value is NaN or Inf.", rich_help_panel=CHECKS),
 ]
+DigestOpt = Annotated[
+    bool,
+    typer.Option(
+        "--digest",
+        help="Add each parameter's content digest (SHA-256 of its bytes), in the same pass.",
+        rich_help_panel=CHECKS,
+    ),
+]
 TopOpt = Annotated[
     int | None,
     typer.Option("--top", metavar="K", min=1, help="Show only the first K rows.", rich_help_panel=OUTPUT),

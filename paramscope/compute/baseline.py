@@ -20,13 +20,13 @@ from paramscope.io.inventory import Inventory, ParamInfo, sharding_json
 SNAPSHOT_SCHEMA = "paramscope.snapshot/1"
 STAT_NAMES = ("norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nan", "inf")
 EXACT_STATS = ("nan", "inf")
-CATEGORIES = ("structure", "counts", "norms", "stats")
+CATEGORIES = ("structure", "counts", "norms", "stats", "digests")
 # What each accepted document can hold (per-parameter values only where its rows carry them).
 _ACCEPTED = {
-    SNAPSHOT_SCHEMA: {"structure", "counts", "norms", "stats"},
-    "paramscope.table/1": {"structure", "counts", "norms", "stats"},
-    "paramscope.stats/1": {"structure", "counts", "norms", "stats"},
-    "paramscope.norms/1": {"structure", "counts", "norms"},
+    SNAPSHOT_SCHEMA: set(CATEGORIES),
+    "paramscope.table/1": set(CATEGORIES),
+    "paramscope.stats/1": set(CATEGORIES),
+    "paramscope.norms/1": {"structure", "counts", "norms", "digests"},
 }
 
 
@@ -41,6 +41,37 @@ class Baseline:
     total_count: int | None
     global_norm: float | None
     per_param: bool  # whether the document lists its parameters
+    items: list[str] = field(default_factory=list)
+    subtree: str | None = None
+
+    def as_params(self) -> list[ParamInfo]:
+        """The parameters the baseline describes (structure only: nothing to read)."""
+        out = []
+        for path, row in self.params.items():
+            shape = tuple(row.get("shape") or ())
+            count = row.get("count") or 0
+            itemsize = (row.get("bytes") or 0) // count if count else 0
+            spec = row.get("sharding")
+            sharding = tuple(tuple(e) if isinstance(e, list) else e for e in spec) if spec else None
+            out.append(ParamInfo(path, shape, str(row.get("dtype")), itemsize, sharding, None))
+        return out
+
+    def digests(self) -> dict[str, str]:
+        return {path: row["digest"] for path, row in self.params.items() if row.get("digest")}
+
+    def digests_by_item(self) -> dict[tuple[str, str], str]:
+        """The recorded digests keyed by (item, path inside the item), as verify meets arrays."""
+        out = {}
+        for path, row in self.params.items():
+            if not row.get("digest"):
+                continue
+            full = f"{self.subtree}.{path}" if self.subtree else path
+            if len(self.items) == 1:
+                out[(self.items[0], full)] = row["digest"]
+            elif "." in full:
+                item, rest = full.split(".", 1)
+                out[(item, rest)] = row["digest"]
+        return out
 
     def holds(self, category: str) -> bool:
         if category not in _ACCEPTED[self.schema]:
@@ -51,6 +82,8 @@ class Baseline:
             return self.total_count is not None or any("count" in p for p in self.params.values())
         if category == "norms":
             return self.global_norm is not None or any("norm" in p for p in self.params.values())
+        if category == "digests":
+            return any(p.get("digest") for p in self.params.values())
         return any("mean" in p for p in self.params.values())
 
 
@@ -59,22 +92,24 @@ def _jsonable(value: Any) -> Any:
 
 
 def snapshot(inventory: Inventory, scan_result, version: str) -> dict[str, Any]:
-    """The ``paramscope.snapshot/1`` document of a checkpoint and its full statistics."""
+    """The ``paramscope.snapshot/1`` document of a checkpoint: its full statistics and, when the
+    scan computed them, its content digests."""
     params = []
     for entry in scan_result.params:
         param = entry.param
-        params.append(
-            {
-                "path": param.path,
-                "shape": list(param.shape),
-                "dtype": param.dtype,
-                "count": param.count,
-                "bytes": param.nbytes,
-                "sharding": sharding_json(param.sharding),
-                "stats": {name: _jsonable(value) for name, value in entry.moments.stats().items()},
-            }
-        )
-    return {
+        row = {
+            "path": param.path,
+            "shape": list(param.shape),
+            "dtype": param.dtype,
+            "count": param.count,
+            "bytes": param.nbytes,
+            "sharding": sharding_json(param.sharding),
+            "stats": {name: _jsonable(value) for name, value in entry.moments.stats().items()},
+        }
+        if entry.digest is not None:
+            row["digest"] = entry.digest
+        params.append(row)
+    document = {
         "schema": SNAPSHOT_SCHEMA,
         "paramscope": version,
         "checkpoint": inventory.checkpoint,
@@ -86,6 +121,9 @@ def snapshot(inventory: Inventory, scan_result, version: str) -> dict[str, Any]:
         "nonfinite": scan_result.nonfinite,
         "params": params,
     }
+    if scan_result.digest is not None:
+        document["digest"] = scan_result.digest
+    return document
 
 
 def load_baseline(path: str) -> Baseline:
@@ -123,7 +161,10 @@ def load_baseline(path: str) -> Baseline:
         if total_count is None and schema in ("paramscope.norms/1", "paramscope.stats/1"):
             total_count = document.get("count")
         global_norm = document.get("global_norm")
-        return Baseline(schema, params, total_count, global_norm, rows is not None)
+        items = document.get("items") or ([document["item"]] if document.get("item") else [])
+        return Baseline(
+            schema, params, total_count, global_norm, rows is not None, list(items), document.get("subtree")
+        )
     except (AttributeError, KeyError, TypeError) as err:
         raise BaselineError(
             f"baseline {path} is malformed ({type(err).__name__}: {err})",
@@ -254,6 +295,12 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
                 violations.append(
                     Violation("(global)", "norm", baseline.global_norm, _jsonable(scan_result.global_norm))
                 )
+    if "digests" in chosen and scan_result is not None:
+        digests = {r.param.path: r.digest for r in scan_result.params}
+        for path in sorted(set(actual) & set(expected)):
+            wanted = expected[path].get("digest")
+            if wanted and digests.get(path) is not None and digests[path] != wanted:
+                violations.append(Violation(path, "digest", wanted, digests[path]))
     return violations
 
 
@@ -262,6 +309,10 @@ def needs_data(baseline: Baseline, options: CheckOptions) -> str | None:
     chosen = categories(baseline, options)
     if "stats" in chosen:
         return "stats"
-    if "norms" in chosen:
+    if "norms" in chosen or "digests" in chosen:
         return "norms"
     return None
+
+
+def needs_digests(baseline: Baseline, options: CheckOptions) -> bool:
+    return "digests" in categories(baseline, options)

@@ -10,7 +10,7 @@ with A as the reference), and whether the two are bit-identical.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,8 @@ class ParamDiff:
     b: ParamInfo | None
     changes: list[str] = field(default_factory=list)  # structure: "shape (2, 3) -> (3, 2)", ...
     values: ValueDiff | None = None
+    digest_a: str | None = None  # content digests, when compared by digest
+    digest_b: str | None = None
 
 
 @dataclass
@@ -241,3 +243,26 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
         entry.values = pair_sums.result()
         if entry.status == "identical" and not entry.values.identical:
             entry.status = "changed" if entry.values.beyond_tolerance else "close"
+
+
+def diff_digests(
+    params_a: Sequence[ParamInfo],
+    digests_a: Mapping[str, str],
+    params_b: Sequence[ParamInfo],
+    digests_b: Mapping[str, str],
+) -> DiffResult:
+    """Compares two sets of parameters by structure and content digest alone (no values read
+    together): ``identical`` when the digests agree, else ``changed``."""
+    by_path_a = {p.path: p for p in params_a}
+    by_path_b = {p.path: p for p in params_b}
+    diffs = []
+    for path in sorted(by_path_a.keys() | by_path_b.keys()):
+        a, b = by_path_a.get(path), by_path_b.get(path)
+        if a is None or b is None:
+            diffs.append(ParamDiff(path, "added" if a is None else "removed", a, b))
+            continue
+        da, db = digests_a.get(path), digests_b.get(path)
+        changes = _structure_changes(a, b)
+        same = not changes and da is not None and da == db
+        diffs.append(ParamDiff(path, "identical" if same else "changed", a, b, changes, None, da, db))
+    return DiffResult(diffs, 0.0, 0.0)

@@ -193,3 +193,37 @@ def box_runs(shape: Sequence[int], index: Sequence[slice]) -> Iterable[tuple[int
         offset = sum((starts[d] + position[d]) * strides[d] for d in range(k - 1))
         yield offset + starts[k - 1] * strides[k - 1], local, run
         local += run
+
+
+def feed_box(state: DigestState, shape, index, values, pool=None) -> None:
+    """Feeds the values of one box of an array (its global ``index``) to a digest state."""
+    flat, itemsize = logical_bytes(values), values.dtype.itemsize
+    for offset, local, length in box_runs(shape, index):
+        state.feed(offset * itemsize, flat[local * itemsize : (local + length) * itemsize], pool)
+
+
+def digest(tree) -> str | dict[str, str]:
+    """The content digest of an array, or of every array of a pytree by dotted path.
+
+    The same values ``paramscope table --digest`` shows for the tree once saved: a training
+    script can record them at save time, and CI check them later. Paths are dotted as the CLI
+    shows them (flax boxes and NNX variables unboxed); leaves that are not arrays are left out.
+
+    >>> import numpy as np
+    >>> digest({"w": np.arange(4, dtype=np.int32)})["w"][:16]
+    '32958250f1ae9ffa'
+    """
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        return digest_of(np.asarray(tree))
+    import jax
+
+    from paramscope.names import dotted_path
+    from paramscope.param_utils import is_partitioned
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_partitioned)
+    out = {}
+    for path, leaf in flat:
+        leaf = leaf.value if is_partitioned(leaf) else leaf
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            out[dotted_path(path)] = digest_of(np.asarray(leaf))
+    return out

@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from paramscope.compute.digest import DigestState, combined, feed_box
 from paramscope.compute.moments import Accumulator, Moments, mesh_reduction
 from paramscope.compute.plan import Region, default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError, UsageError
 from paramscope.io import orbax as checkpoint
 from paramscope.io.inventory import ParamInfo
-from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
+from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_bytes, gather_float64, share
 
 ENGINES = ("auto", "host", "mesh")
 _ACCELERATOR_PLUGINS = (
@@ -70,10 +71,15 @@ class HostEngine:
         self.bytes_read += region.nbytes
         return checkpoint.start_read(handle, region.index, param.path)
 
-    def reduce(self, param: ParamInfo, pending, local: Accumulator, shared: Accumulator) -> None:
+    def reduce(
+        self, param: ParamInfo, region: Region, pending, local: Accumulator, shared: Accumulator, digest=None
+    ) -> None:
         """Adds a region to ``local`` (this process's own share) or, reduced on the mesh by every
-        process together, to ``shared``."""
-        local.feed(checkpoint.finish_read(pending, param.path), self.pool)
+        process together, to ``shared``; and its bytes to ``digest`` (a DigestState) if given."""
+        values = checkpoint.finish_read(pending, param.path)
+        local.feed(values, self.pool)
+        if digest is not None:
+            feed_box(digest, param.shape, region.index, values, self.pool)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -113,16 +119,21 @@ class MeshEngine(HostEngine):
                     for r, s, dim in zip(region.index, local, region.shape)
                 )
                 self.bytes_read += math.prod(s.stop - s.start for s in index) * param.itemsize
-                reads[key] = checkpoint.start_read(handle, index, param.path)
-        return region, sharding, reads
+                reads[key] = index, checkpoint.start_read(handle, index, param.path)
+        return sharding, reads
 
-    def reduce(self, param: ParamInfo, pending, local: Accumulator, shared: Accumulator) -> None:
+    def reduce(
+        self, param: ParamInfo, region: Region, pending, local: Accumulator, shared: Accumulator, digest=None
+    ) -> None:
         import jax
 
         if self._on_host(param):
-            return super().reduce(param, pending, local, shared)
-        region, sharding, reads = pending
-        shards = {key: checkpoint.finish_read(future, param.path) for key, future in reads.items()}
+            return super().reduce(param, region, pending, local, shared, digest)
+        sharding, reads = pending
+        shards = {key: checkpoint.finish_read(future, param.path) for key, (_, future) in reads.items()}
+        if digest is not None:  # the bytes of each shard this process read, where they lie
+            for key, (index, _) in reads.items():
+                feed_box(digest, param.shape, index, shards[key], self.pool)
         array = jax.make_array_from_callback(region.shape, sharding, lambda index: shards[_index_key(index)])
         out = self.function(array)  # replicated results: every process holds them
         shared.partials.add_summary(**{name: np.asarray(value).item() for name, value in out.items()})
@@ -165,6 +176,7 @@ def make_engine(engine: str, full: bool, mesh_axes, saved_mesh, cluster: Cluster
 class ParamStats:
     param: ParamInfo
     moments: Moments
+    digest: str | None = None  # the content digest, when asked for
 
     @property
     def norm(self) -> float:
@@ -185,6 +197,13 @@ class ScanResult:
     memory_budget: int
     bytes_read: list[int]  # array bytes each process read, by process
 
+    @property
+    def digest(self) -> str | None:
+        """The digest of all the parameters read (None unless digests were computed)."""
+        if any(r.digest is None for r in self.params):
+            return None
+        return combined((r.param.path, r.digest) for r in self.params)
+
 
 def scan(
     params: Sequence[ParamInfo],
@@ -196,6 +215,7 @@ def scan(
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster: Cluster = LOCAL,
+    digest: bool = False,
 ) -> ScanResult:
     """Reads every parameter once and summarises it.
 
@@ -210,12 +230,15 @@ def scan(
         on_bytes: Called with the bytes of each region once it is reduced (progress).
         cluster: Cooperating processes (:mod:`paramscope.parallel.cluster`); each reads its share,
             and all end with the same result.
+        digest: Also compute each parameter's content digest (:mod:`paramscope.compute.digest`),
+            in the same pass.
     """
     budget = memory_budget or default_memory_budget()
     runner = make_engine(engine, full, mesh_axes, saved_mesh, cluster)
     limit = max(1, budget // (4 if runner.name == "mesh" else 2))
     local = [Accumulator(full) for _ in params]  # this process's share
     shared = [Accumulator(full) for _ in params]  # reduced on the mesh by every process together
+    states = [DigestState(p.dtype, p.shape, p.itemsize) for p in params] if digest else [None] * len(params)
 
     def select(regions: list[Region]) -> list[bool]:
         """Every process reduces the collective regions together; the others are shared out."""
@@ -226,7 +249,8 @@ def scan(
     failure = None
     try:
         for region, pending in stream_regions(params, limit, runner.start, select=select):
-            runner.reduce(params[region.param], pending, local[region.param], shared[region.param])
+            i = region.param
+            runner.reduce(params[i], region, pending, local[i], shared[i], states[i])
             if on_bytes is not None:
                 on_bytes(region.nbytes)
     except ParamscopeError as err:
@@ -246,10 +270,15 @@ def scan(
             for process in range(cluster.num_processes):
                 shared[position].partials.add_summary(*gathered[process, position])
         bytes_read = [int(b) for b in gathered[:, -1, 0]]
+        if digest:
+            _merge_digests(cluster, states)
     else:
         for acc_shared, acc_local in zip(shared, local):
             acc_shared.partials.extend(acc_local.flush())
-    results = [ParamStats(param, acc.result()) for param, acc in zip(params, shared)]
+    results = [
+        ParamStats(param, acc.result(), state.hexdigest() if state is not None else None)
+        for param, acc, state in zip(params, shared, states)
+    ]
     global_sq = math.fsum(r.moments.sum_sq for r in results)
     return ScanResult(
         params=results,
@@ -260,6 +289,21 @@ def scan(
         memory_budget=budget,
         bytes_read=bytes_read,
     )
+
+
+def _merge_digests(cluster: Cluster, states: list[DigestState]) -> None:
+    """Every process ends with every array's whole digest state (each saw part of the bytes)."""
+    import struct
+
+    mine = b"".join(struct.pack("<Q", len(raw)) + raw for raw in (s.to_bytes() for s in states))
+    for process, data in enumerate(gather_bytes(cluster, mine, "combining digests")):
+        if process == cluster.process_id:
+            continue
+        position = 0
+        for state in states:
+            (size,) = struct.unpack_from("<Q", data, position)
+            state.merge_bytes(data[position + 8 : position + 8 + size])
+            position += 8 + size
 
 
 def compute_norms(params: Sequence[ParamInfo], **options) -> ScanResult:

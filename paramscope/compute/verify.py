@@ -9,10 +9,11 @@ unreadable or inconsistent array by path instead of stopping at the first.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from paramscope.compute.digest import DigestState, feed_box
 from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.errors import CorruptCheckpoint, ItemNotFound
 from paramscope.io import orbax as checkpoint
@@ -34,6 +35,7 @@ class VerifyResult:
     arrays: int
     bytes_read: int
     problems: list[Problem] = field(default_factory=list)
+    digests_checked: int = 0  # arrays whose content was compared with a baseline's digest
 
     @property
     def ok(self) -> bool:
@@ -56,6 +58,7 @@ def verify_checkpoint(
     item: str | None = None,
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
+    digests: Mapping[tuple[str, str], str] | None = None,
 ) -> VerifyResult:
     """Checks one step of a checkpoint: metadata, sharding file and every chunk of every array.
 
@@ -65,6 +68,8 @@ def verify_checkpoint(
         item: Check only this item (default: every item of the step).
         memory_budget: Bytes of array data held at once.
         on_bytes: Called with the bytes of each region once it is checked (progress).
+        digests: Content digests recorded earlier (``Baseline.digests_by_item``), by item and
+            path: each array's bytes are hashed while decoded, and one that differs is a problem.
 
     Returns:
         A :class:`VerifyResult`; ``ok`` when no problem was found.
@@ -113,6 +118,8 @@ def verify_checkpoint(
     def start(param: ParamInfo, handle, region):
         return checkpoint.start_read(handle, region.index, param.path)
 
+    expected = [digests.get((owner, p.path)) if digests else None for owner, p in zip(owners, params)]
+    states = [DigestState(p.dtype, p.shape, p.itemsize) if e else None for p, e in zip(params, expected)]
     limit = max(1, (memory_budget or default_memory_budget()) // 2)
     for region, pending in stream_regions(params, limit, start, on_error=fail):
         param = params[region.param]
@@ -126,8 +133,22 @@ def verify_checkpoint(
                     f"{list(region.shape)}"
                 )
             result.bytes_read += value.nbytes
+            if states[region.param] is not None:
+                feed_box(states[region.param], param.shape, region.index, value)
         except CorruptCheckpoint as err:
             fail(region, err)
         if on_bytes is not None:
             on_bytes(region.nbytes)
+    for position, (state, wanted) in enumerate(zip(states, expected)):
+        if state is not None and position not in failed and state.complete and state.hexdigest() != wanted:
+            result.problems.append(
+                Problem(
+                    owners[position],
+                    params[position].path,
+                    f"content differs from the baseline: digest {state.hexdigest()[:16]}..., "
+                    f"recorded {wanted[:16]}...",
+                )
+            )
+    if digests:
+        result.digests_checked = sum(s is not None for s in states)
     return result

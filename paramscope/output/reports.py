@@ -89,8 +89,11 @@ def _engine_text(result) -> str:
     return "engine mesh " + ",".join(f"{n}={s}" for n, s in result.mesh)
 
 
+DIGEST_COLUMN = Column("digest", "digest", priority=5)
+
+
 def _scan_header(result) -> dict[str, Any]:
-    return {
+    header = {
         "global_norm": result.global_norm,
         "nonfinite": result.nonfinite,
         "count": sum(r.param.count for r in result.params),
@@ -98,6 +101,15 @@ def _scan_header(result) -> dict[str, Any]:
         "mesh": dict(result.mesh) if result.mesh is not None else None,
         "bytes_read": result.bytes_read,
     }
+    if result.digest is not None:
+        header["digest"] = result.digest
+    return header
+
+
+def _digest_note(result) -> list[str]:
+    if result is None or result.digest is None:
+        return []
+    return [f"digest of the {plural(len(result.params), 'array')}: {result.digest}"]
 
 
 def info_report(result) -> Report:
@@ -201,15 +213,23 @@ def table_report(
             row = rows[entry.param.path]
             row.update(entry.moments.stats() if full else {"norm": entry.norm})
             row["nonfinite"] = entry.nonfinite
+            if entry.digest is not None:
+                row["digest"] = entry.digest
         columns += STAT_COLUMNS if full else STAT_COLUMNS[:1]
+        if scan.digest is not None:
+            columns.append(DIGEST_COLUMN)
     ordered = sort_rows(list(rows.values()), sort, top)
     total = {"count": sum(p.count for p in params), "bytes": sum(p.nbytes for p in params)}
+    payload = {"schema": "paramscope.table/1", **header(inv), "params": ordered, "total": total}
+    if scan is not None and scan.digest is not None:
+        payload["digest"] = scan.digest
     return Report(
-        payload={"schema": "paramscope.table/1", **header(inv), "params": ordered, "total": total},
+        payload=payload,
         columns=columns,
         rows=ordered,
         title=_title(inv, len(params)),
         footer={"path": f"total ({plural(len(params), 'array')})", **total},
+        notes=_digest_note(scan),
         empty="no parameters match",
     )
 
@@ -268,6 +288,7 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
         "count": payload["count"],
         "norm": result.global_norm,
         "nonfinite": result.nonfinite,
+        "digest": result.digest,
     }
     rows = []
     if per_param:
@@ -279,6 +300,7 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
                     "count": r.param.count,
                     "norm": r.norm,
                     "nonfinite": r.nonfinite,
+                    **({"digest": r.digest} if r.digest is not None else {}),
                 }
                 for r in result.params
             ],
@@ -297,6 +319,7 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
             Column("count", "count", "count", priority=1),
             Column("norm", "norm", "float", priority=0),
             Column("nonfinite", "NaN/Inf", "int", priority=0),
+            *([DIGEST_COLUMN] if result.digest is not None else []),
         ],
     )
 
@@ -304,7 +327,13 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
 def stats_report(inv, params, result, sort: str = "path", top: int | None = None) -> Report:
     rows = sort_rows(
         [
-            {"path": r.param.path, "dtype": r.param.dtype, "count": r.param.count, **r.moments.stats()}
+            {
+                "path": r.param.path,
+                "dtype": r.param.dtype,
+                "count": r.param.count,
+                **r.moments.stats(),
+                **({"digest": r.digest} if r.digest is not None else {}),
+            }
             for r in result.params
         ],
         sort,
@@ -320,7 +349,9 @@ def stats_report(inv, params, result, sort: str = "path", top: int | None = None
             Column("dtype", "dtype", priority=3),
             Column("count", "count", "count", priority=2),
             *STAT_COLUMNS,
+            *([DIGEST_COLUMN] if result.digest is not None else []),
         ],
+        notes=_digest_note(result),
         footer={
             "path": "global",
             "count": payload["count"],
@@ -374,6 +405,7 @@ def verify_report(result, shown: str | None = None) -> Report:
             "ok": result.ok,
             "arrays": result.arrays,
             "bytes_read": result.bytes_read,
+            "digests_checked": result.digests_checked,
             "problems": rows,
         },
         title=f"{shown or result.checkpoint}{step_text}  {items}",
@@ -383,7 +415,11 @@ def verify_report(result, shown: str | None = None) -> Report:
             Column("problem", "problem", "note", priority=0),
         ],
         rows=rows,
-        notes=[f"verified {plural(result.arrays, 'array')}, decoded {result.bytes_read:,} bytes: {verdict}"],
+        notes=[
+            f"verified {plural(result.arrays, 'array')}, decoded {result.bytes_read:,} bytes"
+            + (f", compared {result.digests_checked:,} digests" if result.digests_checked else "")
+            + f": {verdict}"
+        ],
     )
 
 
@@ -415,6 +451,8 @@ def diff_report(
             "a": _diff_side(entry.a),
             "b": _diff_side(entry.b),
         }
+        if entry.digest_a is not None or entry.digest_b is not None:
+            row.update(digest_a=entry.digest_a, digest_b=entry.digest_b)
         if entry.values is not None:
             v = entry.values
             row.update(
@@ -456,6 +494,8 @@ def diff_report(
             Column("rel_diff", "||A-B||/||A||", "float", priority=0),
             Column("cosine", "cosine", "float", priority=1),
             Column("max_abs_diff", "max |A-B|", "float", priority=2),
+            Column("digest_a", "digest A", priority=6),
+            Column("digest_b", "digest B", priority=6),
         ],
         notes=[diff_summary(result)],
         empty="no differences",

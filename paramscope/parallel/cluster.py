@@ -236,6 +236,16 @@ def _missing(cluster: Cluster, error: str) -> str:
     )
 
 
+def gather_bytes(cluster: Cluster, data: bytes, phase: str) -> list[bytes]:
+    """Every process's bytes, of any length, in process order (two collectives: sizes, then data)."""
+    sizes = _gather(cluster, np.array([len(data)], np.uint32), phase).reshape(-1)
+    padded = -(-int(sizes.max()) // 4) * 4
+    buffer = np.zeros(padded, np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    rows = _gather(cluster, buffer.view(np.uint32), phase).reshape(cluster.num_processes, -1)
+    return [row.astype(np.uint32).view(np.uint8).tobytes()[: int(size)] for row, size in zip(rows, sizes)]
+
+
 def _gather_bytes(cluster: Cluster, data: bytes, phase: str) -> list[bytes]:
     buffer = np.zeros(MESSAGE_BYTES + 4, np.uint8)
     data = data[:MESSAGE_BYTES]
