@@ -99,3 +99,130 @@ def test_the_digest_of_a_set_is_over_sorted_paths():
     a, b = D.digest_of(np.zeros(3)), D.digest_of(np.ones(3))
     assert D.combined([("x", a), ("y", b)]) == D.combined([("y", b), ("x", a)])
     assert D.combined([("x", a), ("y", b)]) != D.combined([("x", b), ("y", a)])
+
+
+# ----------------------------------------------------------------------------------------------
+# On checkpoints: the same weights, however saved, have the same digests
+
+
+def cli_digests(*args):
+    from test_cli import run_json
+
+    doc = run_json("table", *args, "--digest")
+    return {p["path"]: p["digest"] for p in doc["params"]}, doc["digest"]
+
+
+@pytest.fixture(scope="module")
+def resaved(tmp_path_factory):
+    """init_params again, every leaf on one device (one chunk per array), zarr2 with OCDBT."""
+    import jax
+    import orbax.checkpoint as ocp
+    from conftest import init_params, make_mesh
+
+    params = init_params(make_mesh())
+    single = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), params)
+    path = str(tmp_path_factory.mktemp("single") / "params")
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False))
+    checkpointer.save(path, args=ocp.args.PyTreeSave(single))
+    return path, params
+
+
+def test_five_ways_of_saving_one_tree_give_one_set_of_digests(storage_ckpt, standard_ckpt, resaved):
+    import paramscope
+
+    path, params = resaved
+    expected = paramscope.digest(params)  # the library, on the in-memory (boxed, sharded) tree
+    assert expected == {p: reference_digest(v) for p, v in storage_ckpt.values.items()}
+    assert cli_digests(storage_ckpt.path)[0] == expected  # zarr2 plain / zarr3 OCDBT / zarr3 plain
+    assert cli_digests(path)[0] == expected  # zarr2 OCDBT, one chunk per array, no mesh
+    assert cli_digests(standard_ckpt.path, "--subtree", "params")[0] == expected  # inside a train state
+    assert cli_digests(storage_ckpt.path)[1] == D.combined(expected.items())
+
+
+def test_digests_do_not_depend_on_budget_engine_or_mesh(manager_ckpt):
+    from paramscope import open_checkpoint
+    from paramscope.compute.engines import scan
+
+    inv = open_checkpoint(manager_ckpt.path)
+    expected = {p: reference_digest(v) for p, v in manager_ckpt.values[200]["params"].items()}
+    runs = [
+        dict(engine="host", memory_budget=1 << 20),
+        dict(engine="host", memory_budget=1 << 30),
+        dict(engine="host", memory_budget=4 << 10),  # slabs smaller than a block, across chunks
+        dict(engine="mesh", memory_budget=1 << 20),
+        dict(engine="mesh", memory_budget=1 << 30, mesh_axes=(("data", 2), ("model", 2))),
+    ]
+    for options in runs:
+        result = scan(inv.params, digest=True, **options)
+        assert {r.param.path: r.digest for r in result.params} == expected, options
+
+
+def _save(path, tree):
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+
+
+@pytest.fixture(scope="module")
+def flipped(tmp_path_factory):
+    """A tree, and the same tree with the lowest bit of one element flipped, both saved."""
+    from test_cli import run
+
+    rng = np.random.default_rng(3)
+    tree = {"a": {"w": rng.standard_normal((64, 32)).astype(np.float32)}, "b": rng.standard_normal(7)}
+    other = {"a": {"w": tree["a"]["w"].copy()}, "b": tree["b"].copy()}
+    other["a"]["w"].view(np.uint32)[17, 5] ^= 1
+    root = tmp_path_factory.mktemp("flip")
+    _save(str(root / "original"), tree)
+    _save(str(root / "flipped"), other)
+    baseline = str(root / "baseline.json")
+    assert run("snapshot", root / "original", "-o", baseline, "-q").exit_code == 0
+    return str(root / "original"), str(root / "flipped"), baseline
+
+
+def test_one_flipped_bit_changes_exactly_that_digest_and_fails_the_gates(flipped):
+    from test_cli import run, run_json
+
+    original, changed, baseline = flipped
+    a, b = cli_digests(original)[0], cli_digests(changed)[0]
+    assert [p for p in a if a[p] != b[p]] == ["a.w"]
+    assert run("check", original, "-b", baseline).exit_code == 0
+    result = run("check", changed, "-b", baseline, "-f", "json")
+    assert result.exit_code == 1
+    violations = json.loads(result.stdout)["violations"]
+    assert [(v["path"], v["metric"]) for v in violations] == [("a.w", "digest")]  # the norm moved < rtol
+    assert run("verify", changed).exit_code == 0  # nothing is damaged: it decodes
+    result = run("verify", changed, "--baseline", baseline)
+    assert result.exit_code == 3 and "a.w" in result.stdout and "differs from the baseline" in result.stdout
+    assert run("verify", original, "--baseline", baseline).exit_code == 0
+    doc = run_json("diff", changed, baseline)  # against the snapshot, the original not at hand
+    assert {p["path"]: p["status"] for p in doc["params"]} == {"a.w": "changed", "b": "identical"}
+    doc = run_json("diff", original, changed, "--digest-only")
+    assert doc["summary"]["changed"] == 1 and doc["summary"]["identical"] == 1
+
+
+def test_bytes_overwritten_inside_a_data_file_are_caught_by_the_baseline(flipped, tmp_path):
+    import os
+    import shutil
+
+    from test_cli import run
+
+    original, _, baseline = flipped
+    copy = str(tmp_path / "damaged")
+    shutil.copytree(original, copy)
+    files = [
+        os.path.join(d, f)
+        for d, _, fs in os.walk(copy)
+        for f in fs
+        if os.sep + "d" + os.sep in os.path.join(d, f)
+    ]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:  # 64 bytes in the middle of the largest data file
+        f.seek(os.path.getsize(largest) // 2)
+        f.write(np.random.default_rng(9).bytes(64))
+    checked = run("verify", copy, "--baseline", baseline)
+    assert checked.exit_code == 3 and "a.w" in checked.stdout  # damaged, by decode error or digest
+    gated = run("check", copy, "-b", baseline)
+    assert gated.exit_code in (1, 3) and "a.w" in gated.stdout + gated.stderr

@@ -95,8 +95,18 @@ def assert_same_numbers(single, multi):
 
 @pytest.mark.parametrize("command", [["norms", "--per-param"], ["stats"]])
 def test_two_processes_equal_one_and_share_the_reading(shared_ckpt, command):
-    args = [command[0], shared_ckpt, *command[1:], "--memory-budget", "256KiB", "--format", "json"]
+    args = [
+        command[0],
+        shared_ckpt,
+        *command[1:],
+        "--memory-budget",
+        "256KiB",
+        "--format",
+        "json",
+        "--digest",
+    ]
     single = run_json(*args)
+    assert all(len(p["digest"]) == 64 for p in single["params"])  # compared with the 2 processes' below
     results = launch(args)
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     (_, out0, err0), (_, out1, err1) = results
@@ -110,14 +120,33 @@ def test_two_processes_equal_one_and_share_the_reading(shared_ckpt, command):
 
 
 def test_mesh_engine_and_environment_variables(shared_ckpt, manager_ckpt):
-    args = ["stats", shared_ckpt, "--engine", "mesh", "--format", "json", "--memory-budget", "1MiB"]
+    args = [
+        "stats",
+        shared_ckpt,
+        "--engine",
+        "mesh",
+        "--format",
+        "json",
+        "--memory-budget",
+        "1MiB",
+        "--digest",
+    ]
     single = run_json(*args)
     results = launch(args, env=True)
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     multi = json.loads(results[0][1])
     assert multi["engine"] == "mesh" and multi["mesh"] == {"devices": 8}  # the mesh spans both processes
     assert_same_numbers(single, multi)
-    sharded = ["norms", manager_ckpt.path, "--per-param", "--format", "json", "--mesh", "data=2,model=4"]
+    sharded = [
+        "norms",
+        manager_ckpt.path,
+        "--per-param",
+        "-f",
+        "json",
+        "--mesh",
+        "data=2,model=4",
+        "--digest",
+    ]
     results = launch(sharded)  # the saved (2, 4) mesh, its rows on different processes
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     multi = json.loads(results[0][1])
@@ -198,3 +227,51 @@ def test_a_process_that_never_joins(shared_ckpt):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "waiting for all 2 processes to join" in lines[0]
     assert time.monotonic() - began < 30
+
+
+WRITER = """
+import sys, jax, numpy as np, orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
+mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices())
+rng = np.random.default_rng(11)
+tree = {
+    "w": rng.standard_normal((64, 40)).astype(np.float32),
+    "v": rng.standard_normal((8, 1000)).astype(np.float16),
+}
+placed = {
+    name: jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i, x=x: x[i])
+    for (name, x), spec in zip(tree.items(), (P("data", "model"), P(None, "data")))
+}
+checkpointer = ocp.StandardCheckpointer()
+checkpointer.save(sys.argv[1], placed)
+checkpointer.wait_until_finished()
+"""
+
+
+def test_two_writing_processes_give_the_digests_of_the_tree(tmp_path):
+    import paramscope
+
+    path, port = str(tmp_path / "two_writers"), free_port()
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, path, str(port), str(i)], env=ENV, stderr=subprocess.PIPE
+        )
+        for i in range(2)
+    ]
+    try:
+        for writer in writers:
+            assert writer.wait(timeout=180) == 0, writer.stderr.read()[-2000:]
+    finally:
+        for writer in writers:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+    assert sorted(os.listdir(path)).count("ocdbt.process_1") == 1  # each process wrote its own part
+    rng = np.random.default_rng(11)
+    tree = {
+        "w": rng.standard_normal((64, 40)).astype(np.float32),
+        "v": rng.standard_normal((8, 1000)).astype(np.float16),
+    }
+    doc = run_json("table", path, "--digest")
+    assert {p["path"]: p["digest"] for p in doc["params"]} == paramscope.digest(tree)

@@ -118,7 +118,11 @@ def verify_checkpoint(
     def start(param: ParamInfo, handle, region):
         return checkpoint.start_read(handle, region.index, param.path)
 
-    expected = [digests.get((owner, p.path)) if digests else None for owner, p in zip(owners, params)]
+    alias = {}  # an item folder checked alone answers to the baseline's one item, whatever its name
+    recorded_items = {item for item, _ in digests or {}}
+    if location.selected_item is not None and len(recorded_items) == 1:
+        alias[location.selected_item] = next(iter(recorded_items))
+    expected = [digests.get((alias.get(o, o), p.path)) if digests else None for o, p in zip(owners, params)]
     states = [DigestState(p.dtype, p.shape, p.itemsize) if e else None for p, e in zip(params, expected)]
     limit = max(1, (memory_budget or default_memory_budget()) // 2)
     for region, pending in stream_regions(params, limit, start, on_error=fail):
@@ -151,4 +155,13 @@ def verify_checkpoint(
             )
     if digests:
         result.digests_checked = sum(s is not None for s in states)
+        if not result.digests_checked:
+            result.problems.append(
+                Problem(
+                    None,
+                    None,
+                    "no array here has a digest in the baseline "
+                    f"(its items: {', '.join(sorted(recorded_items))})",
+                )
+            )
     return result
