@@ -7,9 +7,12 @@ CPU devices, then measures wall time and peak RSS of each of these as a separate
   (b) the naive way: an Orbax restore of the whole tree to host numpy, then numpy float64 sums
       of squares per array
   (c) the floor: TensorStore decoding every array and discarding it, no reduction
+  (d) paramscope norms with the mesh engine (8 simulated devices)
+  (e) paramscope stats --digest: every statistic and every array's SHA-256 digest, one pass
 
 It checks that (a) and (b) agree to 1e-6 and prints the ratios against the targets:
-(a)/(c) wall <= 1.25, (a)/(b) wall <= 0.6, (a) peak RSS <= 0.25 x (b) and < 1.2 GiB.
+(a)/(c) wall <= 1.25, (a)/(b) wall <= 0.6, (a) peak RSS <= 0.25 x (b) and < 1.2 GiB,
+(e)/(c) wall <= 1.5.
 
 Each command runs --repeats times (default 3), interleaved; the median wall time and the largest
 peak RSS are reported.
@@ -115,6 +118,7 @@ def main():
             "(b) orbax restore + numpy": [PYTHON, "-c", NAIVE, path],
             "(c) tensorstore decode only": [PYTHON, "-c", FLOOR, path],
             "(d) paramscope norms --engine mesh": [*norms, "--engine", "mesh"],
+            "(e) paramscope stats --digest": [*norms[:3], "stats", *norms[4:5], *norms[6:], "--digest"],
         }
         mesh_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
         measure(commands["(c) tensorstore decode only"])  # warm the file cache
@@ -134,7 +138,7 @@ def main():
         naive = outputs["(b) orbax restore + numpy"]["global_norm"]
         on_mesh = outputs["(d) paramscope norms --engine mesh"]["global_norm"]
         agree = all(math.isclose(x, naive, rel_tol=1e-6) for x in (ours["global_norm"], on_mesh))
-        a, b, c, _ = (results[n] for n in commands)
+        a, b, c, _, e = (results[n] for n in commands)
         data = sum(p["count"] * 4 for p in ours["params"])
         print(
             f"bench_norms: {data / 2**30:.2f} GiB of float32 arrays ({size / 2**30:.2f} GiB on disk),"
@@ -151,6 +155,7 @@ def main():
                 ("(a)/(b) wall", a[0] / b[0], 0.6),
                 ("(a)/(b) peak RSS", a[1] / b[1], 0.25),
                 ("(a) peak RSS in GiB", a[1] / 2**30, 1.2),
+                ("(e)/(c) wall: statistics and digests", e[0] / c[0], 1.5),
             ],
         )
         sys.exit(0 if ok and agree else 1)
