@@ -226,3 +226,15 @@ def test_bytes_overwritten_inside_a_data_file_are_caught_by_the_baseline(flipped
     assert checked.exit_code == 3 and "a.w" in checked.stdout  # damaged, by decode error or digest
     gated = run("check", copy, "-b", baseline)
     assert gated.exit_code in (1, 3) and "a.w" in gated.stdout + gated.stderr
+
+
+def test_the_readme_reference_implementation_gives_the_same_digests():
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    code = re.search(r"```python\n(# reference digest of one array\n.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec(code, namespace)
+    for x in (np.arange(700_001, dtype=np.float32), np.ones((3, 5), ml_dtypes.bfloat16), np.zeros((0, 8))):
+        assert namespace["digest"](x) == D.digest_of(x) == reference_digest(x)
