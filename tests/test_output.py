@@ -33,6 +33,8 @@ COMMAND_LINES = [
     ["norms", "{root}", "--per-param"],
     ["norms", "{root}"],
     ["stats", "{root}"],
+    ["layers", "{root}"],
+    ["table", "{root}", "--unstack"],
     ["mask", "{root}", "--exclude", "bias$"],
     ["verify", "{root}"],
     ["diff", "{root}", "--step-a", "100", "--step-b", "200"],
@@ -65,7 +67,12 @@ KNOWN_HEADERS = (
         "array",
         "problem",
         "structure",
+        "stacked",
+        "stack",
+        "layer",
+        "digest",
     }
+    | {f"Block_0.{m}.{k}" for m in ("Dense_0", "Dense_1", "LayerNorm_0") for k in ("bias", "kernel", "scale")}
 )
 
 

@@ -27,7 +27,7 @@ app = typer.Typer(
 
 for family, commands in (
     ("Inspect", (inspect.info, inspect.table, inspect.count, inspect.mask)),
-    ("Numbers", (numbers.norms, numbers.stats)),
+    ("Numbers", (numbers.norms, numbers.stats, numbers.layers)),
     ("Gates", (gates.verify, gates.diff, gates.snapshot, gates.check)),
 ):
     for command in commands:

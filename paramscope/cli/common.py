@@ -12,7 +12,7 @@ import sys
 import typer
 
 from paramscope import errors
-from paramscope.cli.options import Cluster, Output, Reading, Selection
+from paramscope.cli.options import Cluster, Layering, Output, Reading, Selection
 from paramscope.output.render import Format, Report, View, render
 
 PROGRESS_MIN_BYTES = 64 << 20  # less data than this reads in a moment: no progress bar
@@ -123,16 +123,35 @@ def emit(report: Report, out: Output, table: str | None = None) -> None:
 # Reading
 
 
-def inventory(ckpt: str, sel: Selection, quiet: bool, step: int | None = None):
-    """The checkpoint's parameters as ``sel`` selects them; unmatched patterns are warned about."""
+def inventory(
+    ckpt: str, sel: Selection, quiet: bool, step: int | None = None, layering: Layering | None = None
+):
+    """The checkpoint's parameters as ``sel`` selects them; unmatched patterns are warned about.
+
+    With ``layering.unstack`` the parameters are one per layer of stacked arrays (filtered by
+    their unstacked names), and ``inv.views`` says where each comes from.
+    """
     from paramscope.io.inventory import filter_params, open_checkpoint
 
     inv = open_checkpoint(ckpt, step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree)
     for warning in inv.warnings:
         warn(warning, quiet)
-    params = filter_params(inv.params, sel.filter)
-    if sel.filter is not None and inv.params and not params:
+    candidates = inv.params
+    inv.views = None
+    if layering is not None and (layering.unstack or layering.layer_axis):
+        from paramscope.compute.layers import find_stacks, parse_layer_axes, unstack
+
+        stacks, notes = find_stacks(inv.params, parse_layer_axes(layering.layer_axis), inv.custom)
+        for note in notes:
+            warn(note, quiet)
+        inv.views = unstack(inv.params, stacks)
+        candidates = [v.info for v in inv.views]
+    params = filter_params(candidates, sel.filter)
+    if sel.filter is not None and candidates and not params:
         warn(f"--filter {sel.filter!r} matches no parameter", quiet)
+    if inv.views is not None:
+        kept = {p.path for p in params}
+        inv.views = [v for v in inv.views if v.info.path in kept]
     return inv, params
 
 
@@ -177,6 +196,12 @@ def scan(inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, d
     if cluster is not None:
         options["cluster"] = cluster
     total = sum(p.nbytes for p in params)
+    if getattr(inv, "views", None) is not None:
+        from paramscope.compute.layers import scan_views
+
+        return with_progress(
+            total, quiet, lambda on_bytes: scan_views(inv.views, inv.params, **options, on_bytes=on_bytes)
+        )
     return with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
 
 

@@ -13,6 +13,7 @@ from paramscope.cli.options import (
     CkptArg,
     Cluster,
     DigestOpt,
+    Layering,
     Output,
     Reading,
     Selection,
@@ -65,7 +66,7 @@ def info(
     common.emit(info_report(result), out, show.value if show else None)
 
 
-@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster)
+@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
 def table(
     ckpt: CkptArg,
     norms: Annotated[
@@ -92,6 +93,7 @@ def table(
     ] = TableSort.path,
     top: TopOpt = None,
     digest: DigestOpt = False,
+    layering: Layering = None,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -110,15 +112,17 @@ def table(
     reads = norms or stats or digest or sort == TableSort.norm
     joined = common.join(cluster) if reads else None
     quiet = out.quiet or (joined is not None and not joined.primary)
-    inv, params = common.inventory(ckpt, sel, quiet)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
     mask = None
     if wd_include or wd_exclude:
         mask = common.weight_decay_mask(params, wd_include, wd_exclude, quiet)
     result = common.scan(inv, params, stats, reading, quiet, joined, digest) if reads else None
-    common.emit(table_report(inv, params, mask, result, full=stats, sort=sort.value, top=top), out)
+    stacked = {v.info.path: f"axis {v.stack.axis}, {v.stack.rule}" for v in inv.views or () if v.stack}
+    report = table_report(inv, params, mask, result, full=stats, sort=sort.value, top=top, stacked=stacked)
+    common.emit(report, out)
 
 
-@with_options(sel=Selection, out=Output)
+@with_options(sel=Selection, out=Output, layering=Layering)
 def count(
     ckpt: CkptArg,
     depth: Annotated[
@@ -130,6 +134,7 @@ def count(
             "--show", help="Only this table (CSV shows groups unless told).", rich_help_panel=OUTPUT
         ),
     ] = None,
+    layering: Layering = None,
     sel: Selection = None,
     out: Output = None,
 ) -> None:
@@ -143,7 +148,7 @@ def count(
     from paramscope.io.inventory import count_params
     from paramscope.output.reports import count_report
 
-    inv, params = common.inventory(ckpt, sel, out.quiet)
+    inv, params = common.inventory(ckpt, sel, out.quiet, layering=layering)
     common.emit(count_report(inv, count_params(params, depth), depth), out, show.value if show else None)
 
 

@@ -14,6 +14,7 @@ from paramscope.cli.options import (
     Cluster,
     DigestOpt,
     FailOpt,
+    Layering,
     Output,
     Reading,
     Selection,
@@ -26,7 +27,7 @@ NormsSort = Enum("NormsSort", {k: k for k in NORMS_SORT_KEYS}, type=str)
 StatsSort = Enum("StatsSort", {k: k for k in STATS_SORT_KEYS}, type=str)
 
 
-@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster)
+@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
 def norms(
     ckpt: CkptArg,
     per_param: Annotated[bool, typer.Option("--per-param", help="One row per parameter.")] = False,
@@ -39,6 +40,7 @@ def norms(
     ] = NormsSort.path,
     top: TopOpt = None,
     digest: DigestOpt = False,
+    layering: Layering = None,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -55,13 +57,13 @@ def norms(
 
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
-    inv, params = common.inventory(ckpt, sel, quiet)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
     result = common.scan(inv, params, False, reading, quiet, joined, digest)
     common.emit(norms_report(inv, params, result, per_param, sort.value, top), out)
     common.report_nonfinite(result, fail_on_nonfinite, quiet)
 
 
-@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster)
+@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
 def stats(
     ckpt: CkptArg,
     fail_on_nonfinite: FailOpt = False,
@@ -71,6 +73,7 @@ def stats(
     ] = StatsSort.path,
     top: TopOpt = None,
     digest: DigestOpt = False,
+    layering: Layering = None,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -89,7 +92,46 @@ def stats(
 
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
-    inv, params = common.inventory(ckpt, sel, quiet)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
     result = common.scan(inv, params, True, reading, quiet, joined, digest)
     common.emit(stats_report(inv, params, result, sort.value, top), out)
     common.report_nonfinite(result, fail_on_nonfinite, quiet)
+
+
+class LayersSort(str, Enum):
+    layer = "layer"
+    norm = "norm"
+
+
+@with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
+def layers(
+    ckpt: CkptArg,
+    sort: Annotated[
+        LayersSort,
+        typer.Option("--sort", help="Row order (norm: largest first).", rich_help_panel=OUTPUT),
+    ] = LayersSort.layer,
+    top: TopOpt = None,
+    sel: Selection = None,
+    out: Output = None,
+    reading: Reading = None,
+    cluster: Cluster = None,
+    layering: Layering = None,
+) -> None:
+    """One row per layer of every scanned stack: its norm and the norm of each of its arrays.
+
+    Examples:
+
+    - `paramscope layers ckpt --sort norm`
+    - `paramscope layers ckpt -f csv`
+    """
+    from paramscope.compute.layers import layer_table
+    from paramscope.output.reports import layers_report
+
+    joined = common.join(cluster)
+    quiet = out.quiet or not joined.primary
+    layering.unstack = True
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
+    inv.views = [v for v in inv.views if v.stack is not None]
+    params = [v.info for v in inv.views]
+    result = common.scan(inv, params, False, reading, quiet, joined)
+    common.emit(layers_report(inv, layer_table(inv.views, result), sort.value, top), out)

@@ -277,6 +277,29 @@ class Cluster:
     ] = 300
 
 
+@dataclass
+class Layering:
+    """Whether stacked (scanned) layers are shown one row per layer."""
+
+    unstack: Annotated[
+        bool,
+        typer.Option(
+            "--unstack",
+            help="One row per layer of scanned (stacked) arrays, the layer index a path component.",
+            rich_help_panel=SELECTION,
+        ),
+    ] = False
+    layer_axis: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer-axis",
+            metavar="REGEX=AXIS",
+            help="The layer axis of arrays whose path matches (repeatable; settles --unstack's guesses).",
+            rich_help_panel=SELECTION,
+        ),
+    ] = None
+
+
 def with_options(**groups: type) -> typing.Callable:
     """Adds the options of each group (a dataclass) to a command; it receives one instance each.
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,14 +72,27 @@ class HostEngine:
         return checkpoint.start_read(handle, region.index, param.path)
 
     def reduce(
-        self, param: ParamInfo, region: Region, pending, local: Accumulator, shared: Accumulator, digest=None
+        self,
+        param: ParamInfo,
+        region: Region,
+        pending,
+        local: Accumulator,
+        shared: Accumulator,
+        digest=None,
+        layers=None,
     ) -> None:
         """Adds a region to ``local`` (this process's own share) or, reduced on the mesh by every
-        process together, to ``shared``; and its bytes to ``digest`` (a DigestState) if given."""
+        process together, to ``shared``; its bytes to ``digest`` (a DigestState) if given; and
+        each layer's part to its accumulator, ``layers`` being (axis, one accumulator per layer)."""
         values = checkpoint.finish_read(pending, param.path)
         local.feed(values, self.pool)
         if digest is not None:
             feed_box(digest, param.shape, region.index, values, self.pool)
+        if layers is not None:
+            axis, accumulators = layers
+            first = region.index[axis].start or 0
+            for k in range(values.shape[axis]):  # each layer's part is contiguous in that layer
+                accumulators[first + k].feed(np.take(values, k, axis=axis), self.pool)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -95,11 +108,12 @@ class MeshEngine(HostEngine):
         import jax
 
         self.mesh = mesh
+        self.host_paths: set[str] = set()  # reduced on the host (per-layer numbers)
         self.function = mesh_reduction(full)
         self.narrowed = not jax.config.jax_enable_x64
 
     def _on_host(self, param: ParamInfo) -> bool:
-        return self.narrowed and param.itemsize >= 8
+        return (self.narrowed and param.itemsize >= 8) or param.path in self.host_paths
 
     def collective(self, param: ParamInfo) -> bool:
         return not self._on_host(param)
@@ -123,12 +137,19 @@ class MeshEngine(HostEngine):
         return sharding, reads
 
     def reduce(
-        self, param: ParamInfo, region: Region, pending, local: Accumulator, shared: Accumulator, digest=None
+        self,
+        param: ParamInfo,
+        region: Region,
+        pending,
+        local: Accumulator,
+        shared: Accumulator,
+        digest=None,
+        layers=None,
     ) -> None:
         import jax
 
         if self._on_host(param):
-            return super().reduce(param, region, pending, local, shared, digest)
+            return super().reduce(param, region, pending, local, shared, digest, layers)
         sharding, reads = pending
         shards = {key: checkpoint.finish_read(future, param.path) for key, (_, future) in reads.items()}
         if digest is not None:  # the bytes of each shard this process read, where they lie
@@ -196,6 +217,7 @@ class ScanResult:
     mesh: tuple[tuple[str, int], ...] | None
     memory_budget: int
     bytes_read: list[int]  # array bytes each process read, by process
+    layers: dict[int, list[Moments]] = field(default_factory=dict)  # per layer of unstacked arrays
 
     @property
     def digest(self) -> str | None:
@@ -216,6 +238,7 @@ def scan(
     on_bytes: Callable[[int], Any] | None = None,
     cluster: Cluster = LOCAL,
     digest: bool = False,
+    unstack: Mapping[int, int] | None = None,
 ) -> ScanResult:
     """Reads every parameter once and summarises it.
 
@@ -232,6 +255,8 @@ def scan(
             and all end with the same result.
         digest: Also compute each parameter's content digest (:mod:`paramscope.compute.digest`),
             in the same pass.
+        unstack: Positions of stacked arrays -> their layer axis: also compute the numbers of each
+            layer (``ScanResult.layers``), in the same pass, on the host.
     """
     budget = memory_budget or default_memory_budget()
     runner = make_engine(engine, full, mesh_axes, saved_mesh, cluster)
@@ -239,6 +264,12 @@ def scan(
     local = [Accumulator(full) for _ in params]  # this process's share
     shared = [Accumulator(full) for _ in params]  # reduced on the mesh by every process together
     states = [DigestState(p.dtype, p.shape, p.itemsize) for p in params] if digest else [None] * len(params)
+    unstack = dict(unstack or {})
+    per_layer = {
+        i: (axis, [Accumulator(full) for _ in range(params[i].shape[axis])]) for i, axis in unstack.items()
+    }
+    if isinstance(runner, MeshEngine):
+        runner.host_paths = {params[i].path for i in unstack}
 
     def select(regions: list[Region]) -> list[bool]:
         """Every process reduces the collective regions together; the others are shared out."""
@@ -250,7 +281,7 @@ def scan(
     try:
         for region, pending in stream_regions(params, limit, runner.start, select=select):
             i = region.param
-            runner.reduce(params[i], region, pending, local[i], shared[i], states[i])
+            runner.reduce(params[i], region, pending, local[i], shared[i], states[i], per_layer.get(i))
             if on_bytes is not None:
                 on_bytes(region.nbytes)
     except ParamscopeError as err:
@@ -260,15 +291,25 @@ def scan(
     finally:
         runner.close()
     bytes_read = [runner.bytes_read]
+    layer_local = [acc for i in sorted(per_layer) for acc in per_layer[i][1]]
+    layer_moments = {}
     if cluster.active:
         agree_on_failure(cluster, failure, "reading")
-        vectors = np.array([acc.summary() for acc in local] + [[runner.bytes_read] * 11], dtype=np.float64)
+        everything = local + layer_local
+        vectors = np.array(
+            [acc.summary() for acc in everything] + [[runner.bytes_read] * 11], dtype=np.float64
+        )
         gathered = gather_float64(cluster, vectors.ravel(), "combining results").reshape(
-            cluster.num_processes, len(params) + 1, -1
+            cluster.num_processes, len(everything) + 1, -1
         )
         for position in range(len(params)):
             for process in range(cluster.num_processes):
                 shared[position].partials.add_summary(*gathered[process, position])
+        combined_layers = [Accumulator(full) for _ in layer_local]
+        for k, acc in enumerate(combined_layers):
+            for process in range(cluster.num_processes):
+                acc.partials.add_summary(*gathered[process, len(params) + k])
+        layer_local = combined_layers
         bytes_read = [int(b) for b in gathered[:, -1, 0]]
         if digest:
             _merge_digests(cluster, states)
@@ -279,6 +320,9 @@ def scan(
         ParamStats(param, acc.result(), state.hexdigest() if state is not None else None)
         for param, acc, state in zip(params, shared, states)
     ]
+    moments = iter(acc.result() for acc in layer_local)
+    for i in sorted(per_layer):
+        layer_moments[i] = [next(moments) for _ in per_layer[i][1]]
     global_sq = math.fsum(r.moments.sum_sq for r in results)
     return ScanResult(
         params=results,
@@ -288,6 +332,7 @@ def scan(
         mesh=tuple(runner.mesh.shape.items()) if runner.mesh is not None else None,
         memory_budget=budget,
         bytes_read=bytes_read,
+        layers=layer_moments,
     )
 
 

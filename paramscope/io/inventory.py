@@ -62,6 +62,8 @@ class Inventory:
     saved_mesh: tuple[tuple[str, int], ...] | None
     warnings: list[str] = field(default_factory=list)
     shown: str = ""  # the path as the caller wrote it (relative stays relative)
+    custom: dict[str, Any] = field(default_factory=dict)  # the step's custom metadata
+    views: list | None = None  # with --unstack: where each shown parameter comes from (LayerView)
 
     @property
     def total_count(self) -> int:
@@ -189,6 +191,7 @@ def open_checkpoint(
         saved_mesh=saved_mesh,
         warnings=warnings,
         shown=os.fspath(path),
+        custom=checkpoint.custom_metadata(location),
     )
 
 

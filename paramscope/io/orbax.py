@@ -633,3 +633,18 @@ def step_bytes(path: str, step: int | None = None) -> int:
     except ParamscopeError:
         return 0
     return sum(disk_usage(item.path) for item in location.items)
+
+
+def custom_metadata(location: Location) -> dict[str, Any]:
+    """The step's custom metadata (``_CHECKPOINT_METADATA``), e.g. MaxText's ``scan_layers``."""
+    if location.step is None:
+        return {}
+    path = os.path.join(location.step.path, CHECKPOINT_METADATA)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        meta = read_json(path)
+    except CorruptCheckpoint:
+        return {}
+    custom = meta.get("custom_metadata") or meta.get("custom") if isinstance(meta, dict) else None
+    return custom if isinstance(custom, dict) else {}

@@ -182,9 +182,17 @@ def info_report(result) -> Report:
 
 
 def table_report(
-    inv, params, mask=None, scan=None, full: bool = False, sort: str = "path", top: int | None = None
+    inv,
+    params,
+    mask=None,
+    scan=None,
+    full: bool = False,
+    sort: str = "path",
+    top: int | None = None,
+    stacked: dict[str, str] | None = None,
 ) -> Report:
-    """``mask``: a weight-decay MaskResult; ``scan``: norms (or, ``full``, all statistics)."""
+    """``mask``: a weight-decay MaskResult; ``scan``: norms (or, ``full``, all statistics);
+    ``stacked``: for the rows of unstacked layers, the layer axis and the rule that decided it."""
     rows = {
         p.path: {
             "path": p.path,
@@ -208,6 +216,11 @@ def table_report(
         for param, decayed in mask.decisions:
             rows[param.path]["weight_decay"] = decayed
         columns.append(Column("weight_decay", "decay", "bool", priority=0))
+    if stacked:
+        for path, rule in stacked.items():
+            if path in rows:
+                rows[path]["stacked"] = rule
+        columns.append(Column("stacked", "stacked", priority=3))
     if scan is not None:
         for entry in scan.params:
             row = rows[entry.param.path]
@@ -540,4 +553,45 @@ def check_report(inv, baseline_file: str, baseline, compared, options, violation
             Column("rel_diff", "rel. diff", "float", priority=0),
         ],
         notes=[f"compared {', '.join(compared) or 'nothing'} of {plural(checked, 'parameter')}: {verdict}"],
+    )
+
+
+def layers_report(inv, rows, sort: str = "layer", top: int | None = None) -> Report:
+    """One row per layer of each stack: the layer's norm and the norm of each of its arrays."""
+    kinds = sorted({kind for row in rows for kind in row.norms})
+    table = [
+        {"stack": r.stack, "layer": r.layer, "norm": r.norm, "nonfinite": r.nonfinite, **r.norms}
+        for r in rows
+    ]
+    if sort == "norm":
+        table.sort(key=lambda r: (-r["norm"] if r["norm"] == r["norm"] else math.inf, r["stack"], r["layer"]))
+    if top is not None:
+        table = table[:top]
+    payload = {
+        "schema": "paramscope.layers/1",
+        **header(inv),
+        "layers": [
+            {
+                "stack": r["stack"],
+                "layer": r["layer"],
+                "norm": r["norm"],
+                "nonfinite": r["nonfinite"],
+                "norms": {k: r[k] for k in kinds if k in r},
+            }
+            for r in table
+        ],
+    }
+    weights = ("kernel", "weight", "embedding", "w")
+    return Report(
+        payload=payload,
+        title=f"{where(inv)}  {plural(len({r.stack for r in rows}), 'stack')}, {plural(len(rows), 'layer')}",
+        columns=[
+            Column("stack", "stack", "path", priority=1),
+            Column("layer", "layer", "int", priority=0),
+            Column("norm", "norm", "float", priority=0),
+            Column("nonfinite", "NaN/Inf", "int", priority=1),
+            *[Column(k, k, "float", priority=2 if k.split(".")[-1] in weights else 3) for k in kinds],
+        ],
+        rows=table,
+        empty="no stacked arrays (see --layer-axis)",
     )
