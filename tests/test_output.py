@@ -34,6 +34,7 @@ COMMAND_LINES = [
     ["norms", "{root}"],
     ["stats", "{root}"],
     ["layers", "{root}"],
+    ["optim", "{root}"],
     ["table", "{root}", "--unstack"],
     ["mask", "{root}", "--exclude", "bias$"],
     ["verify", "{root}"],
@@ -71,6 +72,11 @@ KNOWN_HEADERS = (
         "stack",
         "layer",
         "digest",
+        "||mu||",
+        "||sqrt(nu)||",
+        "max sqrt(nu)",
+        "||update||",
+        "update/param",
     }
     | {f"Block_0.{m}.{k}" for m in ("Dense_0", "Dense_1", "LayerNorm_0") for k in ("bias", "kernel", "scale")}
 )

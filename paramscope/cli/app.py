@@ -27,7 +27,7 @@ app = typer.Typer(
 
 for family, commands in (
     ("Inspect", (inspect.info, inspect.table, inspect.count, inspect.mask)),
-    ("Numbers", (numbers.norms, numbers.stats, numbers.layers)),
+    ("Numbers", (numbers.norms, numbers.stats, numbers.layers, numbers.optim)),
     ("Gates", (gates.verify, gates.diff, gates.snapshot, gates.check)),
 ):
     for command in commands:

@@ -10,18 +10,21 @@ import typer
 from paramscope.cli import common
 from paramscope.cli.options import (
     OUTPUT,
+    SELECTION,
     CkptArg,
     Cluster,
     DigestOpt,
     FailOpt,
+    FilterOpt,
     Layering,
     Output,
     Reading,
     Selection,
+    StepOpt,
     TopOpt,
     with_options,
 )
-from paramscope.output.reports import NORMS_SORT_KEYS, STATS_SORT_KEYS
+from paramscope.output.reports import NORMS_SORT_KEYS, OPTIM_SORT_KEYS, STATS_SORT_KEYS, optim_report
 
 NormsSort = Enum("NormsSort", {k: k for k in NORMS_SORT_KEYS}, type=str)
 StatsSort = Enum("StatsSort", {k: k for k in STATS_SORT_KEYS}, type=str)
@@ -135,3 +138,77 @@ def layers(
     params = [v.info for v in inv.views]
     result = common.scan(inv, params, False, reading, quiet, joined)
     common.emit(layers_report(inv, layer_table(inv.views, result), sort.value, top), out)
+
+
+OptimSort = Enum("OptimSort", {k: k for k in OPTIM_SORT_KEYS}, type=str)
+
+
+@with_options(out=Output, reading=Reading)
+def optim(
+    ckpt: CkptArg,
+    step: StepOpt = None,
+    params_item: Annotated[
+        str | None,
+        typer.Option(
+            "--params-item", metavar="NAME", help="Item of the parameters.", rich_help_panel=SELECTION
+        ),
+    ] = None,
+    opt_item: Annotated[
+        str | None,
+        typer.Option(
+            "--opt-item", metavar="NAME", help="Item of the optimizer state.", rich_help_panel=SELECTION
+        ),
+    ] = None,
+    filter: FilterOpt = None,
+    b1: Annotated[float, typer.Option("--b1", metavar="X", help="Adam's b1 (optax default).")] = 0.9,
+    b2: Annotated[float, typer.Option("--b2", metavar="X", help="Adam's b2 (optax default).")] = 0.999,
+    eps: Annotated[float, typer.Option("--eps", metavar="X", help="Adam's eps (optax default).")] = 1e-8,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", metavar="X", help="Learning rate: the ratio becomes lr*||update||/||param||."),
+    ] = None,
+    sort: Annotated[
+        OptimSort,
+        typer.Option("--sort", help="Row order (path; others largest first).", rich_help_panel=OUTPUT),
+    ] = OptimSort.path,
+    top: TopOpt = None,
+    out: Output = None,
+    reading: Reading = None,
+) -> None:
+    """Each parameter beside its Adam-family optimizer state: moments, step and the update it makes.
+
+    Examples:
+
+    - `paramscope optim ckpt --sort ratio`
+    - `paramscope optim ckpt --lr 3e-4`
+    """
+    from paramscope.compute.optim import align, optimizer_pass, split_state
+    from paramscope.io.inventory import filter_params, open_checkpoint
+
+    def open_item(name):
+        inv = open_checkpoint(ckpt, step=step, item=name)
+        for warning in inv.warnings:
+            common.warn(warning, out.quiet)
+        return inv
+
+    from paramscope.io import orbax
+
+    items = [i.name for i in orbax.locate(ckpt, step).items]
+    inv, params, opt = split_state(open_item, items, params_item, opt_item)
+    alignment = align(filter_params(params, filter), opt)
+    total = sum(3 * e.param.nbytes for e in alignment.entries)
+    common.with_progress(
+        total,
+        out.quiet,
+        lambda on_bytes: optimizer_pass(
+            alignment,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            lr=lr,
+            memory_budget=common.memory_budget(reading),
+            on_bytes=on_bytes,
+        ),
+    )
+    hyper = {"b1": b1, "b2": b2, "eps": eps, "lr": lr}
+    common.emit(optim_report(inv, alignment, hyper, sort.value, top), out)

@@ -595,3 +595,53 @@ def layers_report(inv, rows, sort: str = "layer", top: int | None = None) -> Rep
         rows=table,
         empty="no stacked arrays (see --layer-axis)",
     )
+
+
+OPTIM_COLUMNS = [
+    Column("path", "path", "path", priority=0),
+    Column("norm", "norm", "float", priority=1),
+    Column("mu_norm", "||mu||", "float", priority=2),
+    Column("sqrt_nu_norm", "||sqrt(nu)||", "float", priority=2),
+    Column("max_sqrt_nu", "max sqrt(nu)", "float", priority=3),
+    Column("count", "step", "int", priority=3),
+    Column("update_norm", "||update||", "float", priority=1),
+    Column("ratio", "update/param", "float", priority=0),
+]
+OPTIM_SORT_KEYS = ("path", "ratio", "update_norm", "norm", "mu_norm", "sqrt_nu_norm", "max_sqrt_nu")
+
+
+def optim_report(inv, alignment, hyper: dict, sort: str = "path", top: int | None = None) -> Report:
+    """Each parameter beside its optimizer state: moments, step, the update and its ratio."""
+    stateful = [e for e in alignment.entries if e.mu or e.nu]
+    rows = sort_rows([{c.key: getattr(e, c.key) for c in OPTIM_COLUMNS} for e in stateful], sort, top)
+    notes = []
+    if alignment.stateless:
+        notes.append(
+            f"{plural(len(alignment.stateless), 'parameter')} without optimizer state: "
+            + ", ".join(alignment.stateless[:5])
+            + (" ..." if len(alignment.stateless) > 5 else "")
+        )
+    if alignment.unmatched:
+        notes.append(
+            f"{plural(len(alignment.unmatched), 'optimizer leaf')} matching no parameter: "
+            + ", ".join(alignment.unmatched[:5])
+            + (" ..." if len(alignment.unmatched) > 5 else "")
+        )
+    for problem in alignment.mismatched:
+        notes.append(f"shape differs, left out: {problem}")
+    return Report(
+        payload={
+            "schema": "paramscope.optim/1",
+            **header(inv),
+            **hyper,
+            "params": rows,
+            "stateless": alignment.stateless,
+            "unmatched": alignment.unmatched,
+            "mismatched": alignment.mismatched,
+        },
+        title=f"{where(inv)}  {plural(len(stateful), 'parameter')} with optimizer state",
+        columns=OPTIM_COLUMNS,
+        rows=rows,
+        notes=notes,
+        empty="no optimizer state aligned with the parameters",
+    )

@@ -1,0 +1,211 @@
+"""The optimizer beside each parameter: Adam-family moments aligned by path, and the update.
+
+Optimizer states are saved as trees whose leaves repeat the parameters' paths under a moment
+name: ``opt_state.0.mu.<param path>`` for ``adamw``, ``opt_state.1.0.mu...`` for
+``chain(clip, adamw)``, ``opt_state.inner_state.0.mu...`` for ``inject_hyperparams``,
+``opt_state.inner_opt_state.0.mu...`` for ``MultiSteps``, ``...inner_states.<label>.inner_state
+.0.mu...`` for ``multi_transform``. A leaf is aligned with the parameter whose path follows its
+moment name, and confirmed by shape (the moment's dtype may differ: ``mu_dtype``). The step count
+is the ``count`` leaf beside the moments.
+
+For each parameter, in one streaming pass reading the parameter, mu and nu region by region
+together: ||param||, ||mu||, ||sqrt(nu)|| (= sqrt(sum nu)), max sqrt(nu), and the update Adam
+applies at the stored step, ``mu_hat / (sqrt(nu_hat) + eps)`` with ``mu_hat = mu / (1 - b1^t)``,
+``nu_hat = nu / (1 - b2^t)``, its norm and its ratio to ||param|| (times ``lr`` when given).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from paramscope.compute.moments import Accumulator
+from paramscope.compute.plan import default_memory_budget, stream_regions
+from paramscope.io import orbax as checkpoint
+from paramscope.io.inventory import ParamInfo
+
+FIRST = ("mu", "m", "exp_avg", "momentum")
+SECOND = ("nu", "v", "exp_avg_sq")
+FACTORED = ("v_row", "v_col")
+MOMENTS = FIRST + SECOND + FACTORED
+
+
+@dataclass
+class Moment:
+    param: str  # the parameter's path
+    kind: str  # "mu", "nu", "v_row", "v_col"
+    prefix: str  # the optimizer path before the moment name (where its count lives)
+    leaf: ParamInfo
+
+
+@dataclass
+class OptimEntry:
+    path: str
+    param: ParamInfo
+    mu: ParamInfo | None = None
+    nu: ParamInfo | None = None
+    factored: list[ParamInfo] = field(default_factory=list)
+    count_leaf: ParamInfo | None = None
+    count: int | None = None
+    # results
+    norm: float | None = None
+    mu_norm: float | None = None
+    sqrt_nu_norm: float | None = None
+    max_sqrt_nu: float | None = None
+    update_norm: float | None = None
+    ratio: float | None = None
+
+
+@dataclass
+class Alignment:
+    entries: list[OptimEntry]
+    unmatched: list[str]  # optimizer leaves that match no parameter
+    stateless: list[str]  # parameters without optimizer state (frozen, e.g. by multi_transform)
+    mismatched: list[str]  # leaves whose shape does not match their parameter
+
+
+def align(params: Sequence[ParamInfo], opt_leaves: Sequence[ParamInfo]) -> Alignment:
+    """Pairs each optimizer moment with its parameter by path, confirmed by shape."""
+    by_path = {p.path: p for p in params}
+    # a TrainState puts "params." before the parameters' paths; the moments do not repeat it
+    for p in params:
+        if p.path.startswith("params.") and p.path[len("params.") :] not in by_path:
+            by_path[p.path[len("params.") :]] = p
+    entries = {p.path: OptimEntry(p.path, p) for p in params}
+    counts = {leaf.path: leaf for leaf in opt_leaves if leaf.path.rsplit(".", 1)[-1] == "count"}
+    unmatched, mismatched = [], []
+    for leaf in opt_leaves:
+        if leaf.path in counts:
+            continue
+        parts = leaf.path.split(".")
+        moment = None
+        for k, part in enumerate(parts[:-1]):
+            rest = ".".join(parts[k + 1 :])
+            if part in MOMENTS and rest in by_path:
+                moment = Moment(rest, part, ".".join(parts[:k]), leaf)
+                break
+        if moment is None:
+            unmatched.append(leaf.path)
+            continue
+        param = by_path[moment.param]
+        entry = entries[param.path]
+        if moment.kind in FACTORED:
+            entry.factored.append(leaf)
+        elif leaf.shape != param.shape:
+            mismatched.append(f"{leaf.path} {leaf.shape} vs {param.path} {param.shape}")
+            continue
+        elif moment.kind in FIRST:
+            entry.mu = leaf
+        else:
+            entry.nu = leaf
+        count = counts.get(f"{moment.prefix}.count" if moment.prefix else "count")
+        entry.count_leaf = entry.count_leaf or count
+    stateless = [e.path for e in entries.values() if e.mu is None and e.nu is None and not e.factored]
+    return Alignment(list(entries.values()), unmatched, stateless, mismatched)
+
+
+def _read_scalar(leaf: ParamInfo) -> Any:
+    handle = checkpoint.open_array(leaf.stored)
+    return checkpoint.finish_read(checkpoint.start_read(handle, (), leaf.path), leaf.path)
+
+
+def optimizer_pass(
+    alignment: Alignment,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    lr: float | None = None,
+    memory_budget: int | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> list[OptimEntry]:
+    """Reads each parameter with its mu and nu, region by region together, and fills the entries."""
+    entries = alignment.entries
+    for entry in entries:
+        if entry.count_leaf is not None:
+            entry.count = int(np.asarray(_read_scalar(entry.count_leaf)))
+    # one plan over the parameters; each region of a parameter is read from mu and nu too
+    limit = max(1, (memory_budget or default_memory_budget()) // 6)
+    params = [e.param for e in entries]
+    partners: dict[tuple[int, str], Any] = {}
+
+    def handle_of(position: int, which: str):
+        key = (position, which)
+        if key not in partners:
+            leaf = getattr(entries[position], which)
+            partners[key] = checkpoint.open_array(leaf.stored) if leaf is not None else None
+        return partners[key]
+
+    def start(param: ParamInfo, handle, region):
+        position = region.param
+        reads = {"param": checkpoint.start_read(handle, region.index, param.path)}
+        for which in ("mu", "nu"):
+            other = handle_of(position, which)
+            if other is not None:
+                leaf = getattr(entries[position], which)
+                reads[which] = checkpoint.start_read(other, region.index, leaf.path)
+        return reads
+
+    sums = {
+        i: {k: Accumulator(full=k == "nu") for k in ("param", "mu", "nu", "update")}
+        for i in range(len(params))
+    }
+    for region, reads in stream_regions(params, limit, start):
+        entry, acc = entries[region.param], sums[region.param]
+        values = {k: checkpoint.finish_read(f, entry.path) for k, f in reads.items()}
+        for kind, value in values.items():
+            acc[kind].feed(value)
+        if "mu" in values and "nu" in values and entry.count:
+            mu = values["mu"].astype(np.float64) / (1 - b1**entry.count)
+            nu = values["nu"].astype(np.float64) / (1 - b2**entry.count)
+            acc["update"].feed(mu / (np.sqrt(nu) + eps))
+        if on_bytes is not None:
+            on_bytes(region.nbytes)
+    for position in range(len(params)):
+        entry, acc = entries[position], sums[position]
+        entry.norm = acc["param"].result().norm
+        if entry.mu is not None:
+            entry.mu_norm = acc["mu"].result().norm
+        if entry.nu is not None:
+            nu = acc["nu"].result()
+            entry.sqrt_nu_norm = math.sqrt(max(nu.mean * nu.finite, 0.0)) if nu.finite else math.nan
+            entry.max_sqrt_nu = math.sqrt(max(nu.max, 0.0)) if nu.finite else math.nan
+        if entry.mu is not None and entry.nu is not None and entry.count:
+            entry.update_norm = acc["update"].result().norm
+            scale = lr if lr is not None else 1.0
+            entry.ratio = scale * entry.update_norm / entry.norm if entry.norm else math.inf
+    return entries
+
+
+PARAM_ITEMS = ("params", "model")
+OPT_ITEMS = ("opt_state", "optimizer", "opt", "optimizer_state")
+
+
+def split_state(open_item: Callable[[str | None], Any], items: Sequence[str], params_item, opt_item):
+    """(inventory, parameters, optimizer leaves): from two items, or from one train-state item."""
+    if params_item is None and opt_item is None:
+        params_item = next((i for i in PARAM_ITEMS if i in items), None)
+        opt_item = next((i for i in OPT_ITEMS if i in items), None)
+    if params_item is not None and opt_item is not None:
+        inv = open_item(params_item)
+        return inv, inv.params, open_item(opt_item).params
+    inv = open_item(params_item or opt_item)
+    first = {p.path.split(".", 1)[0] for p in inv.params}
+    param_root = next((i for i in PARAM_ITEMS if i in first), None)
+    opt_root = next((i for i in OPT_ITEMS if i in first), None)
+    if param_root is None or opt_root is None:
+        from paramscope.errors import ItemNotFound
+
+        raise ItemNotFound(
+            "cannot tell the parameters from the optimizer state",
+            hint=f"name them with --params-item and --opt-item (items: {', '.join(items)})",
+        )
+    params = [  # named as the training code names them, inside the parameters
+        replace(p, path=p.path.split(".", 1)[1]) for p in inv.params if p.path.split(".", 1)[0] == param_root
+    ]
+    opt = [p for p in inv.params if p.path.split(".", 1)[0] == opt_root]
+    return inv, params, opt
