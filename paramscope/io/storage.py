@@ -13,14 +13,14 @@ Credentials and endpoints follow each ecosystem's conventions, read from the env
 
 - GCS: Application Default Credentials; with ``STORAGE_EMULATOR_HOST`` set, that emulator and
   no credential lookup (as google-cloud-storage does).
-- S3: the AWS environment variables and profile chain (unsigned requests when none is found,
-  which public buckets accept), ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for
-  S3-compatible stores, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
+- S3: the AWS environment variables, profiles, web-identity and container credentials
+  (unsigned requests when none is found, which public buckets accept),
+  ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for S3-compatible stores, ``AWS_REGION`` /
+  ``AWS_DEFAULT_REGION``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Any
@@ -85,7 +85,6 @@ def _use_gcs_emulator() -> None:
         os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
 
 
-@functools.cache
 def _context_spec() -> tuple[tuple[str, Any], ...]:
     limit = max(1, _int_env(CONCURRENCY_ENV, DEFAULT_CONCURRENCY))
     retries = {
@@ -98,26 +97,70 @@ def _context_spec() -> tuple[tuple[str, Any], ...]:
         ("gcs_request_retries", retries),
         ("s3_request_concurrency", {"limit": limit}),
         ("s3_request_retries", retries),
-        # the default chain: environment, profile files, instance metadata; unsigned when none
-        ("aws_credentials", {"type": "default"}),
+        ("aws_credentials", _aws_credentials()),
     )
 
 
-_CONTEXT = None
+def _aws_credentials() -> dict[str, str]:
+    """The AWS credential source, found the way the AWS SDKs look: keys in the environment, a
+    profile (``AWS_PROFILE``, ``~/.aws/credentials`` or ``config``), web-identity or container
+    credentials; with none of them, unsigned requests, which public buckets accept.
+
+    Each source is named directly: TensorStore's ``default`` chain logs an error line per missing
+    profile file on every store it opens. EC2 instance roles work through a profile with
+    ``credential_source = Ec2InstanceMetadata``.
+    """
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return {"type": "environment"}
+    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    files = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.expanduser("~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config"),
+    ]
+    if profile or any(os.path.isfile(f) for f in files):
+        return {"type": "profile", "profile": profile or "default"}
+    roles = (
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    )
+    if any(os.environ.get(name) for name in roles):
+        return {"type": "default"}
+    return {"type": "anonymous"}
+
+
+# The variables the context is made from: a process (or a test) that changes them gets a new
+# context on its next store, and every other call reuses the one it has.
+_CONTEXT_ENV = (
+    CONCURRENCY_ENV,
+    RETRIES_ENV,
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "HOME",
+)
+_CONTEXT: tuple[tuple, Any] | None = None
 
 
 def context():
-    """The one TensorStore context of this process: shared connection and concurrency pools.
+    """The TensorStore context of this process: shared connection and concurrency pools.
 
     Every kvstore and array paramscope opens uses it, so the request limits hold for the whole
     process rather than per array.
     """
     global _CONTEXT
-    if _CONTEXT is None:
+    key = tuple(os.environ.get(name) for name in _CONTEXT_ENV)
+    if _CONTEXT is None or _CONTEXT[0] != key:
         import tensorstore as ts
 
-        _CONTEXT = ts.Context(dict(_context_spec()))
-    return _CONTEXT
+        _CONTEXT = (key, ts.Context(dict(_context_spec())))
+    return _CONTEXT[1]
 
 
 def credentials_hint(scheme: str) -> str:
@@ -132,8 +175,10 @@ def credentials_hint(scheme: str) -> str:
         where = "AWS credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
     elif os.environ.get("AWS_PROFILE"):
         where = f"AWS credentials of profile AWS_PROFILE={os.environ['AWS_PROFILE']}"
+    elif _aws_credentials()["type"] == "default":
+        where = "AWS web-identity or container credentials"
     else:
-        where = "the AWS default credential chain (unsigned requests when it finds none)"
+        where = "no AWS credentials (unsigned requests; set AWS_ACCESS_KEY_ID or AWS_PROFILE)"
     endpoint = _endpoint_s3()
     return where + (f" at endpoint {endpoint}" if endpoint else "")
 
