@@ -215,7 +215,7 @@ def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -
             )
         if tree.is_empty_folder():
             raise NotACheckpoint(
-                f"{path} holds no Orbax checkpoint (an empty folder)",
+                f"{path} is not a checkpoint (an empty folder)",
                 hint="pass a CheckpointManager root, a step folder or an item folder",
             )
         raise CheckpointNotFound(f"{path} does not exist", hint="check the path")
