@@ -39,6 +39,10 @@ class CorruptCheckpoint(ParamscopeError):
     """Metadata or data could not be decoded."""
 
 
+class StorageError(ParamscopeError):
+    """The store refused or failed a request: access denied, unreachable, failing after retries."""
+
+
 class UsageError(ParamscopeError):
     """A bad option value: regex, mesh, option combination."""
 

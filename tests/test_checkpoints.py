@@ -79,7 +79,11 @@ def test_manager_errors(manager_ckpt, tmp_path):
     with pytest.raises(NotACheckpoint):
         open_checkpoint(tmp_path / "file")
     only_tmp = tmp_path / "root"
+    # folders are seen through the files they hold (as in a bucket): an unfinished save has some
     (only_tmp / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    (only_tmp / "5.orbax-checkpoint-tmp-1" / "_CHECKPOINT_METADATA").write_text(
+        '{"commit_timestamp_nsecs": null}'
+    )
     with pytest.raises(StepNotFound, match="no finished step"):
         open_checkpoint(only_tmp)
 

@@ -278,8 +278,9 @@ def snapshot(
 
     inv, params = common.inventory(ckpt, sel, quiet)
     if output != "-":
-        target = os.path.realpath(output)
-        if target == inv.checkpoint or target.startswith(inv.checkpoint + os.sep):
+        from paramscope.io.storage import inside
+
+        if inside(output, inv.checkpoint):
             raise errors.UsageError(
                 f"--output {output} is inside the checkpoint",
                 hint="paramscope never writes into a checkpoint folder; write elsewhere",

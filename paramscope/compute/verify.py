@@ -76,12 +76,10 @@ def verify_checkpoint(
     """
     location = checkpoint.locate(os.fspath(path), step)
     result = VerifyResult(location.path, location.step.step if location.step else None, [], 0, 0)
-    step_meta = os.path.join(location.step.path, checkpoint.CHECKPOINT_METADATA) if location.step else None
-    if step_meta and os.path.isfile(step_meta):
-        try:
-            checkpoint.read_json(step_meta)
-        except CorruptCheckpoint as err:
-            result.problems.append(Problem(None, None, err.message))
+    try:
+        checkpoint.read_step_metadata(location)
+    except CorruptCheckpoint as err:
+        result.problems.append(Problem(None, None, err.message))
     params: list[ParamInfo] = []
     owners: list[str] = []
     for chosen in _chosen_items(location, item):

@@ -300,7 +300,7 @@ class ItemSummary:
     storage: str | None
     arrays: int | None
     count: int | None
-    bytes_on_disk: int
+    bytes_on_disk: int | None  # None where the store cannot tell (buckets)
     content: Any = None  # JSON items: their value
 
 
@@ -330,9 +330,7 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
         elif item.kind == "json":
             content = checkpoint.read_json_item(item)
         summaries.append(
-            ItemSummary(
-                item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item.path), content
-            )
+            ItemSummary(item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item), content)
         )
     problems += [
         f"item {i.name!r} has no _METADATA (damaged or unfinished)"

@@ -13,7 +13,6 @@ import base64
 import binascii
 import functools
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,8 @@ from paramscope.errors import (
     ParamscopeError,
     StepNotFound,
 )
+from paramscope.io import storage
+from paramscope.io.storage import Tree
 from paramscope.names import join_keys
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -73,8 +74,10 @@ class StoredArray:
 @dataclass(frozen=True)
 class Item:
     name: str
-    path: str
+    path: str  # as shown to people: a local path or a URL
     kind: str  # "pytree", "array", "json", "damaged" (no _METADATA) or "unknown"
+    tree: Tree = field(compare=False, repr=False)
+    rel: str = ""  # the item's folder inside ``tree``
 
 
 @dataclass(frozen=True)
@@ -95,93 +98,102 @@ class Location:
     items: list[Item]
     steps: list[Step] = field(default_factory=list)
     selected_item: str | None = None  # set when the path is an item folder
+    tree: Tree | None = field(default=None, repr=False)
+    step_rel: str | None = None  # the chosen step's folder inside ``tree``
 
 
 # ----------------------------------------------------------------------------------------------
 # Layout
 
 
-def read_json(path: str) -> Any:
-    """A JSON metadata file; :class:`CorruptCheckpoint` when it is unreadable or not JSON."""
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def _parse_json(raw: bytes | None, where: str) -> Any:
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError) as err:
+        if raw is None:
+            raise ValueError("the file is missing")
+        return json.loads(raw)
+    except ValueError as err:
         raise CorruptCheckpoint(
-            f"cannot read {path}: {err}", hint="the checkpoint's metadata is damaged or unreadable"
+            f"cannot read {where}: {err}", hint="the checkpoint's metadata is damaged or unreadable"
         ) from None
 
 
-def _is_finished_step(path: str) -> bool:
-    if os.path.exists(os.path.join(path, COMMIT_MARKER)):
+def read_json(tree: Tree, rel: str) -> Any:
+    """A JSON metadata file; :class:`CorruptCheckpoint` when it is unreadable or not JSON."""
+    return _parse_json(tree.read(rel), tree.path(rel))
+
+
+def _is_finished_step(tree: Tree, rel: str) -> bool:
+    if tree.is_file(_join(rel, COMMIT_MARKER)):
         return True
-    meta_path = os.path.join(path, CHECKPOINT_METADATA)
-    if os.path.isfile(meta_path):
+    meta_path = _join(rel, CHECKPOINT_METADATA)
+    if tree.is_file(meta_path):
         try:
-            with open(meta_path, "rb") as f:
-                meta = json.loads(f.read())
-        except (OSError, ValueError):
+            meta = json.loads(tree.read(meta_path) or b"")
+        except ValueError:
             return False
         return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
     # Very old writers left no step metadata: a step folder with items counts as finished.
-    kinds = {_item_kind(os.path.join(path, name)) for name in _subdirs(path)}
+    kinds = {_item_kind(tree, _join(rel, name)) for name in tree.subdirs(rel)}
     return bool(kinds - {"unknown", "damaged"})
 
 
-def _started_step(path: str) -> bool:
-    """Whether an unfinished folder named like a step was begun by a checkpoint writer."""
-    if os.path.exists(os.path.join(path, CHECKPOINT_METADATA)):
-        return True
-    return any(_item_kind(os.path.join(path, name)) != "unknown" for name in _subdirs(path))
-
-
-def _subdirs(path: str) -> list[str]:
-    try:
-        return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
-    except OSError:
-        return []
-
-
-def _item_kind(path: str) -> str:
+def _item_kind(tree: Tree, rel: str) -> str:
     # ArrayCheckpointHandler items hold one plain zarr array in `checkpoint/` (recent versions
     # add a _METADATA naming just that key), so they are recognised before pytrees.
-    array_dir = os.path.join(path, ARRAY_ITEM_NAME)
-    if os.path.isfile(os.path.join(array_dir, ".zarray")) or os.path.isfile(
-        os.path.join(array_dir, "zarr.json")
-    ):
+    array_dir = _join(rel, ARRAY_ITEM_NAME)
+    if tree.is_file(_join(array_dir, ".zarray")) or tree.is_file(_join(array_dir, "zarr.json")):
         return "array"
-    if os.path.isfile(os.path.join(path, TREE_METADATA)):
+    if tree.is_file(_join(rel, TREE_METADATA)):
         return "pytree"
-    if _json_file(path) is not None:
+    if _json_file(tree, rel) is not None:
         return "json"
-    if any(os.path.exists(os.path.join(path, marker)) for marker in _PYTREE_MARKERS):
+    if any(tree.exists(_join(rel, marker)) for marker in _PYTREE_MARKERS):
         return "damaged"  # the files of a pytree item, without the _METADATA that describes them
     return "unknown"
 
 
-def list_steps(root: str) -> list[Step]:
-    """The step folders of a CheckpointManager root, finished and unfinished, by step."""
+def _started_step(tree: Tree, rel: str) -> bool:
+    """Whether an unfinished folder named like a step was begun by a checkpoint writer."""
+    if tree.is_file(_join(rel, CHECKPOINT_METADATA)):
+        return True
+    return any(_item_kind(tree, _join(rel, name)) != "unknown" for name in tree.subdirs(rel))
+
+
+def _list_steps(tree: Tree, rel: str = "") -> list[tuple[Step, str]]:
     steps = []
-    for name in _subdirs(root):
-        path = os.path.join(root, name)
+    for name in tree.subdirs(rel):
+        step_rel = _join(rel, name)
         tmp = _TMP_STEP_NAME.match(name)
         if tmp:
-            steps.append(Step(name, path, int(tmp.group("step")), finished=False))
+            steps.append((Step(name, tree.path(step_rel), int(tmp.group("step")), finished=False), step_rel))
             continue
         match = _STEP_NAME.match(name)
         if match:
-            finished = _is_finished_step(path)
-            if finished or _started_step(path):  # not a step: e.g. run_1/ holding a run's folders
-                steps.append(Step(name, path, int(match.group("step")), finished=finished))
-    return sorted(steps, key=lambda s: (s.step, s.finished, s.name))
+            finished = _is_finished_step(tree, step_rel)
+            if finished or _started_step(tree, step_rel):  # not a step: e.g. run_1/ holding runs
+                steps.append((Step(name, tree.path(step_rel), int(match.group("step")), finished), step_rel))
+    return sorted(steps, key=lambda s: (s[0].step, s[0].finished, s[0].name))
+
+
+def list_steps(root: str) -> list[Step]:
+    """The step folders of a CheckpointManager root, finished and unfinished, by step."""
+    return [step for step, _ in _list_steps(Tree(root))]
+
+
+def _list_items(tree: Tree, step_rel: str) -> list[Item]:
+    items = []
+    for name in tree.subdirs(step_rel):
+        rel = _join(step_rel, name)
+        items.append(Item(name, tree.path(rel), _item_kind(tree, rel), tree, rel))
+    return [i for i in items if i.kind != "unknown"]
 
 
 def list_items(step_path: str) -> list[Item]:
-    items = []
-    for name in _subdirs(step_path):
-        path = os.path.join(step_path, name)
-        items.append(Item(name, path, _item_kind(path)))
-    return [i for i in items if i.kind != "unknown"]
+    return _list_items(Tree(step_path), "")
 
 
 def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -> Location:
@@ -189,26 +201,31 @@ def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -
 
     ``allow_unfinished``: a root whose steps are all unfinished resolves to no step (for
     ``info``), rather than failing.
+
+    ``path`` is a local path or a ``file://``, ``gs://`` or ``s3://`` URL; the folder is listed
+    once, and its layout is read from that listing.
     """
-    if not os.path.exists(path):
+    tree = Tree(path)
+    path = tree.display
+    if not tree.keys():
+        if tree.root_is_file():
+            raise NotACheckpoint(
+                f"{path} is a file, not a checkpoint folder",
+                hint="pass the checkpoint folder (a manager root, a step folder or an item folder)",
+            )
+        if tree.is_empty_folder():
+            raise NotACheckpoint(
+                f"{path} is not a checkpoint (an empty folder)",
+                hint="pass a CheckpointManager root, a step folder or an item folder",
+            )
         raise CheckpointNotFound(f"{path} does not exist", hint="check the path")
-    if not os.path.isdir(path):
-        raise NotACheckpoint(
-            f"{path} is a file, not a checkpoint folder",
-            hint="pass the checkpoint folder (a manager root, a step folder or an item folder)",
-        )
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise NotACheckpoint(
-            f"{path} cannot be read (permission denied)", hint="check the folder's permissions"
-        )
-    path = os.path.abspath(path)
-    name = os.path.basename(path)
+    name = path.rstrip("/").rsplit("/", 1)[-1]
     if TMP_MARKER in name:
         raise StepNotFound(
             f"{path} is an unfinished step (a save that has not completed)",
             hint="pass a finished step or the manager root; `paramscope info` lists the steps",
         )
-    kind = _item_kind(path)
+    kind = _item_kind(tree, "")
     if kind == "damaged":
         raise CorruptCheckpoint(
             f"{path} has the files of an Orbax item but no {TREE_METADATA}",
@@ -219,103 +236,116 @@ def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -
             raise StepNotFound(
                 f"--step {step} given, but {path} is a single item", hint="pass the manager root"
             )
-        return Location(path, "item", None, [Item(name, path, kind)], selected_item=name)
+        return Location(path, "item", None, [Item(name, path, kind, tree, "")], selected_item=name, tree=tree)
 
-    items = list_items(path)
-    if items or os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+    items = _list_items(tree, "")
+    if items or tree.is_file(CHECKPOINT_METADATA):
         if step is not None:
             raise StepNotFound(
                 f"--step {step} given, but {path} is a single step", hint="pass the manager root"
             )
         match = _STEP_NAME.match(name)
-        this = Step(name, path, int(match.group("step")) if match else None, _is_finished_step(path))
-        return Location(path, "step", this, items)
+        this = Step(name, path, int(match.group("step")) if match else None, _is_finished_step(tree, ""))
+        return Location(path, "step", this, items, tree=tree, step_rel="")
 
-    steps = list_steps(path)
+    listed = _list_steps(tree)
+    steps = [s for s, _ in listed]
     if not steps:
-        found = _checkpoints_below(path)
+        found = _checkpoints_below(tree, "")
         hint = "pass a CheckpointManager root, a step folder or an item folder"
         if found:
             more = f" and {len(found) - 3} more" if len(found) > 3 else ""
             hint = "found checkpoints under " + ", ".join(found[:3]) + more
         raise NotACheckpoint(f"{path} is not a checkpoint (no _METADATA, no step folders)", hint=hint)
-    finished = [s for s in steps if s.finished]
+    finished = [(s, rel) for s, rel in listed if s.finished]
     if step is None:
         if not finished:
             if allow_unfinished:
-                return Location(path, "root", None, [], steps=steps)
+                return Location(path, "root", None, [], steps=steps, tree=tree)
             names = ", ".join(s.name for s in steps[:3]) + (" ..." if len(steps) > 3 else "")
             raise StepNotFound(
                 f"{path} has no finished step, only {len(steps)} unfinished: {names}",
                 hint="wait for the save to complete; `paramscope info` lists the steps",
             )
-        chosen = finished[-1]
+        chosen, rel = finished[-1]
     else:
-        matches = [s for s in finished if s.step == step]
+        matches = [(s, r) for s, r in finished if s.step == step]
         if not matches:
-            available = ", ".join(str(s.step) for s in finished) or "none"
+            available = ", ".join(str(s.step) for s, _ in finished) or "none"
             raise StepNotFound(f"no finished step {step} in {path}", hint=f"finished steps: {available}")
-        chosen = matches[-1]
-    return Location(path, "root", chosen, list_items(chosen.path), steps=steps)
+        chosen, rel = matches[-1]
+    return Location(path, "root", chosen, _list_items(tree, rel), steps=steps, tree=tree, step_rel=rel)
 
 
-def _checkpoints_below(path: str, depth: int = 2) -> list[str]:
-    """Folders up to ``depth`` levels below ``path`` that hold a checkpoint (for a hint), relative."""
+def _checkpoints_below(tree: Tree, rel: str, depth: int = 2) -> list[str]:
+    """Folders up to ``depth`` levels below ``rel`` that hold a checkpoint (for a hint), relative."""
     found = []
-    for name in _subdirs(path):
-        below = os.path.join(path, name)
-        if list_steps(below) or list_items(below) or _item_kind(below) != "unknown":
+    for name in tree.subdirs(rel):
+        below = _join(rel, name)
+        if _list_steps(tree, below) or _list_items(tree, below) or _item_kind(tree, below) != "unknown":
             found.append(name + "/")
         elif depth > 1:
-            found += [name + "/" + inner for inner in _checkpoints_below(below, depth - 1)]
+            found += [name + "/" + inner for inner in _checkpoints_below(tree, below, depth - 1)]
     return found
 
 
-def _json_file(path: str) -> str | None:
+def read_step_metadata(location: Location) -> Any:
+    """The chosen step's ``_CHECKPOINT_METADATA``; None when the step has none (or no step)."""
+    if location.tree is None or location.step_rel is None:
+        return None
+    rel = _join(location.step_rel, CHECKPOINT_METADATA)
+    return read_json(location.tree, rel) if location.tree.is_file(rel) else None
+
+
+def _json_file(tree: Tree, rel: str) -> str | None:
     """The file of a JsonCheckpointHandler item: ``metadata`` (its default) or the item's name."""
-    for name in (JSON_ITEM_FILE, os.path.basename(path.rstrip("/"))):
-        candidate = os.path.join(path, name)
-        if os.path.isfile(candidate):
+    own = (rel or tree.display).rstrip("/").rsplit("/", 1)[-1]
+    for name in (JSON_ITEM_FILE, own):
+        candidate = _join(rel, name)
+        if tree.is_file(candidate):
             return candidate
     return None
 
 
 def read_json_item(item: Item) -> Any:
-    return read_json(_json_file(item.path) or os.path.join(item.path, JSON_ITEM_FILE))
+    return read_json(item.tree, _json_file(item.tree, item.rel) or _join(item.rel, JSON_ITEM_FILE))
 
 
-def disk_usage(path: str) -> int:
-    total = 0
-    for dirpath, _dirnames, filenames in os.walk(path):
-        for filename in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, filename)).st_size
-            except OSError:
-                pass
-    return total
+def disk_usage(item: Item) -> int | None:
+    """Bytes an item's files take; None where the store cannot tell (buckets)."""
+    return item.tree.size(item.rel)
+
+
+def step_bytes(path: str, step: int | None = None) -> int:
+    """Bytes stored for the step a path resolves to (for a progress bar); 0 when it cannot be told
+    (buckets: their listings carry no sizes)."""
+    try:
+        location = locate(path, step)
+    except ParamscopeError:
+        return 0
+    return sum(disk_usage(i) or 0 for i in location.items)
 
 
 # ----------------------------------------------------------------------------------------------
 # Metadata
 
 
-def _kvstore_spec(folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
+def _kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
     """The kvstore of an item's arrays: its OCDBT database, or plain zarr folders."""
-    folder = os.path.abspath(folder)
-    if os.path.isfile(os.path.join(folder, OCDBT_MANIFEST)):
-        return {"driver": "ocdbt", "base": f"file://{folder}/"}
-    if use_ocdbt or any(name.startswith("ocdbt.process_") for name in _subdirs(folder)):
+    if tree.is_file(_join(folder, OCDBT_MANIFEST)):
+        return {"driver": "ocdbt", "base": tree.spec(folder)}
+    if use_ocdbt or any(name.startswith("ocdbt.process_") for name in tree.subdirs(folder)):
         raise CorruptCheckpoint(
-            f"{os.path.join(folder, OCDBT_MANIFEST)} is missing",
+            f"{tree.path(_join(folder, OCDBT_MANIFEST))} is missing",
             hint="the root of the item's OCDBT database is gone; the item cannot be read",
         )
-    return {"driver": "file", "path": f"{folder}/"}
+    return tree.spec(folder)
 
 
 def storage_format(item: Item) -> str:
     """'ocdbt' or 'zarr' (plain folders), for an item that holds arrays."""
-    folder = item.path if item.kind == "pytree" else os.path.join(item.path, ARRAY_ITEM_NAME)
-    return "ocdbt" if _kvstore_spec(folder)["driver"] == "ocdbt" else "zarr"
+    folder = item.rel if item.kind == "pytree" else _join(item.rel, ARRAY_ITEM_NAME)
+    return "ocdbt" if _kvstore_spec(item.tree, folder)["driver"] == "ocdbt" else "zarr"
 
 
 def _array_kvstore(kv: dict[str, Any], name: str) -> dict[str, Any]:
@@ -346,17 +376,18 @@ def _parse_sharding(text: Any) -> SavedSharding | None:
 
 
 def _read_shardings(
-    item_path: str, problems: list[str], expected: bool = True
+    tree: Tree, item_rel: str, problems: list[str], expected: bool = True
 ) -> dict[str, SavedSharding | None]:
     """Saved shardings by dotted name. A missing (when ``expected``) or damaged file leaves them
     unknown (the arrays are still readable) and adds a line to ``problems``."""
-    path = os.path.join(item_path, SHARDING_FILE)
-    if not os.path.isfile(path):
+    rel = _join(item_rel, SHARDING_FILE)
+    path = tree.path(rel)
+    if not tree.is_file(rel):
         if expected:
             problems.append(f"{path} is missing: shardings are unknown")
         return {}
     try:
-        raw = read_json(path)
+        raw = read_json(tree, rel)
     except CorruptCheckpoint:
         raw = None
     if not isinstance(raw, dict):
@@ -372,11 +403,11 @@ def _read_shardings(
     return shardings
 
 
-def _tree_entries(item_path: str) -> tuple[list[tuple[tuple[str, ...], str]], bool | None]:
+def _tree_entries(tree: Tree, item_rel: str) -> tuple[list[tuple[tuple[str, ...], str]], bool | None]:
     """(keys, value_type) of every leaf that holds array data, in the saved order, and whether
     the metadata says the arrays live in an OCDBT database."""
-    path = os.path.join(item_path, TREE_METADATA)
-    meta = read_json(path)
+    path = tree.path(_join(item_rel, TREE_METADATA))
+    meta = read_json(tree, _join(item_rel, TREE_METADATA))
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
     if not isinstance(tree, dict):
         raise CorruptCheckpoint(
@@ -433,12 +464,12 @@ def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
     import tensorstore as ts
 
     try:
-        store = ts.KvStore.open(kvstore).result()
+        store = ts.KvStore.open(kvstore, context=storage.context()).result()
         futures = [store.read(key) for key in keys]
         results = [f.result() for f in futures]
     except Exception as err:  # TensorStore raises ValueError/RuntimeError subclasses
         raise CorruptCheckpoint(
-            f"cannot read the array store at {kvstore.get('base') or kvstore.get('path')}: {_short(err)}",
+            f"cannot read the array store at {_where(kvstore)}: {_short(err)}",
             hint="the checkpoint's data files are missing or damaged",
         ) from None
     return [bytes(r.value) if r.state == "value" else None for r in results]
@@ -452,6 +483,15 @@ _READ_FAILURES = (  # what TensorStore's messages mean for someone holding a dam
     ("DATA_LOSS", "a data file is corrupted"),
 )
 _LOCAL_FILE = re.compile(r'local file "([^"]*[^/"])"')
+
+
+def _where(kvstore: dict[str, Any]) -> str:
+    """A kvstore spec as a path or URL, for messages."""
+    base = kvstore.get("base", kvstore)
+    if base.get("driver") == "file":
+        return base.get("path", "").rstrip("/")
+    scheme = "gs" if base.get("driver") == "gcs" else "s3"
+    return f"{scheme}://{base.get('bucket')}/{base.get('path', '')}".rstrip("/")
 
 
 def _short(err: BaseException) -> str:
@@ -477,14 +517,14 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
     if item.kind == "array":
         entries = [((item.name,), "jax.Array")]
         names = [ARRAY_ITEM_NAME]
-        kv = {"driver": "file", "path": os.path.abspath(item.path) + "/"}
-        shardings = {item.name: _read_shardings(item.path, problems).get(ARRAY_ITEM_NAME)}
+        kv = item.tree.spec(item.rel)
+        shardings = {item.name: _read_shardings(item.tree, item.rel, problems).get(ARRAY_ITEM_NAME)}
     elif item.kind == "pytree":
-        entries, use_ocdbt = _tree_entries(item.path)
+        entries, use_ocdbt = _tree_entries(item.tree, item.rel)
         names = [".".join(keys) for keys, _ in entries]
-        kv = _kvstore_spec(item.path, use_ocdbt)
+        kv = _kvstore_spec(item.tree, item.rel, use_ocdbt)
         jax_arrays = any(value_type == "jax.Array" for _, value_type in entries)
-        shardings = _read_shardings(item.path, problems, expected=jax_arrays)
+        shardings = _read_shardings(item.tree, item.rel, problems, expected=jax_arrays)
     elif item.kind == "damaged":
         raise CorruptCheckpoint(
             f"item {item.name!r} ({item.path}) has no {TREE_METADATA}",
@@ -547,7 +587,7 @@ def open_array(array: StoredArray):
 
     spec = {"driver": array.driver, "kvstore": _array_kvstore(json.loads(array.store), array.name)}
     try:
-        return ts.open(spec, read=True, write=False, open=True).result()
+        return ts.open(spec, read=True, write=False, open=True, context=storage.context()).result()
     except Exception as err:
         raise ArrayReadError("open", array.path, err) from None
 
@@ -573,7 +613,7 @@ def _stored_array_names(kvstore: dict[str, Any]) -> set[str]:
     import tensorstore as ts
 
     try:
-        keys = ts.KvStore.open(kvstore).result().list().result()
+        keys = ts.KvStore.open(kvstore, context=storage.context()).result().list().result()
     except Exception as err:
         raise CorruptCheckpoint(
             f"cannot list the array store: {_short(err)}", hint="the store is damaged"
@@ -600,7 +640,7 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
     if kvstore is not None:
         for name in sorted(_stored_array_names(kvstore) - set(listed)):
             problems.append((name, f"stored, but not listed in {TREE_METADATA}"))
-    shardings = _read_shardings(item.path, [], expected=False)
+    shardings = _read_shardings(item.tree, item.rel, [], expected=False)
     for name in sorted(set(shardings) - set(listed)):
         problems.append((name, f"{SHARDING_FILE} has an entry for an array {TREE_METADATA} does not list"))
     for array in arrays:
@@ -626,24 +666,10 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
     return problems
 
 
-def step_bytes(path: str, step: int | None = None) -> int:
-    """Bytes stored for the step a path resolves to (for a progress bar); 0 when it cannot be told."""
-    try:
-        location = locate(path, step)
-    except ParamscopeError:
-        return 0
-    return sum(disk_usage(item.path) for item in location.items)
-
-
 def custom_metadata(location: Location) -> dict[str, Any]:
     """The step's custom metadata (``_CHECKPOINT_METADATA``), e.g. MaxText's ``scan_layers``."""
-    if location.step is None:
-        return {}
-    path = os.path.join(location.step.path, CHECKPOINT_METADATA)
-    if not os.path.isfile(path):
-        return {}
     try:
-        meta = read_json(path)
+        meta = read_step_metadata(location)
     except CorruptCheckpoint:
         return {}
     custom = meta.get("custom_metadata") or meta.get("custom") if isinstance(meta, dict) else None

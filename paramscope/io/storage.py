@@ -1,0 +1,381 @@
+"""Where checkpoints live: local folders, ``file://``, ``gs://`` and ``s3://``, one code path.
+
+Every storage operation paramscope makes (list a folder, read a small file, tell a file from a
+folder, hand TensorStore the kvstore of an array) goes through a :class:`Tree` here, over
+TensorStore's own key-value stores (``file``, ``gcs``, ``s3``), so a local path and a URL are
+read by the same code. Nothing here writes.
+
+A tree is listed once, recursively (object stores have no folders, and TensorStore lists
+without a delimiter): every later question about its layout is answered from that listing, so
+the number of requests for metadata does not grow with the number of arrays.
+
+Credentials and endpoints follow each ecosystem's conventions, read from the environment:
+
+- GCS: Application Default Credentials; with ``STORAGE_EMULATOR_HOST`` set, that emulator and
+  no credential lookup (as google-cloud-storage does).
+- S3: the AWS environment variables, profiles, web-identity and container credentials
+  (unsigned requests when none is found, which public buckets accept),
+  ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for S3-compatible stores, ``AWS_REGION`` /
+  ``AWS_DEFAULT_REGION``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from paramscope.errors import CheckpointNotFound, StorageError, UsageError
+
+REMOTE_SCHEMES = ("gs", "s3")
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
+
+# Requests in flight per store kind, and bounded retries with backoff: streaming is limited by
+# bandwidth rather than latency, and a dead endpoint fails within seconds instead of minutes
+# (TensorStore's default is 32 retries with delays growing to 32 s).
+DEFAULT_CONCURRENCY = 64
+DEFAULT_RETRIES = 5
+CONCURRENCY_ENV = "PARAMSCOPE_REQUEST_CONCURRENCY"
+RETRIES_ENV = "PARAMSCOPE_REQUEST_RETRIES"
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL (``gs://``, ``s3://``, ``file://``) rather than a local path.
+
+    >>> is_url("gs://bucket/run"), is_url("checkpoints/run")
+    (True, False)
+    """
+    return _URL.match(str(path)) is not None
+
+
+def _int_env(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{name}={text!r} is not a non-negative integer", hint=f"unset {name}") from None
+    return value
+
+
+def _endpoint_s3() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _gcs_emulator() -> str | None:
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    if not host:
+        return None
+    return host if "://" in host else f"http://{host}"
+
+
+def _use_gcs_emulator() -> None:
+    """Points TensorStore's gcs driver at ``STORAGE_EMULATOR_HOST``, without credentials.
+
+    TensorStore has no endpoint field for gcs: it reads ``TENSORSTORE_GCS_HTTP_URL`` when a store
+    opens, and ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` makes it skip credential discovery, so real
+    credentials are never sent to an emulator.
+    """
+    emulator = _gcs_emulator()
+    if emulator is not None:
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", emulator)
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+
+
+def _context_spec() -> tuple[tuple[str, Any], ...]:
+    limit = max(1, _int_env(CONCURRENCY_ENV, DEFAULT_CONCURRENCY))
+    retries = {
+        "max_retries": _int_env(RETRIES_ENV, DEFAULT_RETRIES),
+        "initial_delay": "0.1s",
+        "max_delay": "2s",
+    }
+    return (
+        ("gcs_request_concurrency", {"limit": limit}),
+        ("gcs_request_retries", retries),
+        ("s3_request_concurrency", {"limit": limit}),
+        ("s3_request_retries", retries),
+        ("aws_credentials", _aws_credentials()),
+    )
+
+
+def _aws_credentials() -> dict[str, str]:
+    """The AWS credential source, found the way the AWS SDKs look: keys in the environment, a
+    profile (``AWS_PROFILE``, ``~/.aws/credentials`` or ``config``), web-identity or container
+    credentials; with none of them, unsigned requests, which public buckets accept.
+
+    Each source is named directly: TensorStore's ``default`` chain logs an error line per missing
+    profile file on every store it opens. EC2 instance roles work through a profile with
+    ``credential_source = Ec2InstanceMetadata``.
+    """
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return {"type": "environment"}
+    profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE")
+    files = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.expanduser("~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config"),
+    ]
+    if profile or any(os.path.isfile(f) for f in files):
+        return {"type": "profile", "profile": profile or "default"}
+    roles = (
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    )
+    if any(os.environ.get(name) for name in roles):
+        return {"type": "default"}
+    return {"type": "anonymous"}
+
+
+# The variables the context is made from: a process (or a test) that changes them gets a new
+# context on its next store, and every other call reuses the one it has.
+_CONTEXT_ENV = (
+    CONCURRENCY_ENV,
+    RETRIES_ENV,
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "HOME",
+)
+_CONTEXT: tuple[tuple, Any] | None = None
+
+
+def context():
+    """The TensorStore context of this process: shared connection and concurrency pools.
+
+    Every kvstore and array paramscope opens uses it, so the request limits hold for the whole
+    process rather than per array.
+    """
+    global _CONTEXT
+    key = tuple(os.environ.get(name) for name in _CONTEXT_ENV)
+    if _CONTEXT is None or _CONTEXT[0] != key:
+        import tensorstore as ts
+
+        _CONTEXT = (key, ts.Context(dict(_context_spec())))
+    return _CONTEXT[1]
+
+
+def credentials_hint(scheme: str) -> str:
+    """Which credential mechanism is in use, for the hint of an access error."""
+    if scheme == "gs":
+        if _gcs_emulator():
+            return f"the GCS emulator at STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']}"
+        if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            return "GCS credentials from GOOGLE_APPLICATION_CREDENTIALS"
+        return "GCS Application Default Credentials (`gcloud auth application-default login`)"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        where = "AWS credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    elif os.environ.get("AWS_PROFILE"):
+        where = f"AWS credentials of profile AWS_PROFILE={os.environ['AWS_PROFILE']}"
+    elif _aws_credentials()["type"] == "default":
+        where = "AWS web-identity or container credentials"
+    else:
+        where = "no AWS credentials (unsigned requests; set AWS_ACCESS_KEY_ID or AWS_PROFILE)"
+    endpoint = _endpoint_s3()
+    return where + (f" at endpoint {endpoint}" if endpoint else "")
+
+
+class Tree:
+    """A folder, local or in a bucket, listed once and read through one TensorStore kvstore.
+
+    Paths inside the tree are relative keys joined by ``/`` (``""`` is the folder itself).
+    """
+
+    def __init__(self, location: str | os.PathLike):
+        text = os.fspath(location)
+        self._keys: frozenset[str] | None = None
+        match = _URL.match(text)
+        if match is None or match.group("scheme").lower() == "file":
+            local = match.group("rest") if match else text
+            if match and not local.startswith("/"):
+                raise UsageError(f"malformed URL {text!r}", hint="write file:///absolute/path")
+            folder = os.path.abspath(local)
+            self.scheme, self.bucket = "file", None
+            self.display = folder
+            self._base: dict[str, Any] = {"driver": "file", "path": folder.rstrip("/") + "/"}
+            return
+        scheme = match.group("scheme").lower()
+        if scheme not in REMOTE_SCHEMES:
+            raise UsageError(
+                f"unsupported URL scheme {scheme}:// in {text!r}",
+                hint="use a local path, file://, gs:// or s3://",
+            )
+        bucket, _, prefix = match.group("rest").partition("/")
+        prefix = "/".join(p for p in prefix.split("/") if p)
+        if not bucket:
+            raise UsageError(f"no bucket in {text!r}", hint=f"write {scheme}://BUCKET/PATH")
+        self.scheme, self.bucket = scheme, bucket
+        self.display = f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
+        self._base = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": prefix}
+        if scheme == "s3":
+            endpoint = _endpoint_s3()
+            if endpoint:
+                self._base["endpoint"] = endpoint
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if region:
+                self._base["aws_region"] = region
+            elif endpoint:
+                # S3-compatible stores rarely answer the region lookup TensorStore would make
+                self._base["aws_region"] = "us-east-1"
+        else:
+            _use_gcs_emulator()
+
+    @property
+    def remote(self) -> bool:
+        return self.scheme != "file"
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def path(self, rel: str = "") -> str:
+        """How a key of the tree is shown to people: a local path or a URL."""
+        return self.display if not rel else f"{self.display}/{rel}"
+
+    def spec(self, rel: str = "") -> dict[str, Any]:
+        """The TensorStore kvstore spec of a folder of the tree (its path ends with ``/``)."""
+        prefix = self._base["path"]
+        parts = [p for p in (prefix.rstrip("/"), rel.strip("/")) if p]
+        path = "/".join(parts)
+        if self.scheme == "file":
+            path = "/" + path.lstrip("/")
+        return {**self._base, "path": path + "/" if path != "/" else "/"}
+
+    # -- listing ---------------------------------------------------------------------------------
+
+    def keys(self) -> frozenset[str]:
+        """Every file of the tree, as relative keys; listed once."""
+        if self._keys is None:
+            self._keys = frozenset(k for k in self._list(self.spec()) if k)
+        return self._keys
+
+    def _list(self, spec: dict[str, Any]) -> list[str]:
+        import tensorstore as ts
+
+        try:
+            store = ts.KvStore.open(spec, context=context()).result()
+            return [bytes(k).decode("utf-8", "replace") for k in store.list().result()]
+        except Exception as err:  # TensorStore raises ValueError/RuntimeError subclasses
+            if "non-directory" in str(err):  # a local file: nothing listed, as for a bucket's object
+                return []
+            raise self.error(err, self.display) from None
+
+    def is_file(self, rel: str) -> bool:
+        return rel in self.keys()
+
+    def is_dir(self, rel: str) -> bool:
+        prefix = rel.rstrip("/") + "/" if rel else ""
+        return any(k.startswith(prefix) for k in self.keys())
+
+    def exists(self, rel: str) -> bool:
+        return self.is_file(rel) or self.is_dir(rel)
+
+    def subdirs(self, rel: str = "") -> list[str]:
+        """Names of the folders directly inside ``rel`` (folders that hold at least one file)."""
+        prefix = rel.rstrip("/") + "/" if rel else ""
+        names = {k[len(prefix) :].split("/", 1)[0] for k in self.keys() if k.startswith(prefix)}
+        return sorted(n for n in names if n and self.is_dir(prefix + n))
+
+    def is_empty_folder(self) -> bool:
+        """Whether the tree is a local folder with no file in it. Buckets have no folders, only
+        keys, so an empty prefix there is simply missing."""
+        return not self.remote and not self.keys() and os.path.isdir(self.display)
+
+    def root_is_file(self) -> bool:
+        """Whether the tree's own path names a file rather than a folder (one read, no listing)."""
+        spec = self.spec()
+        path = spec["path"].rstrip("/")
+        parent, _, name = path.rpartition("/")
+        if not name:
+            return False
+        parent_path = parent + "/" if parent or self.scheme == "file" else ""
+        return self.read_from({**spec, "path": parent_path}, name) is not None
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read(self, rel: str) -> bytes | None:
+        """A small file's bytes; None when it is missing."""
+        return self.read_many([rel])[0]
+
+    def read_many(self, rels: list[str]) -> list[bytes | None]:
+        """Several files, read concurrently; None for each missing one."""
+        return self.read_from(self.spec(), *rels, many=True)
+
+    def read_from(self, spec: dict[str, Any], *keys: str, many: bool = False):
+        import tensorstore as ts
+
+        try:
+            store = ts.KvStore.open(spec, context=context()).result()
+            futures = [store.read(key) for key in keys]
+            results = [f.result() for f in futures]
+        except Exception as err:
+            raise self.error(err, self.display) from None
+        values = [bytes(r.value) if r.state == "value" else None for r in results]
+        return values if many else values[0]
+
+    def size(self, rel: str = "") -> int | None:
+        """Bytes of the files under ``rel``; None where the store cannot tell without reading them.
+
+        TensorStore's listing carries no sizes, so for buckets the size is unknown; for local
+        folders it comes from the file system.
+        """
+        if self.remote:
+            return None
+        prefix = rel.rstrip("/") + "/" if rel else ""
+        total = 0
+        for key in self.keys():
+            if key.startswith(prefix) or key == rel:
+                try:
+                    total += os.lstat(os.path.join(self.display, key)).st_size
+                except OSError:
+                    pass
+        return total
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    def error(self, err: BaseException, where: str) -> Exception:
+        """A one-line paramscope error for a failed storage request."""
+        text = str(err) or type(err).__name__
+        code = text.split(":", 1)[0]
+        if "NoSuchBucket" in text or (code == "NOT_FOUND" and "bucket" in text.lower()):
+            return CheckpointNotFound(
+                f"bucket {self.bucket!r} does not exist ({where})", hint="check the bucket's name"
+            )
+        if code == "PERMISSION_DENIED" or "AccessDenied" in text or "403" in text or "401" in text:
+            if not self.remote:
+                return StorageError(
+                    f"{where} cannot be read (permission denied)", hint="check the folder's permissions"
+                )
+            return StorageError(
+                f"access denied to {where}", hint=f"credentials in use: {credentials_hint(self.scheme)}"
+            )
+        if self.remote and (code in ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED") or "CURL" in text):
+            detail = text.splitlines()[0][:200]
+            return StorageError(
+                f"cannot reach {self.scheme}://{self.bucket}: {detail}",
+                hint="check the network and the endpoint"
+                + (f" ({_endpoint_s3() or _gcs_emulator()})" if _endpoint_s3() or _gcs_emulator() else ""),
+            )
+        return StorageError(f"cannot read {where}: {text.splitlines()[0][:300]}", hint="check the path")
+
+
+def inside(target: str, folder: str) -> bool:
+    """Whether the local file ``target`` lies inside ``folder`` (a path or URL), symlinks resolved.
+
+    paramscope never writes into a checkpoint; a folder in a bucket holds no local file.
+
+    >>> inside("/ckpt/baseline.json", "/ckpt"), inside("/elsewhere.json", "s3://bucket/ckpt")
+    (True, False)
+    """
+    tree = Tree(folder)
+    if tree.remote or is_url(target) and not str(target).startswith("file://"):
+        return False
+    resolved = os.path.realpath(Tree(target).display)
+    root = os.path.realpath(tree.display)
+    return resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep)

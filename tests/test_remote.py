@@ -1,0 +1,222 @@
+"""Checkpoints in buckets: every command on s3:// (moto's server) and gs:// (fake-gcs-server)
+copies of the session's fixtures gives what it gives on the local folder, reads only, in a
+bounded number of requests, and turns store faults into one line and exit 3."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import LEGACY_DIR
+from remote_stores import BUCKET, FlakyProxy, environ, fake_gcs, free_port, moto_s3
+from test_cli import run, run_json
+
+from paramscope.io import storage
+
+SCHEMES = ["s3", "gs"]
+WRITES = ("PUT ", "POST ", "DELETE ", "PATCH ")
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory):
+    logs = str(tmp_path_factory.mktemp("stores"))
+    with moto_s3(logs) as s3, fake_gcs(logs) as gcs, environ({**s3.env, **gcs.env}):
+        yield {"s3": s3, "gs": gcs}
+
+
+@pytest.fixture(scope="session")
+def uploaded(stores):
+    """Uploads a local folder once per store; returns its URL there."""
+    done = {}
+
+    def upload(scheme: str, folder: str) -> str:
+        key = (scheme, folder)
+        if key not in done:
+            prefix = f"{len(done):02d}/{os.path.basename(folder.rstrip('/'))}"
+            done[key] = stores[scheme].upload(folder, prefix)
+        return done[key]
+
+    return upload
+
+
+def same(doc):
+    """A report without what names where the checkpoint lives (its path, and the on-disk size a
+    bucket listing does not carry)."""
+    doc = {k: v for k, v in doc.items() if k not in ("checkpoint", "a", "b", "baseline")}
+    if "items" in doc and doc["items"] and isinstance(doc["items"][0], dict):
+        doc["items"] = [{k: v for k, v in i.items() if k != "bytes_on_disk"} for i in doc["items"]]
+    return doc
+
+
+def writes_since(server, start: int) -> list[str]:
+    return [line for line in server.requests()[start:] if any(m in line for m in WRITES)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_command_on_a_manager_root(stores, uploaded, manager_ckpt, scheme, tmp_path):
+    server = stores[scheme]
+    url = uploaded(scheme, manager_ckpt.path)
+    before, start = server.objects(), len(server.requests())
+    for command in ("info", "table", "count", "norms", "stats", "mask", "verify"):
+        local, remote = run_json(command, manager_ckpt.path), run_json(command, url)
+        assert remote["checkpoint"] == url
+        assert same(remote) == same(local), command
+    step = run_json("table", url + "/checkpoint_100/params")
+    assert same(step) == same(run_json("table", os.path.join(manager_ckpt.path, "checkpoint_100", "params")))
+    assert [s["finished"] for s in run_json("info", url)["steps"]] == [True, True, False]
+    info = run_json("info", url)
+    assert all(i["bytes_on_disk"] is None for i in info["items"])
+
+    diff = run_json("diff", manager_ckpt.path, url)
+    assert diff["params"] and all(row["status"] == "identical" for row in diff["params"])
+    assert diff["a"]["checkpoint"] == manager_ckpt.path and diff["b"]["checkpoint"] == url
+    assert same(run_json("diff", url, url)) == same(diff)
+    baseline = tmp_path / "baseline.json"
+    assert run("snapshot", url, "-o", baseline, "-q").exit_code == 0
+    checked = [run_json("check", c, "--baseline", baseline) for c in (manager_ckpt.path, url)]
+    assert checked[0]["passed"] and same(checked[0]) == same(checked[1])
+
+    assert writes_since(server, start) == []
+    assert server.objects() == before
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_layouts_and_formats(stores, uploaded, nnx_ckpt, storage_ckpt, special_ckpt, scheme):
+    server = stores[scheme]
+    legacy = os.path.join(LEGACY_DIR, "checkpoints")
+    folders = (nnx_ckpt.path, storage_ckpt.path, special_ckpt.path, legacy)
+    urls = [uploaded(scheme, folder) for folder in folders]
+    start = len(server.requests())
+    for folder, url in zip(folders, urls):
+        for command in ("table", "norms"):
+            assert same(run_json(command, url)) == same(run_json(command, folder)), (folder, command)
+    assert writes_since(server, start) == []
+
+
+def test_file_urls_read_like_paths(manager_ckpt):
+    local = run_json("table", manager_ckpt.path)
+    assert run_json("table", "file://" + manager_ckpt.path) == local
+
+
+def test_library_opens_urls(stores, uploaded, manager_ckpt):
+    from paramscope import open_checkpoint
+
+    url = uploaded("s3", manager_ckpt.path)
+    remote, local = open_checkpoint(url, step=100), open_checkpoint(manager_ckpt.path, step=100)
+    assert [(p.path, p.shape, p.dtype) for p in remote.params] == [
+        (p.path, p.shape, p.dtype) for p in local.params
+    ]
+    assert remote.checkpoint == url
+
+
+def test_metadata_requests_do_not_grow_with_arrays(stores, tmp_path_factory):
+    """count on a 3,000-array OCDBT checkpoint: one listing, the JSON files, the OCDBT manifest
+    and b-tree nodes, not one request per array."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    path = str(tmp_path_factory.mktemp("many") / "ckpt")
+    tree = {
+        f"layer_{i:04d}": {f"w{j}": np.full((4, 2), i + j, np.float32) for j in range(10)} for i in range(300)
+    }
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+    for scheme in SCHEMES:
+        server = stores[scheme]
+        url = server.upload(path, "many/ckpt")
+        start = len(server.requests())
+        doc = run_json("count", url)
+        assert doc["total"]["count"] == 3000 * 8
+        requests = server.requests()[start:]
+        assert 0 < len(requests) <= 30, (scheme, len(requests), requests[:40])
+
+
+def _cli(args, env, timeout=120):
+    """One CLI process with its own environment (credentials are resolved once per process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "paramscope", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,  # a hang guard: the retries must end on their own long before this
+    )
+
+
+def _clean_env(tmp_path, **extra):
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STORAGE_EMULATOR", "TENSORSTORE_"))
+    }
+    env.pop("GOOGLE_AUTH_TOKEN_FOR_TESTING", None)
+    # no profile files, no instance-metadata lookups: the credential chain finds nothing at once
+    env.update(HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true", **extra)
+    return env
+
+
+# TensorStore's C++ logging prints one INFO line when it takes the emulator's token
+# (GOOGLE_AUTH_TOKEN_FOR_TESTING); it is not paramscope's output, and there is no switch for it.
+_TENSORSTORE_LOG = re.compile(
+    r"^[IWE]\d{4} [\d:.]+ +\d+ google_auth_provider\.cc:\d+\] Using GOOGLE_AUTH_TOKEN"
+)
+
+
+def _one_line(result, code, *words):
+    lines = [line for line in result.stderr.strip().splitlines() if not _TENSORSTORE_LOG.match(line)]
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "hint:" in lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_faults_are_one_line_and_exit_3(stores, uploaded, manager_ckpt, tmp_path):
+    s3, gcs = stores["s3"], stores["gs"]
+    url = uploaded("s3", manager_ckpt.path)
+    s3_env = _clean_env(tmp_path, **s3.env)
+
+    _one_line(_cli(["count", f"s3://no-such-bucket-{free_port()}/ckpt"], s3_env), 3, "does not exist")
+    _one_line(_cli(["count", url + "-missing"], s3_env), 3, "does not exist")
+    gcs_env = _clean_env(tmp_path, **gcs.env)
+    _one_line(_cli(["count", "gs://no-such-bucket/ckpt"], gcs_env), 3, "does not exist")
+
+    # moto refuses unsigned requests: the hint names the mechanism that found no credentials
+    anonymous = _clean_env(tmp_path, AWS_ENDPOINT_URL_S3=s3.endpoint, AWS_REGION="us-east-1")
+    _one_line(_cli(["count", url], anonymous), 3, "access denied", "no AWS credentials")
+
+    dead = _clean_env(tmp_path, **{**s3.env, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"})
+    _one_line(_cli(["count", url], dead), 3, "cannot reach")
+
+    _one_line(_cli(["count", "ftp://host/ckpt"], s3_env), 2, "unsupported URL scheme")
+    assert s3.objects()  # the bucket is still there, untouched by any of it
+
+
+def test_transient_503s_are_retried(stores, uploaded, manager_ckpt):
+    s3 = stores["s3"]
+    url = uploaded("s3", manager_ckpt.path)
+    expected = same(run_json("norms", manager_ckpt.path, "--per-param"))
+    with FlakyProxy(s3.endpoint, every=3) as proxy, environ({"AWS_ENDPOINT_URL_S3": proxy.endpoint}):
+        doc = run_json("norms", url, "--per-param")
+    assert proxy.failed > 0
+    assert same(doc) == expected
+
+
+def test_store_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.local:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    spec = storage.Tree("s3://bucket/run/ckpt/").spec("checkpoint_5/params")
+    assert spec == {
+        "driver": "s3",
+        "bucket": "bucket",
+        "path": "run/ckpt/checkpoint_5/params/",
+        "endpoint": "http://minio.local:9000",
+        "aws_region": "eu-west-1",
+    }
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://r2.local")
+    assert storage.Tree("s3://b/x").spec()["endpoint"] == "http://r2.local"
+    assert storage.Tree("gs://b").spec("x") == {"driver": "gcs", "bucket": "b", "path": "x/"}
+    assert storage.Tree("file:///tmp/ckpt").spec() == {"driver": "file", "path": "/tmp/ckpt/"}
+    assert not storage.inside("/tmp/out.json", f"s3://{BUCKET}/tmp")
