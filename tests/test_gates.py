@@ -252,6 +252,7 @@ def test_every_json_output_matches_its_shipped_schema(variants, manager_ckpt, sp
         "stats": [["stats", special_ckpt.path], ["stats", manager_ckpt.path, "--unstack", "--digest"]],
         "layers": [["layers", manager_ckpt.path, "--sort", "norm"]],
         "optim": [["optim", manager_ckpt.path, "--sort", "ratio"]],
+        "history": [["history", manager_ckpt.path, "--no-cache", "--stats"]],
         "mask": [["mask", manager_ckpt.path, "--include", "kernel", "--include", "nothing"]],
         "verify": [["verify", manager_ckpt.path]],
         "diff": [["diff", paths["base"], paths["reshaped"]], ["diff", paths["base"], paths["added"]]],

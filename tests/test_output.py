@@ -35,6 +35,7 @@ COMMAND_LINES = [
     ["stats", "{root}"],
     ["layers", "{root}"],
     ["optim", "{root}"],
+    ["history", "{root}", "--no-cache"],
     ["table", "{root}", "--unstack"],
     ["mask", "{root}", "--exclude", "bias$"],
     ["verify", "{root}"],
@@ -77,6 +78,9 @@ KNOWN_HEADERS = (
         "max sqrt(nu)",
         "||update||",
         "update/param",
+        "norm over steps",
+        "drift",
+        "last change",
     }
     | {f"Block_0.{m}.{k}" for m in ("Dense_0", "Dense_1", "LayerNorm_0") for k in ("bias", "kernel", "scale")}
 )

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from paramscope import errors
-from paramscope.cli import gates, inspect, numbers
+from paramscope.cli import gates, inspect, numbers, views
 from paramscope.cli.common import handle_errors, silence_stdout
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ for family, commands in (
     ("Inspect", (inspect.info, inspect.table, inspect.count, inspect.mask)),
     ("Numbers", (numbers.norms, numbers.stats, numbers.layers, numbers.optim)),
     ("Gates", (gates.verify, gates.diff, gates.snapshot, gates.check)),
+    ("Runs", (views.history,)),
 ):
     for command in commands:
         app.command(rich_help_panel=family)(handle_errors(command))

@@ -674,3 +674,13 @@ def custom_metadata(location: Location) -> dict[str, Any]:
         return {}
     custom = meta.get("custom_metadata") or meta.get("custom") if isinstance(meta, dict) else None
     return custom if isinstance(custom, dict) else {}
+
+
+def commit_timestamp(location: Location) -> int | None:
+    """When the step was committed (nanoseconds), from ``_CHECKPOINT_METADATA``; None if unknown."""
+    try:
+        meta = read_step_metadata(location)
+    except CorruptCheckpoint:
+        return None
+    value = meta.get("commit_timestamp_nsecs") if isinstance(meta, dict) else None
+    return int(value) if isinstance(value, (int, float)) else None

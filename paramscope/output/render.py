@@ -29,7 +29,7 @@ class Format(str, Enum):
 
 # Column kinds: path (folds at dots), note (free text, folds at spaces), text, dtype, shape,
 # sharding, bool, int, count (an int that may be abbreviated), bytes, float.
-NUMERIC_KINDS = ("int", "count", "bytes", "float")
+NUMERIC_KINDS = ("int", "count", "bytes", "float", "number")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class Report:
     sections: list[Report] = field(default_factory=list)
     name: str = ""  # how --format csv and the table options pick this table among the sections
     empty: str = "nothing to show"  # the sentence shown instead of a table without rows
+    hidden: bool = False  # a section shown only when asked for by name
 
 
 @dataclass
@@ -119,10 +120,12 @@ def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
         return f"{value:,}" if human else str(value)
     if kind == "bytes":
         return human_bytes(value) if human else str(value)
-    if kind == "float":
+    if kind == "float" or (kind == "number" and isinstance(value, float)):
         if not human or exact:
             return repr(float(value))
         return f"{value:.6g}"
+    if kind == "number":  # an int among floats (a count in a column of values)
+        return f"{value:,}" if human else str(value)
     return str(value)
 
 
@@ -157,7 +160,7 @@ def _tables(report: Report, view: View, one: bool) -> list[Report]:
             names = ", ".join(t.name for t in tables if t.name)
             raise UsageError(f"no table {view.table!r} in this report", hint=f"tables: {names}")
         return chosen
-    return tables[:1] if one else tables
+    return tables[:1] if one else [t for t in tables if not t.hidden]
 
 
 # ----------------------------------------------------------------------------------------------

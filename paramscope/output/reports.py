@@ -645,3 +645,104 @@ def optim_report(inv, alignment, hyper: dict, sort: str = "path", top: int | Non
         notes=notes,
         empty="no optimizer state aligned with the parameters",
     )
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values) -> str:
+    """The values as Unicode block characters, lowest to highest; ``·`` where there is none.
+
+    >>> sparkline([1, 2, 3, 4, 5, 6, 7, 8]), sparkline([2, 2, None])
+    ('▁▂▃▄▅▆▇█', '▁▁·')
+    """
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "·" * len(values)
+    low, high = min(finite), max(finite)
+    out = []
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append("·")
+        else:
+            out.append(
+                SPARKS[0] if high == low else SPARKS[round((v - low) / (high - low) * (len(SPARKS) - 1))]
+            )
+    return "".join(out)
+
+
+HISTORY_SORT_KEYS = ("path", "drift", "change", "norm")
+
+
+def history_report(inv, result, series, full: bool, sort: str = "path", top: int | None = None) -> Report:
+    """One row per parameter (or group): the latest values and a sparkline of the norm; the JSON
+    and CSV in long form (step, path, metric, value)."""
+    long_rows = []
+    for step in result.steps:
+        for path, stats in sorted(step.stats.items()):
+            for metric, value in stats.items():
+                long_rows.append({"step": step.step, "path": path, "metric": metric, "value": value})
+            if path in step.change:
+                long_rows.append(
+                    {"step": step.step, "path": path, "metric": "change", "value": step.change[path]}
+                )
+    rows = [
+        {
+            "path": s.path,
+            "norm": s.norms[-1],
+            "trend": sparkline(s.norms),
+            "drift": s.drift,
+            "change": s.changes[-1],
+            "nonfinite": s.nonfinite[-1],
+        }
+        for s in series
+    ]
+    rows = sort_rows(rows, sort, top)
+    steps = [r.step for r in result.steps]
+    notes = [
+        f"steps {', '.join(map(str, steps))}"
+        if len(steps) <= 12
+        else f"{len(steps)} steps, {steps[0]} to {steps[-1]}"
+    ]
+    first_bad = result.first_nonfinite()
+    if first_bad is not None:
+        notes.append(f"first NaN/Inf at step {first_bad[0]}: {', '.join(first_bad[1][:5])}")
+    payload = {
+        "schema": "paramscope.history/1",
+        **header(inv),
+        "step": None,
+        "steps": steps,
+        "cached_steps": [r.step for r in result.steps if r.cached],
+        "bytes_read": result.bytes_read,
+        "first_nonfinite_step": first_bad[0] if first_bad else None,
+        "series": long_rows,
+    }
+    return Report(
+        payload=payload,
+        title=f"{inv.shown or inv.checkpoint}  {plural(len(steps), 'step')}  {len(series):,} series",
+        columns=[
+            Column("path", "path", "path", priority=0),
+            Column("norm", "norm", "float", priority=0),
+            Column("trend", "norm over steps", priority=1),
+            Column("drift", "drift", "float", priority=1),
+            Column("change", "last change", "float", priority=0),
+            Column("nonfinite", "NaN/Inf", "int", priority=1),
+        ],
+        rows=rows,
+        notes=notes,
+        sections=[
+            Report(
+                payload={},
+                name="long",
+                columns=[
+                    Column("step", "step", "int", priority=0),
+                    Column("path", "path", "path", priority=0),
+                    Column("metric", "metric", priority=0),
+                    Column("value", "value", "number", priority=0),
+                ],
+                rows=long_rows,
+                title="long form",
+                hidden=True,
+            )
+        ],
+    )

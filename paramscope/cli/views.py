@@ -1,0 +1,123 @@
+"""Commands over a whole run: history."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from paramscope.cli import common
+from paramscope.cli.options import (
+    OUTPUT,
+    SELECTION,
+    CkptArg,
+    Output,
+    Reading,
+    Selection,
+    TopOpt,
+    with_options,
+)
+from paramscope.output.reports import HISTORY_SORT_KEYS
+
+HistorySort = Enum("HistorySort", {k: k for k in HISTORY_SORT_KEYS}, type=str)
+
+
+@with_options(sel=Selection, out=Output, reading=Reading)
+def history(
+    ckpt: CkptArg,
+    steps: Annotated[
+        str | None,
+        typer.Option(
+            "--steps",
+            metavar="START:STOP[:STRIDE]",
+            help="Steps to read (stop included).",
+            rich_help_panel=SELECTION,
+        ),
+    ] = None,
+    last: Annotated[
+        int | None,
+        typer.Option("--last", metavar="K", min=1, help="The last K steps.", rich_help_panel=SELECTION),
+    ] = None,
+    depth: Annotated[
+        int | None,
+        typer.Option(
+            "--depth", metavar="N", min=0, help="One series per group of N leading path components."
+        ),
+    ] = None,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Also every statistic of stats, per step (JSON, CSV).")
+    ] = False,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot", metavar="FILE", help="Draw the series to a .png or .svg (needs paramscope[plot])."
+        ),
+    ] = None,
+    cache: Annotated[
+        str | None,
+        typer.Option("--cache", metavar="DIR", help="Cache folder (default: the user's cache directory)."),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Read every step, keep nothing.")] = False,
+    sort: Annotated[
+        HistorySort,
+        typer.Option(
+            "--sort", help="Row order (drift, change, norm: largest first).", rich_help_panel=OUTPUT
+        ),
+    ] = HistorySort.path,
+    top: TopOpt = None,
+    sel: Selection = None,
+    out: Output = None,
+    reading: Reading = None,
+) -> None:
+    """Every step of a run: each parameter's norm over steps, how much it moved, where NaNs began.
+
+    Examples:
+
+    - `paramscope history run --sort drift`
+    - `paramscope history run --plot run.png`
+    - `paramscope history run -f csv --last 10`
+    """
+    import os
+
+    from paramscope.compute.history import HistoryCache, history, parse_steps, series
+    from paramscope.io import orbax
+    from paramscope.io.inventory import filter_params, open_checkpoint
+    from paramscope.output.reports import history_report
+
+    location = orbax.locate(ckpt, None, allow_unfinished=True)
+    available = [s.step for s in location.steps if s.finished]
+    chosen = parse_steps(steps, available, last)
+    if not chosen:
+        raise common.fail(f"no finished step of {ckpt} is selected", f"finished steps: {available}", 3)
+
+    def open_step(step):
+        inv = open_checkpoint(ckpt, step=step, item=sel.item, subtree=sel.subtree)
+        return inv, filter_params(inv.params, sel.filter), orbax.commit_timestamp(orbax.locate(ckpt, step))
+
+    keeper = None
+    if not no_cache:
+        import platformdirs
+
+        folder = cache or os.path.join(platformdirs.user_cache_dir("paramscope"), "history")
+        keeper = HistoryCache(folder, location.path, {"item": sel.item, "subtree": sel.subtree})
+    total = 0
+    result = common.with_progress(
+        total,
+        out.quiet,
+        lambda on_bytes: history(chosen, open_step, stats, common.memory_budget(reading), keeper, on_bytes),
+    )
+    for warning in result.warnings:
+        common.warn(warning, out.quiet)
+    inv = open_step(chosen[-1])[0]
+    runs = series(result, depth)
+    first_bad = result.first_nonfinite()
+    if first_bad is not None:
+        common.warn(f"NaN/Inf first at step {first_bad[0]}: {', '.join(first_bad[1][:5])}", out.quiet)
+    if plot is not None:
+        from paramscope.output.plot import plot_history
+
+        plot_history(runs, plot, top or 8, title=f"{ckpt}: norms over steps")
+        common.warn(f"wrote {plot}", out.quiet, kind="note")
+    table = "long" if out.fmt.value == "csv" else None
+    common.emit(history_report(inv, result, runs, stats, sort.value, top), out, table)

@@ -1,0 +1,348 @@
+"""A run at a glance: every step of a CheckpointManager root, per parameter, in one process.
+
+For each step: each parameter's norm (with ``full``, every statistic) and NaN/Inf count, and the
+relative change from the step before, ||W_t - W_(t-1)|| / ||W_(t-1)||. Steps are read region by
+region together: for each box of a parameter, the box of every step in turn, so each step is
+read once and two consecutive steps' boxes are compared while both are in memory (memory stays
+bounded by the budget, however many steps).
+
+Results are cached per step, keyed by the checkpoint, the step and its commit timestamp, in a
+JSON file outside the checkpoint: a second run reads only the steps it has not seen (and the
+step before each, for the change). A step rewritten in place has a new timestamp and is read
+again; a cache file that cannot be read is ignored with a warning, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramscope.compute.moments import Accumulator
+from paramscope.compute.plan import _boxes, default_memory_budget
+from paramscope.io import orbax as checkpoint
+from paramscope.io.inventory import Inventory, ParamInfo
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class StepResult:
+    step: int
+    timestamp: int | None
+    stats: dict[str, dict[str, Any]]  # path -> {"norm", "nonfinite", and with full the others}
+    change: dict[str, float] = field(default_factory=dict)  # path -> relative change from previous
+    previous: int | None = None
+    cached: bool = False
+    previous_timestamp: int | None = None  # the change is stale once the step before is rewritten
+
+
+@dataclass
+class History:
+    steps: list[StepResult]
+    bytes_read: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({p for s in self.steps for p in s.stats})
+
+    def first_nonfinite(self) -> tuple[int, list[str]] | None:
+        """The first step with a NaN or Inf, and the parameters that have one there."""
+        for result in self.steps:
+            bad = sorted(p for p, v in result.stats.items() if v.get("nonfinite"))
+            if bad:
+                return result.step, bad
+        return None
+
+
+def parse_steps(text: str | None, available: Sequence[int], last: int | None) -> list[int]:
+    """The steps asked for: ``START:STOP[:STRIDE]`` (stop included) and/or the ``last`` K.
+
+    >>> parse_steps("100:300:100", [100, 150, 200, 300, 400], None)
+    [100, 200, 300]
+    >>> parse_steps(None, [1, 2, 3, 4], 2)
+    [3, 4]
+    """
+    from paramscope.errors import UsageError
+
+    steps = sorted(available)
+    if text:
+        parts = text.split(":")
+        try:
+            numbers = [int(p) if p else None for p in parts]
+        except ValueError:
+            raise UsageError(
+                f"malformed --steps {text!r}", hint="write START:STOP[:STRIDE], e.g. 1000:5000:1000"
+            ) from None
+        if len(numbers) not in (2, 3):
+            raise UsageError(
+                f"malformed --steps {text!r}", hint="write START:STOP[:STRIDE], e.g. 1000:5000:1000"
+            )
+        start, stop = numbers[0], numbers[1]
+        stride = numbers[2] if len(numbers) == 3 else None
+        steps = [
+            s
+            for s in steps
+            if (start is None or s >= start)
+            and (stop is None or s <= stop)
+            and (stride is None or (s - (start or 0)) % stride == 0)
+        ]
+    if last is not None:
+        steps = steps[-last:]
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache
+
+
+class HistoryCache:
+    """Per-step results of one checkpoint root, in one JSON file under ``folder``."""
+
+    def __init__(self, folder: str, root: str, selection: dict[str, Any]):
+        key = json.dumps({"root": root, **selection}, sort_keys=True)
+        self.path = os.path.join(folder, hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+        self.warnings: list[str] = []
+        self.entries: dict[str, Any] = {}
+        try:
+            with open(self.path) as f:
+                document = json.load(f)
+            if document.get("version") == CACHE_VERSION and document.get("key") == key:
+                self.entries = document["steps"]
+            else:
+                raise ValueError("another version or key")
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+            self.warnings.append(f"ignoring the unreadable history cache {self.path} ({err})")
+            self.entries = {}
+        self.key = key
+
+    def get(self, step: int, timestamp: int | None, paths: Sequence[str], full: bool) -> StepResult | None:
+        entry = self.entries.get(str(step))
+        if not isinstance(entry, dict) or timestamp is None or entry.get("timestamp") != timestamp:
+            return None
+        stats = entry.get("stats", {})
+        if not all(p in stats and (not full or "mean" in stats[p]) for p in paths):
+            return None
+        return StepResult(
+            step,
+            timestamp,
+            {p: stats[p] for p in paths},
+            entry.get("change", {}),
+            entry.get("previous"),
+            True,
+            entry.get("previous_timestamp"),
+        )
+
+    def put(self, result: StepResult) -> None:
+        if result.timestamp is None:
+            return  # a step without a commit timestamp cannot be told apart from its rewrite
+        entry = self.entries.get(str(result.step))
+        if not isinstance(entry, dict) or entry.get("timestamp") != result.timestamp:
+            entry = {"timestamp": result.timestamp, "stats": {}, "change": {}, "previous": None}
+        entry["stats"].update(result.stats)
+        if result.previous is not None:
+            if entry.get("previous") != result.previous:
+                entry["change"] = {}
+            entry["previous"] = result.previous
+            entry["previous_timestamp"] = result.previous_timestamp
+            entry["change"].update(result.change)
+        self.entries[str(result.step)] = entry
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        document = {"version": CACHE_VERSION, "key": self.key, "steps": self.entries}
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+        with os.fdopen(handle, "w") as f:
+            json.dump(document, f, allow_nan=True)
+        os.replace(temporary, self.path)  # never a half-written cache
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+
+
+def _stats(acc: Accumulator, full: bool) -> dict[str, Any]:
+    moments = acc.result()
+    if full:
+        return {**moments.stats(), "nonfinite": moments.nonfinite}
+    return {"norm": moments.norm, "nonfinite": moments.nonfinite}
+
+
+def read_steps(
+    inventories: Sequence[Inventory],
+    params: Sequence[Sequence[ParamInfo]],
+    full: bool,
+    memory_budget: int | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> tuple[list[StepResult], int]:
+    """Norms (or statistics) of every parameter of consecutive steps, and each step's change from
+    the one before, every step read once, box by box across the steps."""
+    budget = memory_budget or default_memory_budget()
+    results = [StepResult(inv.step, None, {}) for inv in inventories]
+    for k in range(1, len(results)):
+        results[k].previous = results[k - 1].step
+    by_path = [{p.path: p for p in step_params} for step_params in params]
+    paths = sorted(set().union(*by_path)) if by_path else []
+    bytes_read = 0
+    limit = max(1, budget // 6)  # a box of two steps in memory, the next ones being read
+    for path in paths:
+        present = [k for k, found in enumerate(by_path) if path in found]
+        # runs of consecutive steps of one shape: a change is measured within a run only
+        runs: list[list[int]] = []
+        for k in present:
+            if runs and runs[-1][-1] == k - 1 and by_path[k - 1][path].shape == by_path[k][path].shape:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        for run in runs:
+            bytes_read += _read_run(
+                path, [by_path[k][path] for k in run], run, results, full, limit, on_bytes
+            )
+    return results, bytes_read
+
+
+def _read_run(path, arrays, run, results, full, limit, on_bytes) -> int:
+    """One parameter over consecutive steps of one shape, box by box: each step's box read once."""
+    first = arrays[0]
+    handles = [checkpoint.open_array(a.stored) for a in arrays]
+    values = [Accumulator(full) for _ in arrays]
+    deltas = [(Accumulator(False), Accumulator(False)) for _ in arrays[1:]]  # ||W_t - W_t-1||, ||W_t-1||
+    nbytes = 0
+    for box in _boxes(first.shape, first.stored.chunks if first.stored else (), first.itemsize, limit):
+        pending = {0: checkpoint.start_read(handles[0], box, path)}
+        previous = None
+        for k in range(len(arrays)):
+            if k + 1 < len(arrays):  # the next step's box is on its way while this one is reduced
+                pending[k + 1] = checkpoint.start_read(handles[k + 1], box, path)
+            value = checkpoint.finish_read(pending.pop(k), path)
+            nbytes += value.nbytes
+            values[k].feed(value)
+            if previous is not None:
+                deltas[k - 1][0].feed(value.astype(np.float64) - previous.astype(np.float64))
+                deltas[k - 1][1].feed(previous)
+            previous = value
+            if on_bytes is not None:
+                on_bytes(value.nbytes)
+    for k, step in enumerate(run):
+        results[step].stats[path] = _stats(values[k], full)
+    for k, (delta, before) in enumerate(deltas, start=1):
+        norm_before, norm_delta = before.result().norm, delta.result().norm
+        change = norm_delta / norm_before if norm_before else (0.0 if not norm_delta else math.inf)
+        results[run[k]].change[path] = change
+    return nbytes
+
+
+def history(
+    steps: Sequence[int],
+    open_step: Callable[[int], tuple[Inventory, list[ParamInfo], int | None]],
+    full: bool = False,
+    memory_budget: int | None = None,
+    cache: HistoryCache | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> History:
+    """The history of the given steps; cached steps are not read again (see the module docstring)."""
+    opened = [open_step(s) for s in steps]  # (inventory, params, commit timestamp) each
+    stamps = [stamp for _, _, stamp in opened]
+    results: list[StepResult | None] = []
+    for k, (step, (_, params, _)) in enumerate(zip(steps, opened)):
+        hit = cache.get(step, stamps[k], [p.path for p in params], full) if cache else None
+        if hit is not None and k and (hit.previous, hit.previous_timestamp) != (steps[k - 1], stamps[k - 1]):
+            hit = None  # its change was from another step (or another save of it) than the one before
+        results.append(hit)
+    bytes_read = 0
+    k = 0
+    while k < len(steps):  # runs of steps to read; each with the step before it, for the change
+        if results[k] is not None:
+            k += 1
+            continue
+        start = k - 1 if k else 0
+        end = k
+        while end + 1 < len(steps) and results[end + 1] is None:
+            end += 1
+        run = list(range(start, end + 1))
+        read, nbytes = read_steps(
+            [opened[i][0] for i in run], [opened[i][1] for i in run], full, memory_budget, on_bytes
+        )
+        bytes_read += nbytes
+        for i, result in zip(run, read):
+            result.timestamp = stamps[i]
+            result.previous_timestamp = stamps[i - 1] if i else None
+            if i == start and start < k:  # read again only for the change: keep what was known
+                continue
+            if i == 0:
+                result.previous, result.change = None, {}
+            results[i] = result
+        k = end + 1
+    final = [r for r in results if r is not None]
+    if cache is not None:
+        for result in final:
+            if not result.cached:
+                cache.put(result)
+        try:
+            cache.save()
+        except OSError as err:
+            cache.warnings.append(f"could not write the history cache {cache.path} ({err.strerror})")
+    return History(final, bytes_read, list(cache.warnings) if cache else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Series
+
+
+@dataclass
+class Series:
+    """One parameter (or group of parameters) across the steps."""
+
+    path: str
+    steps: list[int]
+    norms: list[float]
+    changes: list[float | None]  # relative change from the step before (None: first, or unknown)
+    nonfinite: list[int]
+
+    @property
+    def drift(self) -> float:
+        """How far the norm moved from the first step to the last, relative to the first."""
+        first, last = self.norms[0], self.norms[-1]
+        if not (math.isfinite(first) and math.isfinite(last)):
+            return math.inf
+        return abs(last - first) / first if first else (0.0 if not last else math.inf)
+
+
+def series(result: History, depth: int | None = None) -> list[Series]:
+    """Per parameter (``depth`` None) or per group of the first ``depth`` path components: the
+    group's norm is over all its arrays, its change ||sum of their updates|| / ||group before||."""
+    steps = [r.step for r in result.steps]
+
+    def group_of(path: str) -> str:
+        return path if depth is None else ".".join(path.split(".")[:depth]) or "(all)"
+
+    groups: dict[str, list[str]] = {}
+    for path in result.paths:
+        groups.setdefault(group_of(path), []).append(path)
+    out = []
+    for name, members in sorted(groups.items()):
+        norms, changes, nonfinite = [], [], []
+        for k, step in enumerate(result.steps):
+            squares = [step.stats[p]["norm"] ** 2 for p in members if p in step.stats]
+            norms.append(math.sqrt(math.fsum(squares)) if squares else math.nan)
+            nonfinite.append(sum(step.stats[p].get("nonfinite", 0) for p in members if p in step.stats))
+            if k == 0 or not any(p in step.change for p in members):
+                changes.append(None)
+                continue
+            before = result.steps[k - 1].stats
+            moved = [(step.change[p] * before[p]["norm"]) ** 2 for p in members if p in step.change]
+            base = [before[p]["norm"] ** 2 for p in members if p in step.change]
+            total = math.sqrt(math.fsum(base))
+            changes.append(math.sqrt(math.fsum(moved)) / total if total else None)
+        out.append(Series(name, steps, norms, changes, nonfinite))
+    return out

@@ -1,0 +1,70 @@
+"""Pictures of a run, drawn with matplotlib (the optional extra ``paramscope[plot]``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from paramscope.errors import UsageError
+
+MAX_LINES = 8  # more lines than this, nobody reads: the rest are summarised as one band
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(
+            "plotting needs matplotlib", hint="install the extra: pip install 'paramscope[plot]'"
+        ) from None
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _spans_decades(values: Sequence[float]) -> bool:
+    positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    return bool(positive) and max(positive) / min(positive) >= 100
+
+
+def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> dict[str, list[float]]:
+    """Norm per parameter (or group) over steps, and the relative change per step, to PNG/SVG.
+
+    The ``top`` series by drift get a line each; the others are summarised as a grey band (their
+    range at each step). Returns the names drawn as lines.
+    """
+    if not path.lower().endswith((".png", ".svg")):
+        raise UsageError(f"cannot tell the picture format of {path!r}", hint="name a .png or .svg file")
+    plt = _pyplot()
+    ranked = sorted(series, key=lambda s: -s.drift if math.isfinite(s.drift) else -math.inf)
+    shown, rest = ranked[:top], ranked[top:]
+    figure, (norms, changes) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)
+    for s in shown:
+        norms.plot(s.steps, s.norms, marker="o", markersize=3, label=s.path)
+        points = [(st, c) for st, c in zip(s.steps, s.changes) if c is not None]
+        if points:
+            changes.plot(*zip(*points), marker="o", markersize=3, label=s.path)
+    if rest:
+        steps = rest[0].steps
+        low = [min(s.norms[k] for s in rest) for k in range(len(steps))]
+        high = [max(s.norms[k] for s in rest) for k in range(len(steps))]
+        norms.fill_between(steps, low, high, color="0.8", label=f"{len(rest)} others (range)")
+    every = [v for s in series for v in s.norms]
+    if _spans_decades(every):
+        norms.set_yscale("log")
+    moved = [v for s in shown for v in s.changes if v is not None]
+    if _spans_decades(moved):
+        changes.set_yscale("log")
+    norms.set_ylabel("L2 norm")
+    norms.set_title(title or "norms over steps")
+    norms.legend(fontsize="small", loc="best")
+    changes.set_ylabel("||W_t - W_t-1|| / ||W_t-1||")
+    changes.set_xlabel("step")
+    changes.set_title("relative change from the step before")
+    for axis in (norms, changes):
+        axis.grid(True, alpha=0.3)
+    figure.savefig(path)
+    drawn = {line.get_label(): [float(y) for y in line.get_ydata()] for line in norms.get_lines()}
+    plt.close(figure)
+    return drawn

@@ -1,0 +1,147 @@
+"""history: every step of a run, exact, cached outside the checkpoint, and drawn."""
+
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tree_snapshot
+from test_cli import run, run_json
+
+STEPS = [10, 20, 30, 40, 50, 60]
+
+
+def f64(x):
+    return math.sqrt(float(np.sum(np.asarray(x, np.float64) ** 2)))
+
+
+def tree_at(k):
+    rng = np.random.default_rng(0)
+    w, emb = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)
+    bad = np.ones(5, np.float32)
+    if k >= 3:  # the NaN appears at step 40
+        bad[2] = np.nan
+    noise = np.random.default_rng(k).standard_normal(emb.shape).astype(np.float32) * 0.01
+    return {"blocks": {"grow": w * np.float32(1.5**k), "steady": w}, "emb": emb + noise, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("history") / "checkpoints")
+    with ocp.CheckpointManager(root) as manager:
+        for k, step in enumerate(STEPS):
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(tree_at(k))))
+            manager.wait_until_finished()
+    return root
+
+
+def long_form(doc):
+    table = {}
+    for row in doc["series"]:
+        table[(row["step"], row["path"], row["metric"])] = row["value"]
+    return table
+
+
+def test_norms_changes_drift_and_the_first_nan(run_root, tmp_path):
+    doc = run_json("history", run_root, "--cache", tmp_path / "cache")
+    values = long_form(doc)
+    assert doc["steps"] == STEPS and doc["first_nonfinite_step"] == 40
+    for k, step in enumerate(STEPS):
+        tree = tree_at(k)
+        assert values[(step, "blocks.grow", "norm")] == pytest.approx(f64(tree["blocks"]["grow"]), rel=1e-12)
+        assert values[(step, "bad", "nonfinite")] == (1 if k >= 3 else 0)
+        if k:
+            before = tree_at(k - 1)
+            expected = f64(tree["emb"].astype(np.float64) - before["emb"]) / f64(before["emb"])
+            assert values[(step, "emb", "change")] == pytest.approx(expected, rel=1e-9)
+            assert values[(step, "blocks.grow", "change")] == pytest.approx(0.5, rel=1e-6)
+            assert values[(step, "blocks.steady", "change")] == 0.0
+    assert (10, "emb", "change") not in values
+    ranked = run_json("history", run_root, "--sort", "drift", "--no-cache", "-f", "json")
+    text = run("history", run_root, "--sort", "drift", "--no-cache")
+    first_row = next(line for line in text.stdout.splitlines()[4:] if line.strip())
+    assert first_row.startswith("bad") or first_row.startswith("blocks.grow")  # NaN drift, then 1.5^5
+    assert "first NaN/Inf at step 40: bad" in text.stdout and "NaN/Inf first at step 40" in text.stderr
+    assert ranked["steps"] == STEPS
+    groups = run_json("history", run_root, "--depth", "1", "--no-cache", "--steps", "20:50:10")
+    grouped = long_form(groups)
+    assert groups["steps"] == [20, 30, 40, 50]
+    blocks = math.sqrt(f64(tree_at(2)["blocks"]["grow"]) ** 2 + f64(tree_at(2)["blocks"]["steady"]) ** 2)
+    assert grouped[(30, "blocks.grow", "norm")] == pytest.approx(f64(tree_at(2)["blocks"]["grow"]))
+    text = run("history", run_root, "--depth", "1", "--no-cache", "--last", "2").stdout
+    assert "blocks" in text and f"{blocks:.6g}" not in text  # last two steps shown: 50 and 60
+    csv_lines = run("history", run_root, "-f", "csv", "--no-cache", "--last", "2").stdout.splitlines()
+    assert csv_lines[0] == "step,path,metric,value" and csv_lines[1].startswith("50,")
+
+
+def test_the_cache_reads_only_new_steps_and_never_the_checkpoint(run_root, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(run_root, root)
+    cache = str(tmp_path / "cache")
+    before = tree_snapshot(root)
+    first = run_json("history", root, "--cache", cache, "--steps", "10:50")
+    assert first["bytes_read"] > 0 and first["cached_steps"] == []
+    again = run_json("history", root, "--cache", cache, "--steps", "10:50")
+    assert again["bytes_read"] == 0 and again["cached_steps"] == [10, 20, 30, 40, 50]
+    assert long_form(again) == long_form(first)
+    grown = run_json("history", root, "--cache", cache)  # step 60 is new: it and 50 (for the change)
+    one_step = (
+        sum(np.asarray(v).nbytes for v in (tree_at(0)["blocks"]["grow"],) * 2) + tree_at(0)["emb"].nbytes + 20
+    )
+    assert 0 < grown["bytes_read"] <= 2 * one_step and grown["cached_steps"] == [10, 20, 30, 40, 50]
+    assert tree_snapshot(root) == before and not any(n.endswith(".json") for n in os.listdir(root))
+    meta = os.path.join(root, "50", "_CHECKPOINT_METADATA")  # step 50 rewritten in place
+    document = json.loads(open(meta).read())
+    document["commit_timestamp_nsecs"] = time.time_ns()
+    open(meta, "w").write(json.dumps(document))
+    rewritten = run_json("history", root, "--cache", cache)
+    assert 50 not in rewritten["cached_steps"] and 60 not in rewritten["cached_steps"]
+    for name in os.listdir(cache):  # a damaged cache is ignored, with a warning, and rebuilt
+        open(os.path.join(cache, name), "w").write("{not json")
+    result = run("history", root, "--cache", cache, "-f", "json")
+    assert result.exit_code == 0 and "ignoring the unreadable history cache" in result.stderr
+    assert json.loads(result.stdout)["cached_steps"] == []
+
+
+@pytest.mark.parametrize("suffix", ["png", "svg"])
+def test_plots_are_drawn_from_the_same_numbers(run_root, tmp_path, suffix):
+    from paramscope.compute.history import history, series
+    from paramscope.io import orbax
+    from paramscope.io.inventory import open_checkpoint
+    from paramscope.output.plot import plot_history
+
+    def open_step(step):
+        inv = open_checkpoint(run_root, step=step)
+        return inv, inv.params, orbax.commit_timestamp(orbax.locate(run_root, step))
+
+    runs = series(history(STEPS, open_step))
+    picture = str(tmp_path / f"history.{suffix}")
+    drawn = plot_history(runs, picture, top=2)
+    data = open(picture, "rb").read()
+    assert data.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in data[:400]
+    assert set(drawn) == {"bad", "blocks.grow"} | ({"_child1"} & set(drawn))  # the top 2 by drift
+    grow = next(s for s in runs if s.path == "blocks.grow")
+    assert drawn["blocks.grow"] == pytest.approx(grow.norms)
+    if suffix == "svg":
+        assert b"blocks.grow" in data and b"others (range)" in data
+    result = run("history", run_root, "--no-cache", "--plot", tmp_path / "plot.gif")
+    assert result.exit_code == 2 and "png or .svg" in result.stderr
+
+
+def test_without_matplotlib_the_error_names_the_extra(run_root, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # as if the extra were not installed
+        "from paramscope.cli.app import main; main()"
+    )
+    args = ["history", run_root, "--no-cache", "-q", "--plot", str(tmp_path / "x.png")]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("paramscope: error: plotting needs matplotlib") and "paramscope[plot]" in line
