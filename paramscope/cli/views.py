@@ -75,8 +75,8 @@ def history(
     Examples:
 
     - `paramscope history run --sort drift`
-    - `paramscope history run --plot run.png`
-    - `paramscope history run -f csv --last 10`
+    - `paramscope history run --plot h.png`
+    - `paramscope history run --last 10`
     """
     import os
 
