@@ -145,3 +145,35 @@ def test_without_matplotlib_the_error_names_the_extra(run_root, tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("paramscope: error: plotting needs matplotlib") and "paramscope[plot]" in line
+
+
+def test_stats_plot_and_value_histogram(manager_ckpt, tmp_path):
+    from paramscope.compute.moments import Histogram
+
+    values = manager_ckpt.values[200]["params"]
+    picture = tmp_path / "stats.svg"
+    result = run("stats", manager_ckpt.path, "--plot", picture, "--hist", "head.kernel", "-f", "json")
+    assert result.exit_code == 0 and "wrote" in result.stderr and b"<svg" in picture.read_bytes()[:400]
+    doc = json.loads(result.stdout)
+    bins = doc["histogram"]["bins"]
+    kernel = np.asarray(values["head.kernel"], np.float64).reshape(-1)
+    assert sum(b["count"] for b in bins) == kernel.size
+    for b in bins:  # each bin holds exactly the values in [low, high) by magnitude, of its sign
+        inside = (np.abs(kernel) >= min(abs(b["low"]), abs(b["high"]))) & (
+            np.abs(kernel) < max(abs(b["low"]), abs(b["high"]))
+        )
+        inside &= (kernel < 0) if b["low"] < 0 else (kernel > 0)
+        assert b["count"] == int(np.count_nonzero(inside)) or b["low"] == b["high"] == 0
+    histogram = Histogram()
+    histogram.feed(np.array([0.0, 1.0, -3.0, np.nan, np.inf, 0.75]))
+    assert histogram.bins() == [(-4.0, -2.0, 1), (0.0, 0.0, 1), (0.5, 1.0, 1), (1.0, 2.0, 1)]
+    assert (histogram.nan, histogram.inf) == (1, 1)
+    from paramscope import compute_stats, open_checkpoint
+    from paramscope.output.plot import plot_stats
+
+    inv = open_checkpoint(manager_ckpt.path)
+    stats = compute_stats(inv.params)
+    heights = plot_stats([(r.param.path, r.norm) for r in stats.params], str(tmp_path / "bars.png"))
+    assert heights == pytest.approx([f64(values[r.param.path]) for r in stats.params], rel=1e-9)
+    bad = run("stats", manager_ckpt.path, "--plot", tmp_path / "x.png", "--hist", "nope")
+    assert bad.exit_code == 2 and "--hist 'nope'" in bad.stderr

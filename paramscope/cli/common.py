@@ -175,7 +175,9 @@ def memory_budget(reading: Reading) -> int | None:
     return parse_size(reading.memory_budget) if reading.memory_budget else None
 
 
-def scan(inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, digest: bool = False):
+def scan(
+    inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, digest: bool = False, histogram=None
+):
     """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
     from paramscope.compute.engines import scan
     from paramscope.parallel.mesh import check_mesh, parse_mesh
@@ -193,6 +195,8 @@ def scan(inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, d
         memory_budget=memory_budget(reading),
         digest=digest,
     )
+    if histogram is not None:
+        options["histogram"] = histogram
     if cluster is not None:
         options["cluster"] = cluster
     total = sum(p.nbytes for p in params)

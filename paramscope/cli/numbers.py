@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from paramscope import errors
 from paramscope.cli import common
 from paramscope.cli.options import (
     OUTPUT,
@@ -76,6 +77,18 @@ def stats(
     ] = StatsSort.path,
     top: TopOpt = None,
     digest: DigestOpt = False,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot", metavar="FILE", help="Draw each parameter's norm (a .png or .svg; paramscope[plot])."
+        ),
+    ] = None,
+    hist: Annotated[
+        str | None,
+        typer.Option(
+            "--hist", metavar="PATH", help="With --plot: also a histogram of this parameter's values."
+        ),
+    ] = None,
     layering: Layering = None,
     sel: Selection = None,
     out: Output = None,
@@ -96,8 +109,26 @@ def stats(
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
-    result = common.scan(inv, params, True, reading, quiet, joined, digest)
-    common.emit(stats_report(inv, params, result, sort.value, top), out)
+    if hist is not None and hist not in {p.path for p in inv.params}:
+        raise errors.UsageError(
+            f"--hist {hist!r} is not a parameter here", hint="give a path `paramscope table` shows"
+        )
+    result = common.scan(inv, params, True, reading, quiet, joined, digest, histogram=hist)
+    report = stats_report(inv, params, result, sort.value, top)
+    if result.histogram is not None:
+        report.payload["histogram"] = {
+            "path": hist,
+            "bins": [{"low": lo, "high": hi, "count": n} for lo, hi, n in result.histogram.bins()],
+            "nan": result.histogram.nan,
+            "inf": result.histogram.inf,
+        }
+    if plot is not None:
+        from paramscope.output.plot import plot_stats
+
+        rows = [(r.param.path, r.norm) for r in result.params]
+        plot_stats(rows, plot, result.histogram, hist or "", title=f"{ckpt}: norms")
+        common.warn(f"wrote {plot}", quiet, kind="note")
+    common.emit(report, out)
     common.report_nonfinite(result, fail_on_nonfinite, quiet)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from paramscope.compute.digest import DigestState, combined, feed_box
-from paramscope.compute.moments import Accumulator, Moments, mesh_reduction
+from paramscope.compute.moments import Accumulator, Histogram, Moments, mesh_reduction
 from paramscope.compute.plan import Region, default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError, UsageError
 from paramscope.io import orbax as checkpoint
@@ -57,6 +57,9 @@ class HostEngine:
 
     name = "host"
     mesh = None
+
+    histogram_path: str | None = None  # the one parameter whose values are also binned
+    histogram = None
 
     def __init__(self, full: bool):
         self.full = full
@@ -88,6 +91,8 @@ class HostEngine:
         local.feed(values, self.pool)
         if digest is not None:
             feed_box(digest, param.shape, region.index, values, self.pool)
+        if param.path == self.histogram_path:
+            self.histogram.feed(values)
         if layers is not None:
             axis, accumulators = layers
             first = region.index[axis].start or 0
@@ -218,6 +223,7 @@ class ScanResult:
     memory_budget: int
     bytes_read: list[int]  # array bytes each process read, by process
     layers: dict[int, list[Moments]] = field(default_factory=dict)  # per layer of unstacked arrays
+    histogram: Any = None  # the binned values of one parameter, when asked for
 
     @property
     def digest(self) -> str | None:
@@ -239,6 +245,7 @@ def scan(
     cluster: Cluster = LOCAL,
     digest: bool = False,
     unstack: Mapping[int, int] | None = None,
+    histogram: str | None = None,
 ) -> ScanResult:
     """Reads every parameter once and summarises it.
 
@@ -257,6 +264,9 @@ def scan(
             in the same pass.
         unstack: Positions of stacked arrays -> their layer axis: also compute the numbers of each
             layer (``ScanResult.layers``), in the same pass, on the host.
+        histogram: The path of one parameter whose values are also counted in fixed bins
+            (``ScanResult.histogram``, a :class:`~paramscope.compute.moments.Histogram`); one
+            process only.
     """
     budget = memory_budget or default_memory_budget()
     runner = make_engine(engine, full, mesh_axes, saved_mesh, cluster)
@@ -269,7 +279,9 @@ def scan(
         i: (axis, [Accumulator(full) for _ in range(params[i].shape[axis])]) for i, axis in unstack.items()
     }
     if isinstance(runner, MeshEngine):
-        runner.host_paths = {params[i].path for i in unstack}
+        runner.host_paths = {params[i].path for i in unstack} | ({histogram} if histogram else set())
+    if histogram is not None:
+        runner.histogram_path, runner.histogram = histogram, Histogram()
 
     def select(regions: list[Region]) -> list[bool]:
         """Every process reduces the collective regions together; the others are shared out."""
@@ -333,6 +345,7 @@ def scan(
         memory_budget=budget,
         bytes_read=bytes_read,
         layers=layer_moments,
+        histogram=runner.histogram,
     )
 
 

@@ -320,3 +320,37 @@ def mesh_reduction(full: bool):
         return out
 
     return jax.jit(reduce)
+
+
+class Histogram:
+    """Counts of values in fixed bins, the same whatever the pieces they come in: one bin per sign
+    and power of two of the magnitude (frexp's exponent), plus zeros, NaN and Inf. Needs no range
+    known in advance, so it is filled in the same pass as the other statistics."""
+
+    def __init__(self):
+        self.counts: dict[tuple[int, int], int] = {}  # (sign, exponent) -> count; (0, 0): zeros
+        self.nan = self.inf = 0
+
+    def feed(self, values: np.ndarray) -> None:
+        flat = np.asarray(values).reshape(-1).astype(np.float64)
+        finite = np.isfinite(flat)
+        self.nan += int(np.count_nonzero(np.isnan(flat)))
+        self.inf += int(flat.size - np.count_nonzero(finite)) - int(np.count_nonzero(np.isnan(flat)))
+        flat = flat[finite]
+        _, exponents = np.frexp(np.abs(flat))
+        signs = np.sign(flat).astype(np.int64)
+        exponents = np.where(signs == 0, 0, exponents)
+        keys, counts = np.unique(np.stack([signs, exponents]), axis=1, return_counts=True)
+        for (sign, exponent), count in zip(keys.T.tolist(), counts.tolist()):
+            self.counts[(sign, exponent)] = self.counts.get((sign, exponent), 0) + count
+
+    def bins(self) -> list[tuple[float, float, int]]:
+        """(low, high, count) per non-empty bin, in value order; zeros as (0, 0, n)."""
+        out = []
+        for (sign, exponent), count in self.counts.items():
+            if sign == 0:
+                out.append((0.0, 0.0, count))
+            else:
+                low, high = 2.0 ** (exponent - 1), 2.0**exponent  # frexp: |x| in [2^(e-1), 2^e)
+                out.append((-high, -low, count) if sign < 0 else (low, high, count))
+        return sorted(out)

@@ -68,3 +68,46 @@ def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> di
     drawn = {line.get_label(): [float(y) for y in line.get_ydata()] for line in norms.get_lines()}
     plt.close(figure)
     return drawn
+
+
+def plot_stats(
+    rows: Sequence[tuple[str, float]], path: str, histogram=None, hist_name: str = "", title: str = ""
+):
+    """Bars of each parameter's (or layer's) norm for one step; with ``histogram`` (binned by
+    power of two) a second panel of one parameter's values. Returns the bar heights drawn."""
+    if not path.lower().endswith((".png", ".svg")):
+        raise UsageError(f"cannot tell the picture format of {path!r}", hint="name a .png or .svg file")
+    plt = _pyplot()
+    panels = 2 if histogram is not None else 1
+    height = max(3.0, 0.22 * len(rows) + 1.5)
+    figure, axes = plt.subplots(
+        panels, 1, figsize=(9, height + (3.5 if panels == 2 else 0)), constrained_layout=True
+    )
+    bars = axes[0] if panels == 2 else axes
+    names = [name for name, _ in rows][::-1]
+    values = [value for _, value in rows][::-1]
+    drawn = bars.barh(names, values, color="tab:blue")
+    if _spans_decades(values):
+        bars.set_xscale("log")
+    bars.set_xlabel("L2 norm")
+    bars.set_title(title or "norms")
+    bars.tick_params(axis="y", labelsize="small")
+    bars.grid(True, axis="x", alpha=0.3)
+    if histogram is not None:
+        hist = axes[1]
+        bins = histogram.bins()
+        labels = [
+            "0" if low == high else f"{'-' if low < 0 else ''}2^{int(math.log2(max(abs(low), abs(high))))}"
+            for low, high, _ in bins
+        ]
+        hist.bar(range(len(bins)), [count for _, _, count in bins], color="tab:orange")
+        hist.set_xticks(range(len(bins)), labels, rotation=90, fontsize="x-small")
+        hist.set_yscale("log")
+        hist.set_xlabel("value, binned by sign and power of two (bin upper magnitude)")
+        hist.set_ylabel("count")
+        extra = f"; NaN {histogram.nan}, Inf {histogram.inf}" if histogram.nan or histogram.inf else ""
+        hist.set_title(f"values of {hist_name}{extra}")
+    figure.savefig(path)
+    heights = [float(patch.get_width()) for patch in drawn.patches][::-1]
+    plt.close(figure)
+    return heights
