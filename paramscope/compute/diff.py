@@ -200,16 +200,14 @@ def diff_params(
 
 def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster) -> None:
     sides_a = [a for _, a, _ in pairs]
+    sides_b = [b for _, _, b in pairs]
     sums = [_PairSums(rtol, atol) for _ in pairs]
-    handles_b: dict[int, Any] = {}
 
-    def start(param: ParamInfo, handle_a, region):
-        i = region.param
-        if i not in handles_b:
-            handles_b[i] = checkpoint.open_array(pairs[i][2].stored)
+    def start(param: ParamInfo, handles, region):
+        handle_a, handle_b = handles
         return (
-            checkpoint.start_read(handle_a, region.index, param.path),
-            checkpoint.start_read(handles_b[i], region.index, param.path),
+            checkpoint.start_read(handle_a, region.read_index, param.path),
+            checkpoint.start_read(handle_b, region.read_index, param.path),
         )
 
     # Both sides of a region are in memory together, and the next group's are in flight.
@@ -217,7 +215,11 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
     failure = None
     try:
         for region, (read_a, read_b) in stream_regions(
-            sides_a, limit, start, select=lambda regions: share(cluster, [r.nbytes for r in regions])
+            sides_a,
+            limit,
+            start,
+            select=lambda regions: share(cluster, [r.nbytes for r in regions]),
+            partners=sides_b,
         ):
             path = sides_a[region.param].path
             sums[region.param].feed(

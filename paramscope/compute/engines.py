@@ -69,7 +69,7 @@ class HostEngine:
 
     def start(self, param: ParamInfo, handle, region: Region):
         self.bytes_read += region.nbytes
-        return checkpoint.start_read(handle, region.index, param.path)
+        return checkpoint.start_read(handle, region.read_index, param.path)
 
     def reduce(
         self,

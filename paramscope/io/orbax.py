@@ -14,6 +14,7 @@ import binascii
 import functools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,9 @@ class StoredArray:
     name: str  # the array's key in that store
     sharding: SavedSharding | None
     value_type: str
+    # The zarr metadata as stored, less shape and chunk shape: arrays written alike share one
+    # string, so 100,000 arrays do not hold 100,000 copies (see :func:`_metadata_template`).
+    metadata_template: str = field(default="", compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -333,7 +337,7 @@ def step_bytes(path: str, step: int | None = None) -> int:
 def _kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
     """The kvstore of an item's arrays: its OCDBT database, or plain zarr folders."""
     if tree.is_file(_join(folder, OCDBT_MANIFEST)):
-        return {"driver": "ocdbt", "base": tree.spec(folder)}
+        return {"driver": "ocdbt", "base": tree.spec(folder), "cache_pool": storage.INDEX_CACHE}
     if use_ocdbt or any(name.startswith("ocdbt.process_") for name in tree.subdirs(folder)):
         raise CorruptCheckpoint(
             f"{tree.path(_join(folder, OCDBT_MANIFEST))} is missing",
@@ -442,8 +446,9 @@ def _dtype_info(name: str) -> tuple[str, int]:
     return dtype.name, dtype.itemsize
 
 
-def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str]:
-    """(shape, dtype name, itemsize, chunk shape, TensorStore driver) of a zarr2/zarr3 array."""
+def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str, str]:
+    """(shape, dtype name, itemsize, chunk shape, TensorStore driver, metadata template) of a
+    zarr2/zarr3 array."""
     try:
         meta = json.loads(raw)
         shape = tuple(int(d) for d in meta["shape"])
@@ -451,12 +456,44 @@ def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, t
             raise ValueError("negative dimension")
         if meta.get("zarr_format") == 3:
             chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            return shape, *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
-        return shape, *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
+            info = *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
+        else:
+            info = *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
+        return shape, *info, _metadata_template(meta)
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise CorruptCheckpoint(
             f"bad zarr metadata for {where}", hint="the array's metadata is damaged"
         ) from None
+
+
+_TEMPLATES: dict[str, str] = {}
+
+
+def _metadata_template(meta: dict[str, Any]) -> str:
+    """The metadata without shape and chunk shape, as one shared string per distinct template."""
+    meta = dict(meta)
+    meta.pop("shape")
+    if meta.get("zarr_format") == 3:
+        meta["chunk_grid"] = {**meta["chunk_grid"], "configuration": {}}
+    else:
+        meta.pop("chunks")
+    text = json.dumps(meta, sort_keys=True)
+    return _TEMPLATES.setdefault(text, text)
+
+
+@functools.lru_cache(maxsize=64)
+def _template_dict(template: str) -> dict[str, Any]:
+    return json.loads(template)
+
+
+def _full_metadata(array: StoredArray) -> dict[str, Any]:
+    meta = dict(_template_dict(array.metadata_template))
+    meta["shape"] = list(array.shape)
+    if array.driver == "zarr3":
+        meta["chunk_grid"] = {**meta["chunk_grid"], "configuration": {"chunk_shape": list(array.chunks)}}
+    else:
+        meta["chunks"] = list(array.chunks)
+    return meta
 
 
 def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
@@ -548,7 +585,7 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
                 f"array {name!r} of item {item.name!r} is listed in the metadata but not stored",
                 hint="the checkpoint is incomplete or damaged",
             )
-        shape, dtype, itemsize, chunks, driver = _zarr_metadata(raw, name)
+        shape, dtype, itemsize, chunks, driver, template = _zarr_metadata(raw, name)
         arrays.append(
             StoredArray(
                 keys=keys,
@@ -561,6 +598,7 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
                 name=name,
                 sharding=shardings.get(".".join(keys)),
                 value_type=value_type,
+                metadata_template=template,
             )
         )
     return arrays
@@ -581,21 +619,57 @@ class ArrayReadError(CorruptCheckpoint):
         )
 
 
-def open_array(array: StoredArray):
-    """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
+def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
+    """Opens many stored arrays read-only, all at once; returns, in order, a TensorStore handle
+    (sliceable, ``.read()``) or the :class:`ArrayReadError` of each.
+
+    The opens run concurrently in TensorStore's threads, through the shared context. Each is
+    given the zarr metadata :func:`read_arrays` already read (``assume_metadata``), so opening
+    costs no I/O: only reading the data does.
+    """
     import tensorstore as ts
 
-    spec = {"driver": array.driver, "kvstore": _array_kvstore(json.loads(array.store), array.name)}
-    try:
-        return ts.open(spec, read=True, write=False, open=True, context=storage.context()).result()
-    except Exception as err:
-        raise ArrayReadError("open", array.path, err) from None
+    context = storage.context()
+    stores: dict[str, dict[str, Any]] = {}
+    futures = []
+    for array in arrays:
+        kv = stores.get(array.store)
+        if kv is None:
+            kv = stores[array.store] = json.loads(array.store)
+        spec: dict[str, Any] = {"driver": array.driver, "kvstore": _array_kvstore(kv, array.name)}
+        try:
+            if array.metadata_template:
+                spec["metadata"] = _full_metadata(array)
+                futures.append(ts.open(spec, read=True, assume_metadata=True, context=context))
+            else:
+                futures.append(ts.open(spec, read=True, write=False, open=True, context=context))
+        except Exception as err:
+            futures.append(ArrayReadError("open", array.path, err))
+    handles = []
+    for array, future in zip(arrays, futures):
+        if isinstance(future, ArrayReadError):
+            handles.append(future)
+            continue
+        try:
+            handles.append(future.result())
+        except Exception as err:
+            handles.append(ArrayReadError("open", array.path, err))
+    return handles
 
 
-def start_read(handle, index: tuple[slice, ...], path: str):
-    """Starts reading one slice of an opened array; :func:`finish_read` waits for it."""
+def open_array(array: StoredArray):
+    """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
+    (handle,) = open_arrays([array])
+    if isinstance(handle, ArrayReadError):
+        raise handle
+    return handle
+
+
+def start_read(handle, index: tuple[slice, ...] | None, path: str):
+    """Starts reading one slice of an opened array (``index`` None: all of it);
+    :func:`finish_read` waits for it."""
     try:
-        return handle[index].read()
+        return (handle if index is None else handle[index]).read()
     except Exception as err:
         raise ArrayReadError("read", path, err) from None
 
