@@ -450,20 +450,26 @@ def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, t
     """(shape, dtype name, itemsize, chunk shape, TensorStore driver, metadata template) of a
     zarr2/zarr3 array."""
     try:
-        meta = json.loads(raw)
-        shape = tuple(int(d) for d in meta["shape"])
-        if any(d < 0 for d in shape):
-            raise ValueError("negative dimension")
-        if meta.get("zarr_format") == 3:
-            chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            info = *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
-        else:
-            info = *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
-        return shape, *info, _metadata_template(meta)
+        return _parse_zarr_metadata(raw)
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise CorruptCheckpoint(
             f"bad zarr metadata for {where}", hint="the array's metadata is damaged"
         ) from None
+
+
+# Arrays of one shape and dtype store byte-identical metadata: a model's layers parse it once.
+@functools.lru_cache(maxsize=4096)
+def _parse_zarr_metadata(raw: bytes) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str, str]:
+    meta = json.loads(raw)
+    shape = tuple(int(d) for d in meta["shape"])
+    if any(d < 0 for d in shape):
+        raise ValueError("negative dimension")
+    if meta.get("zarr_format") == 3:
+        chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        info = *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
+    else:
+        info = *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
+    return shape, *info, _metadata_template(meta)
 
 
 _TEMPLATES: dict[str, str] = {}
@@ -619,30 +625,44 @@ class ArrayReadError(CorruptCheckpoint):
         )
 
 
+_STORES: dict[str, tuple[Any, Any]] = {}  # store spec -> (context, opened kvstore)
+
+
+def _open_store(store: str, context):
+    """The opened kvstore of an item (JSON spec ``store``), once per process and context."""
+    import tensorstore as ts
+
+    cached = _STORES.get(store)
+    if cached is None or cached[0] is not context:
+        if len(_STORES) >= 32:
+            _STORES.clear()
+        cached = _STORES[store] = (context, ts.KvStore.open(json.loads(store), context=context).result())
+    return cached[1]
+
+
 def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     """Opens many stored arrays read-only, all at once; returns, in order, a TensorStore handle
     (sliceable, ``.read()``) or the :class:`ArrayReadError` of each.
 
-    The opens run concurrently in TensorStore's threads, through the shared context. Each is
-    given the zarr metadata :func:`read_arrays` already read (``assume_metadata``), so opening
-    costs no I/O: only reading the data does.
+    The opens run concurrently in TensorStore's threads, over the item's one opened kvstore.
+    Each is given the zarr metadata :func:`read_arrays` already read (``assume_metadata``), so
+    opening costs no I/O: only reading the data does.
     """
     import tensorstore as ts
 
     context = storage.context()
-    stores: dict[str, dict[str, Any]] = {}
-    futures = []
+    futures: list[Any] = []
     for array in arrays:
-        kv = stores.get(array.store)
-        if kv is None:
-            kv = stores[array.store] = json.loads(array.store)
-        spec: dict[str, Any] = {"driver": array.driver, "kvstore": _array_kvstore(kv, array.name)}
         try:
+            kvstore = _open_store(array.store, context) / f"{array.name}/"
             if array.metadata_template:
-                spec["metadata"] = _full_metadata(array)
-                futures.append(ts.open(spec, read=True, assume_metadata=True, context=context))
+                spec = {"driver": array.driver, "metadata": _full_metadata(array)}
+                future = ts.open(spec, kvstore=kvstore, read=True, assume_metadata=True, context=context)
             else:
-                futures.append(ts.open(spec, read=True, write=False, open=True, context=context))
+                future = ts.open(
+                    {"driver": array.driver}, kvstore=kvstore, read=True, open=True, context=context
+                )
+            futures.append(future)
         except Exception as err:
             futures.append(ArrayReadError("open", array.path, err))
     handles = []
