@@ -261,7 +261,7 @@ def scan(
     budget = memory_budget or default_memory_budget()
     runner = make_engine(engine, full, mesh_axes, saved_mesh, cluster)
     limit = max(1, budget // (4 if runner.name == "mesh" else 2))
-    local = [Accumulator(full) for _ in params]  # this process's share
+    local = [Accumulator(full, size=param.count) for param in params]  # this process's share
     shared = [Accumulator(full) for _ in params]  # reduced on the mesh by every process together
     states = [DigestState(p.dtype, p.shape, p.itemsize) for p in params] if digest else [None] * len(params)
     unstack = dict(unstack or {})

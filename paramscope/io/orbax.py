@@ -487,19 +487,18 @@ def _metadata_template(meta: dict[str, Any]) -> str:
     return _TEMPLATES.setdefault(text, text)
 
 
-@functools.lru_cache(maxsize=64)
-def _template_dict(template: str) -> dict[str, Any]:
-    return json.loads(template)
+@functools.lru_cache(maxsize=1024)
+def _array_spec(template: str, driver: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
+    """The TensorStore spec of arrays of one metadata, built and parsed once, not per array."""
+    import tensorstore as ts
 
-
-def _full_metadata(array: StoredArray) -> dict[str, Any]:
-    meta = dict(_template_dict(array.metadata_template))
-    meta["shape"] = list(array.shape)
-    if array.driver == "zarr3":
-        meta["chunk_grid"] = {**meta["chunk_grid"], "configuration": {"chunk_shape": list(array.chunks)}}
+    meta = json.loads(template)
+    meta["shape"] = list(shape)
+    if driver == "zarr3":
+        meta["chunk_grid"]["configuration"] = {"chunk_shape": list(chunks)}
     else:
-        meta["chunks"] = list(array.chunks)
-    return meta
+        meta["chunks"] = list(chunks)
+    return ts.Spec({"driver": driver, "metadata": meta})
 
 
 def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
@@ -656,7 +655,7 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
         try:
             kvstore = _open_store(array.store, context) / f"{array.name}/"
             if array.metadata_template:
-                spec = {"driver": array.driver, "metadata": _full_metadata(array)}
+                spec = _array_spec(array.metadata_template, array.driver, array.shape, array.chunks)
                 future = ts.open(spec, kvstore=kvstore, read=True, assume_metadata=True, context=context)
             else:
                 future = ts.open(
