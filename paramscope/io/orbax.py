@@ -352,12 +352,6 @@ def storage_format(item: Item) -> str:
     return "ocdbt" if _kvstore_spec(item.tree, folder)["driver"] == "ocdbt" else "zarr"
 
 
-def _array_kvstore(kv: dict[str, Any], name: str) -> dict[str, Any]:
-    if kv["driver"] == "ocdbt":
-        return {**kv, "path": f"{name}/"}
-    return {**kv, "path": f"{kv['path']}{name}/"}
-
-
 def _parse_sharding(text: Any) -> SavedSharding | None:
     """A NamedSharding entry of ``_sharding``; None for other kinds; ValueError when malformed."""
     info = json.loads(text) if isinstance(text, str) else text
