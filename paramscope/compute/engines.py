@@ -72,7 +72,7 @@ class HostEngine:
 
     def start(self, param: ParamInfo, handle, region: Region):
         self.bytes_read += region.nbytes
-        return checkpoint.start_read(handle, region.index, param.path)
+        return checkpoint.start_read(handle, region.read_index, param.path)
 
     def reduce(
         self,
@@ -271,7 +271,7 @@ def scan(
     budget = memory_budget or default_memory_budget()
     runner = make_engine(engine, full, mesh_axes, saved_mesh, cluster)
     limit = max(1, budget // (4 if runner.name == "mesh" else 2))
-    local = [Accumulator(full) for _ in params]  # this process's share
+    local = [Accumulator(full, size=param.count) for param in params]  # this process's share
     shared = [Accumulator(full) for _ in params]  # reduced on the mesh by every process together
     states = [DigestState(p.dtype, p.shape, p.itemsize) for p in params] if digest else [None] * len(params)
     unstack = dict(unstack or {})

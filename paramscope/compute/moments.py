@@ -198,13 +198,26 @@ class Accumulator:
     """Reduces one array fed in consecutive pieces of its flattened values, in blocks fixed by
     their position in the array, not by where the pieces begin and end."""
 
-    def __init__(self, full: bool, span: int = 1 << 22):
+    def __init__(self, full: bool, span: int = 1 << 22, size: int | None = None):
         self.partials = Partials(full)
         self.carry: np.ndarray | None = None
+        self.size = size  # elements of the whole array, when known: its last piece is flushed
+        self.fed = 0
         self.span = span - span % BLOCK or BLOCK
 
     def feed(self, values: np.ndarray, pool=None) -> None:
         flat = np.ascontiguousarray(values).reshape(-1)
+        self.fed += flat.size
+        if self.fed == flat.size == self.size and flat.size < BLOCK:
+            # The whole array in one piece shorter than a block: the same single block as below,
+            # without the carry bookkeeping (it adds up over thousands of small arrays).
+            self.partials = block_partials(flat, self.partials.full)
+            return
+        self._feed(flat, pool)
+        if self.fed == self.size:  # done: reduce the carry now rather than hold it to the end
+            self.flush()
+
+    def _feed(self, flat: np.ndarray, pool) -> None:
         if self.carry is not None:
             head = flat[: BLOCK - self.carry.size]
             block = np.concatenate([self.carry, head])

@@ -21,6 +21,9 @@ from paramscope.io.inventory import ParamInfo
 
 MiB = 1 << 20
 GiB = 1 << 30
+# Arrays per group, whatever their bytes: a group's arrays are opened and read together, so this
+# bounds the handles and futures held at once, while amortising each round trip over many arrays.
+GROUP_ARRAYS = 4096
 
 
 MIN_MEMORY_BUDGET = 1 << 10  # 1 KiB: any less and a read would not hold a row of most arrays
@@ -76,6 +79,12 @@ class Region:
     index: tuple[slice, ...]
     shape: tuple[int, ...]
     nbytes: int
+    whole: bool = False  # the whole array: read without slicing
+
+    @property
+    def read_index(self) -> tuple[slice, ...] | None:
+        """The index to read, None for the whole array (slicing a handle costs a few µs)."""
+        return None if self.whole else self.index
 
 
 def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, limit: int) -> Iterator[tuple]:
@@ -108,13 +117,19 @@ def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, limit
 def plan_reads(
     params: Sequence[ParamInfo], limit: int, select: Callable[[list[Region]], list[bool]] | None = None
 ) -> list[list[Region]]:
-    """Groups of regions, each group at most ``limit`` bytes (or one region of one row).
+    """Groups of regions, each group at most ``limit`` bytes (or one region of one row) and
+    :data:`GROUP_ARRAYS` regions.
 
     ``select`` is given every region of the plan (the same list in every process) and says which
     to read, so that cooperating processes can share one plan out.
     """
     regions = []
     for position, param in enumerate(params):
+        nbytes = math.prod(param.shape) * param.itemsize
+        if nbytes <= limit or not param.shape:  # the common case, without the box generator
+            full = tuple(slice(0, d) for d in param.shape)
+            regions.append(Region(position, full, param.shape, nbytes, whole=True))
+            continue
         for index in _boxes(param.shape, param.stored.chunks if param.stored else (), param.itemsize, limit):
             shape = tuple(s.stop - s.start for s in index)
             regions.append(Region(position, index, shape, math.prod(shape) * param.itemsize))
@@ -124,7 +139,7 @@ def plan_reads(
     current: list[Region] = []
     size = 0
     for region in regions:
-        if current and size + region.nbytes > limit:
+        if current and (size + region.nbytes > limit or len(current) >= GROUP_ARRAYS):
             groups.append(current)
             current, size = [], 0
         current.append(region)
@@ -140,33 +155,54 @@ def stream_regions(
     start: Callable[[ParamInfo, Any, Region], Any],
     on_error: Callable[[Region, Exception], None] | None = None,
     select: Callable[[list[Region]], list[bool]] | None = None,
+    partners: Sequence[ParamInfo] | None = None,
 ) -> Iterator[tuple[Region, Any]]:
     """Yields ``(region, start(param, handle, region))`` in plan order, one group ahead.
 
     The reads of the next group (at most ``limit`` bytes) are started before the regions of the
-    current one are handed out, so decoding overlaps whatever the caller does with them. Each
-    array is opened once, for its first region, and let go after its last. With ``on_error``, a
+    current one are handed out, so decoding overlaps whatever the caller does with them. The
+    arrays a group needs are opened together, concurrently (one round trip per group, not per
+    array); each is opened once, for its first region, and let go after its last. With
+    ``partners`` (one per param, e.g. the other checkpoint of a diff) each param's partner is
+    opened with it and ``handle`` is the pair of handles. With ``on_error``, a
     :class:`CorruptCheckpoint` from opening or starting a read is passed to it and that array's
     remaining regions are skipped; without, it propagates.
     """
     groups = plan_reads(params, limit, select)
     remaining = Counter(region.param for group in groups for region in group)
     handles: dict[int, Any] = {}
-    failed: set[int] = set()
+    failed: dict[int, CorruptCheckpoint | None] = {}  # None: its error was handed on already
 
-    def begin(group):
+    def open_group(group: list[Region]) -> None:
+        needed = list(dict.fromkeys(r.param for r in group))
+        needed = [i for i in needed if i not in handles and i not in failed]
+        stored = [params[i].stored for i in needed]
+        if partners is not None:
+            stored += [partners[i].stored for i in needed]
+        opened = checkpoint.open_arrays(stored)
+        for k, i in enumerate(needed):
+            mine = [opened[k]] if partners is None else [opened[k], opened[k + len(needed)]]
+            error = next((h for h in mine if isinstance(h, CorruptCheckpoint)), None)
+            if error is not None:
+                failed[i] = error
+            else:
+                handles[i] = mine[0] if partners is None else tuple(mine)
+
+    def begin(group: list[Region]):
+        open_group(group)
         started = []
         for region in group:
-            if region.param in failed:
-                continue
             try:
-                if region.param not in handles:
-                    handles[region.param] = checkpoint.open_array(params[region.param].stored)
+                if region.param in failed:
+                    if failed[region.param] is None:
+                        continue
+                    raise failed[region.param]
                 started.append((region, start(params[region.param], handles[region.param], region)))
             except CorruptCheckpoint as err:
                 if on_error is None:
                     raise
-                failed.add(region.param)
+                failed[region.param] = None
+                handles.pop(region.param, None)
                 on_error(region, err)
         return started
 

@@ -114,7 +114,7 @@ def verify_checkpoint(
         result.problems.append(Problem(owners[region.param], params[region.param].path, reason))
 
     def start(param: ParamInfo, handle, region):
-        return checkpoint.start_read(handle, region.index, param.path)
+        return checkpoint.start_read(handle, region.read_index, param.path)
 
     alias = {}  # an item folder checked alone answers to the baseline's one item, whatever its name
     recorded_items = {item for item, _ in digests or {}}

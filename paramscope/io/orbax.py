@@ -14,6 +14,7 @@ import binascii
 import functools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,9 @@ class StoredArray:
     name: str  # the array's key in that store
     sharding: SavedSharding | None
     value_type: str
+    # The zarr metadata as stored, less shape and chunk shape: arrays written alike share one
+    # string, so 100,000 arrays do not hold 100,000 copies (see :func:`_metadata_template`).
+    metadata_template: str = field(default="", compare=False, repr=False)
 
     @property
     def path(self) -> str:
@@ -333,7 +337,7 @@ def step_bytes(path: str, step: int | None = None) -> int:
 def _kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
     """The kvstore of an item's arrays: its OCDBT database, or plain zarr folders."""
     if tree.is_file(_join(folder, OCDBT_MANIFEST)):
-        return {"driver": "ocdbt", "base": tree.spec(folder)}
+        return {"driver": "ocdbt", "base": tree.spec(folder), "cache_pool": storage.INDEX_CACHE}
     if use_ocdbt or any(name.startswith("ocdbt.process_") for name in tree.subdirs(folder)):
         raise CorruptCheckpoint(
             f"{tree.path(_join(folder, OCDBT_MANIFEST))} is missing",
@@ -346,12 +350,6 @@ def storage_format(item: Item) -> str:
     """'ocdbt' or 'zarr' (plain folders), for an item that holds arrays."""
     folder = item.rel if item.kind == "pytree" else _join(item.rel, ARRAY_ITEM_NAME)
     return "ocdbt" if _kvstore_spec(item.tree, folder)["driver"] == "ocdbt" else "zarr"
-
-
-def _array_kvstore(kv: dict[str, Any], name: str) -> dict[str, Any]:
-    if kv["driver"] == "ocdbt":
-        return {**kv, "path": f"{name}/"}
-    return {**kv, "path": f"{kv['path']}{name}/"}
 
 
 def _parse_sharding(text: Any) -> SavedSharding | None:
@@ -442,21 +440,59 @@ def _dtype_info(name: str) -> tuple[str, int]:
     return dtype.name, dtype.itemsize
 
 
-def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str]:
-    """(shape, dtype name, itemsize, chunk shape, TensorStore driver) of a zarr2/zarr3 array."""
+def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str, str]:
+    """(shape, dtype name, itemsize, chunk shape, TensorStore driver, metadata template) of a
+    zarr2/zarr3 array."""
     try:
-        meta = json.loads(raw)
-        shape = tuple(int(d) for d in meta["shape"])
-        if any(d < 0 for d in shape):
-            raise ValueError("negative dimension")
-        if meta.get("zarr_format") == 3:
-            chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            return shape, *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
-        return shape, *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
+        return _parse_zarr_metadata(raw)
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise CorruptCheckpoint(
             f"bad zarr metadata for {where}", hint="the array's metadata is damaged"
         ) from None
+
+
+# Arrays of one shape and dtype store byte-identical metadata: a model's layers parse it once.
+@functools.lru_cache(maxsize=4096)
+def _parse_zarr_metadata(raw: bytes) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str, str]:
+    meta = json.loads(raw)
+    shape = tuple(int(d) for d in meta["shape"])
+    if any(d < 0 for d in shape):
+        raise ValueError("negative dimension")
+    if meta.get("zarr_format") == 3:
+        chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        info = *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
+    else:
+        info = *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
+    return shape, *info, _metadata_template(meta)
+
+
+_TEMPLATES: dict[str, str] = {}
+
+
+def _metadata_template(meta: dict[str, Any]) -> str:
+    """The metadata without shape and chunk shape, as one shared string per distinct template."""
+    meta = dict(meta)
+    meta.pop("shape")
+    if meta.get("zarr_format") == 3:
+        meta["chunk_grid"] = {**meta["chunk_grid"], "configuration": {}}
+    else:
+        meta.pop("chunks")
+    text = json.dumps(meta, sort_keys=True)
+    return _TEMPLATES.setdefault(text, text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _array_spec(template: str, driver: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
+    """The TensorStore spec of arrays of one metadata, built and parsed once, not per array."""
+    import tensorstore as ts
+
+    meta = json.loads(template)
+    meta["shape"] = list(shape)
+    if driver == "zarr3":
+        meta["chunk_grid"]["configuration"] = {"chunk_shape": list(chunks)}
+    else:
+        meta["chunks"] = list(chunks)
+    return ts.Spec({"driver": driver, "metadata": meta})
 
 
 def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
@@ -548,7 +584,7 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
                 f"array {name!r} of item {item.name!r} is listed in the metadata but not stored",
                 hint="the checkpoint is incomplete or damaged",
             )
-        shape, dtype, itemsize, chunks, driver = _zarr_metadata(raw, name)
+        shape, dtype, itemsize, chunks, driver, template = _zarr_metadata(raw, name)
         arrays.append(
             StoredArray(
                 keys=keys,
@@ -561,6 +597,7 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
                 name=name,
                 sharding=shardings.get(".".join(keys)),
                 value_type=value_type,
+                metadata_template=template,
             )
         )
     return arrays
@@ -581,21 +618,71 @@ class ArrayReadError(CorruptCheckpoint):
         )
 
 
-def open_array(array: StoredArray):
-    """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
+_STORES: dict[str, tuple[Any, Any]] = {}  # store spec -> (context, opened kvstore)
+
+
+def _open_store(store: str, context):
+    """The opened kvstore of an item (JSON spec ``store``), once per process and context."""
     import tensorstore as ts
 
-    spec = {"driver": array.driver, "kvstore": _array_kvstore(json.loads(array.store), array.name)}
-    try:
-        return ts.open(spec, read=True, write=False, open=True, context=storage.context()).result()
-    except Exception as err:
-        raise ArrayReadError("open", array.path, err) from None
+    cached = _STORES.get(store)
+    if cached is None or cached[0] is not context:
+        if len(_STORES) >= 32:
+            _STORES.clear()
+        cached = _STORES[store] = (context, ts.KvStore.open(json.loads(store), context=context).result())
+    return cached[1]
 
 
-def start_read(handle, index: tuple[slice, ...], path: str):
-    """Starts reading one slice of an opened array; :func:`finish_read` waits for it."""
+def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
+    """Opens many stored arrays read-only, all at once; returns, in order, a TensorStore handle
+    (sliceable, ``.read()``) or the :class:`ArrayReadError` of each.
+
+    The opens run concurrently in TensorStore's threads, over the item's one opened kvstore.
+    Each is given the zarr metadata :func:`read_arrays` already read (``assume_metadata``), so
+    opening costs no I/O: only reading the data does.
+    """
+    import tensorstore as ts
+
+    context = storage.context()
+    futures: list[Any] = []
+    for array in arrays:
+        try:
+            kvstore = _open_store(array.store, context) / f"{array.name}/"
+            if array.metadata_template:
+                spec = _array_spec(array.metadata_template, array.driver, array.shape, array.chunks)
+                future = ts.open(spec, kvstore=kvstore, read=True, assume_metadata=True, context=context)
+            else:
+                future = ts.open(
+                    {"driver": array.driver}, kvstore=kvstore, read=True, open=True, context=context
+                )
+            futures.append(future)
+        except Exception as err:
+            futures.append(ArrayReadError("open", array.path, err))
+    handles = []
+    for array, future in zip(arrays, futures):
+        if isinstance(future, ArrayReadError):
+            handles.append(future)
+            continue
+        try:
+            handles.append(future.result())
+        except Exception as err:
+            handles.append(ArrayReadError("open", array.path, err))
+    return handles
+
+
+def open_array(array: StoredArray):
+    """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
+    (handle,) = open_arrays([array])
+    if isinstance(handle, ArrayReadError):
+        raise handle
+    return handle
+
+
+def start_read(handle, index: tuple[slice, ...] | None, path: str):
+    """Starts reading one slice of an opened array (``index`` None: all of it);
+    :func:`finish_read` waits for it."""
     try:
-        return handle[index].read()
+        return (handle if index is None else handle[index]).read()
     except Exception as err:
         raise ArrayReadError("read", path, err) from None
 

@@ -85,6 +85,10 @@ def _use_gcs_emulator() -> None:
         os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
 
 
+INDEX_CACHE = "cache_pool#ocdbt_index"
+INDEX_CACHE_BYTES = 32 << 20
+
+
 def _context_spec() -> tuple[tuple[str, Any], ...]:
     limit = max(1, _int_env(CONCURRENCY_ENV, DEFAULT_CONCURRENCY))
     retries = {
@@ -93,6 +97,9 @@ def _context_spec() -> tuple[tuple[str, Any], ...]:
         "max_delay": "2s",
     }
     return (
+        # OCDBT index nodes only (orbax.py names this pool in its OCDBT specs): array chunks go
+        # through the default pool, which caches nothing, so the memory budget bounds decoded data.
+        (INDEX_CACHE, {"total_bytes_limit": INDEX_CACHE_BYTES}),
         ("gcs_request_concurrency", {"limit": limit}),
         ("gcs_request_retries", retries),
         ("s3_request_concurrency", {"limit": limit}),
