@@ -116,9 +116,11 @@ def test_plots_are_drawn_from_the_same_numbers(run_root, tmp_path, suffix):
 
     def open_step(step):
         inv = open_checkpoint(run_root, step=step)
-        return inv, inv.params, orbax.commit_timestamp(orbax.locate(run_root, step))
+        return inv, inv.params
 
-    runs = series(history(STEPS, open_step))
+    runs = series(
+        history(STEPS, lambda step: orbax.commit_timestamp(orbax.locate(run_root, step)), open_step)
+    )
     picture = str(tmp_path / f"history.{suffix}")
     drawn = plot_history(runs, picture, top=2)
     data = open(picture, "rb").read()

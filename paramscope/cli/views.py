@@ -93,23 +93,30 @@ def history(
 
     def open_step(step):
         inv = open_checkpoint(ckpt, step=step, item=sel.item, subtree=sel.subtree)
-        return inv, filter_params(inv.params, sel.filter), orbax.commit_timestamp(orbax.locate(ckpt, step))
+        return inv, filter_params(inv.params, sel.filter)
+
+    def stamp_of(step):
+        return orbax.commit_timestamp(orbax.locate(ckpt, step))
 
     keeper = None
     if not no_cache:
         import platformdirs
 
         folder = cache or os.path.join(platformdirs.user_cache_dir("paramscope"), "history")
-        keeper = HistoryCache(folder, location.path, {"item": sel.item, "subtree": sel.subtree})
+        keeper = HistoryCache(
+            folder, location.path, {"item": sel.item, "subtree": sel.subtree, "filter": sel.filter}
+        )
     total = 0
     result = common.with_progress(
         total,
         out.quiet,
-        lambda on_bytes: history(chosen, open_step, stats, common.memory_budget(reading), keeper, on_bytes),
+        lambda on_bytes: history(
+            chosen, stamp_of, open_step, stats, common.memory_budget(reading), keeper, on_bytes
+        ),
     )
     for warning in result.warnings:
         common.warn(warning, out.quiet)
-    inv = open_step(chosen[-1])[0]
+    inv = open_checkpoint(ckpt, step=chosen[-1], item=sel.item, subtree=sel.subtree)
     runs = series(result, depth)
     first_bad = result.first_nonfinite()
     if first_bad is not None:

@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,17 +127,18 @@ class HistoryCache:
             self.entries = {}
         self.key = key
 
-    def get(self, step: int, timestamp: int | None, paths: Sequence[str], full: bool) -> StepResult | None:
+    def get(self, step: int, timestamp: int | None, full: bool) -> StepResult | None:
+        """A step's results, if cached for this very save (the selection is part of the key)."""
         entry = self.entries.get(str(step))
         if not isinstance(entry, dict) or timestamp is None or entry.get("timestamp") != timestamp:
             return None
         stats = entry.get("stats", {})
-        if not all(p in stats and (not full or "mean" in stats[p]) for p in paths):
+        if full and not all("mean" in v for v in stats.values()):
             return None
         return StepResult(
             step,
             timestamp,
-            {p: stats[p] for p in paths},
+            dict(stats),
             entry.get("change", {}),
             entry.get("previous"),
             True,
@@ -194,6 +196,7 @@ def read_steps(
     by_path = [{p.path: p for p in step_params} for step_params in params]
     paths = sorted(set().union(*by_path)) if by_path else []
     bytes_read = 0
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     limit = max(1, budget // 6)  # a box of two steps in memory, the next ones being read
     for path in paths:
         present = [k for k, found in enumerate(by_path) if path in found]
@@ -205,13 +208,13 @@ def read_steps(
             else:
                 runs.append([k])
         for run in runs:
-            bytes_read += _read_run(
-                path, [by_path[k][path] for k in run], run, results, full, limit, on_bytes
-            )
+            arrays = [by_path[k][path] for k in run]
+            bytes_read += _read_run(path, arrays, run, results, full, limit, on_bytes, pool)
+    pool.shutdown(wait=False)
     return results, bytes_read
 
 
-def _read_run(path, arrays, run, results, full, limit, on_bytes) -> int:
+def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
     """One parameter over consecutive steps of one shape, box by box: each step's box read once."""
     first = arrays[0]
     handles = [checkpoint.open_array(a.stored) for a in arrays]
@@ -226,10 +229,10 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes) -> int:
                 pending[k + 1] = checkpoint.start_read(handles[k + 1], box, path)
             value = checkpoint.finish_read(pending.pop(k), path)
             nbytes += value.nbytes
-            values[k].feed(value)
+            values[k].feed(value, pool)
             if previous is not None:
-                deltas[k - 1][0].feed(value.astype(np.float64) - previous.astype(np.float64))
-                deltas[k - 1][1].feed(previous)
+                deltas[k - 1][0].feed(np.subtract(value, previous, dtype=np.float64), pool)
+                deltas[k - 1][1].feed(previous, pool)
             previous = value
             if on_bytes is not None:
                 on_bytes(value.nbytes)
@@ -244,18 +247,20 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes) -> int:
 
 def history(
     steps: Sequence[int],
-    open_step: Callable[[int], tuple[Inventory, list[ParamInfo], int | None]],
+    stamp_of: Callable[[int], int | None],
+    open_step: Callable[[int], tuple[Inventory, list[ParamInfo]]],
     full: bool = False,
     memory_budget: int | None = None,
     cache: HistoryCache | None = None,
     on_bytes: Callable[[int], Any] | None = None,
 ) -> History:
-    """The history of the given steps; cached steps are not read again (see the module docstring)."""
-    opened = [open_step(s) for s in steps]  # (inventory, params, commit timestamp) each
-    stamps = [stamp for _, _, stamp in opened]
+    """The history of the given steps; cached steps are neither read nor even opened (see the
+    module docstring). ``stamp_of(step)`` is the step's commit timestamp (cheap: the step's own
+    metadata file); ``open_step(step)`` its inventory and selected parameters."""
+    stamps = [stamp_of(s) for s in steps]
     results: list[StepResult | None] = []
-    for k, (step, (_, params, _)) in enumerate(zip(steps, opened)):
-        hit = cache.get(step, stamps[k], [p.path for p in params], full) if cache else None
+    for k, step in enumerate(steps):
+        hit = cache.get(step, stamps[k], full) if cache else None
         if hit is not None and k and (hit.previous, hit.previous_timestamp) != (steps[k - 1], stamps[k - 1]):
             hit = None  # its change was from another step (or another save of it) than the one before
         results.append(hit)
@@ -270,8 +275,9 @@ def history(
         while end + 1 < len(steps) and results[end + 1] is None:
             end += 1
         run = list(range(start, end + 1))
+        opened = [open_step(steps[i]) for i in run]
         read, nbytes = read_steps(
-            [opened[i][0] for i in run], [opened[i][1] for i in run], full, memory_budget, on_bytes
+            [o[0] for o in opened], [o[1] for o in opened], full, memory_budget, on_bytes
         )
         bytes_read += nbytes
         for i, result in zip(run, read):
