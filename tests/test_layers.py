@@ -118,3 +118,31 @@ def test_the_heuristic_never_guesses_silently(ambiguous, manager_ckpt):
     norms = {p["path"]: p["norm"] for p in doc["params"]}
     kernel = values["layers.Block_0.Dense_0.kernel"]
     assert norms["layers.2.Block_0.Dense_0.kernel"] == pytest.approx(f64(kernel[2]), rel=1e-12)
+
+
+def test_snapshot_and_check_per_layer(maxtext_like, tmp_path):
+    root, tree = maxtext_like
+    baseline = tmp_path / "layers.json"
+    assert run("snapshot", root, "--unstack", "-o", baseline, "-q").exit_code == 0
+    document = json.loads(baseline.read_text())
+    rows = {p["path"]: p for p in document["params"]}
+    wo = tree["decoder"]["layers"]["mlp"]["wo"]["kernel"]
+    assert rows["decoder.layers.2.mlp.wo.kernel"]["stats"]["norm"] == pytest.approx(f64(wo[:, 2]), rel=1e-12)
+    assert document["total"]["count"] == sum(v.size for v in _leaves(tree))
+    assert run("check", root, "--unstack", "-b", baseline).exit_code == 0
+    rows["decoder.layers.2.mlp.wo.kernel"]["stats"]["norm"] *= 1.01  # as if layer 2 had moved
+    rows["decoder.layers.2.mlp.wo.kernel"].pop("digest", None)
+    baseline.write_text(json.dumps(document))
+    result = run("check", root, "--unstack", "-b", baseline, "-f", "json")
+    assert result.exit_code == 1
+    assert {(v["path"], v["metric"]) for v in json.loads(result.stdout)["violations"]} == {
+        ("decoder.layers.2.mlp.wo.kernel", "norm")
+    }
+
+
+def _leaves(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _leaves(value)
+    else:
+        yield node

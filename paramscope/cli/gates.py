@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from enum import Enum
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from paramscope.cli.options import (
     Cluster,
     FilterOpt,
     ItemOpt,
+    Layering,
     Output,
     QuietOpt,
     Reading,
@@ -230,8 +232,6 @@ def _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined):
 
 def _against_baseline(inv_a, params_a, baseline_file, sel, reading, quiet, joined):
     """A checkpoint against the digests a snapshot recorded, without the original at hand."""
-    from dataclasses import replace
-
     from paramscope.compute.baseline import load_baseline
     from paramscope.compute.diff import diff_digests
     from paramscope.io.inventory import filter_params
@@ -247,7 +247,7 @@ def _against_baseline(inv_a, params_a, baseline_file, sel, reading, quiet, joine
     return replace(inv_a, checkpoint=baseline_file, shown=baseline_file, params=side_b, step=None), result
 
 
-@with_options(sel=Selection, reading=Reading)
+@with_options(sel=Selection, reading=Reading, layering=Layering)
 def snapshot(
     ckpt: CkptArg,
     output: Annotated[
@@ -261,6 +261,7 @@ def snapshot(
         ),
     ] = "-",
     quiet: QuietOpt = False,
+    layering: Layering = None,
     sel: Selection = None,
     reading: Reading = None,
 ) -> None:
@@ -276,7 +277,7 @@ def snapshot(
     from paramscope.compute.baseline import snapshot as make_snapshot
     from paramscope.output.render import json_ready
 
-    inv, params = common.inventory(ckpt, sel, quiet)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
     if output != "-":
         from paramscope.io.storage import inside
 
@@ -285,7 +286,6 @@ def snapshot(
                 f"--output {output} is inside the checkpoint",
                 hint="paramscope never writes into a checkpoint folder; write elsewhere",
             )
-    inv.params = params
     result = common.scan(inv, params, True, reading, quiet, digest=True)
     text = json.dumps(json_ready(make_snapshot(inv, result, __version__)), indent=1, allow_nan=False) + "\n"
     if output == "-":
@@ -301,7 +301,7 @@ def snapshot(
     common.warn(f"wrote {output} ({len(params):,} parameters)", quiet, kind="note")
 
 
-@with_options(sel=Selection, out=Output, reading=Reading)
+@with_options(sel=Selection, out=Output, reading=Reading, layering=Layering)
 def check(
     ckpt: CkptArg,
     baseline_file: Annotated[
@@ -342,6 +342,7 @@ def check(
         bool,
         typer.Option("--allow-missing", help="Baseline parameters absent here pass.", rich_help_panel=CHECKS),
     ] = False,
+    layering: Layering = None,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -366,7 +367,7 @@ def check(
         filter=sel.filter,
     )
     baseline = load_baseline(baseline_file)
-    inv, params = common.inventory(ckpt, sel, out.quiet)
+    inv, params = common.inventory(ckpt, sel, out.quiet, layering=layering)
     for pattern in options.compiled:
         if not any(pattern.search(p.path) for p in params):
             common.warn(f"--ignore {pattern.pattern!r} matches no parameter", out.quiet)
@@ -378,7 +379,8 @@ def check(
         if scan_kind
         else None
     )
-    violations = run_check(baseline, inv, result, options)
+    shown = replace(inv, params=params, views=None) if inv.views is not None else inv  # layers as rows
+    violations = run_check(baseline, shown, result, options)
     common.emit(
         check_report(
             inv, baseline_file, baseline, categories(baseline, options), options, violations, len(kept)

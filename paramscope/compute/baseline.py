@@ -116,7 +116,10 @@ def snapshot(inventory: Inventory, scan_result, version: str) -> dict[str, Any]:
         "step": inventory.step,
         "items": inventory.items,
         "subtree": inventory.subtree,
-        "total": {"count": inventory.total_count, "bytes": inventory.total_bytes},
+        "total": {  # of what was read: the selection, one row per layer with --unstack
+            "count": sum(r.param.count for r in scan_result.params),
+            "bytes": sum(r.param.nbytes for r in scan_result.params),
+        },
         "global_norm": _jsonable(scan_result.global_norm),
         "nonfinite": scan_result.nonfinite,
         "params": params,
