@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -21,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args, process_id, port, n=2, env=None):
+def start(args, process_id, port, n=2, env=None, base=None):
     command = [sys.executable, "-m", "paramscope", *map(str, args)]
     extra = {}
     if env is None:
@@ -40,14 +41,18 @@ def start(args, process_id, port, n=2, env=None):
             "PARAMSCOPE_PROCESS_ID": str(process_id),
         }
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **extra}
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**(base or ENV), **extra}
     )
 
 
-def launch(args, n=2, limit=180, env=None):
-    """Runs the command as n cooperating processes; always cleans up; returns (code, out, err) each."""
+def launch(args, n=2, limit=180, env=None, base=None):
+    """Runs the command as n cooperating processes; always cleans up; returns (code, out, err) each.
+
+    ``base``: the processes' environment, instead of this one's (with ``XLA_FLAGS`` as here).
+    """
     port = free_port()
-    processes = [start(args, i, port, n, env) for i in range(n)]
+    base = None if base is None else {**base, "XLA_FLAGS": ENV["XLA_FLAGS"], "PYTHONUNBUFFERED": "1"}
+    processes = [start(args, i, port, n, env, base) for i in range(n)]
     try:
         results = []
         for process in processes:
@@ -183,8 +188,39 @@ def test_diff_and_table_norms_across_processes(manager_ckpt):
 def test_every_process_exits_with_the_same_code(shared_ckpt):
     results = launch(["norms", shared_ckpt, "--fail-on-nonfinite", "--quiet"])
     assert [code for code, _, _ in results] == [1, 1]
-    results = launch(["norms", shared_ckpt, "--step", "3"])  # a usage problem every process sees
+    results = launch(["norms", shared_ckpt, "--step", "3"])  # process 0 reads the metadata, for all
     assert [code for code, _, _ in results] == [3, 3]
+    (_, _, err0), (_, _, err1) = results
+    assert err0 == err1 and len(err0.splitlines()) == 1, (err0, err1)
+    assert err0.startswith("paramscope: error: process 0: --step 3 given, but") and "(hint: " in err0
+
+
+def test_an_inventory_travels_as_json(manager_ckpt, nnx_ckpt, special_ckpt, storage_ckpt):
+    """What process 0 hands the others is the inventory it read, every field of it."""
+    from conftest import LEGACY_DIR
+
+    from paramscope.io.inventory import inventory_from_json, inventory_to_json, open_checkpoint
+    from paramscope.io.orbax import SavedSharding
+
+    opened = [
+        open_checkpoint(manager_ckpt.path, step=100, subtree="layers"),
+        open_checkpoint(manager_ckpt.path, item="opt_state"),
+        open_checkpoint(os.path.join(LEGACY_DIR, "checkpoints")),
+    ]
+    opened += [open_checkpoint(c.path) for c in (nnx_ckpt, special_ckpt, storage_ckpt)]
+    assert opened[0].saved_mesh and opened[0].params[0].stored.sharding is not None
+    # an axis sharded over two mesh axes, which no fixture saves
+    first = opened[0].params[0]
+    spec = (("data", "model"),) + (None,) * (len(first.shape) - 1)
+    opened[0].params[0] = replace(
+        first, sharding=spec, stored=replace(first.stored, sharding=SavedSharding(opened[0].saved_mesh, spec))
+    )
+    for inv in opened:
+        text = inventory_to_json(inv)
+        back = inventory_from_json(text)
+        assert back == inv
+        assert [p.stored for p in back.params] == [p.stored for p in inv.params]
+        assert inventory_to_json(back) == text
 
 
 def test_a_killed_process_stops_the_other_within_the_bound(tmp_path):

@@ -2,6 +2,7 @@
 copies of the session's fixtures gives what it gives on the local folder, reads only, in a
 bounded number of requests, and turns store faults into one line and exit 3."""
 
+import json
 import os
 import re
 import subprocess
@@ -220,3 +221,78 @@ def test_store_settings_come_from_the_environment(monkeypatch):
     assert storage.Tree("gs://b").spec("x") == {"driver": "gcs", "bucket": "b", "path": "x/"}
     assert storage.Tree("file:///tmp/ckpt").spec() == {"driver": "file", "path": "/tmp/ckpt/"}
     assert not storage.inside("/tmp/out.json", f"s3://{BUCKET}/tmp")
+
+
+METADATA_FILES = ("_METADATA", "_sharding", "_CHECKPOINT_METADATA", "manifest.ocdbt", "commit_success.txt")
+
+
+def metadata_requests(lines: list[str]) -> list[str]:
+    """Listings and whole reads of metadata files. Not the conditional re-reads (304) of
+    manifest.ocdbt that opening each array makes: those follow the arrays a process reads."""
+    found = []
+    for line in lines:
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # moto colours its log
+        match = re.search(r'"GET (\S+) HTTP/1\.1" (\d+)', line)
+        if match is None:
+            continue
+        target, status = match.groups()
+        key = target.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        if "list-type=" in target or (key in METADATA_FILES and status == "200"):
+            found.append(target)
+    return found
+
+
+def test_two_processes_share_one_read_of_the_metadata(stores, tmp_path):
+    """2-process norms on s3://: the 1-process numbers, half the array bytes each, and the
+    checkpoint's metadata read by process 0 alone (not once per process)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from conftest import make_mesh
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from test_distributed import assert_same_numbers, launch
+
+    mesh, rng = make_mesh(), np.random.default_rng(3)
+    tree = {
+        f"layer_{i}": {
+            "w": rng.standard_normal((64 * (i + 1), 96)).astype(np.float32),
+            "b": rng.standard_normal(96).astype(np.float32),
+        }
+        for i in range(8)
+    }
+    tree["embed"] = rng.standard_normal((1024, 128)).astype(np.float32)
+    specs = {"w": P("data", "model"), "b": P("model"), "embed": P("model", None)}
+    placed = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.device_put(x, NamedSharding(mesh, specs[path[-1].key])), tree
+    )
+    manager = ocp.CheckpointManager(str(tmp_path / "run"))
+    manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(placed)))
+    manager.wait_until_finished()
+    manager.close()
+    s3 = stores["s3"]
+    url = s3.upload(str(tmp_path / "run"), "distributed/run")
+
+    args = ["norms", url, "--per-param", "--memory-budget", "256KiB", "--format", "json"]
+    env = _clean_env(tmp_path, **s3.env)
+    start = len(s3.requests())
+    single = _cli(args, env)
+    assert single.returncode == 0, single.stderr
+    once = metadata_requests(s3.requests()[start:])
+    start = len(s3.requests())
+    results = launch(args, base=env)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    shared = metadata_requests(s3.requests()[start:])
+
+    multi = json.loads(results[0][1])
+    assert results[1][1] == ""
+    assert_same_numbers(json.loads(single.stdout), multi)
+    total = sum(p["count"] * 4 for p in multi["params"])
+    assert sum(multi["bytes_read"]) == total
+    assert all(0.4 * total <= b <= 0.6 * total for b in multi["bytes_read"]), multi["bytes_read"]
+    # the listing, _CHECKPOINT_METADATA, _METADATA, _sharding: once, as for one process; the
+    # manifest once more, where process 1 opens the database to read its arrays
+    assert any("list-type=" in r for r in once) and any(r.endswith("/_sharding") for r in once)
+    for name in ("list-type=", "/_CHECKPOINT_METADATA", "/_METADATA", "/_sharding"):
+        assert sum(name in r for r in shared) == sum(name in r for r in once), (name, once, shared)
+    assert len(shared) <= len(once) + 2, (once, shared)

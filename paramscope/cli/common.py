@@ -124,16 +124,25 @@ def emit(report: Report, out: Output, table: str | None = None) -> None:
 
 
 def inventory(
-    ckpt: str, sel: Selection, quiet: bool, step: int | None = None, layering: Layering | None = None
+    ckpt: str,
+    sel: Selection,
+    quiet: bool,
+    step: int | None = None,
+    layering: Layering | None = None,
+    cluster=None,
 ):
     """The checkpoint's parameters as ``sel`` selects them; unmatched patterns are warned about.
 
     With ``layering.unstack`` the parameters are one per layer of stacked arrays (filtered by
-    their unstacked names), and ``inv.views`` says where each comes from.
+    their unstacked names), and ``inv.views`` says where each comes from. In a ``cluster`` of
+    processes, process 0 alone reads the metadata and shares it with the others.
     """
-    from paramscope.io.inventory import filter_params, open_checkpoint
+    from paramscope.io.inventory import filter_params
+    from paramscope.parallel.cluster import LOCAL, open_checkpoint
 
-    inv = open_checkpoint(ckpt, step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree)
+    inv = open_checkpoint(
+        cluster or LOCAL, ckpt, step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree
+    )
     for warning in inv.warnings:
         warn(warning, quiet)
     candidates = inv.params

@@ -176,11 +176,11 @@ def diff(
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     sel = Selection(item=item, subtree=subtree, filter=filter)
-    inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a)
+    inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a, cluster=joined)
     if ckpt_b is not None and ckpt_b.endswith(".json") and os.path.isfile(ckpt_b):
         inv_b, result = _against_baseline(inv_a, params_a, ckpt_b, sel, reading, quiet, joined)
     else:
-        inv_b, params_b = common.inventory(ckpt_b or ckpt_a, sel, quiet, step=step_b)
+        inv_b, params_b = common.inventory(ckpt_b or ckpt_a, sel, quiet, step=step_b, cluster=joined)
         if digest_only:
             result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined)
         else:

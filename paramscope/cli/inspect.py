@@ -112,7 +112,7 @@ def table(
     reads = norms or stats or digest or sort == TableSort.norm
     joined = common.join(cluster) if reads else None
     quiet = out.quiet or (joined is not None and not joined.primary)
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
     mask = None
     if wd_include or wd_exclude:
         mask = common.weight_decay_mask(params, wd_include, wd_exclude, quiet)

@@ -61,7 +61,7 @@ def norms(
 
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
     result = common.scan(inv, params, False, reading, quiet, joined, digest)
     common.emit(norms_report(inv, params, result, per_param, sort.value, top), out)
     common.report_nonfinite(result, fail_on_nonfinite, quiet)
@@ -108,7 +108,7 @@ def stats(
 
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
     if hist is not None and hist not in {p.path for p in inv.params}:
         raise errors.UsageError(
             f"--hist {hist!r} is not a parameter here", hint="give a path `paramscope table` shows"
@@ -164,7 +164,7 @@ def layers(
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     layering.unstack = True
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
+    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
     inv.views = [v for v in inv.views if v.stack is not None]
     params = [v.info for v in inv.views]
     result = common.scan(inv, params, False, reading, quiet, joined)

@@ -6,10 +6,11 @@ and a 100 GB checkpoint of the same structure.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from paramscope._mask import compile_patterns, mask_predicate
@@ -206,6 +207,119 @@ def filter_params(params: Sequence[ParamInfo], pattern: str | None) -> list[Para
             f"invalid --filter regex {pattern!r}: {err}", hint="use a Python regular expression"
         ) from None
     return [p for p in params if regex.search(p.path)]
+
+
+# ----------------------------------------------------------------------------------------------
+# As JSON: an inventory read by one process and handed to others (never pickled)
+
+INVENTORY_FORMAT = 1
+
+
+def _undims(entries) -> tuple[Any, ...] | None:
+    """A partition spec from :func:`sharding_json`."""
+    return None if entries is None else tuple(tuple(e) if isinstance(e, list) else e for e in entries)
+
+
+def _stored_to_json(array: checkpoint.StoredArray, stores: dict[str, int]) -> dict[str, Any]:
+    # plain fields as they are (a field added later travels too); tuples, the sharding and the
+    # kvstore spec (shared by an item's arrays: sent once, by index) explicitly
+    doc = {f.name: getattr(array, f.name) for f in fields(array)}
+    doc.update(
+        keys=list(array.keys),
+        shape=list(array.shape),
+        chunks=list(array.chunks),
+        store=stores.setdefault(array.store, len(stores)),
+        sharding=None
+        if array.sharding is None
+        else {
+            "mesh_axes": [list(axis) for axis in array.sharding.mesh_axes],
+            "spec": sharding_json(array.sharding.spec),
+        },
+    )
+    return doc
+
+
+def _stored_from_json(doc: dict[str, Any], stores: list[str]) -> checkpoint.StoredArray:
+    sharding = doc["sharding"]
+    return checkpoint.StoredArray(
+        **{
+            **doc,
+            "keys": tuple(doc["keys"]),
+            "shape": tuple(doc["shape"]),
+            "chunks": tuple(doc["chunks"]),
+            "store": stores[doc["store"]],
+            "sharding": None
+            if sharding is None
+            else checkpoint.SavedSharding(
+                tuple((str(name), int(size)) for name, size in sharding["mesh_axes"]),
+                _undims(sharding["spec"]),
+            ),
+        }
+    )
+
+
+def inventory_to_json(inv: Inventory) -> str:
+    """An :class:`Inventory` as JSON text, for :func:`inventory_from_json` in another process.
+
+    Everything in it is plain values; ``views`` (derived from the parameters) is not included.
+    """
+    stores: dict[str, int] = {}
+    params = [
+        {
+            "path": p.path,
+            "shape": list(p.shape),
+            "dtype": p.dtype,
+            "itemsize": p.itemsize,
+            "sharding": sharding_json(p.sharding),
+            "stored": None if p.stored is None else _stored_to_json(p.stored, stores),
+        }
+        for p in inv.params
+    ]
+    doc = {
+        "format": INVENTORY_FORMAT,
+        "checkpoint": inv.checkpoint,
+        "step": inv.step,
+        "items": inv.items,
+        "subtree": inv.subtree,
+        "saved_mesh": None if inv.saved_mesh is None else [list(a) for a in inv.saved_mesh],
+        "warnings": inv.warnings,
+        "shown": inv.shown,
+        "custom": inv.custom,
+        "stores": list(stores),
+        "params": params,
+    }
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def inventory_from_json(text: str | bytes) -> Inventory:
+    """The :class:`Inventory` that :func:`inventory_to_json` wrote."""
+    doc = json.loads(text)
+    if doc.get("format") != INVENTORY_FORMAT:
+        raise ValueError(f"unknown inventory format {doc.get('format')!r}")
+    stores = doc["stores"]
+    params = [
+        ParamInfo(
+            p["path"],
+            tuple(p["shape"]),
+            p["dtype"],
+            p["itemsize"],
+            _undims(p["sharding"]),
+            None if p["stored"] is None else _stored_from_json(p["stored"], stores),
+        )
+        for p in doc["params"]
+    ]
+    mesh = doc["saved_mesh"]
+    return Inventory(
+        checkpoint=doc["checkpoint"],
+        step=doc["step"],
+        items=doc["items"],
+        subtree=doc["subtree"],
+        params=params,
+        saved_mesh=None if mesh is None else tuple((str(n), int(s)) for n, s in mesh),
+        warnings=doc["warnings"],
+        shown=doc["shown"],
+        custom=doc["custom"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Running as N cooperating processes on JAX's own multi-process runtime (``jax.distributed``).
 
-Every process reads the same metadata and makes the same read plan; each then reads and reduces
+Process 0 reads the checkpoint's metadata and hands it to the others (:func:`open_checkpoint`);
+every process makes the same read plan from it, and each then reads and reduces
 only its share of it (:func:`owns`), and the partial results are combined with a JAX collective
 (``process_allgather``) of exact float64 bit patterns, so all processes end with the same
 numbers. Process 0 alone writes the report.
@@ -14,16 +15,19 @@ the runtime is started in its recoverable mode and left with ``os._exit`` on fai
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 import threading
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from paramscope.errors import EXIT_CHECKPOINT, ParamscopeError, UsageError, error_line
+from paramscope.errors import EXIT_CHECKPOINT, EXIT_INTERNAL, ParamscopeError, UsageError, error_line
 
 ENV_COORDINATOR = "PARAMSCOPE_COORDINATOR"
 ENV_NUM_PROCESSES = "PARAMSCOPE_NUM_PROCESSES"
@@ -267,12 +271,56 @@ def gather_float64(cluster: Cluster, values: np.ndarray, phase: str) -> np.ndarr
 
 
 def agree_on_failure(cluster: Cluster, error: ParamscopeError | None, phase: str) -> None:
-    """All processes learn whether any failed; each then raises the first failure (same exit)."""
-    message = b"" if error is None else f"{error.exit_code}|{error.message}".encode()
-    reports = _gather_bytes(cluster, message, phase)
+    """All processes learn whether any failed; each then raises the first failure (same exit,
+    same line: its message and hint travel whole)."""
+    message = b"" if error is None else json.dumps([error.exit_code, error.message, error.hint]).encode()
+    reports = gather_bytes(cluster, message, phase)
     for process, report in enumerate(reports):
         if report:
-            code, text = report.decode("utf-8", "replace").split("|", 1)
-            failure = ParamscopeError(f"process {process}: {text}", hint=getattr(error, "hint", None))
+            code, text, hint = json.loads(report)
+            failure = ParamscopeError(f"process {process}: {text}", hint=hint)
             failure.exit_code = int(code)
             raise failure
+
+
+def from_primary(cluster: Cluster, produce: Callable[[], bytes], phase: str) -> bytes:
+    """What ``produce()`` returns on process 0, in every process; only process 0 runs it.
+
+    Its failure is every process's: all raise the same error, with its exit code.
+    """
+    data, failure = b"", None
+    if cluster.primary:
+        try:
+            data = produce()
+        except ParamscopeError as err:
+            failure = err
+        except Exception as err:  # noqa: BLE001 - a bug on process 0 must not leave the others waiting
+            failure = ParamscopeError(
+                f"unexpected {type(err).__name__}: {err}",
+                hint="set PARAMSCOPE_DEBUG=1 for a traceback and report it",
+            )
+            failure.exit_code = EXIT_INTERNAL
+    agree_on_failure(cluster, failure, phase)
+    return gather_bytes(cluster, data, phase)[0]
+
+
+def open_checkpoint(
+    cluster: Cluster, path: str, step: int | None = None, item: str | None = None, subtree: str | None = None
+):
+    """:func:`paramscope.open_checkpoint` for a cluster: process 0 alone reads the metadata (the
+    listing, ``_METADATA``, ``_sharding``, the array metadata) and hands the others the
+    :class:`~paramscope.io.inventory.Inventory` as JSON, so N processes make the metadata requests
+    of one, on a bucket as on a shared filesystem.
+    """
+    from paramscope.io import inventory, storage
+
+    if not cluster.active:
+        return inventory.open_checkpoint(path, step=step, item=item, subtree=subtree)
+
+    def read() -> bytes:
+        found = inventory.open_checkpoint(path, step=step, item=item, subtree=subtree)
+        return zlib.compress(inventory.inventory_to_json(found).encode(), 1)
+
+    inv = inventory.inventory_from_json(zlib.decompress(from_primary(cluster, read, "reading the metadata")))
+    storage.Tree(inv.checkpoint)  # no request: sets up this process's access (e.g. the GCS emulator)
+    return inv
