@@ -100,6 +100,20 @@ def test_file_urls_read_like_paths(manager_ckpt):
     assert run_json("table", "file://" + manager_ckpt.path) == local
 
 
+def test_layout_questions_answered_from_one_listing(tmp_path):
+    for rel in ("a/b/c.txt", "a/d.txt", "ab/x", "e.txt", "f/g/h/i", "f/j"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "empty").mkdir()  # holds no file: no key of the listing, as in a bucket
+    tree = storage.Tree(tmp_path)
+    assert tree.subdirs() == ["a", "ab", "f"] and tree.subdirs("a/") == ["b"]
+    assert tree.subdirs("f") == ["g"] and tree.subdirs("f/g") == ["h"] and tree.subdirs("a/b") == []
+    assert tree.subdirs("e.txt") == [] and tree.subdirs("nothing") == []
+    assert all(tree.is_dir(d) for d in ("", "a", "a/b", "ab", "f/g/h"))
+    assert not any(tree.is_dir(d) for d in ("a/d.txt", "e.txt", "f/g/h/i", "empty", "a/b/c", "x"))
+    assert tree.is_file("a/d.txt") and not tree.is_file("a")
+
+
 def test_library_opens_urls(stores, uploaded, manager_ckpt):
     from paramscope import open_checkpoint
 

@@ -199,6 +199,7 @@ class Tree:
     def __init__(self, location: str | os.PathLike):
         text = os.fspath(location)
         self._keys: frozenset[str] | None = None
+        self._children: dict[str, set[str]] | None = None
         match = _URL.match(text)
         if match is None or match.group("scheme").lower() == "file":
             local = match.group("rest") if match else text
@@ -262,6 +263,27 @@ class Tree:
             self._keys = frozenset(k for k in self._list(self.spec()) if k)
         return self._keys
 
+    def _folders(self) -> dict[str, set[str]]:
+        """Every folder that holds a file (at any depth), with the names of its subfolders; made
+        once from the listing, so that layout questions do not scan every key each time."""
+        if self._children is None:
+            children: dict[str, set[str]] = {}
+            for key in self.keys():
+                end = key.rfind("/")
+                children.setdefault("", set())
+                while end > 0:  # from the deepest folder up, until one already linked to its parent
+                    folder = key[:end]
+                    start = folder.rfind("/")
+                    children.setdefault(folder, set())
+                    name, siblings = folder[start + 1 :], children.setdefault(folder[: max(start, 0)], set())
+                    if name in siblings:
+                        break
+                    if name:
+                        siblings.add(name)
+                    end = start
+            self._children = children
+        return self._children
+
     def _list(self, spec: dict[str, Any]) -> list[str]:
         import tensorstore as ts
 
@@ -277,17 +299,14 @@ class Tree:
         return rel in self.keys()
 
     def is_dir(self, rel: str) -> bool:
-        prefix = rel.rstrip("/") + "/" if rel else ""
-        return any(k.startswith(prefix) for k in self.keys())
+        return rel.rstrip("/") in self._folders()
 
     def exists(self, rel: str) -> bool:
         return self.is_file(rel) or self.is_dir(rel)
 
     def subdirs(self, rel: str = "") -> list[str]:
         """Names of the folders directly inside ``rel`` (folders that hold at least one file)."""
-        prefix = rel.rstrip("/") + "/" if rel else ""
-        names = {k[len(prefix) :].split("/", 1)[0] for k in self.keys() if k.startswith(prefix)}
-        return sorted(n for n in names if n and self.is_dir(prefix + n))
+        return sorted(self._folders().get(rel.rstrip("/"), ()))
 
     def is_empty_folder(self) -> bool:
         """Whether the tree is a local folder with no file in it. Buckets have no folders, only
