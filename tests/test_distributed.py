@@ -220,6 +220,9 @@ def test_an_inventory_travels_as_json(manager_ckpt, nnx_ckpt, special_ckpt, stor
         back = inventory_from_json(text)
         assert back == inv
         assert [p.stored for p in back.params] == [p.stored for p in inv.params]
+        templates = [p.stored.metadata_template for p in back.params]
+        assert templates == [p.stored.metadata_template for p in inv.params] and all(templates)
+        assert len({id(t) for t in templates}) == len(set(templates))  # one string per template
         assert inventory_to_json(back) == text
 
 

@@ -213,6 +213,9 @@ def filter_params(params: Sequence[ParamInfo], pattern: str | None) -> list[Para
 # As JSON: an inventory read by one process and handed to others (never pickled)
 
 INVENTORY_FORMAT = 1
+# Long strings many arrays share (an item's kvstore spec, a zarr metadata template): sent once
+# each, by index, and shared again by the arrays rebuilt from them.
+_SHARED_FIELDS = ("store", "metadata_template")
 
 
 def _undims(entries) -> tuple[Any, ...] | None:
@@ -220,15 +223,17 @@ def _undims(entries) -> tuple[Any, ...] | None:
     return None if entries is None else tuple(tuple(e) if isinstance(e, list) else e for e in entries)
 
 
-def _stored_to_json(array: checkpoint.StoredArray, stores: dict[str, int]) -> dict[str, Any]:
+def _stored_to_json(array: checkpoint.StoredArray, shared: dict[str, int]) -> dict[str, Any]:
     # plain fields as they are (a field added later travels too); tuples, the sharding and the
-    # kvstore spec (shared by an item's arrays: sent once, by index) explicitly
+    # shared strings explicitly
     doc = {f.name: getattr(array, f.name) for f in fields(array)}
+    for name in _SHARED_FIELDS:
+        if name in doc:
+            doc[name] = shared.setdefault(doc[name], len(shared))
     doc.update(
         keys=list(array.keys),
         shape=list(array.shape),
         chunks=list(array.chunks),
-        store=stores.setdefault(array.store, len(stores)),
         sharding=None
         if array.sharding is None
         else {
@@ -239,15 +244,15 @@ def _stored_to_json(array: checkpoint.StoredArray, stores: dict[str, int]) -> di
     return doc
 
 
-def _stored_from_json(doc: dict[str, Any], stores: list[str]) -> checkpoint.StoredArray:
+def _stored_from_json(doc: dict[str, Any], shared: list[str]) -> checkpoint.StoredArray:
     sharding = doc["sharding"]
     return checkpoint.StoredArray(
         **{
             **doc,
+            **{name: shared[doc[name]] for name in _SHARED_FIELDS if name in doc},
             "keys": tuple(doc["keys"]),
             "shape": tuple(doc["shape"]),
             "chunks": tuple(doc["chunks"]),
-            "store": stores[doc["store"]],
             "sharding": None
             if sharding is None
             else checkpoint.SavedSharding(
@@ -263,7 +268,7 @@ def inventory_to_json(inv: Inventory) -> str:
 
     Everything in it is plain values; ``views`` (derived from the parameters) is not included.
     """
-    stores: dict[str, int] = {}
+    shared: dict[str, int] = {}
     params = [
         {
             "path": p.path,
@@ -271,7 +276,7 @@ def inventory_to_json(inv: Inventory) -> str:
             "dtype": p.dtype,
             "itemsize": p.itemsize,
             "sharding": sharding_json(p.sharding),
-            "stored": None if p.stored is None else _stored_to_json(p.stored, stores),
+            "stored": None if p.stored is None else _stored_to_json(p.stored, shared),
         }
         for p in inv.params
     ]
@@ -285,7 +290,7 @@ def inventory_to_json(inv: Inventory) -> str:
         "warnings": inv.warnings,
         "shown": inv.shown,
         "custom": inv.custom,
-        "stores": list(stores),
+        "shared": list(shared),
         "params": params,
     }
     return json.dumps(doc, separators=(",", ":"))
@@ -296,7 +301,7 @@ def inventory_from_json(text: str | bytes) -> Inventory:
     doc = json.loads(text)
     if doc.get("format") != INVENTORY_FORMAT:
         raise ValueError(f"unknown inventory format {doc.get('format')!r}")
-    stores = doc["stores"]
+    shared = doc["shared"]
     params = [
         ParamInfo(
             p["path"],
@@ -304,7 +309,7 @@ def inventory_from_json(text: str | bytes) -> Inventory:
             p["dtype"],
             p["itemsize"],
             _undims(p["sharding"]),
-            None if p["stored"] is None else _stored_from_json(p["stored"], stores),
+            None if p["stored"] is None else _stored_from_json(p["stored"], shared),
         )
         for p in doc["params"]
     ]
