@@ -137,12 +137,15 @@ def inventory(
     their unstacked names), and ``inv.views`` says where each comes from. In a ``cluster`` of
     processes, process 0 alone reads the metadata and shares it with the others.
     """
-    from paramscope.io.inventory import filter_params
-    from paramscope.parallel.cluster import LOCAL, open_checkpoint
+    from paramscope.io.inventory import filter_params, open_checkpoint
 
-    inv = open_checkpoint(
-        cluster or LOCAL, ckpt, step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree
-    )
+    chosen = dict(step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree)
+    if cluster is not None and cluster.active:
+        from paramscope.parallel.cluster import open_checkpoint as open_once
+
+        inv = open_once(cluster, ckpt, **chosen)
+    else:
+        inv = open_checkpoint(ckpt, **chosen)
     for warning in inv.warnings:
         warn(warning, quiet)
     candidates = inv.params
