@@ -11,8 +11,16 @@ import math
 import os
 from typing import Any
 
-from paramscope.io.inventory import sharding_json
 from paramscope.output.render import Column, Report
+
+
+def sharding_json(spec) -> list | None:
+    """:func:`paramscope.io.inventory.sharding_json`, imported when used: ``--help`` needs none
+    of the checkpoint code."""
+    from paramscope.io.inventory import sharding_json
+
+    return sharding_json(spec)
+
 
 STAT_COLUMNS = [
     Column("norm", "norm", "float", priority=0),
