@@ -119,7 +119,7 @@ DigestOpt = Annotated[
     bool,
     typer.Option(
         "--digest",
-        help="Add each parameter's content digest (SHA-256 of its bytes), in the same pass.",
+        help="Add each parameter's content digest (BLAKE3 of its bytes), in the same pass.",
         rich_help_panel=CHECKS,
     ),
 ]
