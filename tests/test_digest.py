@@ -201,6 +201,10 @@ def test_one_flipped_bit_changes_exactly_that_digest_and_fails_the_gates(flipped
     assert {p["path"]: p["status"] for p in doc["params"]} == {"a.w": "changed", "b": "identical"}
     doc = run_json("diff", original, changed, "--digest-only")
     assert doc["summary"]["changed"] == 1 and doc["summary"]["identical"] == 1
+    read_together = run_json("diff", original, changed, "--all")  # values read anyway: digests too
+    by_path = {p["path"]: p for p in read_together["params"]}
+    assert by_path["a.w"]["digest_a"] == a["a.w"] and by_path["a.w"]["digest_b"] == b["a.w"]
+    assert by_path["b"]["identical"] and by_path["b"]["digest_a"] == by_path["b"]["digest_b"] == a["b"]
 
 
 def test_bytes_overwritten_inside_a_data_file_are_caught_by_the_baseline(flipped, tmp_path):

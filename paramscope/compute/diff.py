@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from paramscope.compute.digest import DigestState, feed_box, merge_digests
 from paramscope.compute.moments import BLOCK
 from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError
@@ -214,6 +215,11 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
     sides_a = [a for _, a, _ in pairs]
     sides_b = [b for _, _, b in pairs]
     sums = [_PairSums(rtol, atol) for _ in pairs]
+    # both sides are read anyway: their content digests come with them
+    digests = [
+        (DigestState(a.dtype, a.shape, a.itemsize), DigestState(b.dtype, b.shape, b.itemsize))
+        for _, a, b in pairs
+    ]
 
     def start(param: ParamInfo, handles, region):
         handle_a, handle_b = handles
@@ -233,10 +239,14 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
             select=lambda regions: share(cluster, [r.nbytes for r in regions]),
             partners=sides_b,
         ):
-            path = sides_a[region.param].path
-            sums[region.param].feed(
-                checkpoint.finish_read(read_a, path), checkpoint.finish_read(read_b, path)
+            param = sides_a[region.param]
+            value_a, value_b = (
+                checkpoint.finish_read(read_a, param.path),
+                checkpoint.finish_read(read_b, param.path),
             )
+            sums[region.param].feed(value_a, value_b)
+            for state, value in zip(digests[region.param], (value_a, value_b)):
+                feed_box(state, param.shape, region.index, value)
             if on_bytes is not None:
                 on_bytes(2 * region.nbytes)
     except ParamscopeError as err:
@@ -253,8 +263,10 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
         for i, pair_sums in enumerate(sums):
             for process in range(cluster.num_processes):
                 pair_sums.merge_summary(gathered[process, i])
-    for (entry, _, _), pair_sums in zip(pairs, sums):
+        merge_digests(cluster, [state for pair in digests for state in pair])
+    for (entry, _, _), pair_sums, (state_a, state_b) in zip(pairs, sums, digests):
         entry.values = pair_sums.result()
+        entry.digest_a, entry.digest_b = state_a.hexdigest(), state_b.hexdigest()
         if entry.status == "identical" and not entry.values.identical:
             entry.status = "changed" if entry.values.beyond_tolerance else "close"
 

@@ -204,6 +204,26 @@ def feed_box(state: DigestState, shape, index, values, pool=None) -> None:
         state.feed(offset * itemsize, flat[local * itemsize : (local + length) * itemsize], pool)
 
 
+def merge_digests(cluster, states: list[DigestState | None]) -> None:
+    """Every process ends with every array's whole digest state (each saw part of the bytes)."""
+    import struct
+
+    from paramscope.parallel.cluster import gather_bytes
+
+    mine = b"".join(
+        struct.pack("<Q", len(raw)) + raw for raw in (s.to_bytes() if s is not None else b"" for s in states)
+    )
+    for process, data in enumerate(gather_bytes(cluster, mine, "combining digests")):
+        if process == cluster.process_id:
+            continue
+        position = 0
+        for state in states:
+            (size,) = struct.unpack_from("<Q", data, position)
+            if state is not None:
+                state.merge_bytes(data[position + 8 : position + 8 + size])
+            position += 8 + size
+
+
 def digest(tree) -> str | dict[str, str]:
     """The content digest of an array, or of every array of a pytree by dotted path.
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from paramscope.compute.digest import DigestState, combined, feed_box
+from paramscope.compute.digest import DigestState, combined, feed_box, merge_digests
 from paramscope.compute.moments import Accumulator, Histogram, Moments, mesh_reduction
 from paramscope.compute.plan import Region, default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError, UsageError
 from paramscope.io import orbax as checkpoint
 from paramscope.io.inventory import ParamInfo
-from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_bytes, gather_float64, share
+from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 
 ENGINES = ("auto", "host", "mesh")
 _ACCELERATOR_PLUGINS = (
@@ -324,7 +324,7 @@ def scan(
         layer_local = combined_layers
         bytes_read = [int(b) for b in gathered[:, -1, 0]]
         if digest:
-            _merge_digests(cluster, states)
+            merge_digests(cluster, states)
     else:
         for acc_shared, acc_local in zip(shared, local):
             acc_shared.partials.extend(acc_local.flush())
@@ -347,21 +347,6 @@ def scan(
         layers=layer_moments,
         histogram=runner.histogram,
     )
-
-
-def _merge_digests(cluster: Cluster, states: list[DigestState]) -> None:
-    """Every process ends with every array's whole digest state (each saw part of the bytes)."""
-    import struct
-
-    mine = b"".join(struct.pack("<Q", len(raw)) + raw for raw in (s.to_bytes() for s in states))
-    for process, data in enumerate(gather_bytes(cluster, mine, "combining digests")):
-        if process == cluster.process_id:
-            continue
-        position = 0
-        for state in states:
-            (size,) = struct.unpack_from("<Q", data, position)
-            state.merge_bytes(data[position + 8 : position + 8 + size])
-            position += 8 + size
 
 
 def compute_norms(params: Sequence[ParamInfo], **options) -> ScanResult:

@@ -515,8 +515,12 @@ def diff_report(
             Column("rel_diff", "||A-B||/||A||", "float", priority=0),
             Column("cosine", "cosine", "float", priority=1),
             Column("max_abs_diff", "max |A-B|", "float", priority=2),
-            Column("digest_a", "digest A", priority=6),
-            Column("digest_b", "digest B", priority=6),
+            # digests in the table only when they are what was compared (JSON: always)
+            *(
+                []
+                if values_compared
+                else [Column("digest_a", "digest A", priority=6), Column("digest_b", "digest B", priority=6)]
+            ),
         ],
         notes=[diff_summary(result)],
         empty="no differences",
