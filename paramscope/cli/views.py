@@ -106,14 +106,8 @@ def history(
         keeper = HistoryCache(
             folder, location.path, {"item": sel.item, "subtree": sel.subtree, "filter": sel.filter}
         )
-    total = 0
-    result = common.with_progress(
-        total,
-        out.quiet,
-        lambda on_bytes: history(
-            chosen, stamp_of, open_step, stats, common.memory_budget(reading), keeper, on_bytes
-        ),
-    )
+    budget = common.memory_budget(reading)
+    result = history(chosen, stamp_of, open_step, stats, budget, keeper)
     for warning in result.warnings:
         common.warn(warning, out.quiet)
     inv = open_checkpoint(ckpt, step=chosen[-1], item=sel.item, subtree=sel.subtree)
