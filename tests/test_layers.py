@@ -146,3 +146,90 @@ def _leaves(node):
             yield from _leaves(value)
     else:
         yield node
+
+
+@pytest.fixture(scope="module")
+def scanned_run(tmp_path_factory):
+    """A linen model with nn.scan (layer axis 1, via variable_axes) trained 3 steps with
+    chain(clip, adamw), saved by a CheckpointManager as params and opt_state items; layer 1's
+    weights scaled down 100x before training, so its updates are the largest next to its weights."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return jnp.tanh(nn.Dense(6)(x)), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(Layer, variable_axes={"params": 1}, split_rngs={"params": True}, length=4)
+            x, _ = stack(name="layers")(x, None)
+            return jnp.sum(x**2)
+
+    model = Model()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda p: p.at[:, 1].multiply(0.01) if p.ndim >= 2 else p, params)
+    tx = optax.chain(optax.clip_by_global_norm(100.0), optax.adamw(1e-2))
+    state = tx.init(params)
+    for _ in range(3):
+        grads = jax.grad(lambda p: model.apply({"params": p}, x))(params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    root = str(tmp_path_factory.mktemp("scanned") / "checkpoints")
+    with ocp.CheckpointManager(root) as manager:
+        manager.save(
+            3,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(state)
+            ),
+        )
+        manager.wait_until_finished()
+    return root, params, state
+
+
+def test_per_layer_optimizer_state_of_a_real_scanned_run(scanned_run):
+    root, params, state = scanned_run
+    kernel = np.asarray(params["layers"]["Dense_0"]["kernel"], np.float64)  # (6, 4, 6): layers on axis 1
+    adam = state[1][0]
+    mu = np.asarray(adam.mu["layers"]["Dense_0"]["kernel"], np.float64)
+    nu = np.asarray(adam.nu["layers"]["Dense_0"]["kernel"], np.float64)
+    count = int(adam.count)
+    guess = run("optim", root, "--unstack")
+    assert "sizes 4, 6 are all shared" in guess.stderr  # (6, 4, 6) and (6, 4): no silent guess
+    doc = run_json("optim", root, "--layer-axis", "layers=1", "--sort", "ratio")
+    rows = {p["path"]: p for p in doc["params"]}
+    for j in range(4):
+        row = rows[f"layers.{j}.Dense_0.kernel"]
+        update = (mu[:, j] / (1 - 0.9**count)) / (np.sqrt(nu[:, j] / (1 - 0.999**count)) + 1e-8)
+        assert row["norm"] == pytest.approx(f64(kernel[:, j]), rel=1e-9)
+        assert row["mu_norm"] == pytest.approx(f64(mu[:, j]), rel=1e-9)
+        assert row["update_norm"] == pytest.approx(f64(update), rel=1e-9)
+    assert doc["params"][0]["path"] in ("layers.1.Dense_0.kernel", "layers.1.Dense_0.bias")  # scaled down
+    norms = run_json("norms", root, "--layer-axis", "layers=1", "--per-param")
+    by_path = {p["path"]: p["norm"] for p in norms["params"]}
+    bias = np.asarray(params["layers"]["Dense_0"]["bias"], np.float64)  # (6, 4)
+    assert by_path["layers.2.Dense_0.bias"] == pytest.approx(f64(bias[:, 2]), rel=1e-9)
+    assert "axis 1, option" in run("table", root, "--layer-axis", "layers=1").stdout
+
+
+def test_diff_and_history_per_layer(manager_ckpt):
+    before = manager_ckpt.values[100]["params"]["layers.Block_0.Dense_0.kernel"].astype(np.float64)
+    after = manager_ckpt.values[200]["params"]["layers.Block_0.Dense_0.kernel"].astype(np.float64)
+    doc = run_json("diff", manager_ckpt.path, "--step-a", "100", "--unstack", "--filter", "Dense_0.kernel")
+    rows = {p["path"]: p for p in doc["params"]}
+    for j in range(3):
+        row = rows[f"layers.{j}.Block_0.Dense_0.kernel"]
+        assert row["diff_norm"] == pytest.approx(f64(after[j] - before[j]), rel=1e-9)
+        assert row["norm_a"] == pytest.approx(f64(before[j]), rel=1e-12)
+    history = run_json("history", manager_ckpt.path, "--unstack", "--no-cache", "--filter", "Dense_0.kernel")
+    values = {(r["step"], r["path"], r["metric"]): r["value"] for r in history["series"]}
+    for j in range(3):
+        change = f64(after[j] - before[j]) / f64(before[j])
+        assert values[(200, f"layers.{j}.Block_0.Dense_0.kernel", "change")] == pytest.approx(
+            change, rel=1e-9
+        )

@@ -96,7 +96,7 @@ def verify(
         )
 
 
-@with_options(out=Output, reading=Reading, cluster=Cluster)
+@with_options(out=Output, reading=Reading, cluster=Cluster, layering=Layering)
 def diff(
     ckpt_a: Annotated[str, typer.Argument(metavar="A", help="The reference checkpoint.", show_default=False)],
     ckpt_b: Annotated[
@@ -160,6 +160,7 @@ def diff(
         ),
     ] = DiffSort.path,
     top: TopOpt = None,
+    layering: Layering = None,
     out: Output = None,
     reading: Reading = None,
     cluster: Cluster = None,
@@ -176,11 +177,15 @@ def diff(
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     sel = Selection(item=item, subtree=subtree, filter=filter)
-    inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a, cluster=joined)
+    inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a, layering=layering, cluster=joined)
+    inv_a.views = None  # a diff reads each (layer) parameter by itself, on both sides alike
     if ckpt_b is not None and ckpt_b.endswith(".json") and os.path.isfile(ckpt_b):
         inv_b, result = _against_baseline(inv_a, params_a, ckpt_b, sel, reading, quiet, joined)
     else:
-        inv_b, params_b = common.inventory(ckpt_b or ckpt_a, sel, quiet, step=step_b, cluster=joined)
+        inv_b, params_b = common.inventory(
+            ckpt_b or ckpt_a, sel, quiet, step=step_b, layering=layering, cluster=joined
+        )
+        inv_b.views = None
         if digest_only:
             result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined)
         else:

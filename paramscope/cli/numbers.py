@@ -174,7 +174,7 @@ def layers(
 OptimSort = Enum("OptimSort", {k: k for k in OPTIM_SORT_KEYS}, type=str)
 
 
-@with_options(out=Output, reading=Reading)
+@with_options(out=Output, reading=Reading, layering=Layering)
 def optim(
     ckpt: CkptArg,
     step: StepOpt = None,
@@ -203,6 +203,7 @@ def optim(
         typer.Option("--sort", help="Row order (path; others largest first).", rich_help_panel=OUTPUT),
     ] = OptimSort.path,
     top: TopOpt = None,
+    layering: Layering = None,
     out: Output = None,
     reading: Reading = None,
 ) -> None:
@@ -226,7 +227,18 @@ def optim(
 
     items = [i.name for i in orbax.locate(ckpt, step).items]
     inv, params, opt = split_state(open_item, items, params_item, opt_item)
-    alignment = align(filter_params(params, filter), opt)
+    alignment = align(params, opt)
+    if layering.unstack or layering.layer_axis:  # per-layer update ratios of scanned stacks
+        from paramscope.compute.layers import find_stacks, parse_layer_axes
+        from paramscope.compute.optim import unstack_alignment
+
+        stacks, notes = find_stacks(params, parse_layer_axes(layering.layer_axis), inv.custom)
+        for note in notes:
+            common.warn(note, out.quiet)
+        alignment = unstack_alignment(alignment, stacks)
+    if filter is not None:
+        kept = {p.path for p in filter_params([e.param for e in alignment.entries], filter)}
+        alignment.entries = [e for e in alignment.entries if e.path in kept]
     total = sum(3 * e.param.nbytes for e in alignment.entries)
     common.with_progress(
         total,

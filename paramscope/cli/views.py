@@ -12,6 +12,7 @@ from paramscope.cli.options import (
     OUTPUT,
     SELECTION,
     CkptArg,
+    Layering,
     Output,
     Reading,
     Selection,
@@ -23,7 +24,7 @@ from paramscope.output.reports import HISTORY_SORT_KEYS
 HistorySort = Enum("HistorySort", {k: k for k in HISTORY_SORT_KEYS}, type=str)
 
 
-@with_options(sel=Selection, out=Output, reading=Reading)
+@with_options(sel=Selection, out=Output, reading=Reading, layering=Layering)
 def history(
     ckpt: CkptArg,
     steps: Annotated[
@@ -69,6 +70,7 @@ def history(
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
+    layering: Layering = None,
 ) -> None:
     """Every step of a run: each parameter's norm over steps, how much it moved, where NaNs began.
 
@@ -93,7 +95,13 @@ def history(
 
     def open_step(step):
         inv = open_checkpoint(ckpt, step=step, item=sel.item, subtree=sel.subtree)
-        return inv, filter_params(inv.params, sel.filter)
+        params = inv.params
+        if layering.unstack or layering.layer_axis:  # one series per layer of stacked arrays
+            from paramscope.compute.layers import find_stacks, parse_layer_axes, unstack
+
+            stacks, _ = find_stacks(params, parse_layer_axes(layering.layer_axis), inv.custom)
+            params = [view.info for view in unstack(params, stacks)]
+        return inv, filter_params(params, sel.filter)
 
     def stamp_of(step):
         return orbax.commit_timestamp(orbax.locate(ckpt, step))
@@ -104,7 +112,15 @@ def history(
 
         folder = cache or os.path.join(platformdirs.user_cache_dir("paramscope"), "history")
         keeper = HistoryCache(
-            folder, location.path, {"item": sel.item, "subtree": sel.subtree, "filter": sel.filter}
+            folder,
+            location.path,
+            {
+                "item": sel.item,
+                "subtree": sel.subtree,
+                "filter": sel.filter,
+                "unstack": bool(layering.unstack or layering.layer_axis),
+                "layer_axis": layering.layer_axis,
+            },
         )
     budget = common.memory_budget(reading)
     result = history(chosen, stamp_of, open_step, stats, budget, keeper)

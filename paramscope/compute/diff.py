@@ -224,8 +224,10 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
     def start(param: ParamInfo, handles, region):
         handle_a, handle_b = handles
         return (
-            checkpoint.start_read(handle_a, region.read_index, param.path),
-            checkpoint.start_read(handle_b, region.read_index, param.path),
+            checkpoint.start_read(handle_a, param.index_in_store(region.read_index), param.path),
+            checkpoint.start_read(
+                handle_b, sides_b[region.param].index_in_store(region.read_index), param.path
+            ),
         )
 
     # Both sides of a region are in memory together, and the next group's are in flight.

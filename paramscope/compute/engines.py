@@ -72,7 +72,7 @@ class HostEngine:
 
     def start(self, param: ParamInfo, handle, region: Region):
         self.bytes_read += region.nbytes
-        return checkpoint.start_read(handle, region.read_index, param.path)
+        return checkpoint.start_read(handle, param.index_in_store(region.read_index), param.path)
 
     def reduce(
         self,
@@ -118,7 +118,11 @@ class MeshEngine(HostEngine):
         self.narrowed = not jax.config.jax_enable_x64
 
     def _on_host(self, param: ParamInfo) -> bool:
-        return (self.narrowed and param.itemsize >= 8) or param.path in self.host_paths
+        return (
+            (self.narrowed and param.itemsize >= 8)
+            or param.path in self.host_paths
+            or param.layer is not None
+        )
 
     def collective(self, param: ParamInfo) -> bool:
         return not self._on_host(param)

@@ -222,11 +222,13 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
     deltas = [(Accumulator(False), Accumulator(False)) for _ in arrays[1:]]  # ||W_t - W_t-1||, ||W_t-1||
     nbytes = 0
     for box in _boxes(first.shape, first.stored.chunks if first.stored else (), first.itemsize, limit):
-        pending = {0: checkpoint.start_read(handles[0], box, path)}
+        pending = {0: checkpoint.start_read(handles[0], arrays[0].index_in_store(box), path)}
         previous = None
         for k in range(len(arrays)):
             if k + 1 < len(arrays):  # the next step's box is on its way while this one is reduced
-                pending[k + 1] = checkpoint.start_read(handles[k + 1], box, path)
+                pending[k + 1] = checkpoint.start_read(
+                    handles[k + 1], arrays[k + 1].index_in_store(box), path
+                )
             value = checkpoint.finish_read(pending.pop(k), path)
             nbytes += value.nbytes
             values[k].feed(value, pool)

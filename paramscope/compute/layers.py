@@ -182,7 +182,13 @@ def unstack(params: Sequence[ParamInfo], stacks: dict[str, Stack]) -> list[Layer
             rest = param.sharding[: stack.axis] + param.sharding[stack.axis + 1 :]
             spec = rest if any(e is not None for e in rest) else None
         for j in range(stack.size):
-            info = replace(param, path=layer_path(param.path, stack, j), shape=shape, sharding=spec)
+            info = replace(
+                param,
+                path=layer_path(param.path, stack, j),
+                shape=shape,
+                sharding=spec,
+                layer=(stack.axis, j),
+            )
             views.append(LayerView(info, position, j, stack))
     return views
 

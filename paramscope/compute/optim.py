@@ -142,12 +142,12 @@ def optimizer_pass(
 
     def start(param: ParamInfo, handle, region):
         position = region.param
-        reads = {"param": checkpoint.start_read(handle, region.index, param.path)}
+        reads = {"param": checkpoint.start_read(handle, param.index_in_store(region.index), param.path)}
         for which in ("mu", "nu"):
             other = handle_of(position, which)
             if other is not None:
                 leaf = getattr(entries[position], which)
-                reads[which] = checkpoint.start_read(other, region.index, leaf.path)
+                reads[which] = checkpoint.start_read(other, leaf.index_in_store(region.index), leaf.path)
         return reads
 
     sums = {
@@ -209,3 +209,27 @@ def split_state(open_item: Callable[[str | None], Any], items: Sequence[str], pa
     ]
     opt = [p for p in inv.params if p.path.split(".", 1)[0] == opt_root]
     return inv, params, opt
+
+
+def _layer_of(leaf: ParamInfo | None, path: str, shape: tuple[int, ...], axis: int, index: int):
+    return None if leaf is None else replace(leaf, path=path, shape=shape, layer=(axis, index))
+
+
+def unstack_alignment(alignment: Alignment, stacks) -> Alignment:
+    """One entry per layer of each stacked parameter, its moments sliced alike (same shape)."""
+    from paramscope.compute.layers import layer_path
+
+    entries = []
+    for entry in alignment.entries:
+        stack = stacks.get(entry.path)
+        if stack is None:
+            entries.append(entry)
+            continue
+        shape = entry.param.shape[: stack.axis] + entry.param.shape[stack.axis + 1 :]
+        for j in range(stack.size):
+            path = layer_path(entry.path, stack, j)
+            param, mu, nu = (
+                _layer_of(leaf, path, shape, stack.axis, j) for leaf in (entry.param, entry.mu, entry.nu)
+            )
+            entries.append(OptimEntry(path, param, mu, nu, [], entry.count_leaf))
+    return Alignment(entries, alignment.unmatched, alignment.stateless, alignment.mismatched)

@@ -41,6 +41,16 @@ class ParamInfo:
     itemsize: int
     sharding: tuple[Any, ...] | None
     stored: checkpoint.StoredArray = field(compare=False, repr=False)
+    layer: tuple[int, int] | None = field(default=None, compare=False)  # (axis, index) of a stack
+
+    def index_in_store(self, index: tuple[slice, ...] | None) -> tuple | None:
+        """The index to read from the stored array for an index of this parameter: a layer of a
+        stacked array reads its own slice (its layer axis dropped), anything else reads as asked."""
+        if self.layer is None:
+            return index
+        axis, position = self.layer
+        index = tuple(slice(0, d) for d in self.shape) if index is None else tuple(index)
+        return (*index[:axis], position, *index[axis:])
 
     @property
     def count(self) -> int:
