@@ -233,3 +233,31 @@ def test_diff_and_history_per_layer(manager_ckpt):
         assert values[(200, f"layers.{j}.Block_0.Dense_0.kernel", "change")] == pytest.approx(
             change, rel=1e-9
         )
+
+
+def test_history_heatmap_of_layers(manager_ckpt, tmp_path):
+    from paramscope.compute.history import history, layer_rows
+    from paramscope.compute.layers import find_stacks, unstack
+    from paramscope.io import orbax
+    from paramscope.io.inventory import open_checkpoint
+    from paramscope.output.plot import plot_layer_heatmap
+
+    def open_step(step):
+        inv = open_checkpoint(manager_ckpt.path, step=step)
+        stacks, _ = find_stacks(inv.params)
+        return inv, [v.info for v in unstack(inv.params, stacks)]
+
+    steps = [100, 200]
+    result = history(steps, lambda s: orbax.commit_timestamp(orbax.locate(manager_ckpt.path, s)), open_step)
+    layers = [p for p in open_step(200)[1] if p.layer is not None]
+    drawn = plot_layer_heatmap(layer_rows(result, layers), steps, str(tmp_path / "heat.png"))
+    for k, step in enumerate(steps):
+        values = manager_ckpt.values[step]["params"]
+        stacked = [v for path, v in values.items() if path.startswith("layers.")]
+        for j in range(3):
+            expected = math.sqrt(sum(f64(v[j]) ** 2 for v in stacked))
+            assert drawn["layers"][j][k] == pytest.approx(expected, rel=1e-9)
+    result = run(
+        "history", manager_ckpt.path, "--unstack", "--no-cache", "--plot", tmp_path / "cli.png", "-q"
+    )
+    assert result.exit_code == 0 and (tmp_path / "cli.png").read_bytes().startswith(b"\x89PNG")

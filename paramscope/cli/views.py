@@ -131,7 +131,14 @@ def history(
     first_bad = result.first_nonfinite()
     if first_bad is not None:
         common.warn(f"NaN/Inf first at step {first_bad[0]}: {', '.join(first_bad[1][:5])}", out.quiet)
-    if plot is not None:
+    unstacked = [p for p in open_step(chosen[-1])[1] if p.layer is not None]
+    if plot is not None and unstacked:  # a heatmap of every layer of every stack over steps
+        from paramscope.compute.history import layer_rows
+        from paramscope.output.plot import plot_layer_heatmap
+
+        plot_layer_heatmap(layer_rows(result, unstacked), [r.step for r in result.steps], plot)
+        common.warn(f"wrote {plot}", out.quiet, kind="note")
+    elif plot is not None:
         from paramscope.output.plot import plot_history
 
         plot_history(runs, plot, top or 8, title=f"{ckpt}: norms over steps")

@@ -354,3 +354,23 @@ def series(result: History, depth: int | None = None) -> list[Series]:
             changes.append(math.sqrt(math.fsum(moved)) / total if total else None)
         out.append(Series(name, steps, norms, changes, nonfinite))
     return out
+
+
+def layer_rows(result: History, layers: Sequence[ParamInfo]) -> dict[str, list[list[float]]]:
+    """Per stack (the path up to the layer index), per layer, the layer's norm at each step: the
+    norm over all the arrays of that layer (``layers``: the unstacked parameters, ``layer`` set)."""
+
+    members: dict[tuple[str, int], list[str]] = {}
+    for param in layers:
+        parts = param.path.split(".")
+        index = str(param.layer[1])
+        at = next(k for k in range(len(parts)) if parts[k] == index and k > 0)
+        members.setdefault((".".join(parts[:at]), param.layer[1]), []).append(param.path)
+    stacks: dict[str, list[list[float]]] = {}
+    for (stack, _layer), paths in sorted(members.items()):  # layers in order, one row each
+        row = []
+        for step in result.steps:
+            squares = [step.stats[p]["norm"] ** 2 for p in paths if p in step.stats]
+            row.append(math.sqrt(math.fsum(squares)) if squares else math.nan)
+        stacks.setdefault(stack, []).append(row)
+    return stacks

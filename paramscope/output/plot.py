@@ -111,3 +111,29 @@ def plot_stats(
     heights = [float(patch.get_width()) for patch in drawn.patches][::-1]
     plt.close(figure)
     return heights
+
+
+def plot_layer_heatmap(
+    stacks: dict[str, list[list[float]]], steps: Sequence[int], path: str, title: str = ""
+):
+    """One heatmap per stack: the norm of each layer (rows) at each step (columns). ``stacks``
+    maps a stack's name to its rows (one list of norms per layer, one value per step)."""
+    if not path.lower().endswith((".png", ".svg")):
+        raise UsageError(f"cannot tell the picture format of {path!r}", hint="name a .png or .svg file")
+    plt = _pyplot()
+    names = list(stacks)[:4]  # more stacks than this do not fit one picture
+    figure, axes = plt.subplots(
+        len(names), 1, figsize=(9, 2.5 + 2.5 * len(names)), squeeze=False, constrained_layout=True
+    )
+    for axis, name in zip(axes[:, 0], names):
+        rows = stacks[name]
+        image = axis.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis")
+        axis.set_yticks(range(len(rows)))
+        axis.set_ylabel(f"{name}: layer")
+        axis.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45, fontsize="small")
+        axis.set_xlabel("step")
+        figure.colorbar(image, ax=axis, label="L2 norm of the layer")
+    axes[0, 0].set_title(title or "norms of each layer over steps")
+    figure.savefig(path)
+    plt.close(figure)
+    return {name: stacks[name] for name in names}
