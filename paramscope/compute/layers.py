@@ -9,7 +9,8 @@ layer of a stack in one array with a layer axis. The axis of an array comes, in 
    ``param_scan_axis``, default 1, for arrays under a ``layers`` component), or a saved sharding
    that puts a ``layers``/``stage`` mesh axis on one dimension;
 3. the heuristic: the arrays under one stack component (``layers``, ``scan``, ``blocks``, ...)
-   all have one dimension size in common, in exactly one place each.
+   all have one dimension size in common, in exactly one place each (when several sizes are
+   shared, the one that sits at the same axis, once, in every array).
 
 An array the heuristic cannot settle (no common size, or the size in two places) is left whole,
 with a warning naming it and ``--layer-axis``. The layer index becomes a path component of its
@@ -125,6 +126,14 @@ def find_stacks(
         sizes = sorted(s for s in common if s > 1)
         if len(decided[prefix]) == 1:
             sizes = sorted(decided[prefix] & common) or sizes
+        if len(sizes) > 1:  # several shared sizes: the one found once, at one axis, in every array
+            placed = [
+                size
+                for size in sizes
+                if len({_only_axis(p.shape, size) for p in group} - {None}) == 1
+                and all(_only_axis(p.shape, size) is not None for p in group)
+            ]
+            sizes = placed if len(placed) == 1 else sizes
         if (len(group) < 2 and len(decided[prefix]) != 1) or len(sizes) != 1:
             reason = "it has no sibling to compare with" if len(group) < 2 else "no one size is shared"
             if len(sizes) > 1:
@@ -146,6 +155,12 @@ def find_stacks(
                     "(settle it with --layer-axis REGEX=AXIS)"
                 )
     return stacks, warnings
+
+
+def _only_axis(shape: Sequence[int], size: int) -> int | None:
+    """The one axis of ``shape`` with this size; None when there is none or more than one."""
+    axes = [d for d, s in enumerate(shape) if s == size]
+    return axes[0] if len(axes) == 1 else None
 
 
 def layer_path(path: str, stack: Stack, index: int) -> str:

@@ -177,7 +177,10 @@ def optimizer_pass(
         if entry.mu is not None and entry.nu is not None and entry.count:
             entry.update_norm = acc["update"].result().norm
             scale = lr if lr is not None else 1.0
-            entry.ratio = scale * entry.update_norm / entry.norm if entry.norm else math.inf
+            if entry.norm:
+                entry.ratio = scale * entry.update_norm / entry.norm
+            else:  # a zero parameter: any update is infinitely large next to it, none is no ratio
+                entry.ratio = math.inf if entry.update_norm else None
     return entries
 
 
