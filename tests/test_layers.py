@@ -302,3 +302,21 @@ def test_nnx_vmapped_stack_with_its_optimizer_item(tmp_path):
         assert row["norm"] == pytest.approx(f64(kernel[j]), rel=1e-9)
         assert row["mu_norm"] == pytest.approx(f64(mu[j]), rel=1e-9)
     assert rows["layers.0.linear.bias"]["ratio"] is None  # zero bias, zero update: no ratio
+
+
+def test_a_layers_mesh_axis_in_the_saved_sharding_decides(tmp_path):
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("stage", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((8, 4, 8)).astype(np.float32)  # 4 layers on axis 1, pipelined over "stage"
+    tree = {"decoder": {"stack": {"w": jax.device_put(w, NamedSharding(mesh, P(None, "stage", "model")))}}}
+    path = str(tmp_path / "pipelined")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+    rows = {p["path"]: p for p in run_json("norms", path, "--unstack", "--per-param")["params"]}
+    assert rows["decoder.stack.3.w"]["norm"] == pytest.approx(f64(w[:, 3]), rel=1e-9)
+    assert "axis 1, sharding" in run("table", path, "--unstack").stdout
