@@ -13,7 +13,7 @@ import typer
 
 from paramscope import errors
 from paramscope.cli.options import Cluster, Layering, Output, Reading, Selection
-from paramscope.output.render import Format, Report, View, render
+from paramscope.output.render import Format, Report, View, listed, render
 
 PROGRESS_MIN_BYTES = 64 << 20  # less data than this reads in a moment: no progress bar
 
@@ -212,7 +212,7 @@ def scan(
     if cluster is not None:
         options["cluster"] = cluster
     total = sum(p.nbytes for p in params)
-    if getattr(inv, "views", None) is not None:
+    if inv.views is not None:
         from paramscope.compute.layers import scan_views
 
         return with_progress(
@@ -247,9 +247,7 @@ def report_nonfinite(result, fail_on_it: bool, quiet: bool) -> None:
         return
     bad = [r.param.path for r in result.params if r.nonfinite]
     warn(
-        f"{result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): "
-        + ", ".join(bad[:5])
-        + (" ..." if len(bad) > 5 else ""),
+        f"{result.nonfinite} NaN/Inf value(s) in {len(bad)} parameter(s): {listed(bad)}",
         quiet,
     )
     if fail_on_it:

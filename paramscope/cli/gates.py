@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import replace
-from enum import Enum
 from typing import Annotated
 
 import typer
@@ -30,11 +29,12 @@ from paramscope.cli.options import (
     StepOpt,
     SubtreeOpt,
     TopOpt,
+    choices,
     with_options,
 )
 from paramscope.output.reports import DIFF_SORT_KEYS
 
-DiffSort = Enum("DiffSort", {k: k for k in DIFF_SORT_KEYS}, type=str)
+DiffSort = choices("DiffSort", DIFF_SORT_KEYS)
 
 
 @with_options(out=Output)

@@ -19,15 +19,12 @@ from paramscope.cli.options import (
     Selection,
     StepOpt,
     TopOpt,
+    choices,
     with_options,
 )
+from paramscope.output.reports import TABLE_SORT_KEYS
 
-
-class TableSort(str, Enum):
-    path = "path"
-    count = "count"
-    bytes = "bytes"
-    norm = "norm"
+TableSort = choices("TableSort", TABLE_SORT_KEYS)
 
 
 class InfoTable(str, Enum):

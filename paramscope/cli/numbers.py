@@ -23,12 +23,13 @@ from paramscope.cli.options import (
     Selection,
     StepOpt,
     TopOpt,
+    choices,
     with_options,
 )
 from paramscope.output.reports import NORMS_SORT_KEYS, OPTIM_SORT_KEYS, STATS_SORT_KEYS, optim_report
 
-NormsSort = Enum("NormsSort", {k: k for k in NORMS_SORT_KEYS}, type=str)
-StatsSort = Enum("StatsSort", {k: k for k in STATS_SORT_KEYS}, type=str)
+NormsSort = choices("NormsSort", NORMS_SORT_KEYS)
+StatsSort = choices("StatsSort", STATS_SORT_KEYS)
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
@@ -171,7 +172,7 @@ def layers(
     common.emit(layers_report(inv, layer_table(inv.views, result), sort.value, top), out)
 
 
-OptimSort = Enum("OptimSort", {k: k for k in OPTIM_SORT_KEYS}, type=str)
+OptimSort = choices("OptimSort", OPTIM_SORT_KEYS)
 
 
 @with_options(out=Output, reading=Reading, layering=Layering)

@@ -142,6 +142,12 @@ AtolOpt = Annotated[
 ]
 
 
+def choices(name: str, keys: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of ``keys`` (what Typer lists as an option's choices), e.g. the sort keys a
+    report builder accepts, so the choices are declared where the sorting happens."""
+    return Enum(name, {key: key for key in keys}, type=str)
+
+
 class Engine(str, Enum):
     auto = "auto"
     host = "host"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated
 
 import typer
@@ -17,11 +16,12 @@ from paramscope.cli.options import (
     Reading,
     Selection,
     TopOpt,
+    choices,
     with_options,
 )
 from paramscope.output.reports import HISTORY_SORT_KEYS
 
-HistorySort = Enum("HistorySort", {k: k for k in HISTORY_SORT_KEYS}, type=str)
+HistorySort = choices("HistorySort", HISTORY_SORT_KEYS)
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, layering=Layering)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,19 +77,12 @@ def parse_steps(text: str | None, available: Sequence[int], last: int | None) ->
 
     steps = sorted(available)
     if text:
-        parts = text.split(":")
-        try:
-            numbers = [int(p) if p else None for p in parts]
-        except ValueError:
+        match = re.fullmatch(r"(\d*):(\d*)(?::(\d+))?", text.strip())
+        if match is None:
             raise UsageError(
-                f"malformed --steps {text!r}", hint="write START:STOP[:STRIDE], e.g. 1000:5000:1000"
-            ) from None
-        if len(numbers) not in (2, 3):
-            raise UsageError(
-                f"malformed --steps {text!r}", hint="write START:STOP[:STRIDE], e.g. 1000:5000:1000"
+                f"malformed range of steps {text!r}", hint="write START:STOP[:STRIDE], e.g. 1000:5000:1000"
             )
-        start, stop = numbers[0], numbers[1]
-        stride = numbers[2] if len(numbers) == 3 else None
+        start, stop, stride = (int(g) if g else None for g in match.groups())
         steps = [
             s
             for s in steps

@@ -129,6 +129,16 @@ def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
     return str(value)
 
 
+def listed(items, limit: int = 5) -> str:
+    """The first few items, comma-separated, and ``...`` when there are more.
+
+    >>> listed(["a", "b", "c"], 2), listed(["a"])
+    ('a, b ...', 'a')
+    """
+    items = list(items)
+    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
 def _empty_column(column: Column, report: Report) -> bool:
     values = [row.get(column.key) for row in report.rows]
     if report.footer:

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from paramscope.output.render import Column, Report
+from paramscope.output.render import Column, Report, listed
 
 
 def sharding_json(spec) -> list | None:
@@ -624,20 +624,18 @@ OPTIM_SORT_KEYS = ("path", "ratio", "update_norm", "norm", "mu_norm", "sqrt_nu_n
 
 def optim_report(inv, alignment, hyper: dict, sort: str = "path", top: int | None = None) -> Report:
     """Each parameter beside its optimizer state: moments, step, the update and its ratio."""
-    stateful = [e for e in alignment.entries if e.mu or e.nu]
+    stateful = [e for e in alignment.entries if e.mu or e.nu or e.factored]
     rows = sort_rows([{c.key: getattr(e, c.key) for c in OPTIM_COLUMNS} for e in stateful], sort, top)
     notes = []
     if alignment.stateless:
         notes.append(
             f"{plural(len(alignment.stateless), 'parameter')} without optimizer state: "
-            + ", ".join(alignment.stateless[:5])
-            + (" ..." if len(alignment.stateless) > 5 else "")
+            + listed(alignment.stateless)
         )
     if alignment.unmatched:
         notes.append(
             f"{plural(len(alignment.unmatched), 'optimizer leaf')} matching no parameter: "
-            + ", ".join(alignment.unmatched[:5])
-            + (" ..." if len(alignment.unmatched) > 5 else "")
+            + listed(alignment.unmatched)
         )
     for problem in alignment.mismatched:
         notes.append(f"shape differs, left out: {problem}")
