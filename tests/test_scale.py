@@ -19,7 +19,8 @@ from test_stats import assert_stats
 from paramscope import compute_norms, compute_stats, open_checkpoint
 from paramscope.compute import plan
 from paramscope.compute.diff import diff_params
-from paramscope.io import orbax as adapter
+from paramscope.io import checkpoint as adapter
+from paramscope.io import orbax
 
 ARRAYS = 2500
 
@@ -66,7 +67,7 @@ class Counts:
         self.calls = collections.Counter()
         self._wrap(monkeypatch, tensorstore, "open", "ts.open")
         self._wrap(monkeypatch, adapter, "open_arrays", "open_arrays", arg_len="arrays opened")
-        self._wrap(monkeypatch, adapter, "_read_kv", "_read_kv", arg_len="keys read", arg=1)
+        self._wrap(monkeypatch, orbax, "_read_kv", "_read_kv", arg_len="keys read", arg=1)
         self._wrap(monkeypatch, adapter, "start_read", "start_read")
 
     def _wrap(self, monkeypatch, owner, name, label, arg_len=None, arg=0):

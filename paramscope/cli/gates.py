@@ -68,7 +68,7 @@ def verify(
     """
     from paramscope.compute.plan import parse_size
     from paramscope.compute.verify import verify_checkpoint
-    from paramscope.io import orbax
+    from paramscope.io import checkpoint
     from paramscope.output.reports import verify_report
 
     budget = parse_size(memory_budget) if memory_budget else None
@@ -83,7 +83,7 @@ def verify(
                 hint="write it with this `paramscope snapshot`",
             )
     result = common.with_progress(
-        orbax.step_bytes(ckpt, step),
+        checkpoint.step_bytes(ckpt, step),
         out.quiet,
         lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes, digests),
     )

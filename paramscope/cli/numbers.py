@@ -224,9 +224,9 @@ def optim(
             common.warn(warning, out.quiet)
         return inv
 
-    from paramscope.io import orbax
+    from paramscope.io import checkpoint
 
-    items = [i.name for i in orbax.locate(ckpt, step).items]
+    items = [i.name for i in checkpoint.locate(ckpt, step).items]
     inv, params, opt = split_state(open_item, items, params_item, opt_item)
     alignment = align(params, opt)
     if layering.unstack or layering.layer_axis:  # per-layer update ratios of scanned stacks

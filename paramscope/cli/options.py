@@ -36,23 +36,23 @@ def _typed_checkpoint(ctx: typer.Context) -> str | None:
 
 
 def _complete_steps(ctx: typer.Context, incomplete: str) -> list[str]:
-    from paramscope.io import orbax
+    from paramscope.io import checkpoint
 
     path = _typed_checkpoint(ctx)
     try:
-        steps = orbax.list_steps(path) if path else []
+        steps = checkpoint.list_steps(path) if path else []
     except Exception:  # completion never fails loudly
         return []
     return [str(s.step) for s in steps if s.finished and str(s.step).startswith(incomplete)]
 
 
 def _complete_items(ctx: typer.Context, incomplete: str) -> list[str]:
-    from paramscope.io import orbax
+    from paramscope.io import checkpoint
 
     path = _typed_checkpoint(ctx)
     step = ctx.params.get("step")
     try:
-        location = orbax.locate(path, step) if path else None
+        location = checkpoint.locate(path, step) if path else None
     except Exception:
         return []
     names = [i.name for i in location.items if i.kind != "json"] if location else []

@@ -83,11 +83,11 @@ def history(
     import os
 
     from paramscope.compute.history import HistoryCache, history, parse_steps, series
-    from paramscope.io import orbax
+    from paramscope.io import checkpoint
     from paramscope.io.inventory import filter_params, open_checkpoint
     from paramscope.output.reports import history_report
 
-    location = orbax.locate(ckpt, None, allow_unfinished=True)
+    location = checkpoint.locate(ckpt, None, allow_unfinished=True)
     available = [s.step for s in location.steps if s.finished]
     chosen = parse_steps(steps, available, last)
     if not chosen:
@@ -104,7 +104,7 @@ def history(
         return inv, filter_params(params, sel.filter)
 
     def stamp_of(step):
-        return orbax.commit_timestamp(orbax.locate(ckpt, step))
+        return checkpoint.commit_timestamp(checkpoint.locate(ckpt, step))
 
     keeper = None
     if not no_cache:

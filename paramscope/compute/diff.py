@@ -20,7 +20,7 @@ from paramscope.compute.digest import DigestState, feed_box, merge_digests
 from paramscope.compute.moments import BLOCK
 from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError
-from paramscope.io import orbax as checkpoint
+from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
 from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 

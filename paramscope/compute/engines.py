@@ -30,7 +30,7 @@ from paramscope.compute.digest import DigestState, combined, feed_box, merge_dig
 from paramscope.compute.moments import Accumulator, Histogram, Moments, mesh_reduction
 from paramscope.compute.plan import Region, default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError, UsageError
-from paramscope.io import orbax as checkpoint
+from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
 from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 

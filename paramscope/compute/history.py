@@ -29,7 +29,7 @@ import numpy as np
 
 from paramscope.compute.moments import Accumulator
 from paramscope.compute.plan import _boxes, default_memory_budget
-from paramscope.io import orbax as checkpoint
+from paramscope.io import checkpoint
 from paramscope.io.inventory import Inventory, ParamInfo
 
 CACHE_VERSION = 1

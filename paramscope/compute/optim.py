@@ -25,7 +25,7 @@ import numpy as np
 
 from paramscope.compute.moments import Accumulator
 from paramscope.compute.plan import default_memory_budget, stream_regions
-from paramscope.io import orbax as checkpoint
+from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
 
 FIRST = ("mu", "m", "exp_avg", "momentum")

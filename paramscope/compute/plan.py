@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paramscope.errors import CorruptCheckpoint, UsageError
-from paramscope.io import orbax as checkpoint
+from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
 
 MiB = 1 << 20

@@ -16,7 +16,7 @@ from typing import Any
 from paramscope.compute.digest import DigestState, feed_box
 from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.errors import CorruptCheckpoint, ItemNotFound
-from paramscope.io import orbax as checkpoint
+from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo, spec_per_dim
 
 

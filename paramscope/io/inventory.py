@@ -15,7 +15,7 @@ from typing import Any
 
 from paramscope._mask import compile_patterns, mask_predicate
 from paramscope.errors import ItemNotFound, UsageError
-from paramscope.io import orbax as checkpoint
+from paramscope.io import checkpoint
 from paramscope.names import prefix_groups
 
 DEFAULT_ITEM = "params"

@@ -15,7 +15,6 @@ import functools
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from paramscope.errors import (
@@ -27,8 +26,16 @@ from paramscope.errors import (
     StepNotFound,
 )
 from paramscope.io import storage
-from paramscope.io.storage import Tree
-from paramscope.names import join_keys
+from paramscope.io.records import (
+    ArrayReadError,
+    Item,
+    Location,
+    SavedSharding,
+    Step,
+    StoredArray,
+    dtype_info,
+)
+from paramscope.io.storage import Tree, short_error
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 TREE_METADATA = "_METADATA"
@@ -42,68 +49,6 @@ JSON_ITEM_FILE = "metadata"  # JsonCheckpointHandler's default file name
 _PYTREE_MARKERS = (OCDBT_MANIFEST, SHARDING_FILE, "ocdbt.process_0", "array_metadatas", "d")
 _STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
 _TMP_STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)\.orbax-checkpoint-tmp.*$")
-
-
-@dataclass(frozen=True)
-class SavedSharding:
-    """A NamedSharding as saved: the mesh's axes and one partition entry per dimension."""
-
-    mesh_axes: tuple[tuple[str, int], ...]
-    spec: tuple[Any, ...]  # per dimension: None, an axis name, or a tuple of axis names
-
-
-@dataclass(frozen=True)
-class StoredArray:
-    """One array of an item: its tree keys, shape, dtype, and where TensorStore finds it."""
-
-    keys: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: str
-    itemsize: int
-    chunks: tuple[int, ...]
-    driver: str  # "zarr" or "zarr3"
-    store: str  # JSON of the TensorStore kvstore spec of the item's folder (shared by its arrays)
-    name: str  # the array's key in that store
-    sharding: SavedSharding | None
-    value_type: str
-    # The zarr metadata as stored, less shape and chunk shape: arrays written alike share one
-    # string, so 100,000 arrays do not hold 100,000 copies (see :func:`_metadata_template`).
-    metadata_template: str = field(default="", compare=False, repr=False)
-
-    @property
-    def path(self) -> str:
-        return join_keys(self.keys)
-
-
-@dataclass(frozen=True)
-class Item:
-    name: str
-    path: str  # as shown to people: a local path or a URL
-    kind: str  # "pytree", "array", "json", "damaged" (no _METADATA) or "unknown"
-    tree: Tree = field(compare=False, repr=False)
-    rel: str = ""  # the item's folder inside ``tree``
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    path: str
-    step: int | None
-    finished: bool
-
-
-@dataclass
-class Location:
-    """What a user's path points at, resolved down to one step."""
-
-    path: str
-    kind: str  # "root", "step" or "item"
-    step: Step | None
-    items: list[Item]
-    steps: list[Step] = field(default_factory=list)
-    selected_item: str | None = None  # set when the path is an item folder
-    tree: Tree | None = field(default=None, repr=False)
-    step_rel: str | None = None  # the chosen step's folder inside ``tree``
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,18 +373,6 @@ def _tree_entries(tree: Tree, item_rel: str) -> tuple[list[tuple[tuple[str, ...]
     return entries, meta.get("use_ocdbt")
 
 
-@functools.cache
-def _dtype_info(name: str) -> tuple[str, int]:
-    import ml_dtypes
-    import numpy as np
-
-    try:
-        dtype = np.dtype(name)
-    except TypeError:
-        dtype = np.dtype(getattr(ml_dtypes, name))
-    return dtype.name, dtype.itemsize
-
-
 def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str, str]:
     """(shape, dtype name, itemsize, chunk shape, TensorStore driver, metadata template) of a
     zarr2/zarr3 array."""
@@ -460,9 +393,9 @@ def _parse_zarr_metadata(raw: bytes) -> tuple[tuple[int, ...], str, int, tuple[i
         raise ValueError("negative dimension")
     if meta.get("zarr_format") == 3:
         chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
-        info = *_dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
+        info = *dtype_info(meta["data_type"]), tuple(int(c) for c in chunks), "zarr3"
     else:
-        info = *_dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
+        info = *dtype_info(meta["dtype"]), tuple(int(c) for c in meta["chunks"]), "zarr"
     return shape, *info, _metadata_template(meta)
 
 
@@ -505,20 +438,10 @@ def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
         results = [f.result() for f in futures]
     except Exception as err:  # TensorStore raises ValueError/RuntimeError subclasses
         raise CorruptCheckpoint(
-            f"cannot read the array store at {_where(kvstore)}: {_short(err)}",
+            f"cannot read the array store at {_where(kvstore)}: {short_error(err)}",
             hint="the checkpoint's data files are missing or damaged",
         ) from None
     return [bytes(r.value) if r.state == "value" else None for r in results]
-
-
-_READ_FAILURES = (  # what TensorStore's messages mean for someone holding a damaged checkpoint
-    ("Requested byte range", "a data file is shorter than its index says (truncated)"),
-    ("Truncated Zstd", "a data file is missing or truncated"),
-    ("ZSTD_decompressStream", "a data file is corrupted (decompression failed)"),
-    ("NOT_FOUND", "a file of the database is missing"),
-    ("DATA_LOSS", "a data file is corrupted"),
-)
-_LOCAL_FILE = re.compile(r'local file "([^"]*[^/"])"')
 
 
 def _where(kvstore: dict[str, Any]) -> str:
@@ -528,19 +451,6 @@ def _where(kvstore: dict[str, Any]) -> str:
         return base.get("path", "").rstrip("/")
     scheme = "gs" if base.get("driver") == "gcs" else "s3"
     return f"{scheme}://{base.get('bucket')}/{base.get('path', '')}".rstrip("/")
-
-
-def _short(err: BaseException) -> str:
-    """One line for a TensorStore error: what it means, its status code, and the file."""
-    text = str(err)
-    if not text:
-        return type(err).__name__
-    code = text.split(":", 1)[0]
-    for marker, meaning in _READ_FAILURES:
-        if marker in text:
-            found = _LOCAL_FILE.search(text)
-            return f"{meaning} [{code}]" + (f" ({found.group(1)})" if found else "")
-    return text.splitlines()[0][:300]
 
 
 def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArray]:
@@ -571,6 +481,26 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
             f"item {item.name!r} holds no arrays (it is {item.kind})", hint="choose a pytree item"
         )
 
+    return zarr_arrays(
+        kv,
+        [(keys, name, value_type) for (keys, value_type), name in zip(entries, names)],
+        shardings,
+        f"item {item.name!r}",
+    )
+
+
+def zarr_arrays(
+    kv: dict[str, Any],
+    entries: Sequence[tuple[tuple[str, ...], str, str]],
+    shardings: dict[str, SavedSharding | None] | None = None,
+    where: str = "the checkpoint",
+) -> list[StoredArray]:
+    """The zarr (v2 or v3) arrays of one kvstore, from their metadata files, read concurrently.
+
+    ``entries``: (tree keys, array name in the store, value type) of each array; ``shardings``
+    by dotted keys. Used for Orbax items and for any other format that stores zarr arrays.
+    """
+    names = [name for _, name, _ in entries]
     v2 = _read_kv(kv, [f"{n}/.zarray" for n in names])
     missing = [i for i, raw in enumerate(v2) if raw is None]
     v3 = _read_kv(kv, [f"{names[i]}/zarr.json" for i in missing]) if missing else []
@@ -578,10 +508,11 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
         v2[i] = raw
     arrays = []
     store = json.dumps(kv, sort_keys=True)
-    for (keys, value_type), name, raw in zip(entries, names, v2):
+    shardings = shardings or {}
+    for (keys, name, value_type), raw in zip(entries, v2):
         if raw is None:
             raise CorruptCheckpoint(
-                f"array {name!r} of item {item.name!r} is listed in the metadata but not stored",
+                f"array {name!r} of {where} is listed in the metadata but not stored",
                 hint="the checkpoint is incomplete or damaged",
             )
         shape, dtype, itemsize, chunks, driver, template = _zarr_metadata(raw, name)
@@ -605,17 +536,6 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
 
 # ----------------------------------------------------------------------------------------------
 # Data
-
-
-class ArrayReadError(CorruptCheckpoint):
-    """One array's data could not be read; ``path`` and ``reason`` say which and why."""
-
-    def __init__(self, verb: str, path: str, err: BaseException):
-        self.path = path
-        self.reason = _short(err)
-        super().__init__(
-            f"cannot {verb} array {path!r}: {self.reason}", hint="the checkpoint's data files are damaged"
-        )
 
 
 _STORES: dict[str, tuple[Any, Any]] = {}  # store spec -> (context, opened kvstore)
@@ -703,7 +623,7 @@ def _stored_array_names(kvstore: dict[str, Any]) -> set[str]:
         keys = ts.KvStore.open(kvstore, context=storage.context()).result().list().result()
     except Exception as err:
         raise CorruptCheckpoint(
-            f"cannot list the array store: {_short(err)}", hint="the store is damaged"
+            f"cannot list the array store: {short_error(err)}", hint="the store is damaged"
         ) from None
     names = set()
     for key in keys:

@@ -21,6 +21,8 @@ Credentials and endpoints follow each ecosystem's conventions, read from the env
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from typing import Any
@@ -345,6 +347,21 @@ class Tree:
         values = [bytes(r.value) if r.state == "value" else None for r in results]
         return values if many else values[0]
 
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of a file (a ranged request in a bucket); :class:`StorageError`
+        when the file is missing or shorter."""
+        return read_range(json.dumps(self.spec()), rel, start, stop)
+
+    def file_size(self, rel: str) -> int | None:
+        """A file's size: from the file system, or by one ranged request past its end in a bucket
+        (TensorStore's listings and reads carry no sizes); None when it is missing."""
+        if not self.remote:
+            try:
+                return os.stat(os.path.join(self.display, rel)).st_size
+            except OSError:
+                return None
+        return _remote_size(json.dumps(self.spec()), rel)
+
     def size(self, rel: str = "") -> int | None:
         """Bytes of the files under ``rel``; None where the store cannot tell without reading them.
 
@@ -389,6 +406,82 @@ class Tree:
                 + (f" ({_endpoint_s3() or _gcs_emulator()})" if _endpoint_s3() or _gcs_emulator() else ""),
             )
         return StorageError(f"cannot read {where}: {text.splitlines()[0][:300]}", hint="check the path")
+
+
+_READ_FAILURES = (  # what TensorStore's messages mean for someone holding a damaged checkpoint
+    ("Requested byte range", "a data file is shorter than its index says (truncated)"),
+    ("Truncated Zstd", "a data file is missing or truncated"),
+    ("ZSTD_decompressStream", "a data file is corrupted (decompression failed)"),
+    ("NOT_FOUND", "a file of the database is missing"),
+    ("DATA_LOSS", "a data file is corrupted"),
+)
+_LOCAL_FILE = re.compile(r'local file "([^"]*[^/"])"')
+
+
+def short_error(err: BaseException) -> str:
+    """One line for a TensorStore error: what it means, its status code, and the file."""
+    text = str(err)
+    if not text:
+        return type(err).__name__
+    code = text.split(":", 1)[0]
+    for marker, meaning in _READ_FAILURES:
+        if marker in text:
+            found = _LOCAL_FILE.search(text)
+            return f"{meaning} [{code}]" + (f" ({found.group(1)})" if found else "")
+    return text.splitlines()[0][:300]
+
+
+@functools.lru_cache(maxsize=64)
+def _kvstore(spec: str, ctx):
+    import tensorstore as ts
+
+    return ts.KvStore.open(json.loads(spec), context=ctx).result()
+
+
+def read_range(spec: str, key: str, start: int, stop: int) -> bytes:
+    """Bytes ``[start, stop)`` of ``key`` in the kvstore of JSON ``spec``, in one request."""
+    if stop <= start:
+        return b""
+    try:
+        result = _kvstore(spec, context()).read(key, byte_range=slice(start, stop)).result()
+    except Exception as err:
+        raise StorageError(
+            f"cannot read bytes {start}-{stop} of {key}: {short_error(err)}",
+            hint="the file is shorter than its header says, or the store failed",
+        ) from None
+    if result.state != "value":
+        raise StorageError(f"{key} is missing", hint="the checkpoint's files changed while it was read")
+    value = bytes(result.value)
+    if len(value) != stop - start:
+        raise StorageError(
+            f"{key} ends at byte {start + len(value)}, before {stop}", hint="the file is truncated"
+        )
+    return value
+
+
+def _remote_size(spec: str, key: str) -> int | None:
+    """The size of an object, by reading an empty range at its end (binary search on failures)."""
+    store = _kvstore(spec, context())
+    if store.read(key, byte_range=slice(0, 1)).result().state != "value":
+        return None
+    lo, hi = 1, 1
+    while _has_byte(store, key, hi):  # the first power of two past the end
+        lo, hi = hi + 1, hi * 2
+    while lo < hi:  # the first offset with no byte
+        mid = (lo + hi) // 2
+        if _has_byte(store, key, mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _has_byte(store, key: str, offset: int) -> bool:
+    try:
+        result = store.read(key, byte_range=slice(offset, offset + 1)).result()
+    except Exception:
+        return False
+    return result.state == "value" and len(bytes(result.value)) == 1
 
 
 def inside(target: str, folder: str) -> bool:

@@ -1,0 +1,181 @@
+"""The records every checkpoint format is read into, and the handles its arrays are read through.
+
+A format module (:mod:`paramscope.io.orbax`, :mod:`paramscope.io.safetensors`, ...) turns what it
+finds on disk into a :class:`Location` with :class:`Item` s, and each item into
+:class:`StoredArray` s; the rest of paramscope reads arrays through handles that behave alike
+for every format (``handle[index].read().result()`` is a numpy array).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from paramscope.errors import CorruptCheckpoint
+from paramscope.io.storage import Tree, short_error
+from paramscope.names import join_keys
+
+
+@dataclass(frozen=True)
+class SavedSharding:
+    """A NamedSharding as saved: the mesh's axes and one partition entry per dimension."""
+
+    mesh_axes: tuple[tuple[str, int], ...]
+    spec: tuple[Any, ...]  # per dimension: None, an axis name, or a tuple of axis names
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One array of an item: its tree keys, shape, dtype, and where TensorStore finds it."""
+
+    keys: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    chunks: tuple[int, ...]
+    driver: str  # "zarr" or "zarr3" (opened by TensorStore), "bytes" (C-order raw bytes in a file)
+    store: str  # JSON of the TensorStore kvstore spec of the item's folder (shared by its arrays)
+    name: str  # the array's key in that store
+    sharding: SavedSharding | None
+    value_type: str
+    # The zarr metadata as stored, less shape and chunk shape: arrays written alike share one
+    # string, so 100,000 arrays do not hold 100,000 copies (see :func:`_metadata_template`).
+    metadata_template: str = field(default="", compare=False, repr=False)
+    # Formats that store an array as raw bytes in a file (``driver`` "bytes"): where they start
+    # in the file ``name``; -1 for the others.
+    offset: int = -1
+
+    @property
+    def path(self) -> str:
+        return join_keys(self.keys)
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    path: str  # as shown to people: a local path or a URL
+    # Orbax: "pytree", "array", "json", "damaged" (no _METADATA) or "unknown"; other formats
+    # their own name ("safetensors", "msgpack", ...), which picks the module that reads them.
+    kind: str
+    tree: Tree = field(compare=False, repr=False)
+    rel: str = ""  # the item's folder inside ``tree``
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    path: str
+    step: int | None
+    finished: bool
+
+
+@dataclass
+class Location:
+    """What a user's path points at, resolved down to one step."""
+
+    path: str
+    kind: str  # "root", "step" or "item"
+    step: Step | None
+    items: list[Item]
+    steps: list[Step] = field(default_factory=list)
+    selected_item: str | None = None  # set when the path is an item folder
+    tree: Tree | None = field(default=None, repr=False)
+    step_rel: str | None = None  # the chosen step's folder inside ``tree``
+
+
+@functools.cache
+def dtype_info(name: str) -> tuple[str, int]:
+    """(numpy name, itemsize) of a dtype name; TypeError/AttributeError when unknown."""
+    dtype = numpy_dtype(name)
+    return dtype.name, dtype.itemsize
+
+
+class ArrayReadError(CorruptCheckpoint):
+    """One array's data could not be read; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, verb: str, path: str, err: BaseException):
+        self.path = path
+        self.reason = short_error(err)
+        super().__init__(
+            f"cannot {verb} array {path!r}: {self.reason}", hint="the checkpoint's data files are damaged"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrays stored as raw bytes: read by byte range, one slab of leading-axis rows at a time
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="paramscope-read")
+    return _POOL
+
+
+class BytesArray:
+    """An array stored as C-order little-endian bytes at ``start`` of a file, read through
+    ``read_range(start, stop) -> bytes``. ``handle[index].read().result()`` reads only the rows of
+    the leading axis that ``index`` touches, as TensorStore handles do for zarr chunks."""
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: str, start: int, read_range: Callable[[int, int], bytes]
+    ):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.start = start
+        self._read_range = read_range
+        self._index: tuple = ()
+
+    def __getitem__(self, index) -> BytesArray:
+        view = BytesArray(self.shape, self.dtype, self.start, self._read_range)
+        view._index = index if isinstance(index, tuple) else (index,)
+        return view
+
+    def read(self):
+        return _pool().submit(self._fetch)
+
+    def _fetch(self):
+        import numpy as np
+
+        dtype = numpy_dtype(self.dtype).newbyteorder("<")
+        index = self._index
+        if not self.shape:
+            raw = self._read_range(self.start, self.start + dtype.itemsize)
+            return np.frombuffer(raw, dtype).reshape(())[index].astype(dtype.newbyteorder("="))
+        rows = self.shape[0]
+        first = index[0] if index else slice(None)
+        if isinstance(first, slice):
+            picked = range(*first.indices(rows))
+            lo, hi = (min(picked), max(picked) + 1) if picked else (0, 0)
+            within = slice(picked.start - lo, None if picked.stop - lo < 0 else picked.stop - lo, picked.step)
+        else:
+            lo = int(first) + rows if int(first) < 0 else int(first)
+            hi, within = lo + 1, 0
+        row_bytes = dtype.itemsize * _product(self.shape[1:])
+        raw = self._read_range(self.start + lo * row_bytes, self.start + hi * row_bytes) if hi > lo else b""
+        block = np.frombuffer(raw, dtype).reshape((hi - lo, *self.shape[1:]))
+        return np.array(block[(within, *index[1:])], dtype=dtype.newbyteorder("="))
+
+
+def _product(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+@functools.cache
+def numpy_dtype(name: str):
+    """The numpy dtype of a dtype name, ml_dtypes' (bfloat16, float8_*, int4) included."""
+    import ml_dtypes
+    import numpy as np
+
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return np.dtype(getattr(ml_dtypes, name))
