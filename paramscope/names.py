@@ -5,6 +5,7 @@ Kept free of jax imports so the checkpoint reader and the CLI can use it cheaply
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 # flax linen boxes (nn.Partitioned) and flax NNX variables are stored with a trailing
@@ -12,18 +13,32 @@ from collections.abc import Iterable, Sequence
 BOX_VALUE_KEY = "value"
 
 
-def join_keys(keys: Sequence[str]) -> str:
-    """Joins path keys with dots, dropping a trailing box `value` key.
+def quote_key(key: str) -> str:
+    """One path component as shown: a key that holds a dot (or is empty, or starts with a quote)
+    is written as a JSON string, so that ``{'a.b': x}`` and ``{'a': {'b': y}}`` print as two
+    different paths, ``"a.b"`` and ``a.b``.
+
+    >>> quote_key("kernel"), quote_key("a.b"), quote_key("")
+    ('kernel', '"a.b"', '""')
+    """
+    if key and "." not in key and not key.startswith('"'):
+        return key
+    return json.dumps(key, ensure_ascii=False)
+
+
+def join_keys(keys: Sequence[str], unbox: bool = True) -> str:
+    """Joins path keys with dots (quoting keys that hold dots), dropping a trailing box
+    ``value`` key when ``unbox``.
 
     >>> join_keys(["params", "Dense_0", "kernel", "value"])
     'params.Dense_0.kernel'
-    >>> join_keys(["layers", "0", "bias"])
-    'layers.0.bias'
+    >>> join_keys(["mlp", "value"], unbox=False), join_keys(["layers", "0", "bias"])
+    ('mlp.value', 'layers.0.bias')
     """
     keys = [str(k) for k in keys]
-    if len(keys) > 1 and keys[-1] == BOX_VALUE_KEY:
+    if unbox and len(keys) > 1 and keys[-1] == BOX_VALUE_KEY:
         keys = keys[:-1]
-    return ".".join(keys)
+    return ".".join(quote_key(k) for k in keys)
 
 
 def key_name(key: object) -> str:
@@ -44,6 +59,37 @@ def dotted_path(key_path: Iterable[object]) -> str:
     return join_keys([key_name(k) for k in key_path])
 
 
+def split_path(path: str) -> list[str]:
+    """The components of a dotted path as :func:`join_keys` wrote them, quoted keys kept whole
+    (and still quoted, so that joining them again gives the same path).
+
+    >>> split_path('params."a.b".kernel'), split_path("a.b")
+    (['params', '"a.b"', 'kernel'], ['a', 'b'])
+    """
+    if '"' not in path:
+        return path.split(".")
+    parts, current, quoted, escaped = [], [], False, False
+    for char in path:
+        if quoted:
+            current.append(char)
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+        elif char == '"':
+            quoted = True
+            current.append(char)
+        elif char == ".":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
 def prefix_groups(path: str, depth: int) -> str:
     """The first `depth` components of a dotted path (depth 0 gives the empty string).
 
@@ -52,4 +98,4 @@ def prefix_groups(path: str, depth: int) -> str:
     """
     if depth <= 0:
         return ""
-    return ".".join(path.split(".")[:depth])
+    return ".".join(split_path(path)[:depth])

@@ -31,6 +31,7 @@ from paramscope.compute.moments import Accumulator
 from paramscope.compute.plan import _boxes, default_memory_budget
 from paramscope.io import checkpoint
 from paramscope.io.inventory import Inventory, ParamInfo
+from paramscope.names import split_path
 
 CACHE_VERSION = 1
 
@@ -326,7 +327,7 @@ def series(result: History, depth: int | None = None) -> list[Series]:
     steps = [r.step for r in result.steps]
 
     def group_of(path: str) -> str:
-        return path if depth is None else ".".join(path.split(".")[:depth]) or "(all)"
+        return path if depth is None else ".".join(split_path(path)[:depth]) or "(all)"
 
     groups: dict[str, list[str]] = {}
     for path in result.paths:
@@ -356,7 +357,7 @@ def layer_rows(result: History, layers: Sequence[ParamInfo]) -> dict[str, list[l
 
     members: dict[tuple[str, int], list[str]] = {}
     for param in layers:
-        parts = param.path.split(".")
+        parts = split_path(param.path)
         index = str(param.layer[1])
         at = next(k for k in range(len(parts)) if parts[k] == index and k > 0)
         members.setdefault((".".join(parts[:at]), param.layer[1]), []).append(param.path)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from paramscope.errors import UsageError
 from paramscope.io.inventory import ParamInfo
+from paramscope.names import split_path
 
 STACK_NAMES = ("layers", "layer", "scan", "scanned", "blocks", "stages", "stack", "repeat")
 MESH_LAYER_AXES = ("layers", "layer", "stage", "stages", "pipeline")
@@ -63,7 +64,7 @@ def parse_layer_axes(texts: Sequence[str] | None) -> list[tuple[re.Pattern, int]
 
 
 def _stack_component(path: str) -> int | None:
-    parts = path.split(".")
+    parts = split_path(path)
     for i, part in enumerate(parts[:-1]):
         name = part.lower()
         if name in STACK_NAMES or any(
@@ -97,7 +98,7 @@ def find_stacks(
                     f"--layer-axis {option} is not an axis of {param.path} (shape {param.shape})",
                     hint="axes count from 0",
                 )
-            where = component if component is not None else max(0, len(param.path.split(".")) - 2)
+            where = component if component is not None else max(0, len(split_path(param.path)) - 2)
             stacks[param.path] = Stack(axis, param.shape[axis], where, "option")
             continue
         if component is None or ndim == 0:
@@ -107,18 +108,18 @@ def find_stacks(
             for d, entry in enumerate(param.sharding or ())
             if any(name in MESH_LAYER_AXES for name in ((entry,) if isinstance(entry, str) else entry or ()))
         ]
-        if maxtext_axis is not None and param.path.split(".")[component] == "layers" and maxtext_axis < ndim:
+        if maxtext_axis is not None and split_path(param.path)[component] == "layers" and maxtext_axis < ndim:
             stacks[param.path] = Stack(maxtext_axis, param.shape[maxtext_axis], component, "metadata")
         elif len(sharded) == 1:
             stacks[param.path] = Stack(sharded[0], param.shape[sharded[0]], component, "sharding")
         else:
-            prefix = ".".join(param.path.split(".")[: component + 1])
+            prefix = ".".join(split_path(param.path)[: component + 1])
             undecided[prefix].append(param)
     decided = defaultdict(set)  # a sibling already settled tells the stack's size
     for path, stack in stacks.items():
         component = _stack_component(path)
         if component is not None:
-            decided[".".join(path.split(".")[: component + 1])].add(stack.size)
+            decided[".".join(split_path(path)[: component + 1])].add(stack.size)
     for prefix, group in undecided.items():
         common = set(group[0].shape)
         for param in group[1:]:
@@ -169,7 +170,7 @@ def layer_path(path: str, stack: Stack, index: int) -> str:
     >>> layer_path("decoder.layers.mlp.wi_0.kernel", Stack(1, 4, 1, "metadata"), 3)
     'decoder.layers.3.mlp.wi_0.kernel'
     """
-    parts = path.split(".")
+    parts = split_path(path)
     return ".".join([*parts[: stack.component + 1], str(index), *parts[stack.component + 1 :]])
 
 
@@ -239,7 +240,7 @@ def layer_table(views: Sequence[LayerView], result) -> list[LayerRow]:
     for view, stats in zip(views, result.params):
         if view.stack is None:
             continue
-        parts = view.info.path.split(".")
+        parts = split_path(view.info.path)
         stack = ".".join(parts[: view.stack.component + 1])
         kind = ".".join(parts[view.stack.component + 2 :])
         norms, squares, nonfinite = rows.setdefault((stack, view.layer), ({}, [], []))

@@ -27,6 +27,7 @@ from paramscope.compute.moments import Accumulator
 from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
+from paramscope.names import split_path
 
 FIRST = ("mu", "m", "exp_avg", "momentum")
 SECOND = ("nu", "v", "exp_avg_sq")
@@ -76,12 +77,12 @@ def align(params: Sequence[ParamInfo], opt_leaves: Sequence[ParamInfo]) -> Align
         if p.path.startswith("params.") and p.path[len("params.") :] not in by_path:
             by_path[p.path[len("params.") :]] = p
     entries = {p.path: OptimEntry(p.path, p) for p in params}
-    counts = {leaf.path: leaf for leaf in opt_leaves if leaf.path.rsplit(".", 1)[-1] == "count"}
+    counts = {leaf.path: leaf for leaf in opt_leaves if split_path(leaf.path)[-1] == "count"}
     unmatched, mismatched = [], []
     for leaf in opt_leaves:
         if leaf.path in counts:
             continue
-        parts = leaf.path.split(".")
+        parts = split_path(leaf.path)
         moment = None
         for k, part in enumerate(parts[:-1]):
             rest = ".".join(parts[k + 1 :])

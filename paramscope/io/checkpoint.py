@@ -115,11 +115,14 @@ def list_steps(path: str | os.PathLike) -> list[Step]:
         return []
 
 
-def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArray]:
-    """Every array of an item, from metadata alone."""
+def read_arrays(
+    item: Item, problems: list[str] | None = None, values: list[tuple[str, Any]] | None = None
+) -> list[StoredArray]:
+    """Every array of an item, from metadata alone; leaves that are not arrays (strings) are
+    appended to ``values`` as (path, value) by the formats that store them."""
     problems = problems if problems is not None else []
     module = _module(item.kind)
-    return module.read_arrays(item, problems) if module else orbax.read_arrays(item, problems)
+    return module.read_arrays(item, problems) if module else orbax.read_arrays(item, problems, values)
 
 
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:

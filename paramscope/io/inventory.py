@@ -16,7 +16,7 @@ from typing import Any
 from paramscope._mask import compile_patterns, mask_predicate
 from paramscope.errors import ItemNotFound, UsageError
 from paramscope.io import checkpoint
-from paramscope.names import prefix_groups
+from paramscope.names import prefix_groups, quote_key, split_path
 
 DEFAULT_ITEM = "params"
 
@@ -75,6 +75,8 @@ class Inventory:
     shown: str = ""  # the path as the caller wrote it (relative stays relative)
     custom: dict[str, Any] = field(default_factory=dict)  # the step's custom metadata
     views: list | None = None  # with --unstack: where each shown parameter comes from (LayerView)
+    # leaves that are not arrays (strings): {"path", "type", "value"}
+    values: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total_count(self) -> int:
@@ -147,7 +149,7 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
 
 def _relative(path: str, subtree: str) -> str | None:
     if path == subtree:
-        return path.rsplit(".", 1)[-1]
+        return split_path(path)[-1]
     if path.startswith(subtree + "."):
         return path[len(subtree) + 1 :]
     return None
@@ -176,12 +178,30 @@ def open_checkpoint(
     """
     location = checkpoint.locate(os.fspath(path), step)
     items = _select_items(location, item)
-    params = []
-    saved_mesh = None
     warnings: list[str] = []
+    found = []
     for chosen in items:
-        for array in checkpoint.read_arrays(chosen, warnings):
-            name = array.path if len(items) == 1 else f"{chosen.name}.{array.path}"
+        values: list[tuple[str, Any]] = []
+        found.append((chosen, checkpoint.read_arrays(chosen, warnings, values), values))
+    if item is None and len(found) > 1:
+        # several pytree items and none named `params`: those holding only strings (Keras'
+        # model_config beside its pytree) do not make the others' paths longer
+        with_arrays = [entry for entry in found if entry[1]]
+        if len(with_arrays) == 1:
+            found = with_arrays
+    params = []
+    shown_values = []
+    saved_mesh = None
+    for chosen, arrays, values in found:
+        prefix = "" if len(found) == 1 else f"{quote_key(chosen.name)}."
+        for name, value in values:
+            name = prefix + name
+            if subtree:
+                name = _relative(name, subtree)
+            if name is not None:
+                shown_values.append({"path": name, "type": type(value).__name__, "value": value})
+        for array in arrays:
+            name = prefix + array.path
             if subtree:
                 name = _relative(name, subtree)
                 if name is None:
@@ -191,6 +211,7 @@ def open_checkpoint(
             params.append(
                 ParamInfo(name, array.shape, array.dtype, array.itemsize, spec_per_dim(array), array)
             )
+    items = [chosen for chosen, _, _ in found]
     if subtree and not params:
         warnings.append(f"subtree {subtree!r} matches no parameter (paths are dotted, e.g. params.Dense_0)")
     return Inventory(
@@ -203,6 +224,7 @@ def open_checkpoint(
         warnings=warnings,
         shown=os.fspath(path),
         custom=checkpoint.custom_metadata(location),
+        values=shown_values,
     )
 
 
@@ -300,6 +322,7 @@ def inventory_to_json(inv: Inventory) -> str:
         "warnings": inv.warnings,
         "shown": inv.shown,
         "custom": inv.custom,
+        "values": inv.values,
         "shared": list(shared),
         "params": params,
     }
@@ -334,6 +357,7 @@ def inventory_from_json(text: str | bytes) -> Inventory:
         warnings=doc["warnings"],
         shown=doc["shown"],
         custom=doc["custom"],
+        values=doc.get("values", []),
     )
 
 

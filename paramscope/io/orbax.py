@@ -36,8 +36,11 @@ from paramscope.io.records import (
     dtype_info,
 )
 from paramscope.io.storage import Tree, short_error
+from paramscope.names import BOX_VALUE_KEY, join_keys
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+STRINGS_FILE = "_strings.json"
+STRING_TYPE = "string"
 TREE_METADATA = "_METADATA"
 SHARDING_FILE = "_sharding"
 OCDBT_MANIFEST = "manifest.ocdbt"
@@ -346,9 +349,12 @@ def _read_shardings(
     return shardings
 
 
-def _tree_entries(tree: Tree, item_rel: str) -> tuple[list[tuple[tuple[str, ...], str]], bool | None]:
-    """(keys, value_type) of every leaf that holds array data, in the saved order, and whether
-    the metadata says the arrays live in an OCDBT database."""
+def _tree_entries(
+    tree: Tree, item_rel: str
+) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str, ...]], bool | None]:
+    """(keys, value_type) of every leaf that holds array data, in the saved order; the keys of
+    the string leaves (stored in ``_strings.json``, not as arrays); and whether the metadata
+    says the arrays live in an OCDBT database."""
     path = tree.path(_join(item_rel, TREE_METADATA))
     meta = read_json(tree, _join(item_rel, TREE_METADATA))
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
@@ -356,7 +362,7 @@ def _tree_entries(tree: Tree, item_rel: str) -> tuple[list[tuple[tuple[str, ...]
         raise CorruptCheckpoint(
             f"{path} has no tree_metadata", hint="the item's metadata is damaged or from an unknown writer"
         )
-    entries = []
+    entries, strings = [], []
     for entry in tree.values():
         try:
             keys = tuple(str(k["key"]) for k in entry["key_metadata"])
@@ -369,8 +375,42 @@ def _tree_entries(tree: Tree, item_rel: str) -> tuple[list[tuple[tuple[str, ...]
             ) from None
         if value.get("skip_deserialize") or value.get("value_type") in ("None", None):
             continue
+        if value.get("value_type") == STRING_TYPE:
+            strings.append(keys)
+            continue
         entries.append((keys, str(value.get("value_type"))))
-    return entries, meta.get("use_ocdbt")
+    return entries, strings, meta.get("use_ocdbt")
+
+
+def boxed_leaves(all_keys: Sequence[tuple[str, ...]]) -> list[bool]:
+    """Which leaves end in the ``value`` key of a flax box (linen ``nn.Partitioned``, an NNX
+    ``Variable``) rather than in a real dict key named ``value``.
+
+    Orbax writes both alike, so the tree's structure decides. A box holds nothing but its
+    ``value`` and stands for a parameter of a module, so a ``value`` is a box's when it is the
+    only key of a dict that is not at the top of the tree (``Dense_0.kernel.value``); and when
+    every leaf of the tree ends in ``value`` (NNX state), all are. A real key is not dropped
+    on a guess: ``{'mlp': {'value': w}}`` stays ``mlp.value``, and so does a ``value`` beside
+    other keys.
+
+    >>> boxed_leaves([("dense", "kernel", "value"), ("mlp", "value"), ("step",)])
+    [True, False, False]
+    >>> boxed_leaves([("model", "linear", "kernel", "value"), ("step", "value")])
+    [True, True]
+    >>> boxed_leaves([("a", "b", "value"), ("a", "b", "other")])
+    [False, False]
+    """
+    children: dict[tuple[str, ...], set[str]] = {}
+    for keys in all_keys:
+        for depth in range(1, len(keys)):
+            children.setdefault(keys[:depth], set()).add(keys[depth])
+    ends = [len(keys) > 1 and keys[-1] == BOX_VALUE_KEY for keys in all_keys]
+    if all(ends) and any(len(keys) > 2 for keys in all_keys):
+        return ends
+    return [
+        end and len(keys) > 2 and children.get(keys[:-1]) == {BOX_VALUE_KEY}
+        for end, keys in zip(ends, all_keys)
+    ]
 
 
 def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str, str]:
@@ -453,11 +493,14 @@ def _where(kvstore: dict[str, Any]) -> str:
     return f"{scheme}://{base.get('bucket')}/{base.get('path', '')}".rstrip("/")
 
 
-def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArray]:
+def read_arrays(
+    item: Item, problems: list[str] | None = None, values: list[tuple[str, Any]] | None = None
+) -> list[StoredArray]:
     """Every array of an item, from metadata alone: no array data is read.
 
     Problems that leave the arrays readable (a missing or damaged ``_sharding``) are appended to
-    ``problems``; anything worse raises :class:`CorruptCheckpoint`.
+    ``problems``; anything worse raises :class:`CorruptCheckpoint`. The item's leaves that are
+    not arrays (strings) are appended to ``values`` as (path, value).
     """
     problems = problems if problems is not None else []
     if item.kind == "array":
@@ -466,9 +509,15 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
         kv = item.tree.spec(item.rel)
         shardings = {item.name: _read_shardings(item.tree, item.rel, problems).get(ARRAY_ITEM_NAME)}
     elif item.kind == "pytree":
-        entries, use_ocdbt = _tree_entries(item.tree, item.rel)
+        entries, strings, use_ocdbt = _tree_entries(item.tree, item.rel)
+        if strings and values is not None:
+            values += _read_strings(item, strings, entries, problems)
+        if not entries:  # only strings (e.g. Keras' model_config item): no array store to open
+            return []
         names = [".".join(keys) for keys, _ in entries]
+        _warn_shared_names(item, [keys for keys, _ in entries], problems)
         kv = _kvstore_spec(item.tree, item.rel, use_ocdbt)
+        boxed = boxed_leaves([keys for keys, _ in entries] + strings)[: len(entries)]
         jax_arrays = any(value_type == "jax.Array" for _, value_type in entries)
         shardings = _read_shardings(item.tree, item.rel, problems, expected=jax_arrays)
     elif item.kind == "damaged":
@@ -486,7 +535,52 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
         [(keys, name, value_type) for (keys, value_type), name in zip(entries, names)],
         shardings,
         f"item {item.name!r}",
+        boxed if item.kind == "pytree" else [False],
     )
+
+
+def _read_strings(
+    item: Item,
+    strings: list[tuple[str, ...]],
+    entries: list[tuple[tuple[str, ...], str]],
+    problems: list[str],
+) -> list[tuple[str, Any]]:
+    """The string leaves of an item, from its ``_strings.json`` (by Orbax's dotted names)."""
+    rel = _join(item.rel, STRINGS_FILE)
+    raw = item.tree.read(rel)
+    try:
+        stored = json.loads(raw) if raw is not None else None
+    except ValueError:
+        stored = None
+    if not isinstance(stored, dict):
+        state = "missing" if raw is None else "damaged"
+        problems.append(f"{item.tree.path(rel)} is {state}: the item's string values are unknown")
+        stored = {}
+    boxed = boxed_leaves([keys for keys, _ in entries] + strings)[len(entries) :]
+    found = []
+    for keys, box in zip(strings, boxed):
+        value = stored.get(".".join(keys))
+        if value is None and stored:
+            problems.append(f"{item.tree.path(rel)} has no value for {join_keys(keys, unbox=False)}")
+        found.append((join_keys(keys[:-1] if box else keys, unbox=False), value))
+    return found
+
+
+def shared_names(all_keys: Sequence[tuple[str, ...]]) -> dict[str, list[tuple[str, ...]]]:
+    """Leaves whose keys Orbax joins into one array name (``{'a.b': x, 'a': {'b': y}}``): it
+    stores one array for both, so one of the two values is lost. By that name."""
+    by_name: dict[str, list[tuple[str, ...]]] = {}
+    for keys in all_keys:
+        by_name.setdefault(".".join(keys), []).append(keys)
+    return {name: keys for name, keys in by_name.items() if len(keys) > 1}
+
+
+def _warn_shared_names(item: Item, all_keys: list[tuple[str, ...]], problems: list[str]) -> None:
+    for name, keys in shared_names(all_keys).items():
+        shown = " and ".join(join_keys(k, unbox=False) for k in keys)
+        problems.append(
+            f"item {item.name!r}: {shown} are stored as one array {name!r}; one of their values is lost"
+        )
 
 
 def zarr_arrays(
@@ -494,12 +588,16 @@ def zarr_arrays(
     entries: Sequence[tuple[tuple[str, ...], str, str]],
     shardings: dict[str, SavedSharding | None] | None = None,
     where: str = "the checkpoint",
+    boxed: Sequence[bool] | None = None,
 ) -> list[StoredArray]:
     """The zarr (v2 or v3) arrays of one kvstore, from their metadata files, read concurrently.
 
     ``entries``: (tree keys, array name in the store, value type) of each array; ``shardings``
-    by dotted keys. Used for Orbax items and for any other format that stores zarr arrays.
+    by dotted keys; ``boxed``: which end in a box's ``value`` (default: :func:`boxed_leaves`).
+    Used for Orbax items and for any other format that stores zarr arrays.
     """
+    if boxed is None:
+        boxed = boxed_leaves([keys for keys, _, _ in entries])
     names = [name for _, name, _ in entries]
     v2 = _read_kv(kv, [f"{n}/.zarray" for n in names])
     missing = [i for i, raw in enumerate(v2) if raw is None]
@@ -509,7 +607,7 @@ def zarr_arrays(
     arrays = []
     store = json.dumps(kv, sort_keys=True)
     shardings = shardings or {}
-    for (keys, name, value_type), raw in zip(entries, v2):
+    for (keys, name, value_type), raw, box in zip(entries, v2, boxed):
         if raw is None:
             raise CorruptCheckpoint(
                 f"array {name!r} of {where} is listed in the metadata but not stored",
@@ -529,6 +627,7 @@ def zarr_arrays(
                 sharding=shardings.get(".".join(keys)),
                 value_type=value_type,
                 metadata_template=template,
+                boxed=box,
             )
         )
     return arrays
@@ -642,6 +741,9 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
     if item.kind != "pytree":
         return []
     problems: list[tuple[str | None, str]] = []
+    for name, keys in shared_names([a.keys for a in arrays]).items():
+        shown = " and ".join(join_keys(k, unbox=False) for k in keys)
+        problems.append((name, f"{shown} are stored as one array: one of their values is lost"))
     listed = {a.name: a for a in arrays}
     kvstore = json.loads(arrays[0].store) if arrays else None
     if kvstore is not None:

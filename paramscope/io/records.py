@@ -47,10 +47,12 @@ class StoredArray:
     # Formats that store an array as raw bytes in a file (``driver`` "bytes"): where they start
     # in the file ``name``; -1 for the others.
     offset: int = -1
+    # Whether the last key is the ``value`` of a flax box (dropped from the path users see).
+    boxed: bool = False
 
     @property
     def path(self) -> str:
-        return join_keys(self.keys)
+        return join_keys(self.keys[:-1] if self.boxed else self.keys, unbox=False)
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,7 @@ def table_report(
     payload = {"schema": "paramscope.table/1", **header(inv), "params": ordered, "total": total}
     if scan is not None and scan.digest is not None:
         payload["digest"] = scan.digest
-    return Report(
+    report = Report(
         payload=payload,
         columns=columns,
         rows=ordered,
@@ -253,6 +253,31 @@ def table_report(
         notes=_digest_note(scan),
         empty="no parameters match",
     )
+    if inv.values:
+        payload["values"] = inv.values
+        report.sections.append(values_section(inv.values))
+    return report
+
+
+def values_section(values: list[dict]) -> Report:
+    """The leaves that are not arrays (strings), shown as values after the arrays."""
+    return Report(
+        payload={},
+        name="values",
+        title="values (not arrays)",
+        columns=[
+            Column("path", "path", "path", priority=0),
+            Column("type", "type", priority=1),
+            Column("value", "value", "note", priority=0),
+        ],
+        rows=[{**v, "value": _clip(v["value"])} for v in values],
+    )
+
+
+def _clip(value, limit: int = 80) -> str:
+    """A value as one short line (a model's JSON config can be kilobytes)."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def count_report(inv, result, depth: int) -> Report:

@@ -1,0 +1,94 @@
+"""Trees as they really come: string leaves, keys named ``value``, keys with dots, Keras' items.
+
+Read from committed fixtures written by the real writers (tests/data/*/LAYOUT.md) and from
+checkpoints Orbax writes here.
+"""
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_cli import run, run_json
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+V1 = os.path.join(DATA, "orbax_v1")
+KERAS = os.path.join(DATA, "keras_orbax")
+
+
+def _expected(folder):
+    with open(os.path.join(folder, "expected.json")) as f:
+        return json.load(f)
+
+
+def test_a_real_key_named_value_is_kept_and_a_box_is_unboxed():
+    """``{'mlp': {'value': w}}`` stays ``mlp.value``; a flax Partitioned box is ``dense.kernel``;
+    the string leaf is a value, not an array; norms match the float64 reference."""
+    expected = _expected(V1)["string_and_value_keys"]["leaves"]
+    path = os.path.join(V1, "string_and_value_keys")
+    table = run_json("table", path)
+    arrays = {p["path"]: p for p in table["params"]}
+    assert set(arrays) == {k for k, v in expected.items() if v["dtype"] != "str"}
+    for name, param in arrays.items():
+        assert param["shape"] == expected[name]["shape"]
+    assert table["values"] == [{"path": "name", "type": "str", "value": "tiny-mlp"}]
+    norms = run_json("norms", path, "--per-param")
+    for entry in norms["params"]:
+        assert entry["norm"] == pytest.approx(expected[entry["path"]]["norm"], rel=1e-6)
+    verify = run("verify", path)
+    assert verify.exit_code == 0, verify.stdout + verify.stderr
+
+
+def test_string_leaves_are_values_in_every_command():
+    """The 0.12 v1 single checkpoint has a string leaf in _strings.json: no command calls the
+    checkpoint incomplete, and the table shows the string as a value."""
+    path = os.path.join(V1, "single")
+    for command in ("table", "count", "norms", "stats", "verify", "info"):
+        result = run(command, path)
+        assert result.exit_code == 0, (command, result.stderr)
+    table = run("table", path)
+    assert "values (not arrays)" in table.stdout and "tiny-linen" in table.stdout
+
+
+def test_keras_orbax_steps_read_the_arrays_item_without_a_prefix():
+    """Keras 3's OrbaxCheckpoint step: `pytree` (arrays) and `model_config` (one string, no
+    OCDBT database). Every command works; paths are the model's; --item picks either item."""
+    expected = _expected(KERAS)
+    root = os.path.join(KERAS, "checkpoints")
+    for step, items in expected["steps"].items():
+        leaves = items["pytree"]
+        table = run_json("table", root, "--step", step)
+        assert {p["path"]: p["shape"] for p in table["params"]} == {k: v["shape"] for k, v in leaves.items()}
+        norms = run_json("norms", root, "--step", step, "--per-param")
+        for entry in norms["params"]:
+            assert entry["norm"] == pytest.approx(leaves[entry["path"]]["norm"], rel=1e-6)
+    config = run_json("table", root, "--item", "model_config")
+    assert config["params"] == [] and config["values"][0]["path"] == "config"
+    assert json.loads(config["values"][0]["value"])["class_name"] == "Sequential"
+    for command in ("info", "verify", "stats", "count"):
+        result = run(command, root)
+        assert result.exit_code == 0, (command, result.stderr)
+
+
+@pytest.fixture(scope="module")
+def dotted(tmp_path_factory):
+    """``{'a.b': x, 'a': {'b': y}}`` of one shape, saved by Orbax: it stores one array for both."""
+    path = tmp_path_factory.mktemp("dotted") / "ckpt"
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ckptr = ocp.PyTreeCheckpointer()
+    ckptr.save(path, {"a.b": x, "a": {"b": x * 2}, "c": {"value": x + 1}})
+    return str(path)
+
+
+def test_two_keys_that_print_alike_stay_two_rows_and_are_reported(dotted):
+    table = run("table", dotted, "--format", "json")
+    assert table.exit_code == 0
+    paths = [p["path"] for p in json.loads(table.stdout)["params"]]
+    assert sorted(paths) == sorted(['"a.b"', "a.b", "c.value"])
+    assert "stored as one array 'a.b'" in table.stderr  # warned about everywhere
+    only = run_json("table", dotted, "--filter", r'^"a\.b"$')
+    assert [p["path"] for p in only["params"]] == ['"a.b"']
+    verify = run("verify", dotted)
+    assert verify.exit_code == 3  # damage
+    assert "stored as one array" in verify.stdout + verify.stderr
