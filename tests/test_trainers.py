@@ -186,3 +186,44 @@ def test_maxtext_layers_command_counts_two_layers_per_stack():
         "opt_state.0.nu.params.decoder.layers": [0, 1],
         "params.params.decoder.layers": [0, 1],
     }
+
+
+# Kauldron -----------------------------------------------------------------------------------
+
+KAULDRON = expected("kauldron")
+KAULDRON_PATH = os.path.join(DATA, "kauldron", "checkpoints")
+
+
+@pytest.mark.parametrize("step", ["0", "1", "2"])
+def test_kauldron_table_count_norms(step):
+    want = KAULDRON["steps"][step]["default"]
+    table = assert_reads(KAULDRON_PATH, want, "--step", step)
+    assert table["item"] == "default" and table["step"] == int(step)
+    assert {p["path"] for p in table["params"] if p["dtype"] == "bfloat16"} == {
+        "params.head.kernel",
+        "params.head.bias",
+        "opt_state.0.mu.head.kernel",
+        "opt_state.0.mu.head.bias",
+        "opt_state.0.nu.head.kernel",
+        "opt_state.0.nu.head.bias",
+    }
+
+
+def test_kauldron_root_items_and_sharding():
+    info = run_json("info", KAULDRON_PATH)
+    assert info["step"] == 2 and [(s["step"], s["name"]) for s in info["steps"]] == [
+        (0, "ckpt_0"),
+        (1, "ckpt_1"),
+        (2, "ckpt_2"),
+    ]
+    kinds = {i["name"]: i["kind"] for i in info["items"]}
+    assert kinds["default"] == "pytree" and kinds["timer"] == "json"
+    table = run_json("table", KAULDRON_PATH, "--subtree", "params")
+    assert {p["path"]: p["sharding"] for p in table["params"]} == {
+        "hidden.kernel": [None, "devices"],
+        "hidden.bias": ["devices"],
+        "norm.scale": ["devices"],
+        "norm.bias": ["devices"],
+        "head.kernel": ["devices", None],
+        "head.bias": None,
+    }
