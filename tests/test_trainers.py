@@ -227,3 +227,18 @@ def test_kauldron_root_items_and_sharding():
         "head.kernel": ["devices", None],
         "head.bias": None,
     }
+
+
+# Gemma library ------------------------------------------------------------------------------
+
+GEMMA = expected("gemma")
+
+
+@pytest.mark.parametrize("variant", ["bfloat16", "float32"])
+def test_gemma_save_params(variant):
+    want = GEMMA["checkpoints"][variant]
+    assert {v["dtype"] for v in want.values()} == {variant}
+    table = assert_reads(os.path.join(DATA, "gemma", variant), want)
+    assert {"layer_0.attn.kv_einsum.w", "layer_1.mlp.gating_einsum", "embedder.input_embedding"} <= {
+        p["path"] for p in table["params"]
+    }
