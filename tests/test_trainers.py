@@ -242,3 +242,16 @@ def test_gemma_save_params(variant):
     assert {"layer_0.attn.kv_einsum.w", "layer_1.mlp.gating_einsum", "embedder.input_embedding"} <= {
         p["path"] for p in table["params"]
     }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="on the scan_layers=false run (custom_metadata scan_layers: false) the heuristic takes "
+    "layers_0 and layers_1 for stacks and cuts their arrays along the shared embedding axis (8): "
+    "params.params.decoder.layers_0.mlp.wi_0.kernel (8, 16) becomes layers_0.0 ... layers_0.7 of (16,)",
+)
+def test_maxtext_unscanned_has_no_stacks():
+    path = maxtext_path("unscanned")
+    assert run_json("layers", path)["layers"] == []
+    whole = {p["path"]: p["shape"] for p in run_json("table", path)["params"]}
+    assert {p["path"]: p["shape"] for p in run_json("table", path, "--unstack")["params"]} == whole
