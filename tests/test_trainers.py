@@ -152,12 +152,6 @@ def test_maxtext_layers_command_on_params():
         assert row["norm"] == pytest.approx(math.sqrt(sum(n**2 for n in expected_norms.values())), rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the NNX rng state MaxText saves under nnx_aux...layers (count (2,), key_data (2, 4)) is "
-    "stacked on axis 0, but paramscope applies the scan_layers metadata rule (param_scan_axis 1) to "
-    "the keys and splits them into 4 'layers' of shape (2,), while the counts get axis 0 by heuristic",
-)
 def test_maxtext_unstack_rng_state():
     rows = maxtext_layer_rows("nnx_aux.")
     table = run_json("table", maxtext_path("scan"), "--unstack", "--filter", r"^nnx_aux\..*\.layers\.")
@@ -170,11 +164,6 @@ def test_maxtext_unstack_rng_state():
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="paramscope layers shows 4 layers (0..3) for the stack nnx_aux.model.decoder.layers of a "
-    "2-layer MaxText model: its rng keys' trailing key_data axis (4) is taken as the layer axis",
-)
 def test_maxtext_layers_command_counts_two_layers_per_stack():
     doc = run_json("layers", maxtext_path("scan"))
     stacks = {}
@@ -244,12 +233,6 @@ def test_gemma_save_params(variant):
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on the scan_layers=false run (custom_metadata scan_layers: false) the heuristic takes "
-    "layers_0 and layers_1 for stacks and cuts their arrays along the shared embedding axis (8): "
-    "params.params.decoder.layers_0.mlp.wi_0.kernel (8, 16) becomes layers_0.0 ... layers_0.7 of (16,)",
-)
 def test_maxtext_unscanned_has_no_stacks():
     path = maxtext_path("unscanned")
     assert run_json("layers", path)["layers"] == []

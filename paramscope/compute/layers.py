@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -63,10 +63,15 @@ def parse_layer_axes(texts: Sequence[str] | None) -> list[tuple[re.Pattern, int]
     return out
 
 
+_ONE_LAYER = re.compile(r"^(?:" + "|".join(STACK_NAMES) + r")_\d+$")
+
+
 def _stack_component(path: str) -> int | None:
     parts = split_path(path)
     for i, part in enumerate(parts[:-1]):
         name = part.lower()
+        if _ONE_LAYER.match(name):  # unrolled: layers_3 is one layer, not a stack
+            continue
         if name in STACK_NAMES or any(
             name.endswith("_" + s) or name.startswith(s + "_") for s in STACK_NAMES
         ):
@@ -87,6 +92,19 @@ def find_stacks(
     maxtext_axis = None
     if custom and custom.get("scan_layers"):
         maxtext_axis = int(custom.get("param_scan_axis", 1))
+    unscanned = bool(custom) and custom.get("scan_layers") is False  # the run says: no stacks
+    # MaxText scans its parameters (and their optimizer state) on param_scan_axis; other state
+    # under a `layers` component (NNX rng keys and counts) is stacked its own way, so the axis
+    # applies where it holds the number of layers most such arrays agree on
+    metadata_sizes = Counter(
+        p.shape[maxtext_axis]
+        for p in params
+        if maxtext_axis is not None
+        and maxtext_axis < len(p.shape)
+        and (c := _stack_component(p.path)) is not None
+        and split_path(p.path)[c] == "layers"
+    )
+    layer_count = metadata_sizes.most_common(1)[0][0] if metadata_sizes else None
     for param in params:
         component = _stack_component(param.path)
         ndim = len(param.shape)
@@ -101,14 +119,19 @@ def find_stacks(
             where = component if component is not None else max(0, len(split_path(param.path)) - 2)
             stacks[param.path] = Stack(axis, param.shape[axis], where, "option")
             continue
-        if component is None or ndim == 0:
+        if component is None or ndim == 0 or unscanned:
             continue
         sharded = [
             d
             for d, entry in enumerate(param.sharding or ())
             if any(name in MESH_LAYER_AXES for name in ((entry,) if isinstance(entry, str) else entry or ()))
         ]
-        if maxtext_axis is not None and split_path(param.path)[component] == "layers" and maxtext_axis < ndim:
+        if (
+            maxtext_axis is not None
+            and split_path(param.path)[component] == "layers"
+            and maxtext_axis < ndim
+            and param.shape[maxtext_axis] == layer_count
+        ):
             stacks[param.path] = Stack(maxtext_axis, param.shape[maxtext_axis], component, "metadata")
         elif len(sharded) == 1:
             stacks[param.path] = Stack(sharded[0], param.shape[sharded[0]], component, "sharding")
