@@ -92,3 +92,45 @@ def test_two_keys_that_print_alike_stay_two_rows_and_are_reported(dotted):
     verify = run("verify", dotted)
     assert verify.exit_code == 3  # damage
     assert "stored as one array" in verify.stdout + verify.stderr
+
+
+@pytest.fixture(scope="module")
+def flax_root(tmp_path_factory):
+    """``flax.training.checkpoints.save_checkpoint`` (Orbax underneath): checkpoint_<N> folders
+    that are items themselves."""
+    from flax.training import checkpoints
+
+    root = tmp_path_factory.mktemp("flax") / "run"
+    values = {}
+    for step in (1, 2):
+        tree = {"params": {"w": np.full((3, 4), step, np.float32), "b": np.arange(4, dtype=np.float32)}}
+        checkpoints.save_checkpoint(str(root), tree, step=step, keep=3)
+        values[step] = tree
+    return str(root), values
+
+
+def test_flax_checkpoint_roots_are_steps_not_items(flax_root):
+    root, values = flax_root
+    for step in (None, 1):
+        args = ("--step", str(step)) if step else ()
+        table = run_json("table", root, *args)
+        assert table["step"] == (step or 2)
+        assert sorted(p["path"] for p in table["params"]) == ["params.b", "params.w"]
+        norms = run_json("norms", root, "--per-param", *args)
+        want = np.sqrt(12.0) * (step or 2)
+        assert next(p["norm"] for p in norms["params"] if p["path"] == "params.w") == pytest.approx(want)
+    info = run_json("info", root)
+    assert [s["step"] for s in info["steps"]] == [1, 2]
+    assert [i["name"] for i in info["items"]] == ["checkpoint_2"]
+    diff = run_json("diff", root, "--step-a", "1")
+    assert sorted(p["path"] for p in diff["params"] if p["status"] == "changed") == ["params.w"]
+
+
+def test_info_shows_what_orbax_v1_recorded_of_the_step():
+    root = os.path.join(V1, "training")
+    info = run_json("info", root)
+    meta = info["step_metadata"]
+    assert meta["writer"] == "Orbax (v1 API)" and meta["custom_metadata"] == {"epoch": 2}
+    assert meta["started"] <= meta["committed"] and meta["committed"].endswith("Z")
+    assert "custom metadata: {\"epoch\": 2}" in run("info", root).stdout
+    assert run_json("info", os.path.join(V1, "string_and_value_keys"))["step_metadata"]["writer"] == "Orbax"

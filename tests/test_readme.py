@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 BLOCK = re.compile(r"```\n(\$ paramscope .*?)```", re.S)
 SIZE_ON_DISK = re.compile(r"\d+(\.\d)? (B|KiB|MiB)$", re.M)  # OCDBT file sizes vary from run to run
+WHEN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # so do the times a step was saved
 
 
 def examples(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -49,7 +50,9 @@ def run_example(command: str, folder: str) -> str:
 
 
 def normalise(command: str, output: str) -> str:
-    return SIZE_ON_DISK.sub("SIZE", output) if command.startswith("paramscope info") else output
+    if not command.startswith("paramscope info"):
+        return output
+    return WHEN.sub("TIME", SIZE_ON_DISK.sub("SIZE", output))
 
 
 @pytest.fixture(scope="module")

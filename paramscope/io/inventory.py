@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from paramscope._mask import compile_patterns, mask_predicate
-from paramscope.errors import ItemNotFound, UsageError
+from paramscope.errors import ItemNotFound, ParamscopeError, UsageError
 from paramscope.io import checkpoint
 from paramscope.names import prefix_groups, quote_key, split_path
 
@@ -466,6 +466,41 @@ class InfoResult:
     items: list[ItemSummary]
     warnings: list[str] = field(default_factory=list)
     shown: str = ""  # the path as the caller wrote it
+    step_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def step_metadata(location) -> dict[str, Any]:
+    """What the chosen step's ``_CHECKPOINT_METADATA`` says, for people: the API that wrote it,
+    when it was started and committed (UTC, ISO 8601), custom metadata and metrics."""
+    try:
+        meta = checkpoint.read_step_metadata(location)
+    except ParamscopeError:
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    handlers = meta.get("item_handlers")
+    names = handlers.values() if isinstance(handlers, dict) else [handlers]
+    v1 = any(".v1." in str(h) for h in names) or (
+        location.tree is not None
+        and location.tree.is_file(f"{location.step_rel or ''}/orbax.checkpoint".lstrip("/"))
+    )
+    out: dict[str, Any] = {"writer": "Orbax (v1 API)" if v1 else "Orbax"}
+    for key, label in (("init_timestamp_nsecs", "started"), ("commit_timestamp_nsecs", "committed")):
+        value = meta.get(key)
+        if isinstance(value, (int, float)):
+            out[label] = _iso(value)
+    for key in ("custom_metadata", "metrics"):
+        value = meta.get(key)
+        if value:
+            out[key] = value
+    return out
+
+
+def _iso(nanoseconds: float) -> str:
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(nanoseconds / 1e9, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoResult:
@@ -498,6 +533,7 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
         items=summaries,
         warnings=problems,
         shown=os.fspath(path),
+        step_metadata=step_metadata(location),
     )
 
 

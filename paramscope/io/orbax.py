@@ -191,7 +191,9 @@ def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -
         return Location(path, "item", None, [Item(name, path, kind, tree, "")], selected_item=name, tree=tree)
 
     items = _list_items(tree, "")
-    if items or tree.is_file(CHECKPOINT_METADATA):
+    # flax.training.checkpoints roots: each checkpoint_<N> folder is itself an item, a step
+    steps_are_items = all(_STEP_NAME.match(i.name) for i in items) and not tree.is_file(CHECKPOINT_METADATA)
+    if (items and not steps_are_items) or tree.is_file(CHECKPOINT_METADATA):
         if step is not None:
             raise StepNotFound(
                 f"--step {step} given, but {path} is a single step", hint="pass the manager root"
@@ -226,7 +228,17 @@ def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -
             available = ", ".join(str(s.step) for s, _ in finished) or "none"
             raise StepNotFound(f"no finished step {step} in {path}", hint=f"finished steps: {available}")
         chosen, rel = matches[-1]
-    return Location(path, "root", chosen, _list_items(tree, rel), steps=steps, tree=tree, step_rel=rel)
+    return Location(
+        path, "root", chosen, _step_items(tree, chosen, rel), steps=steps, tree=tree, step_rel=rel
+    )
+
+
+def _step_items(tree: Tree, step: Step, rel: str) -> list[Item]:
+    """The items of a step folder; the folder itself where it is an item (flax's roots)."""
+    kind = _item_kind(tree, rel)
+    if kind not in ("unknown", "damaged"):
+        return [Item(step.name, step.path, kind, tree, rel)]
+    return _list_items(tree, rel)
 
 
 def _checkpoints_below(tree: Tree, rel: str, depth: int = 2) -> list[str]:
@@ -243,9 +255,12 @@ def _checkpoints_below(tree: Tree, rel: str, depth: int = 2) -> list[str]:
 
 def read_step_metadata(location: Location) -> Any:
     """The chosen step's ``_CHECKPOINT_METADATA``; None when the step has none (or no step)."""
-    if location.tree is None or location.step_rel is None:
+    if location.tree is None:
         return None
-    rel = _join(location.step_rel, CHECKPOINT_METADATA)
+    # an item folder written on its own (``PyTreeCheckpointer().save(path)``) has its own
+    rel = _join(location.step_rel or "", CHECKPOINT_METADATA)
+    if location.step_rel is None and location.kind != "item":
+        return None
     return read_json(location.tree, rel) if location.tree.is_file(rel) else None
 
 

@@ -144,7 +144,18 @@ def info_report(result) -> Report:
             for row, i in zip(items, result.items)
         ],
     }
+    if result.step_metadata:
+        payload["step_metadata"] = result.step_metadata
     notes = [f"{i.name}: {json.dumps(i.content)[:200]}" for i in result.items if i.kind == "json"]
+    meta = result.step_metadata
+    if meta:
+        saved = ", ".join(f"{k} {meta[k]}" for k in ("started", "committed") if k in meta)
+        notes.append(f"written by {meta['writer']}" + (f"; {saved}" if saved else ""))
+        notes += [
+            f"{key.replace('_', ' ')}: {json.dumps(meta[key])[:200]}"
+            for key in ("custom_metadata", "metrics")
+            if key in meta
+        ]
     unfinished = [s for s in result.steps if not s.finished]
     if unfinished:
         notes.append(
