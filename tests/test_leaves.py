@@ -132,5 +132,5 @@ def test_info_shows_what_orbax_v1_recorded_of_the_step():
     meta = info["step_metadata"]
     assert meta["writer"] == "Orbax (v1 API)" and meta["custom_metadata"] == {"epoch": 2}
     assert meta["started"] <= meta["committed"] and meta["committed"].endswith("Z")
-    assert "custom metadata: {\"epoch\": 2}" in run("info", root).stdout
+    assert 'custom metadata: {"epoch": 2}' in run("info", root).stdout
     assert run_json("info", os.path.join(V1, "string_and_value_keys"))["step_metadata"]["writer"] == "Orbax"

@@ -15,6 +15,8 @@ from test_cli import run, run_json
 
 from paramscope.io import storage
 
+EASYDEL = os.path.join(os.path.dirname(__file__), "data", "easydel", "float32")
+
 SCHEMES = ["s3", "gs"]
 WRITES = ("PUT ", "POST ", "DELETE ", "PATCH ")
 
@@ -86,12 +88,13 @@ def test_every_command_on_a_manager_root(stores, uploaded, manager_ckpt, scheme,
 def test_layouts_and_formats(stores, uploaded, nnx_ckpt, storage_ckpt, special_ckpt, scheme):
     server = stores[scheme]
     legacy = os.path.join(LEGACY_DIR, "checkpoints")
-    folders = (nnx_ckpt.path, storage_ckpt.path, special_ckpt.path, legacy)
+    folders = (nnx_ckpt.path, storage_ckpt.path, special_ckpt.path, legacy, EASYDEL)
     urls = [uploaded(scheme, folder) for folder in folders]
     start = len(server.requests())
     for folder, url in zip(folders, urls):
         for command in ("table", "norms"):
             assert same(run_json(command, url)) == same(run_json(command, folder)), (folder, command)
+    assert same(run_json("info", urls[-1])) == same(run_json("info", EASYDEL))
     assert writes_since(server, start) == []
 
 

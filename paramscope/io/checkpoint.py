@@ -78,8 +78,11 @@ ORBAX_KINDS = ("pytree", "array", "json", "damaged", "unknown")
 
 @functools.cache
 def formats() -> tuple[Any, ...]:
-    """The modules of the formats other than Orbax, in the order they are tried."""
-    return ()
+    """The modules of the formats other than Orbax, in the order they are tried. Plain zarr trees
+    (:mod:`~paramscope.io.tstree`) come last: any folder of zarr arrays is one."""
+    from paramscope.io import tstree
+
+    return (tstree,)
 
 
 def _module(kind: str):

@@ -110,7 +110,7 @@ def spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:
 def _select_items(location: checkpoint.Location, item: str | None) -> list[checkpoint.Item]:
     """The items to read. A damaged item (no _METADATA) is chosen like a pytree item, so that
     reading it fails loudly instead of the choice silently falling to another item."""
-    readable = [i for i in location.items if i.kind in ("pytree", "array", "damaged")]
+    readable = [i for i in location.items if _holds_arrays(i) or i.kind == "damaged"]
     if location.selected_item is not None:
         if item is not None and item != location.selected_item:
             raise ItemNotFound(
@@ -145,6 +145,11 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
         f"{location.path} has no item that holds arrays",
         hint="`paramscope info` lists the items; the step may be empty or damaged",
     )
+
+
+def _holds_arrays(item: checkpoint.Item) -> bool:
+    """Orbax pytree and array items, and the items of every other format."""
+    return item.kind in ("pytree", "array") or item.kind not in checkpoint.ORBAX_KINDS
 
 
 def _relative(path: str, subtree: str) -> str | None:
@@ -455,6 +460,7 @@ class ItemSummary:
     count: int | None
     bytes_on_disk: int | None  # None where the store cannot tell (buckets)
     content: Any = None  # JSON items: their value
+    metadata: dict[str, Any] | None = None  # what the format records beside the arrays
 
 
 @dataclass
@@ -509,16 +515,19 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
     summaries = []
     problems: list[str] = []
     for item in location.items:
-        storage = arrays = count = content = None
-        if item.kind in ("pytree", "array"):
+        storage = arrays = count = content = metadata = None
+        if _holds_arrays(item):
             stored = checkpoint.read_arrays(item, problems)
-            storage = checkpoint.storage_format(item)
+            described = checkpoint.describe(item)
+            storage, metadata = described.get("storage"), described.get("metadata")
             arrays = len(stored)
             count = sum(_count(a.shape) for a in stored)
         elif item.kind == "json":
             content = checkpoint.read_json_item(item)
         summaries.append(
-            ItemSummary(item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item), content)
+            ItemSummary(
+                item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item), content, metadata
+            )
         )
     problems += [
         f"item {i.name!r} has no _METADATA (damaged or unfinished)"

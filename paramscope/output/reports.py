@@ -120,6 +120,17 @@ def _digest_note(result) -> list[str]:
     return [f"digest of the {plural(len(result.params), 'array')}: {result.digest}"]
 
 
+def _metadata_note(metadata: dict[str, Any]) -> str:
+    """An item's metadata on one line: its non-empty fields, long values cut."""
+    shown = []
+    for key, value in metadata.items():
+        if value in (None, "", [], {}):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        shown.append(f"{key}={text if len(text) <= 80 else text[:77] + '...'}")
+    return ", ".join(shown)
+
+
 def info_report(result) -> Report:
     steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
     items = [
@@ -140,7 +151,11 @@ def info_report(result) -> Report:
         "step": result.step,
         "steps": steps,
         "items": [
-            {**row, **({"content": i.content} if i.kind == "json" else {})}
+            {
+                **row,
+                **({"content": i.content} if i.kind == "json" else {}),
+                **({"metadata": i.metadata} if i.metadata is not None else {}),
+            }
             for row, i in zip(items, result.items)
         ],
     }
@@ -156,6 +171,7 @@ def info_report(result) -> Report:
             for key in ("custom_metadata", "metrics")
             if key in meta
         ]
+    notes += [f"{i.name}: {_metadata_note(i.metadata)}" for i in result.items if i.metadata]
     unfinished = [s for s in result.steps if not s.finished]
     if unfinished:
         notes.append(

@@ -1,0 +1,325 @@
+"""Trees of TensorStore zarr arrays: EasyDeL checkpoints and plain zarr folders.
+
+Two layouts, one item kind (``tensorstore``), arrays read by TensorStore as zarr (v2 or v3):
+
+- **EasyDeL** (``save_pretrained``, through eformer): ``tensorstore_index.json`` lists every array
+  by save prefix, ``{"prefixes": {"model": [{"path": "model/lm_head/kernel", "shape", "dtype"},
+  ...]}}``, each ``path`` a zarr folder relative to the checkpoint. Names are the paths less their
+  prefix (``lm_head.kernel``, the NNX module path), or with it as the first component when the
+  index holds several prefixes. ``checkpoint_metadata.json`` and a few ``config.json`` fields are
+  shown by ``info``. ``model_structure.json`` (a pickled tree definition) is never read.
+- **Plain zarr trees** (Levanter, hand-written ``ts.open`` trees): every folder holding zarr
+  metadata (``.zarray``, or a ``zarr.json`` of an array) is one array, named by its path with
+  ``/`` read as ``.``.
+
+The layout comes from the one listing of the folder; nothing is imported or unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound
+from paramscope.io import orbax
+from paramscope.io.records import Item, Location, StoredArray, dtype_info
+from paramscope.io.storage import Tree
+from paramscope.names import join_keys
+
+KIND = "tensorstore"
+INDEX_FILE = "tensorstore_index.json"
+CHECKPOINT_METADATA_FILE = "checkpoint_metadata.json"
+CONFIG_FILE = "config.json"
+CONFIG_FIELDS = ("architectures", "model_type")  # what ``info`` shows of a model's config
+MAX_DEPTH = 64  # array folders deeper than this are not read
+ZARR2_FILE, ZARR3_FILE = ".zarray", "zarr.json"
+# Files only Orbax writes: a tree holding them is Orbax's to read (or to name as damaged).
+_ORBAX_FILES = frozenset(
+    {
+        orbax.TREE_METADATA,
+        orbax.CHECKPOINT_METADATA,
+        orbax.OCDBT_MANIFEST,
+        orbax.SHARDING_FILE,
+        orbax.COMMIT_MARKER,
+    }
+)
+_INDEX_HINT = "the checkpoint's tensorstore_index.json is damaged; re-save or restore it from a copy"
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def _base(rel: str) -> str:
+    return rel.rsplit("/", 1)[-1]
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout, from the tree's one listing
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """The zarr arrays under a folder: their folders (relative to it) and metadata file names."""
+
+    arrays: dict[str, str]  # folder -> ".zarray" or "zarr.json"
+    too_deep: int  # arrays below MAX_DEPTH, not read
+
+
+def _zarr_folders(tree: Tree, rel: str) -> _Listed:
+    """Every folder under ``rel`` with zarr metadata, from the listing; zarr v3 groups left out."""
+    prefix = rel + "/" if rel else ""
+    found: dict[str, str] = {}
+    too_deep = 0
+    for key in tree.keys():
+        if not key.startswith(prefix):
+            continue
+        folder, _, name = key[len(prefix) :].rpartition("/")
+        if name not in (ZARR2_FILE, ZARR3_FILE):
+            continue
+        if folder.count("/") >= MAX_DEPTH:
+            too_deep += 1
+        elif name == ZARR2_FILE or folder not in found:  # a folder with both is read as zarr v2
+            found[folder] = name
+    return _Listed(_drop_groups(tree, prefix, found), too_deep)
+
+
+def _drop_groups(tree: Tree, prefix: str, found: dict[str, str]) -> dict[str, str]:
+    """Leaves out zarr v3 groups. A ``zarr.json`` folder with other zarr metadata below it is a
+    group. Arrays keep their chunks in subfolders (``c/0/0``) unless written with v2-style chunk
+    keys or never written to; a folder without subfolders could be either, and its ``zarr.json``
+    says which (read for those folders only, in one batch)."""
+    v3 = [f for f, name in found.items() if name == ZARR3_FILE]
+    if not v3:
+        return found
+    parents = set()
+    for folder in found:
+        parts = folder.split("/") if folder else []
+        parents.update("/".join(parts[:i]) for i in range(len(parts)))
+    groups = {f for f in v3 if f in parents}
+    lone = [f for f in v3 if f not in groups and not tree.subdirs(prefix + f)]
+    for folder, raw in zip(lone, tree.read_many([prefix + _join(f, ZARR3_FILE) for f in lone])):
+        try:
+            if json.loads(raw or b"null").get("node_type") == "group":
+                groups.add(folder)
+        except (ValueError, AttributeError):
+            pass  # damaged metadata: read as an array, which reports it
+    return {f: name for f, name in found.items() if f not in groups}
+
+
+def _below(tree: Tree, name: str) -> list[str]:
+    """The folders below the tree's own that hold a file ``name``, relative."""
+    return sorted(k[: -len(name) - 1] + "/" for k in tree.keys() if k.endswith("/" + name))
+
+
+def locate(tree: Tree, step: int | None = None) -> Location | None:
+    """An EasyDeL checkpoint folder or a plain zarr tree as one item; None for anything else."""
+    keys = tree.keys()
+    if not keys:
+        return None
+    if INDEX_FILE not in keys:
+        if any(_base(k) in _ORBAX_FILES for k in keys):
+            return None  # Orbax's own (it has said what is wrong with it)
+        nested = _below(tree, INDEX_FILE)
+        if nested:
+            raise NotACheckpoint(
+                f"{tree.display} is not a checkpoint (no {INDEX_FILE})",
+                hint="found EasyDeL checkpoints under " + _few(nested),
+            )
+        if not _zarr_folders(tree, "").arrays:
+            return None
+    name = _base(tree.display.rstrip("/")) or tree.display
+    if step is not None:
+        raise StepNotFound(
+            f"--step {step} given, but {tree.display} is a single checkpoint", hint="drop --step"
+        )
+    item = Item(name, tree.display, KIND, tree, "")
+    return Location(tree.display, "item", None, [item], selected_item=name, tree=tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The EasyDeL index
+
+
+@dataclass(frozen=True)
+class _Entry:
+    keys: tuple[str, ...]
+    folder: str  # relative to the item
+    shape: Any  # as the index says (checked by audit_item)
+    dtype: Any
+
+
+def _has_index(item: Item) -> bool:
+    return item.tree.is_file(_join(item.rel, INDEX_FILE))
+
+
+def _index_entries(item: Item) -> list[_Entry]:
+    """The arrays ``tensorstore_index.json`` lists, named; :class:`CorruptCheckpoint` when it is
+    unreadable or not of the expected structure."""
+    rel = _join(item.rel, INDEX_FILE)
+    where = item.tree.path(rel)
+    index = orbax.read_json(item.tree, rel)
+    prefixes = index.get("prefixes") if isinstance(index, dict) else None
+    if not isinstance(prefixes, dict) or not prefixes:
+        raise CorruptCheckpoint(f"{where} has no 'prefixes' object", hint=_INDEX_HINT)
+    entries: list[_Entry] = []
+    for prefix, listed in prefixes.items():
+        if not isinstance(listed, list):
+            raise CorruptCheckpoint(f"{where}: prefix {str(prefix)[:40]!r} is not a list", hint=_INDEX_HINT)
+        for entry in listed:
+            path = entry.get("path") if isinstance(entry, dict) else None
+            parts = path.split("/") if isinstance(path, str) else []
+            if not parts or any(p in ("", ".", "..") for p in parts):
+                raise CorruptCheckpoint(
+                    f"{where} has an entry without a valid relative path under {str(prefix)[:40]!r}",
+                    hint=_INDEX_HINT,
+                )
+            keys = tuple(parts[1:]) if parts[0] == prefix and len(parts) > 1 else tuple(parts)
+            if len(prefixes) > 1:
+                keys = (str(prefix), *keys)
+            entries.append(_Entry(keys, path, entry.get("shape"), entry.get("dtype")))
+    seen: dict[str, str] = {}
+    for entry in entries:
+        name = join_keys(entry.keys)
+        if name in seen:
+            raise CorruptCheckpoint(
+                f"{where} lists {name!r} twice ({seen[name]}, {entry.folder})", hint=_INDEX_HINT
+            )
+        seen[name] = entry.folder
+    return entries
+
+
+def _stored_kind(tree: Tree, folder: str) -> str | None:
+    if tree.is_file(_join(folder, ZARR2_FILE)):
+        return ZARR2_FILE
+    return ZARR3_FILE if tree.is_file(_join(folder, ZARR3_FILE)) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The format's interface
+
+
+def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
+    """Every array of the item, from its zarr metadata (read concurrently); no array data."""
+    tree = item.tree
+    if _has_index(item):
+        entries = _index_entries(item)
+        missing = [join_keys(e.keys) for e in entries if not _stored_kind(tree, _join(item.rel, e.folder))]
+        if missing:
+            raise CorruptCheckpoint(
+                f"{_arrays(len(missing))} listed in {tree.path(_join(item.rel, INDEX_FILE))} "
+                f"{'is' if len(missing) == 1 else 'are'} not stored: {_few(missing)}",
+                hint="the checkpoint is incomplete: an array folder is missing",
+            )
+        listed = [(e.keys, e.folder, "jax.Array") for e in entries]
+        return orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}")
+    found = _zarr_folders(tree, item.rel)
+    if found.too_deep:
+        problems.append(f"{_arrays(found.too_deep)} deeper than {MAX_DEPTH} folders not read")
+    # the folder itself may be an array: it is read from its parent, under the folder's name
+    own = _own_array(item) if "" in found.arrays else []
+    listed = [(tuple(f.split("/")), f, "jax.Array") for f in sorted(found.arrays) if f]
+    return own + (
+        orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}") if listed else []
+    )
+
+
+def _arrays(count: int) -> str:
+    return f"{count} array{'s' if count != 1 else ''}"
+
+
+def _own_array(item: Item) -> list[StoredArray]:
+    spec = item.tree.spec(item.rel)
+    parent, _, name = spec["path"].rstrip("/").rpartition("/")
+    if not name:
+        raise NotACheckpoint(
+            f"{item.path} is one zarr array at the root of a bucket", hint="copy it into a folder"
+        )
+    kv = {**spec, "path": parent + "/" if parent or item.tree.scheme == "file" else ""}
+    return orbax.zarr_arrays(kv, [((name,), name, "jax.Array")], None, f"array {name!r}")
+
+
+def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
+    """Where ``tensorstore_index.json`` and the stored arrays disagree: shapes, dtypes, arrays
+    stored but not listed, and unreadable ``checkpoint_metadata.json`` / ``config.json``."""
+    if not _has_index(item):
+        return []
+    problems: list[tuple[str | None, str]] = []
+    by_folder = {a.name: a for a in arrays}
+    listed = set()
+    for entry in _index_entries(item):
+        listed.add(entry.folder)
+        array = by_folder.get(entry.folder)
+        name = join_keys(entry.keys)
+        if array is None:
+            problems.append((name, f"listed in {INDEX_FILE} but not stored"))
+            continue
+        shape = _shape(entry.shape)
+        if shape is None:
+            problems.append((name, f"its {INDEX_FILE} entry has a malformed shape {str(entry.shape)[:40]}"))
+        elif shape != array.shape:
+            problems.append(
+                (name, f"{INDEX_FILE} says shape {list(shape)}, the stored array has {list(array.shape)}")
+            )
+        dtype = _dtype(entry.dtype)
+        if dtype is None:
+            problems.append((name, f"its {INDEX_FILE} entry has an unknown dtype {str(entry.dtype)[:40]!r}"))
+        elif dtype != array.dtype:
+            problems.append((name, f"{INDEX_FILE} says dtype {dtype}, the stored array has {array.dtype}"))
+    for folder in sorted(set(_zarr_folders(item.tree, item.rel).arrays) - listed):
+        problems.append((folder, f"stored, but not listed in {INDEX_FILE}"))
+    for file in (CHECKPOINT_METADATA_FILE, CONFIG_FILE):
+        rel = _join(item.rel, file)
+        if item.tree.is_file(rel) and not isinstance(_json_object(item.tree, rel), dict):
+            problems.append((None, f"{item.tree.path(rel)} is not a JSON object"))
+    return problems
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        return None
+    return tuple(value) if all(d >= 0 for d in value) else None
+
+
+def _dtype(value: Any) -> str | None:
+    try:
+        return dtype_info(value)[0] if isinstance(value, str) else None
+    except (TypeError, AttributeError):
+        return None
+
+
+def _json_object(tree: Tree, rel: str) -> dict[str, Any] | None:
+    try:
+        value = orbax.read_json(tree, rel)
+    except CorruptCheckpoint:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def describe(item: Item) -> dict[str, Any]:
+    """``storage`` ("zarr" or "zarr3") and, for EasyDeL, ``metadata``: the model's architecture
+    and type from ``config.json`` and the content of ``checkpoint_metadata.json``."""
+    tree = item.tree
+    if _has_index(item):
+        try:
+            folders = [_join(item.rel, e.folder) for e in _index_entries(item)]
+        except CorruptCheckpoint:
+            folders = []
+        kinds = {_stored_kind(tree, f) for f in folders}
+    else:
+        kinds = set(_zarr_folders(tree, item.rel).arrays.values())
+    storage = "zarr3" if kinds == {ZARR3_FILE} else "zarr"
+    if not _has_index(item):
+        return {"storage": storage, "metadata": None}
+    metadata: dict[str, Any] = {}
+    config = _json_object(tree, _join(item.rel, CONFIG_FILE)) or {}
+    metadata.update({k: config[k] for k in CONFIG_FIELDS if k in config})
+    saved = _json_object(tree, _join(item.rel, CHECKPOINT_METADATA_FILE)) or {}
+    metadata.update({k: v for k, v in saved.items() if k not in metadata})
+    return {"storage": storage, "metadata": metadata or None}
