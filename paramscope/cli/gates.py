@@ -173,7 +173,7 @@ def diff(
 
     - `paramscope diff run --step-a 100`
     - `paramscope diff old new --rtol 1e-3`
-    - `paramscope diff orbax/ hf/ --map linen_to_hf.toml`
+    - `paramscope diff a b --map m.toml`
     """
     from paramscope.output.reports import diff_report, diff_summary
 
