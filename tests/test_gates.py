@@ -255,7 +255,11 @@ def test_every_json_output_matches_its_shipped_schema(variants, manager_ckpt, sp
         "history": [["history", manager_ckpt.path, "--no-cache", "--stats"]],
         "mask": [["mask", manager_ckpt.path, "--include", "kernel", "--include", "nothing"]],
         "verify": [["verify", manager_ckpt.path]],
-        "diff": [["diff", paths["base"], paths["reshaped"]], ["diff", paths["base"], paths["added"]]],
+        "diff": [
+            ["diff", paths["base"], paths["reshaped"]],
+            ["diff", paths["base"], paths["added"]],
+            ["diff", paths["base"], paths["same"], "--rename", "^embed$=embedding", "--transpose", "kernel$"],
+        ],
         "snapshot": [["snapshot", special_ckpt.path]],
         "check": [["check", paths["scaled"], "--baseline", baseline]],
     }

@@ -40,6 +40,17 @@ COMMAND_LINES = [
     ["mask", "{root}", "--exclude", "bias$"],
     ["verify", "{root}"],
     ["diff", "{root}", "--step-a", "100", "--step-b", "200"],
+    # layers 0 and 1 of A swapped by renaming, the head compared transposed (a shape change)
+    [
+        "diff",
+        "{root}",
+        "--step-a",
+        "100",
+        "--unstack",
+        "--all",
+        *("--rename", r"^layers\.0\.=layers.swap.", "--rename", r"^layers\.1\.=layers.0."),
+        *("--rename", r"^layers\.swap\.=layers.1.", "--transpose", r"^head\."),
+    ],
     ["check", "{root}", "--baseline", "{baseline}"],
 ]
 
@@ -69,6 +80,7 @@ KNOWN_HEADERS = (
         "array",
         "problem",
         "structure",
+        "A path",
         "stacked",
         "stack",
         "layer",
@@ -154,6 +166,7 @@ def check_fitted(report, width):
 @pytest.fixture(scope="session")
 def reports(manager_ckpt, special_ckpt):
     """The report of every command, from real checkpoints, as the CLI builds them."""
+    from paramscope.compute.pairing import command_line_rules
     from paramscope.io.inventory import checkpoint_info, count_params, weight_decay_mask
 
     inv = open_checkpoint(manager_ckpt.path)
@@ -162,6 +175,7 @@ def reports(manager_ckpt, special_ckpt):
     special = open_checkpoint(special_ckpt.path)
     special_result = compute_stats(special.params, engine="host")
     mask = weight_decay_mask(inv.params, exclude=["bias$"])
+    rules = command_line_rules([r"^Embed_0\.=token_embedding."], [r"^head\."])
     return {
         "info": R.info_report(checkpoint_info(manager_ckpt.path)),
         "table": R.table_report(inv, inv.params, mask, result, full=False),
@@ -172,6 +186,9 @@ def reports(manager_ckpt, special_ckpt):
         "stats nonfinite": R.stats_report(special, special.params, special_result),
         "mask": R.mask_report(inv, mask),
         "diff": R.diff_report(old, inv, diff_params(old.params, inv.params), True, False),
+        "diff --rename": R.diff_report(
+            old, inv, diff_params(old.params, inv.params, rules=rules), True, True
+        ),
     }
 
 

@@ -22,6 +22,7 @@ from paramscope.cli.options import (
     ItemOpt,
     Layering,
     Output,
+    Pairing,
     QuietOpt,
     Reading,
     RtolOpt,
@@ -96,7 +97,7 @@ def verify(
         )
 
 
-@with_options(out=Output, reading=Reading, cluster=Cluster, layering=Layering)
+@with_options(out=Output, reading=Reading, cluster=Cluster, layering=Layering, pairing=Pairing)
 def diff(
     ckpt_a: Annotated[str, typer.Argument(metavar="A", help="The reference checkpoint.", show_default=False)],
     ckpt_b: Annotated[
@@ -161,6 +162,7 @@ def diff(
     ] = DiffSort.path,
     top: TopOpt = None,
     layering: Layering = None,
+    pairing: Pairing = None,
     out: Output = None,
     reading: Reading = None,
     cluster: Cluster = None,
@@ -171,25 +173,42 @@ def diff(
 
     - `paramscope diff run --step-a 100`
     - `paramscope diff old new --rtol 1e-3`
+    - `paramscope diff a b --map m.toml`
     """
     from paramscope.output.reports import diff_report, diff_summary
 
+    rules = _pairing_rules(pairing)
+    against_baseline = ckpt_b is not None and ckpt_b.endswith(".json") and os.path.isfile(ckpt_b)
+    if rules.transpose and (digest_only or against_baseline):
+        raise errors.UsageError(
+            "--transpose needs the values of both sides: "
+            + ("--digest-only" if digest_only else "a baseline")
+            + " compares digests of bytes in stored order",
+            hint="compare two checkpoints without --digest-only; that diff reports both digests too",
+        )
+    if rules.unstack and not layering.unstack:
+        layering = replace(layering, unstack=True)
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     sel = Selection(item=item, subtree=subtree, filter=filter)
     inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a, layering=layering, cluster=joined)
     inv_a.views = None  # a diff reads each (layer) parameter by itself, on both sides alike
-    if ckpt_b is not None and ckpt_b.endswith(".json") and os.path.isfile(ckpt_b):
-        inv_b, result = _against_baseline(inv_a, params_a, ckpt_b, sel, reading, quiet, joined)
+    if rules.active:
+        from paramscope.compute.pairing import unused_rules
+
+        for note in unused_rules([p.path for p in params_a], rules):
+            common.warn(note, quiet)
+    if against_baseline:
+        inv_b, result = _against_baseline(inv_a, params_a, ckpt_b, sel, reading, quiet, joined, rules)
     else:
         inv_b, params_b = common.inventory(
             ckpt_b or ckpt_a, sel, quiet, step=step_b, layering=layering, cluster=joined
         )
         inv_b.views = None
         if digest_only:
-            result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined)
+            result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined, rules)
         else:
-            result = _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined)
+            result = _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined, rules)
     values = not (structure_only or digest_only or (ckpt_b or "").endswith(".json"))
     common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort.value, top), out)
     if fail_on_change and result.differs:
@@ -200,7 +219,15 @@ def diff(
         )
 
 
-def _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined):
+def _pairing_rules(pairing: Pairing):
+    """The rules of ``--map``, then those of ``--rename`` and ``--transpose``."""
+    from paramscope.compute.pairing import NO_RULES, command_line_rules, load_map
+
+    from_file = load_map(pairing.map_file) if pairing.map_file is not None else NO_RULES
+    return from_file.then(command_line_rules(pairing.rename, pairing.transpose))
+
+
+def _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined, rules):
     """Both sides read together, region by region: how every value moved."""
     from paramscope.compute.diff import diff_params
 
@@ -218,6 +245,7 @@ def _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, jo
             memory_budget=budget,
             on_bytes=on_bytes,
             cluster=joined,
+            rules=rules,
         ),
     )
 
@@ -227,15 +255,16 @@ def _digests(inv, params, reading, quiet, joined) -> dict[str, str]:
     return {r.param.path: r.digest for r in result.params}
 
 
-def _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined):
+def _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined, rules):
     """Each side read once, alone: identical where the content digests agree."""
     from paramscope.compute.diff import diff_digests
 
     digests_a = _digests(inv_a, params_a, reading, quiet, joined)
-    return diff_digests(params_a, digests_a, params_b, _digests(inv_b, params_b, reading, quiet, joined))
+    digests_b = _digests(inv_b, params_b, reading, quiet, joined)
+    return diff_digests(params_a, digests_a, params_b, digests_b, rules)
 
 
-def _against_baseline(inv_a, params_a, baseline_file, sel, reading, quiet, joined):
+def _against_baseline(inv_a, params_a, baseline_file, sel, reading, quiet, joined, rules):
     """A checkpoint against the digests a snapshot recorded, without the original at hand."""
     from paramscope.compute.baseline import load_baseline
     from paramscope.compute.diff import diff_digests
@@ -248,7 +277,9 @@ def _against_baseline(inv_a, params_a, baseline_file, sel, reading, quiet, joine
             f"baseline {baseline_file} records no digests", hint="write it with this `paramscope snapshot`"
         )
     side_b = filter_params(baseline.as_params(), sel.filter)
-    result = diff_digests(params_a, _digests(inv_a, params_a, reading, quiet, joined), side_b, recorded)
+    result = diff_digests(
+        params_a, _digests(inv_a, params_a, reading, quiet, joined), side_b, recorded, rules
+    )
     return replace(inv_a, checkpoint=baseline_file, shown=baseline_file, params=side_b, step=None), result
 
 

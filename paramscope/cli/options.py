@@ -24,6 +24,7 @@ OUTPUT = "Output"
 READING = "Reading"
 CLUSTER = "Cluster (jax.distributed)"
 CHECKS = "Checks"
+PAIRING = "Pairing (A's paths renamed to B's)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +303,41 @@ class Layering:
             metavar="REGEX=AXIS",
             help="The layer axis of arrays whose path matches (repeatable; settles --unstack's guesses).",
             rich_help_panel=SELECTION,
+        ),
+    ] = None
+
+
+@dataclass
+class Pairing:
+    """How the arrays of two checkpoints saved under different names are paired."""
+
+    rename: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rename",
+            metavar="REGEX=REPL",
+            help="Rename A's paths with re.sub before pairing (repeatable, in order; `\\1`, `\\g<name>`; "
+            "a literal `=` in REGEX: `\\=`).",
+            rich_help_panel=PAIRING,
+        ),
+    ] = None
+    transpose: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--transpose",
+            metavar="REGEX",
+            help="Compare A's arrays whose renamed path matches transposed, A.T (repeatable).",
+            rich_help_panel=PAIRING,
+        ),
+    ] = None
+    map_file: Annotated[
+        str | None,
+        typer.Option(
+            "--map",
+            metavar="FILE",
+            help="JSON or TOML (*.toml) file of rules: `rename = [[REGEX, REPL], ...]`, "
+            "`transpose = [REGEX, ...]`, `unstack = true`; --rename and --transpose apply after it.",
+            rich_help_panel=PAIRING,
         ),
     ] = None
 

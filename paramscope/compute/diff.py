@@ -5,19 +5,25 @@ both checkpoints at once (under the memory budget, each region's two reads in fl
 and reduced in float64 blocks: the norms of A, B and A - B, their inner product, the largest
 absolute difference, how many elements differ beyond ``atol + rtol * |a|`` (numpy's ``isclose``
 with A as the reference), and whether the two are bit-identical.
+
+Across naming schemes (a converted checkpoint) :class:`~paramscope.compute.pairing.PairingRules`
+rename A's paths before pairing, and some of A's arrays are compared transposed: the region of B
+at index ``(i, j, ...)`` is compared with A's region at the reversed index, read as such and
+transposed in memory, so the reads stay as bounded as any other.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from paramscope.compute.digest import DigestState, feed_box, merge_digests
 from paramscope.compute.moments import BLOCK
+from paramscope.compute.pairing import NO_RULES, PairingRules, renamed_paths
 from paramscope.compute.plan import default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError
 from paramscope.io import checkpoint
@@ -46,7 +52,7 @@ class ValueDiff:
 
 @dataclass
 class ParamDiff:
-    path: str
+    path: str  # the name A and B are paired under (A's path after renaming)
     status: str
     a: ParamInfo | None
     b: ParamInfo | None
@@ -54,6 +60,12 @@ class ParamDiff:
     values: ValueDiff | None = None
     digest_a: str | None = None  # content digests, when compared by digest
     digest_b: str | None = None
+    transposed: bool = False  # A's array compared transposed
+
+    @property
+    def path_a(self) -> str | None:
+        """A's own path (before renaming); None for an array only in B."""
+        return self.a.path if self.a is not None else None
 
 
 @dataclass
@@ -61,6 +73,7 @@ class DiffResult:
     params: list[ParamDiff]
     rtol: float
     atol: float
+    rules: PairingRules = NO_RULES
 
     def counts(self) -> dict[str, int]:
         return {status: sum(p.status == status for p in self.params) for status in STATUSES}
@@ -157,15 +170,26 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 _SMALL_BYTES = 1 << 16
 
 
-def _structure_changes(a: ParamInfo, b: ParamInfo) -> list[str]:
+def _structure_changes(a: ParamInfo, b: ParamInfo, transposed: bool = False) -> list[str]:
+    """What differs in shape, dtype and saved sharding; A's as compared (transposed: ``A.T``)."""
     changes = []
-    if a.shape != b.shape:
-        changes.append(f"shape {a.shape} -> {b.shape}")
+    shape, sharding = a.shape, a.sharding
+    if transposed:
+        shape = shape[::-1]
+        sharding = sharding[::-1] if sharding is not None else None
+    seen = "A.T " if transposed else ""
+    if shape != b.shape:
+        changes.append(f"shape {seen}{shape} -> {b.shape}")
     if a.dtype != b.dtype:
         changes.append(f"dtype {a.dtype} -> {b.dtype}")
-    if a.sharding != b.sharding:
-        changes.append(f"sharding {a.sharding} -> {b.sharding}")
+    if sharding != b.sharding:
+        changes.append(f"sharding {seen}{sharding} -> {b.sharding}")
     return changes
+
+
+def _reversed(index: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+    """The index of A's box that holds, transposed, B's box at ``index``."""
+    return None if index is None else tuple(reversed(index))
 
 
 def diff_params(
@@ -178,6 +202,7 @@ def diff_params(
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster: Cluster = LOCAL,
+    rules: PairingRules = NO_RULES,
 ) -> DiffResult:
     """Compares two checkpoints' parameters (from :func:`paramscope.open_checkpoint`).
 
@@ -189,31 +214,47 @@ def diff_params(
         memory_budget: Bytes of array data held at once, both sides together.
         on_bytes: Called with the bytes of each region once compared (progress).
         cluster: Cooperating processes; each compares its share, all end with the result.
+        rules: How A's paths are renamed to pair them with B's, and which of A's arrays are
+            compared transposed.
+
+    Raises:
+        UsageError: The rules give two of A's arrays the same name.
     """
     by_path_b = {p.path: p for p in params_b}
-    paths_a = {p.path for p in params_a}
+    names = renamed_paths((p.path for p in params_a), rules)
+    paired: set[str] = set()
     diffs: list[ParamDiff] = []
     pairs: list[tuple[ParamDiff, ParamInfo, ParamInfo]] = []
     for a in params_a:
-        b = by_path_b.get(a.path)
+        path = names[a.path]
+        transposed = rules.transposed(path)
+        b = by_path_b.get(path)
         if b is None:
-            diffs.append(ParamDiff(a.path, "removed", a, None))
+            diffs.append(ParamDiff(path, "removed", a, None, transposed=transposed))
             continue
-        entry = ParamDiff(a.path, "identical", a, b, _structure_changes(a, b))
+        paired.add(path)
+        entry = ParamDiff(
+            path, "identical", a, b, _structure_changes(a, b, transposed), transposed=transposed
+        )
         diffs.append(entry)
         if entry.changes:
             entry.status = "changed"
-        if a.shape == b.shape and values:
+        if (a.shape[::-1] if transposed else a.shape) == b.shape and values:
             pairs.append((entry, a, b))
-    diffs += [ParamDiff(b.path, "added", None, b) for b in params_b if b.path not in paths_a]
+    diffs += [ParamDiff(b.path, "added", None, b) for b in params_b if b.path not in paired]
     if pairs:
         _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster)
-    return DiffResult(sorted(diffs, key=lambda d: d.path), rtol, atol)
+    return DiffResult(sorted(diffs, key=lambda d: d.path), rtol, atol, rules)
 
 
 def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster) -> None:
-    sides_a = [a for _, a, _ in pairs]
-    sides_b = [b for _, _, b in pairs]
+    flips = [entry.transposed for entry, _, _ in pairs]
+    # Regions are planned over the array whose index is the comparison's: A's, or B's where A is
+    # compared transposed (counting the larger itemsize of the two); the other is its partner.
+    planned, partners = [], []
+    for (_, a, b), flip in zip(pairs, flips):
+        planned.append(replace(b, itemsize=max(a.itemsize, b.itemsize)) if flip else a)
+        partners.append(a if flip else b)
     sums = [_PairSums(rtol, atol) for _ in pairs]
     # both sides are read anyway: their content digests come with them
     digests = [
@@ -221,34 +262,39 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
         for _, a, b in pairs
     ]
 
-    def start(param: ParamInfo, handles, region):
-        handle_a, handle_b = handles
+    def start(_, handles, region):
+        _, a, b = pairs[region.param]
+        flip = flips[region.param]
+        handle_b, handle_a = handles if flip else handles[::-1]
+        index_a = _reversed(region.read_index) if flip else region.read_index
         return (
-            checkpoint.start_read(handle_a, param.index_in_store(region.read_index), param.path),
-            checkpoint.start_read(
-                handle_b, sides_b[region.param].index_in_store(region.read_index), param.path
-            ),
+            checkpoint.start_read(handle_a, a.index_in_store(index_a), a.path),
+            checkpoint.start_read(handle_b, b.index_in_store(region.read_index), b.path),
         )
 
-    # Both sides of a region are in memory together, and the next group's are in flight.
-    limit = max(1, (memory_budget or default_memory_budget()) // 4)
+    # Both sides of a region are in memory together, and the next group's are in flight; a
+    # transposed region is copied once more, into the order of B's.
+    parts = 5 if any(flips) else 4
+    limit = max(1, (memory_budget or default_memory_budget()) // parts)
     failure = None
     try:
         for region, (read_a, read_b) in stream_regions(
-            sides_a,
+            planned,
             limit,
             start,
             select=lambda regions: share(cluster, [r.nbytes for r in regions]),
-            partners=sides_b,
+            partners=partners,
         ):
-            param = sides_a[region.param]
-            value_a, value_b = (
-                checkpoint.finish_read(read_a, param.path),
-                checkpoint.finish_read(read_b, param.path),
-            )
+            _, a, b = pairs[region.param]
+            value_a, value_b = checkpoint.finish_read(read_a, a.path), checkpoint.finish_read(read_b, b.path)
+            state_a, state_b = digests[region.param]
+            if flips[region.param]:
+                feed_box(state_a, a.shape, _reversed(region.index), value_a)
+                value_a = np.ascontiguousarray(value_a.T)
+            else:
+                feed_box(state_a, a.shape, region.index, value_a)
+            feed_box(state_b, b.shape, region.index, value_b)
             sums[region.param].feed(value_a, value_b)
-            for state, value in zip(digests[region.param], (value_a, value_b)):
-                feed_box(state, param.shape, region.index, value)
             if on_bytes is not None:
                 on_bytes(2 * region.nbytes)
     except ParamscopeError as err:
@@ -278,10 +324,18 @@ def diff_digests(
     digests_a: Mapping[str, str],
     params_b: Sequence[ParamInfo],
     digests_b: Mapping[str, str],
+    rules: PairingRules = NO_RULES,
 ) -> DiffResult:
     """Compares two sets of parameters by structure and content digest alone (no values read
-    together): ``identical`` when the digests agree, else ``changed``."""
-    by_path_a = {p.path: p for p in params_a}
+    together): ``identical`` when the digests agree, else ``changed``.
+
+    ``digests_a`` is keyed by A's own paths; ``rules`` rename them before pairing. A digest is
+    of the bytes in their stored order, so no array can be compared transposed this way.
+    """
+    if rules.transpose:
+        raise ValueError("digests compare bytes in stored order: no array can be compared transposed")
+    names = renamed_paths((p.path for p in params_a), rules)
+    by_path_a = {names[p.path]: p for p in params_a}
     by_path_b = {p.path: p for p in params_b}
     diffs = []
     for path in sorted(by_path_a.keys() | by_path_b.keys()):
@@ -289,8 +343,8 @@ def diff_digests(
         if a is None or b is None:
             diffs.append(ParamDiff(path, "added" if a is None else "removed", a, b))
             continue
-        da, db = digests_a.get(path), digests_b.get(path)
+        da, db = digests_a.get(a.path), digests_b.get(path)
         changes = _structure_changes(a, b)
         same = not changes and da is not None and da == db
         diffs.append(ParamDiff(path, "identical" if same else "changed", a, b, changes, None, da, db))
-    return DiffResult(diffs, 0.0, 0.0)
+    return DiffResult(diffs, 0.0, 0.0, rules)

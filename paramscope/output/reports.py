@@ -519,6 +519,8 @@ def diff_report(
     for entry in result.params:
         row = {
             "path": entry.path,
+            "path_a": entry.path_a,
+            "transposed": entry.transposed,
             "status": entry.status,
             "changes": entry.changes,
             "a": _diff_side(entry.a),
@@ -548,11 +550,33 @@ def diff_report(
         "atol": result.atol,
         "values_compared": values_compared,
         "summary": result.counts(),
+        "pairing": {
+            **result.rules.as_json(),
+            "a_only": sorted(r["path_a"] for r in rows if r["status"] == "removed"),
+            "b_only": sorted(r["path"] for r in rows if r["status"] == "added"),
+        },
         "params": rows,
     }
-    shown = [{**r, "detail": "; ".join(r["changes"])} for r in rows if show_all or r["status"] != "identical"]
+    shown = [
+        {
+            **r,
+            # the table names A's own path only where it differs from the name it is paired under
+            "renamed_from": r["path_a"] if r["path_a"] not in (None, r["path"]) else None,
+            "detail": "; ".join(r["changes"]),
+        }
+        for r in rows
+        if show_all or r["status"] != "identical"
+    ]
     if top is not None:
         shown = shown[:top]
+    notes = [diff_summary(result)]
+    if result.rules.active:
+        renamed = sum(r["path_a"] not in (None, r["path"]) for r in rows)
+        flipped = sum(r["transposed"] and r["status"] != "removed" for r in rows)
+        notes.append(
+            f"{plural(renamed, 'path')} of A renamed by {plural(len(result.rules.rename), 'rule')}, "
+            f"{plural(flipped, 'pair')} compared transposed"
+        )
     return Report(
         payload=payload,
         title=f"A {where(inv_a)}\nB {where(inv_b)}",
@@ -561,6 +585,8 @@ def diff_report(
             Column("path", "path", "path", priority=0),
             Column("status", "status", priority=0),
             Column("detail", "structure", "note", priority=1),
+            # after the structure: on a narrow terminal the reason a pair differs stays longest
+            Column("renamed_from", "A path", "path", priority=1),
             Column("norm_a", "norm A", "float", priority=3),
             Column("norm_b", "norm B", "float", priority=3),
             Column("diff_norm", "||A-B||", "float", priority=2),
@@ -574,7 +600,7 @@ def diff_report(
                 else [Column("digest_a", "digest A", priority=6), Column("digest_b", "digest B", priority=6)]
             ),
         ],
-        notes=[diff_summary(result)],
+        notes=notes,
         empty="no differences",
     )
 
