@@ -107,7 +107,73 @@ def locate(path: str | os.PathLike, step: int | None = None, allow_unfinished: b
             found = module.locate(tree, step)
             if found is not None:
                 return found
+        refusal = unsupported(tree)
+        if refusal is not None:
+            raise refusal from None
         raise not_orbax from None
+
+
+# Files that are not checkpoints paramscope reads, by how they begin (and their names): named
+# for what they are. Pickle-based ones are refused: reading them means running their code.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npz")
+_PICKLE_HINT = "paramscope never unpickles, since loading a pickle runs its code; convert it to safetensors"
+_NOT_SUPPORTED = (  # (magic bytes at the start, what the file is)
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5 / .weights.h5)"),
+    (b"GGUF", "a GGUF file (llama.cpp)"),
+    (b"\x93NUMPY", "a numpy .npy file"),
+)
+
+
+def _sniff(head: bytes, name: str) -> str | None:
+    """What a file is, from its first bytes and its name; None when it is not recognised."""
+    lower = name.lower()
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head[:4] == b"PK\x03\x04":  # zip: torch.save archives hold a data.pkl
+        if lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
+            return "pickle"
+        return (
+            "a zip archive (Keras .keras, numpy .npz or torch.save)"
+            if not lower.endswith(".npz")
+            else "pickle"
+        )
+    if head.startswith(b"\x93NUMPY") and b"'descr': '|O'" in head:
+        return "pickle"  # an object array: its elements are pickled
+    for magic, what in _NOT_SUPPORTED:
+        if head.startswith(magic):
+            return what
+    if lower.endswith(PICKLE_SUFFIXES):
+        return "pickle"
+    return None
+
+
+def unsupported(tree: Tree) -> ParamscopeError | None:
+    """The error for a path that holds files of a format paramscope does not read (a file, or a
+    folder of such files and nothing it reads); None when nothing is recognised."""
+    if tree.root_is_file():
+        parent, _, name = tree.display.rstrip("/").rpartition("/")
+        found = [(name, _sniff(Tree(parent or "/").read_range_or_none(name, 0, 128), name))]
+    else:
+        names = sorted(k for k in tree.keys() if "/" not in k)
+        found = [(n, _sniff(tree.read_range_or_none(n, 0, 128), n)) for n in names[:64]]
+    found = [(n, what) for n, what in found if what]
+    if not found:
+        return None
+    single = tree.root_is_file()
+    pickled = [n for n, what in found if what == "pickle"]
+    if pickled:
+        more = f" and {len(pickled) - 3} more" if len(pickled) > 3 else ""
+        message = (
+            f"{tree.display} is pickle-based (a pickle or torch.save file)"
+            if single
+            else f"{tree.display} holds pickle-based files ({', '.join(pickled[:3])}{more}), no checkpoint"
+        )
+        return NotACheckpoint(message, hint=_PICKLE_HINT)
+    name, what = found[0]
+    return NotACheckpoint(
+        f"{tree.display if single else tree.path(name)} is {what}, a format paramscope does not read",
+        hint="paramscope reads Orbax, flax msgpack, safetensors, EasyDeL and zarr checkpoints",
+    )
 
 
 def list_steps(path: str | os.PathLike) -> list[Step]:

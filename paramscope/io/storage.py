@@ -352,6 +352,19 @@ class Tree:
         when the file is missing or shorter."""
         return read_range(json.dumps(self.spec()), rel, start, stop)
 
+    def read_range_or_none(self, rel: str, start: int, stop: int) -> bytes:
+        """Up to ``stop - start`` bytes from ``start`` of a file; fewer (or none) where it is shorter
+        or missing. For looking at how a file begins."""
+        try:
+            spec = _kvstore(json.dumps(self.spec()), context())
+            result = spec.read(rel, byte_range=slice(start, stop)).result()
+        except Exception:
+            try:  # shorter than the range: read it whole (it is at most ``stop`` bytes)
+                result = _kvstore(json.dumps(self.spec()), context()).read(rel).result()
+            except Exception:
+                return b""
+        return bytes(result.value)[: stop - start] if result.state == "value" else b""
+
     def file_size(self, rel: str) -> int | None:
         """A file's size: from the file system, or by one ranged request past its end in a bucket
         (TensorStore's listings and reads carry no sizes); None when it is missing."""
