@@ -134,3 +134,19 @@ def test_info_shows_what_orbax_v1_recorded_of_the_step():
     assert meta["started"] <= meta["committed"] and meta["committed"].endswith("Z")
     assert 'custom metadata: {"epoch": 2}' in run("info", root).stdout
     assert run_json("info", os.path.join(V1, "string_and_value_keys"))["step_metadata"]["writer"] == "Orbax"
+
+
+def test_statistics_of_complex_arrays_say_they_are_of_magnitudes(tmp_path):
+    z = (np.arange(6) - 2.5 + 1j * np.arange(6)).astype(np.complex64).reshape(2, 3)
+    path = tmp_path / "complex"
+    ocp.PyTreeCheckpointer().save(path, {"z": z, "w": np.ones(3, np.float32)})
+    stats = run_json("stats", path)
+    rows = {p["path"]: p for p in stats["params"]}
+    assert rows["z"]["of_magnitude"] is True and "of_magnitude" not in rows["w"]
+    assert rows["z"]["mean"] == pytest.approx(np.abs(z.astype(np.complex128)).mean(), rel=1e-6)
+    assert rows["z"]["norm"] == pytest.approx(np.linalg.norm(z.astype(np.complex128)), rel=1e-6)
+    assert (
+        "complex arrays (z): mean, std, min, max and zeros are of the magnitudes |z|"
+        in run("stats", path).stdout
+    )
+    assert run_json("table", path, "--stats")["params"][1]["of_magnitude"] is True

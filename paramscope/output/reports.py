@@ -260,6 +260,8 @@ def table_report(
         for entry in scan.params:
             row = rows[entry.param.path]
             row.update(entry.moments.stats() if full else {"norm": entry.norm})
+            if full and _is_complex(entry.param.dtype):
+                row["of_magnitude"] = True
             row["nonfinite"] = entry.nonfinite
             if entry.digest is not None:
                 row["digest"] = entry.digest
@@ -277,7 +279,7 @@ def table_report(
         rows=ordered,
         title=_title(inv, len(params)),
         footer={"path": f"total ({plural(len(params), 'array')})", **total},
-        notes=_digest_note(scan),
+        notes=_digest_note(scan) + (_complex_note(params) if full else []),
         empty="no parameters match",
     )
     if inv.values:
@@ -406,6 +408,7 @@ def stats_report(inv, params, result, sort: str = "path", top: int | None = None
                 "count": r.param.count,
                 **r.moments.stats(),
                 **({"digest": r.digest} if r.digest is not None else {}),
+                **({"of_magnitude": True} if _is_complex(r.param.dtype) else {}),
             }
             for r in result.params
         ],
@@ -424,7 +427,7 @@ def stats_report(inv, params, result, sort: str = "path", top: int | None = None
             *STAT_COLUMNS,
             *([DIGEST_COLUMN] if result.digest is not None else []),
         ],
-        notes=_digest_note(result),
+        notes=_digest_note(result) + _complex_note(r.param for r in result.params),
         footer={
             "path": "global",
             "count": payload["count"],
@@ -434,6 +437,19 @@ def stats_report(inv, params, result, sort: str = "path", top: int | None = None
         },
         empty="no parameters match",
     )
+
+
+def _is_complex(dtype: str) -> bool:
+    return dtype.startswith("complex")
+
+
+def _complex_note(params) -> list[str]:
+    """Statistics of complex arrays are of their magnitudes |z|: said, not left to guess."""
+    names = [p.path for p in params if _is_complex(p.dtype)]
+    if not names:
+        return []
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [f"complex arrays ({shown}): mean, std, min, max and zeros are of the magnitudes |z|"]
 
 
 def mask_report(inv, result) -> Report:
