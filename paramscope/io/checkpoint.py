@@ -12,7 +12,9 @@ A format module provides:
   when ``tree.root_is_file()``), or None when it is not in this format;
 - ``read_arrays(item, problems) -> list[StoredArray]``: from metadata alone;
 - ``audit_item(item, arrays) -> list[(name or None, problem)]``: what ``verify`` reports;
-- ``describe(item) -> dict``: what ``info`` shows (``storage``, and ``metadata`` if any).
+- ``describe(item) -> dict``: what ``info`` shows (``storage``, and ``metadata`` if any);
+- ``disk_usage(item) -> int | None`` (optional): bytes of the item's files, None where unknown;
+  without it, the bytes under the item's folder.
 
 Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3") or raw C-order bytes
 in a file (``driver`` "bytes", read by byte range through the storage seam).
@@ -31,7 +33,6 @@ from paramscope.io import orbax
 from paramscope.io.orbax import (
     commit_timestamp,
     custom_metadata,
-    disk_usage,
     finish_read,
     read_json_item,
     read_step_metadata,
@@ -61,6 +62,7 @@ __all__ = [
     "describe",
     "disk_usage",
     "finish_read",
+    "holds_arrays",
     "list_steps",
     "locate",
     "open_array",
@@ -79,7 +81,9 @@ ORBAX_KINDS = ("pytree", "array", "json", "damaged", "unknown")
 @functools.cache
 def formats() -> tuple[Any, ...]:
     """The modules of the formats other than Orbax, in the order they are tried."""
-    return ()
+    from paramscope.io import safetensors
+
+    return (safetensors,)
 
 
 def _module(kind: str):
@@ -120,6 +124,20 @@ def read_arrays(item: Item, problems: list[str] | None = None) -> list[StoredArr
     problems = problems if problems is not None else []
     module = _module(item.kind)
     return module.read_arrays(item, problems) if module else orbax.read_arrays(item, problems)
+
+
+def holds_arrays(item: Item) -> bool:
+    """Whether an item is one whose arrays can be listed (a damaged Orbax item counts: reading it
+    fails loudly)."""
+    return item.kind in ("pytree", "array", "damaged") or _module(item.kind) is not None
+
+
+def disk_usage(item: Item) -> int | None:
+    """Bytes an item's files take; None where the store cannot tell (buckets)."""
+    module = _module(item.kind)
+    if module is not None and hasattr(module, "disk_usage"):
+        return module.disk_usage(item)
+    return orbax.disk_usage(item)
 
 
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:

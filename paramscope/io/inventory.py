@@ -108,7 +108,7 @@ def spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:
 def _select_items(location: checkpoint.Location, item: str | None) -> list[checkpoint.Item]:
     """The items to read. A damaged item (no _METADATA) is chosen like a pytree item, so that
     reading it fails loudly instead of the choice silently falling to another item."""
-    readable = [i for i in location.items if i.kind in ("pytree", "array", "damaged")]
+    readable = [i for i in location.items if checkpoint.holds_arrays(i)]
     if location.selected_item is not None:
         if item is not None and item != location.selected_item:
             raise ItemNotFound(
@@ -131,7 +131,7 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
             names = ", ".join(i.name for i in readable) or "none"
             raise ItemNotFound(f"no item {item!r} with arrays in {location.path}", hint=f"items: {names}")
         return chosen
-    pytrees = [i for i in readable if i.kind in ("pytree", "damaged")]
+    pytrees = [i for i in readable if i.kind != "array"]
     defaults = [i for i in pytrees if i.name == DEFAULT_ITEM]
     if defaults:
         return defaults
@@ -431,6 +431,7 @@ class ItemSummary:
     count: int | None
     bytes_on_disk: int | None  # None where the store cannot tell (buckets)
     content: Any = None  # JSON items: their value
+    metadata: dict[str, Any] | None = None  # metadata the format keeps beside the arrays, by file
 
 
 @dataclass
@@ -450,16 +451,19 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
     summaries = []
     problems: list[str] = []
     for item in location.items:
-        storage = arrays = count = content = None
-        if item.kind in ("pytree", "array"):
+        storage = arrays = count = content = metadata = None
+        if item.kind != "damaged" and checkpoint.holds_arrays(item):
             stored = checkpoint.read_arrays(item, problems)
-            storage = checkpoint.storage_format(item)
+            described = checkpoint.describe(item)
+            storage, metadata = described.get("storage"), described.get("metadata")
             arrays = len(stored)
             count = sum(_count(a.shape) for a in stored)
         elif item.kind == "json":
             content = checkpoint.read_json_item(item)
         summaries.append(
-            ItemSummary(item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item), content)
+            ItemSummary(
+                item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item), content, metadata
+            )
         )
     problems += [
         f"item {i.name!r} has no _METADATA (damaged or unfinished)"

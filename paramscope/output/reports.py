@@ -120,6 +120,18 @@ def _digest_note(result) -> list[str]:
     return [f"digest of the {plural(len(result.params), 'array')}: {result.digest}"]
 
 
+def _metadata_notes(metadata: dict[str, Any]) -> list[str]:
+    """One line per distinct metadata: files with the same (shards' ``{"format": "pt"}``) share it."""
+    files: dict[str, list[str]] = {}
+    for name, value in metadata.items():
+        files.setdefault(json.dumps(value, sort_keys=True), []).append(name)
+    notes = []
+    for text, names in files.items():
+        where = names[0] if len(names) == 1 else f"{names[0]} and {plural(len(names) - 1, 'other file')}"
+        notes.append(f"metadata of {where}: {text[:200]}")
+    return notes
+
+
 def info_report(result) -> Report:
     steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
     items = [
@@ -140,11 +152,17 @@ def info_report(result) -> Report:
         "step": result.step,
         "steps": steps,
         "items": [
-            {**row, **({"content": i.content} if i.kind == "json" else {})}
+            {
+                **row,
+                **({"content": i.content} if i.kind == "json" else {}),
+                **({"metadata": i.metadata} if i.metadata is not None else {}),
+            }
             for row, i in zip(items, result.items)
         ],
     }
     notes = [f"{i.name}: {json.dumps(i.content)[:200]}" for i in result.items if i.kind == "json"]
+    for i in result.items:
+        notes += _metadata_notes(i.metadata or {})
     unfinished = [s for s in result.steps if not s.finished]
     if unfinished:
         notes.append(
