@@ -95,6 +95,42 @@ def test_layouts_and_formats(stores, uploaded, nnx_ckpt, storage_ckpt, special_c
     assert writes_since(server, start) == []
 
 
+SAFETENSORS = os.path.join(os.path.dirname(__file__), "data", "safetensors")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_safetensors_files_and_sharded_sets(stores, uploaded, scheme):
+    """A safetensors file, a sharded folder and its index file read from a bucket as from disk."""
+    server = stores[scheme]
+    single = uploaded(scheme, os.path.join(SAFETENSORS, "single"))
+    sharded = uploaded(scheme, os.path.join(SAFETENSORS, "sharded"))
+    before, start = server.objects(), len(server.requests())
+    index = "model.safetensors.index.json"
+    cases = [
+        (single + "/model.safetensors", os.path.join(SAFETENSORS, "single", "model.safetensors")),
+        (sharded, os.path.join(SAFETENSORS, "sharded")),
+        (f"{sharded}/{index}", os.path.join(SAFETENSORS, "sharded", index)),
+    ]
+    for url, local in cases:
+        for command in (("table",), ("norms", "--per-param", "--digest")):
+            remote = run_json(command[0], url, *command[1:])
+            assert remote["checkpoint"] == url
+            assert same(remote) == same(run_json(command[0], local, *command[1:])), (url, command)
+        info, local_info = run_json("info", url), run_json("info", local)
+        assert info["items"][0]["bytes_on_disk"] is None
+        assert same(info) == same(local_info) and info["items"][0]["metadata"]
+    assert run_json("verify", sharded, "--memory-budget", "1KiB")["ok"]
+    assert writes_since(server, start) == []
+    assert server.objects() == before
+
+    # the metadata of one file: a listing (nothing: it is a file), a request for none of its bytes,
+    # its header's length, its header, and one byte at each side of the last tensor's end
+    start = len(server.requests())
+    assert run_json("count", single + "/model.safetensors")["total"]["count"] == 3122
+    requests = server.requests()[start:]
+    assert len(requests) <= 6, requests
+
+
 def test_file_urls_read_like_paths(manager_ckpt):
     local = run_json("table", manager_ckpt.path)
     assert run_json("table", "file://" + manager_ckpt.path) == local

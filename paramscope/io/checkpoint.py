@@ -99,11 +99,10 @@ def locate(path: str | os.PathLike, step: int | None = None, allow_unfinished: b
     Raises:
         ParamscopeError: The path is missing, not a checkpoint, or has no such step.
     """
-    path = os.fspath(path)
+    tree = Tree(os.fspath(path))
     try:
-        return orbax.locate(path, step, allow_unfinished)
+        return orbax.locate(tree, step, allow_unfinished)
     except NotACheckpoint as not_orbax:
-        tree = Tree(path)
         for module in formats():
             found = module.locate(tree, step)
             if found is not None:

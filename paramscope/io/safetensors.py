@@ -443,7 +443,7 @@ def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
             owner[tensor.name] = key
             dtype = _numpy_name(tensor.code)
             if dtype is None:
-                unread.append(f"{tensor.name} ({tensor.code})")
+                unread.append(f"{tensor.name[:200]!r} ({tensor.code})")
                 continue
             arrays.append(
                 StoredArray(
@@ -465,9 +465,8 @@ def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
                 f"{header.file} holds {_some(unindexed)}, which {found.index} does not place there: not read"
             )
         if unread:
-            problems.append(
-                f"{header.file}: {_some(unread)} of a packed dtype paramscope does not read: not read"
-            )
+            packed = _some(unread, quote=False)
+            problems.append(f"{header.file}: tensors of packed 4- and 6-bit dtypes are not read: {packed}")
     if weight_map is not None:
         for name, key in weight_map.items():
             if owner.get(name) != key:
@@ -493,8 +492,9 @@ def _numpy_name(code: str) -> str | None:
         return None
 
 
-def _some(names: list[str], shown: int = 3) -> str:
-    text = ", ".join(repr(n) if " (" not in n else n for n in names[:shown])
+def _some(names: list[str], shown: int = 3, quote: bool = True) -> str:
+    """The first few names, then how many more."""
+    text = ", ".join(repr(n[:200]) if quote else n for n in names[:shown])
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
