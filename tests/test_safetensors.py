@@ -332,6 +332,26 @@ def test_the_index_decides_which_shard_holds_a_tensor(tmp_path):
     assert any("model.norm.weight" in p["problem"] for p in verified["problems"])
 
 
+def test_any_index_name_and_shards_in_a_subfolder(tmp_path):
+    folder = tmp_path / "unet"
+    (folder / "weights").mkdir(parents=True)
+    for name in EXPECTED["sharded"]["files"][:2]:
+        shutil.copy(os.path.join(DATA, "sharded", name), folder / "weights" / name)
+    index = json.load(open(os.path.join(DATA, "sharded", "model.safetensors.index.json")))
+    index["weight_map"] = {k: f"weights/{v}" for k, v in index["weight_map"].items()}
+    json.dump(index, open(folder / "diffusion_pytorch_model.safetensors.index.json", "w"))
+    expected = {name: t["norm"] for name, t in EXPECTED["sharded"]["tensors"].items()}
+    for path in (folder, folder / "diffusion_pytorch_model.safetensors.index.json"):
+        doc = run_json("norms", path, "--per-param")
+        assert {p["path"]: p["norm"] for p in doc["params"]} == pytest.approx(expected, rel=1e-6)
+    metadata = run_json("info", folder)["items"][0]["metadata"]
+    assert set(metadata) == {
+        "diffusion_pytorch_model.safetensors.index.json",
+        "weights/model-00001-of-00002.safetensors",
+        "weights/model-00002-of-00002.safetensors",
+    }
+
+
 @pytest.mark.parametrize(
     "damage, words",
     [

@@ -43,9 +43,9 @@ METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 MAX_INDEX_BYTES = 100_000_000
 
-# The header's dtype codes: (numpy/ml_dtypes name, bits per element). Names numpy cannot hold one
-# element of per byte (the packed 4- and 6-bit floats) are None: their sizes are checked, their
-# tensors are not read.
+# The header's dtype codes: (numpy/ml_dtypes name, bits per element). The packed 4- and 6-bit
+# floats, several to a byte, have no numpy layout (None): their sizes are checked, their tensors
+# are not read.
 DTYPES: dict[str, tuple[str | None, int]] = {
     "BOOL": ("bool", 8),
     "U8": ("uint8", 8),
@@ -195,7 +195,7 @@ def _tensor(name: str, entry: Any, where: str, buffer: int | None) -> Tensor:
     if not isinstance(code, str):
         raise _corrupt(where, f"{at} has no dtype")
     if code not in DTYPES:
-        raise _corrupt(where, f"{at} has dtype {code[:40]!r}, which safetensors does not define", hint=_HINT)
+        raise _corrupt(where, f"{at} has dtype {code[:40]!r}, which safetensors does not define")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _corrupt(where, f"{at} has shape {json.dumps(shape)[:80]}, not a list of non-negative integers")
     if not (
@@ -322,7 +322,7 @@ def locate(tree: Tree, step: int | None) -> Location | None:
 def layout(item: Item) -> Layout:
     """Which files an item reads: the index's shards, the one file, or the folder's files."""
     tree, rel = item.tree, item.rel
-    listed = rel == "" or rel.endswith(INDEX_SUFFIX) and item.path == tree.display
+    listed = rel == "" or (rel.endswith(INDEX_SUFFIX) and item.path == tree.display)
     if rel.endswith(INDEX_SUFFIX):
         return Layout(tree, rel, tuple(sorted(set(_weight_map(tree, rel, listed).values()))), listed)
     if rel:
@@ -379,15 +379,17 @@ def read_index(tree: Tree, key: str, listed: bool) -> tuple[dict[str, str], Any]
                 hint="the index is damaged",
             )
         shards[shard] = f"{folder}/{shard}" if folder else shard
-    for shard, rel in sorted(shards.items()):
-        exists = tree.is_file(rel) if listed else tree.file_exists(rel)
-        if not exists:
+    # Without a listing (an index file given by itself), reading a missing shard's header says so.
+    for shard, rel in sorted(shards.items()) if listed else ():
+        if not tree.is_file(rel):
             raise _corrupt(
                 where,
                 f"the index names the shard {shard!r}, which is missing",
                 hint="the download or copy is incomplete",
             )
     metadata = doc.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = None
     cache[key] = ({name: shards[shard] for name, shard in weight_map.items()}, metadata)
     return cache[key]
 

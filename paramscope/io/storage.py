@@ -375,15 +375,6 @@ class Tree:
             raise self.error(err, self.path(rel)) from None
         return result.state == "value" and len(bytes(result.value)) == 1
 
-    def file_exists(self, rel: str) -> bool:
-        """Whether a file exists, by a request for none of its bytes (a HEAD in a bucket); no
-        listing is made."""
-        try:
-            result = _kvstore(json.dumps(self.spec()), context()).read(rel, byte_range=slice(0, 0)).result()
-        except Exception as err:
-            raise self.error(err, self.path(rel)) from None
-        return result.state == "value"
-
     def file_size(self, rel: str) -> int | None:
         """A file's size: from the file system, or by one ranged request past its end in a bucket
         (TensorStore's listings and reads carry no sizes); None when it is missing."""
