@@ -131,6 +131,28 @@ def test_safetensors_files_and_sharded_sets(stores, uploaded, scheme):
     assert len(requests) <= 6, requests
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_safetensors_file_ends_checked_in_buckets(stores, scheme, tmp_path):
+    """Without a size from the store, one byte at each side of the last tensor's end tells a
+    truncated file and bytes after the data (which verify reports)."""
+    content = open(os.path.join(SAFETENSORS, "single", "model.safetensors"), "rb").read()
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "model.safetensors").write_bytes(content[:-1])
+    (tmp_path / "trailing").mkdir()
+    (tmp_path / "trailing" / "model.safetensors").write_bytes(content + b"extra")
+    server = stores[scheme]
+    truncated = server.upload(str(tmp_path / "truncated"), f"ends-{scheme}/truncated") + "/model.safetensors"
+    trailing = server.upload(str(tmp_path / "trailing"), f"ends-{scheme}/trailing") + "/model.safetensors"
+    result = run("table", truncated)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 3 and len(lines) == 1 and "past the end of the file" in lines[0], lines
+    assert run_json("table", trailing)["params"]
+    result = run("verify", trailing, "--format", "json")
+    assert result.exit_code == 3
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert "bytes follow the last tensor's data" in problem["problem"]
+
+
 def test_file_urls_read_like_paths(manager_ckpt):
     local = run_json("table", manager_ckpt.path)
     assert run_json("table", "file://" + manager_ckpt.path) == local
