@@ -98,6 +98,19 @@ def assert_same_numbers(single, multi):
         assert multi["global_norm"] == pytest.approx(single["global_norm"], rel=1e-6)
 
 
+def test_two_processes_read_a_sharded_safetensors_set():
+    """Tensors read by byte range travel to the other process as JSON like zarr arrays do."""
+    folder = os.path.join(os.path.dirname(__file__), "data", "safetensors", "sharded")
+    args = ["norms", folder, "--per-param", "--digest", "--memory-budget", "1KiB", "--format", "json"]
+    single = run_json(*args)
+    results = launch(args)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    multi = json.loads(results[0][1])
+    assert_same_numbers(single, multi)
+    assert len(multi["bytes_read"]) == 2 and all(multi["bytes_read"])
+    assert sum(multi["bytes_read"]) == sum(single["bytes_read"])
+
+
 @pytest.mark.parametrize("command", [["norms", "--per-param"], ["stats"]])
 def test_two_processes_equal_one_and_share_the_reading(shared_ckpt, command):
     args = [

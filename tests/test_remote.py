@@ -98,6 +98,64 @@ def test_layouts_and_formats(stores, uploaded, nnx_ckpt, storage_ckpt, special_c
     assert writes_since(server, start) == []
 
 
+SAFETENSORS = os.path.join(os.path.dirname(__file__), "data", "safetensors")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_safetensors_files_and_sharded_sets(stores, uploaded, scheme):
+    """A safetensors file, a sharded folder and its index file read from a bucket as from disk."""
+    server = stores[scheme]
+    single = uploaded(scheme, os.path.join(SAFETENSORS, "single"))
+    sharded = uploaded(scheme, os.path.join(SAFETENSORS, "sharded"))
+    before, start = server.objects(), len(server.requests())
+    index = "model.safetensors.index.json"
+    cases = [
+        (single + "/model.safetensors", os.path.join(SAFETENSORS, "single", "model.safetensors")),
+        (sharded, os.path.join(SAFETENSORS, "sharded")),
+        (f"{sharded}/{index}", os.path.join(SAFETENSORS, "sharded", index)),
+    ]
+    for url, local in cases:
+        for command in (("table",), ("norms", "--per-param", "--digest")):
+            remote = run_json(command[0], url, *command[1:])
+            assert remote["checkpoint"] == url
+            assert same(remote) == same(run_json(command[0], local, *command[1:])), (url, command)
+        info, local_info = run_json("info", url), run_json("info", local)
+        assert info["items"][0]["bytes_on_disk"] is None
+        assert same(info) == same(local_info) and info["items"][0]["metadata"]
+    assert run_json("verify", sharded, "--memory-budget", "1KiB")["ok"]
+    assert writes_since(server, start) == []
+    assert server.objects() == before
+
+    # the metadata of one file: a listing (nothing: it is a file), a request for none of its bytes,
+    # its header's length, its header, and one byte at each side of the last tensor's end
+    start = len(server.requests())
+    assert run_json("count", single + "/model.safetensors")["total"]["count"] == 3122
+    requests = server.requests()[start:]
+    assert len(requests) <= 6, "\n".join(requests)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_safetensors_file_ends_checked_in_buckets(stores, scheme, tmp_path):
+    """Without a size from the store, one byte at each side of the last tensor's end tells a
+    truncated file and bytes after the data (which verify reports)."""
+    content = open(os.path.join(SAFETENSORS, "single", "model.safetensors"), "rb").read()
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "model.safetensors").write_bytes(content[:-1])
+    (tmp_path / "trailing").mkdir()
+    (tmp_path / "trailing" / "model.safetensors").write_bytes(content + b"extra")
+    server = stores[scheme]
+    truncated = server.upload(str(tmp_path / "truncated"), f"ends-{scheme}/truncated") + "/model.safetensors"
+    trailing = server.upload(str(tmp_path / "trailing"), f"ends-{scheme}/trailing") + "/model.safetensors"
+    result = run("table", truncated)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 3 and len(lines) == 1 and "past the end of the file" in lines[0], lines
+    assert run_json("table", trailing)["params"]
+    result = run("verify", trailing, "--format", "json")
+    assert result.exit_code == 3
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert "bytes follow the last tensor's data" in problem["problem"]
+
+
 def test_file_urls_read_like_paths(manager_ckpt):
     local = run_json("table", manager_ckpt.path)
     assert run_json("table", "file://" + manager_ckpt.path) == local

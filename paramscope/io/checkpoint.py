@@ -12,7 +12,9 @@ A format module provides:
   when ``tree.root_is_file()``), or None when it is not in this format;
 - ``read_arrays(item, problems) -> list[StoredArray]``: from metadata alone;
 - ``audit_item(item, arrays) -> list[(name or None, problem)]``: what ``verify`` reports;
-- ``describe(item) -> dict``: what ``info`` shows (``storage``, and ``metadata`` if any).
+- ``describe(item) -> dict``: what ``info`` shows (``storage``, and ``metadata`` if any);
+- ``disk_usage(item) -> int | None`` (optional): bytes of the item's files, None where unknown;
+  without it, the bytes under the item's folder.
 
 Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3") or raw C-order bytes
 in a file (``driver`` "bytes", read by byte range through the storage seam).
@@ -28,15 +30,7 @@ from typing import Any
 
 from paramscope.errors import NotACheckpoint, ParamscopeError
 from paramscope.io import orbax
-from paramscope.io.orbax import (
-    commit_timestamp,
-    custom_metadata,
-    disk_usage,
-    finish_read,
-    read_json_item,
-    read_step_metadata,
-    start_read,
-)
+from paramscope.io.orbax import finish_read, read_json_item, start_read
 from paramscope.io.records import (
     ArrayReadError,
     BytesArray,
@@ -61,6 +55,7 @@ __all__ = [
     "describe",
     "disk_usage",
     "finish_read",
+    "holds_arrays",
     "list_steps",
     "locate",
     "open_array",
@@ -80,9 +75,9 @@ ORBAX_KINDS = ("pytree", "array", "json", "damaged", "unknown")
 def formats() -> tuple[Any, ...]:
     """The modules of the formats other than Orbax, in the order they are tried. Plain zarr trees
     (:mod:`~paramscope.io.tstree`) come last: any folder of zarr arrays is one."""
-    from paramscope.io import tstree
+    from paramscope.io import safetensors, tstree
 
-    return (tstree,)
+    return (safetensors, tstree)
 
 
 def _module(kind: str):
@@ -98,11 +93,10 @@ def locate(path: str | os.PathLike, step: int | None = None, allow_unfinished: b
     Raises:
         ParamscopeError: The path is missing, not a checkpoint, or has no such step.
     """
-    path = os.fspath(path)
+    tree = Tree(os.fspath(path))
     try:
-        return orbax.locate(path, step, allow_unfinished)
+        return orbax.locate(tree, step, allow_unfinished)
     except NotACheckpoint as not_orbax:
-        tree = Tree(path)
         for module in formats():
             found = module.locate(tree, step)
             if found is not None:
@@ -192,6 +186,40 @@ def read_arrays(
     problems = problems if problems is not None else []
     module = _module(item.kind)
     return module.read_arrays(item, problems) if module else orbax.read_arrays(item, problems, values)
+
+
+def _orbax_step(location: Location) -> bool:
+    """Whether a location is Orbax's (only Orbax steps have step metadata)."""
+    return not any(_module(item.kind) for item in location.items)
+
+
+def read_step_metadata(location: Location) -> Any:
+    """The chosen step's ``_CHECKPOINT_METADATA``; None where there is none."""
+    return orbax.read_step_metadata(location) if _orbax_step(location) else None
+
+
+def custom_metadata(location: Location) -> dict[str, Any]:
+    """The step's custom metadata (e.g. MaxText's ``scan_layers``); empty where there is none."""
+    return orbax.custom_metadata(location) if _orbax_step(location) else {}
+
+
+def commit_timestamp(location: Location) -> int | None:
+    """When the step was committed (nanoseconds); None where unknown."""
+    return orbax.commit_timestamp(location) if _orbax_step(location) else None
+
+
+def holds_arrays(item: Item) -> bool:
+    """Whether an item is one whose arrays can be listed (a damaged Orbax item counts: reading it
+    fails loudly)."""
+    return item.kind in ("pytree", "array", "damaged") or _module(item.kind) is not None
+
+
+def disk_usage(item: Item) -> int | None:
+    """Bytes an item's files take; None where the store cannot tell (buckets)."""
+    module = _module(item.kind)
+    if module is not None and hasattr(module, "disk_usage"):
+        return module.disk_usage(item)
+    return orbax.disk_usage(item)
 
 
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:

@@ -110,7 +110,7 @@ def spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:
 def _select_items(location: checkpoint.Location, item: str | None) -> list[checkpoint.Item]:
     """The items to read. A damaged item (no _METADATA) is chosen like a pytree item, so that
     reading it fails loudly instead of the choice silently falling to another item."""
-    readable = [i for i in location.items if _holds_arrays(i) or i.kind == "damaged"]
+    readable = [i for i in location.items if checkpoint.holds_arrays(i)]
     if location.selected_item is not None:
         if item is not None and item != location.selected_item:
             raise ItemNotFound(
@@ -133,7 +133,7 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
             names = ", ".join(i.name for i in readable) or "none"
             raise ItemNotFound(f"no item {item!r} with arrays in {location.path}", hint=f"items: {names}")
         return chosen
-    pytrees = [i for i in readable if i.kind in ("pytree", "damaged")]
+    pytrees = [i for i in readable if i.kind != "array"]
     defaults = [i for i in pytrees if i.name == DEFAULT_ITEM]
     if defaults:
         return defaults
@@ -145,11 +145,6 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
         f"{location.path} has no item that holds arrays",
         hint="`paramscope info` lists the items; the step may be empty or damaged",
     )
-
-
-def _holds_arrays(item: checkpoint.Item) -> bool:
-    """Orbax pytree and array items, and the items of every other format."""
-    return item.kind in ("pytree", "array") or item.kind not in checkpoint.ORBAX_KINDS
 
 
 def _relative(path: str, subtree: str) -> str | None:
@@ -460,7 +455,7 @@ class ItemSummary:
     count: int | None
     bytes_on_disk: int | None  # None where the store cannot tell (buckets)
     content: Any = None  # JSON items: their value
-    metadata: dict[str, Any] | None = None  # what the format records beside the arrays
+    metadata: dict[str, Any] | None = None  # metadata the format keeps beside the arrays, by file
 
 
 @dataclass
@@ -516,7 +511,7 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
     problems: list[str] = []
     for item in location.items:
         storage = arrays = count = content = metadata = None
-        if _holds_arrays(item):
+        if item.kind != "damaged" and checkpoint.holds_arrays(item):
             stored = checkpoint.read_arrays(item, problems)
             described = checkpoint.describe(item)
             storage, metadata = described.get("storage"), described.get("metadata")

@@ -148,16 +148,17 @@ def list_items(step_path: str) -> list[Item]:
     return _list_items(Tree(step_path), "")
 
 
-def locate(path: str, step: int | None = None, allow_unfinished: bool = False) -> Location:
+def locate(path: str | Tree, step: int | None = None, allow_unfinished: bool = False) -> Location:
     """Resolves a manager root, a step folder or an item folder to one step's items.
 
     ``allow_unfinished``: a root whose steps are all unfinished resolves to no step (for
     ``info``), rather than failing.
 
-    ``path`` is a local path or a ``file://``, ``gs://`` or ``s3://`` URL; the folder is listed
-    once, and its layout is read from that listing.
+    ``path`` is a local path or a ``file://``, ``gs://`` or ``s3://`` URL (or its :class:`Tree`,
+    so that another format asked next reuses the listing); the folder is listed once, and its
+    layout is read from that listing.
     """
-    tree = Tree(path)
+    tree = path if isinstance(path, Tree) else Tree(path)
     path = tree.display
     if not tree.keys():
         if tree.root_is_file():

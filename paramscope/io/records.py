@@ -121,8 +121,10 @@ def _pool() -> ThreadPoolExecutor:
 
 class BytesArray:
     """An array stored as C-order little-endian bytes at ``start`` of a file, read through
-    ``read_range(start, stop) -> bytes``. ``handle[index].read().result()`` reads only the rows of
-    the leading axis that ``index`` touches, as TensorStore handles do for zarr chunks."""
+    ``read_range(start, stop) -> bytes``. ``handle[index].read().result()`` reads only the bytes
+    ``index`` needs, as TensorStore handles do for zarr chunks: leading axes where the index picks
+    one position are stepped over, and the rows of the next axis that it touches are read whole.
+    So a box of whole rows (what a read plan cuts an array into) costs exactly its own bytes."""
 
     def __init__(
         self, shape: tuple[int, ...], dtype: str, start: int, read_range: Callable[[int, int], bytes]
@@ -145,12 +147,20 @@ class BytesArray:
         import numpy as np
 
         dtype = numpy_dtype(self.dtype).newbyteorder("<")
-        index = self._index
-        if not self.shape:
+        shape, index = self.shape, self._index
+        if not shape:
             raw = self._read_range(self.start, self.start + dtype.itemsize)
             return np.frombuffer(raw, dtype).reshape(())[index].astype(dtype.newbyteorder("="))
-        rows = self.shape[0]
-        first = index[0] if index else slice(None)
+        start, axis, kept = self.start, 0, []
+        while axis < len(shape) - 1 and axis < len(index):
+            position = _one_position(index[axis], shape[axis])
+            if position is None:
+                break
+            start += position * dtype.itemsize * _product(shape[axis + 1 :])
+            kept.append(isinstance(index[axis], slice))
+            axis += 1
+        rows = shape[axis]
+        first = index[axis] if axis < len(index) else slice(None)
         if isinstance(first, slice):
             picked = range(*first.indices(rows))
             lo, hi = (min(picked), max(picked) + 1) if picked else (0, 0)
@@ -158,10 +168,26 @@ class BytesArray:
         else:
             lo = int(first) + rows if int(first) < 0 else int(first)
             hi, within = lo + 1, 0
-        row_bytes = dtype.itemsize * _product(self.shape[1:])
-        raw = self._read_range(self.start + lo * row_bytes, self.start + hi * row_bytes) if hi > lo else b""
-        block = np.frombuffer(raw, dtype).reshape((hi - lo, *self.shape[1:]))
-        return np.array(block[(within, *index[1:])], dtype=dtype.newbyteorder("="))
+        row_bytes = dtype.itemsize * _product(shape[axis + 1 :])
+        raw = self._read_range(start + lo * row_bytes, start + hi * row_bytes) if hi > lo else b""
+        block = np.frombuffer(raw, dtype).reshape((1,) * axis + (hi - lo, *shape[axis + 1 :]))
+        # a stepped-over axis is one long in the block: a slice keeps it, an integer index drops it
+        block = block[tuple(slice(None) if keep else 0 for keep in kept)]
+        rest = (slice(None),) * sum(kept) + (within, *index[axis + 1 :])
+        return np.array(block[rest], dtype=dtype.newbyteorder("="))
+
+
+def _one_position(selection, size: int) -> int | None:
+    """The one position an index entry picks along an axis of ``size``; None when it picks
+    another number of positions."""
+    if isinstance(selection, slice):
+        picked = range(*selection.indices(size))
+        return picked[0] if len(picked) == 1 else None
+    try:
+        position = int(selection)
+    except TypeError:
+        return None
+    return position + size if position < 0 else position
 
 
 def _product(shape) -> int:

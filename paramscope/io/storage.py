@@ -316,14 +316,22 @@ class Tree:
         return not self.remote and not self.keys() and os.path.isdir(self.display)
 
     def root_is_file(self) -> bool:
-        """Whether the tree's own path names a file rather than a folder (one read, no listing)."""
+        """Whether the tree's own path names a file rather than a folder: one request for no
+        bytes (a HEAD in a bucket), so a multi-gigabyte file is not read to find out."""
+        import tensorstore as ts
+
         spec = self.spec()
         path = spec["path"].rstrip("/")
         parent, _, name = path.rpartition("/")
         if not name:
             return False
         parent_path = parent + "/" if parent or self.scheme == "file" else ""
-        return self.read_from({**spec, "path": parent_path}, name) is not None
+        try:
+            store = ts.KvStore.open({**spec, "path": parent_path}, context=context()).result()
+            result = store.read(name, byte_range=slice(0, 0)).result()
+        except Exception as err:
+            raise self.error(err, self.display) from None
+        return result.state == "value"
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -364,6 +372,21 @@ class Tree:
             except Exception:
                 return b""
         return bytes(result.value)[: stop - start] if result.state == "value" else b""
+
+    def has_byte(self, rel: str, offset: int) -> bool:
+        """Whether a file holds a byte at ``offset``: one 1-byte ranged request, how a file's end
+        is checked in a bucket without the binary search :meth:`file_size` makes there."""
+        try:
+            result = (
+                _kvstore(json.dumps(self.spec()), context())
+                .read(rel, byte_range=slice(offset, offset + 1))
+                .result()
+            )
+        except Exception as err:
+            if str(err).startswith("OUT_OF_RANGE"):
+                return False
+            raise self.error(err, self.path(rel)) from None
+        return result.state == "value" and len(bytes(result.value)) == 1
 
     def file_size(self, rel: str) -> int | None:
         """A file's size: from the file system, or by one ranged request past its end in a bucket

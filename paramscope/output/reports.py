@@ -131,6 +131,18 @@ def _metadata_note(metadata: dict[str, Any]) -> str:
     return ", ".join(shown)
 
 
+def _metadata_notes(metadata: dict[str, Any]) -> list[str]:
+    """One line per distinct metadata: files with the same (shards' ``{"format": "pt"}``) share it."""
+    files: dict[str, list[str]] = {}
+    for name, value in metadata.items():
+        files.setdefault(json.dumps(value, sort_keys=True), []).append(name)
+    notes = []
+    for text, names in files.items():
+        where = names[0] if len(names) == 1 else f"{names[0]} and {plural(len(names) - 1, 'other file')}"
+        notes.append(f"metadata of {where}: {text[:200]}")
+    return notes
+
+
 def info_report(result) -> Report:
     steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
     items = [
@@ -171,7 +183,11 @@ def info_report(result) -> Report:
             for key in ("custom_metadata", "metrics")
             if key in meta
         ]
-    notes += [f"{i.name}: {_metadata_note(i.metadata)}" for i in result.items if i.metadata]
+    for i in result.items:
+        if i.metadata and all(isinstance(v, dict) for v in i.metadata.values()):
+            notes += _metadata_notes(i.metadata)  # by file (safetensors)
+        elif i.metadata:
+            notes.append(f"{i.name}: {_metadata_note(i.metadata)}")
     unfinished = [s for s in result.steps if not s.finished]
     if unfinished:
         notes.append(
