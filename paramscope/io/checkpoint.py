@@ -14,8 +14,10 @@ A format module provides:
 - ``audit_item(item, arrays) -> list[(name or None, problem)]``: what ``verify`` reports;
 - ``describe(item) -> dict``: what ``info`` shows (``storage``, and ``metadata`` if any).
 
-Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3") or raw C-order bytes
-in a file (``driver`` "bytes", read by byte range through the storage seam).
+Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3"), raw C-order bytes
+in a file (``driver`` "bytes", read by byte range through the storage seam), or a 0-d value
+kept in the record (``driver`` "value"). A format module may also provide
+``disk_usage(item) -> int | None`` where its files are not the item's folder.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from paramscope.io import orbax
 from paramscope.io.orbax import (
     commit_timestamp,
     custom_metadata,
-    disk_usage,
     finish_read,
     read_json_item,
     read_step_metadata,
@@ -45,6 +46,7 @@ from paramscope.io.records import (
     SavedSharding,
     Step,
     StoredArray,
+    numpy_dtype,
 )
 from paramscope.io.storage import Tree, read_range
 
@@ -80,9 +82,9 @@ ORBAX_KINDS = ("pytree", "array", "json", "damaged", "unknown")
 def formats() -> tuple[Any, ...]:
     """The modules of the formats other than Orbax, in the order they are tried. Plain zarr trees
     (:mod:`~paramscope.io.tstree`) come last: any folder of zarr arrays is one."""
-    from paramscope.io import tstree
+    from paramscope.io import msgpack, tstree
 
-    return (tstree,)
+    return (msgpack, tstree)
 
 
 def _module(kind: str):
@@ -116,6 +118,12 @@ def list_steps(path: str | os.PathLike) -> list[Step]:
         return locate(path, allow_unfinished=True).steps
     except ParamscopeError:
         return []
+
+
+def disk_usage(item: Item) -> int | None:
+    """Bytes an item's files take; None where the store cannot tell (buckets)."""
+    usage = getattr(_module(item.kind), "disk_usage", None)
+    return usage(item) if usage else orbax.disk_usage(item)
 
 
 def read_arrays(
@@ -161,12 +169,14 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     """Opens many stored arrays read-only; returns, in order, a handle (sliceable, ``.read()``)
     or the :class:`ArrayReadError` of each."""
     handles: list[Any] = [None] * len(arrays)
-    zarr = [i for i, a in enumerate(arrays) if a.driver != "bytes"]
+    zarr = [i for i, a in enumerate(arrays) if a.driver not in ("bytes", "value")]
     for i, handle in zip(zarr, orbax.open_arrays([arrays[i] for i in zarr])):
         handles[i] = handle
     for i, array in enumerate(arrays):
         if array.driver == "bytes":
             handles[i] = _bytes_handle(array)
+        elif array.driver == "value":
+            handles[i] = _value_handle(array)
     return handles
 
 
@@ -198,3 +208,16 @@ def _bytes_handle(array: StoredArray) -> BytesArray:
         return b"".join(out)
 
     return BytesArray(array.shape, array.dtype, 0, read_pieces)
+
+
+def _value_handle(array: StoredArray) -> BytesArray:
+    """The handle of a 0-d value kept in the record itself (``metadata_template``: its JSON, a
+    complex number as ``[real, imag]``), for scalars whose bytes in the file are not C-order
+    little-endian (msgpack's ints and floats)."""
+    import numpy as np
+
+    value = json.loads(array.metadata_template)
+    if isinstance(value, list):
+        value = complex(*value)
+    raw = np.asarray(value, dtype=numpy_dtype(array.dtype).newbyteorder("<")).tobytes()
+    return BytesArray((), array.dtype, 0, lambda lo, hi: raw[lo:hi])

@@ -133,7 +133,7 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
             names = ", ".join(i.name for i in readable) or "none"
             raise ItemNotFound(f"no item {item!r} with arrays in {location.path}", hint=f"items: {names}")
         return chosen
-    pytrees = [i for i in readable if i.kind in ("pytree", "damaged")]
+    pytrees = [i for i in readable if i.kind in ("pytree", "damaged", "msgpack")]
     defaults = [i for i in pytrees if i.name == DEFAULT_ITEM]
     if defaults:
         return defaults

@@ -99,6 +99,8 @@ def _item_kind(tree: Tree, rel: str) -> str:
     array_dir = _join(rel, ARRAY_ITEM_NAME)
     if tree.is_file(_join(array_dir, ".zarray")) or tree.is_file(_join(array_dir, "zarr.json")):
         return "array"
+    if tree.is_file(array_dir):
+        return "msgpack"  # Orbax <= 0.4: the tree as one msgpack file (paramscope.io.msgpack)
     if tree.is_file(_join(rel, TREE_METADATA)):
         return "pytree"
     if _json_file(tree, rel) is not None:

@@ -323,7 +323,14 @@ class Tree:
         if not name:
             return False
         parent_path = parent + "/" if parent or self.scheme == "file" else ""
-        return self.read_from({**spec, "path": parent_path}, name) is not None
+        import tensorstore as ts
+
+        try:  # an empty byte range: whether the object exists, without reading it
+            store = ts.KvStore.open({**spec, "path": parent_path}, context=context()).result()
+            result = store.read(name, byte_range=slice(0, 0)).result()
+        except Exception as err:
+            raise self.error(err, self.display) from None
+        return result.state == "value"
 
     # -- reading ---------------------------------------------------------------------------------
 
