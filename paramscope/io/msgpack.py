@@ -44,7 +44,7 @@ from typing import Any
 
 from paramscope.errors import CorruptCheckpoint, StepNotFound, StorageError
 from paramscope.io import orbax
-from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
+from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info, numpy_dtype
 from paramscope.io.storage import Tree, read_range
 
 KIND = "msgpack"
@@ -167,10 +167,16 @@ def _head(src: _Bytes, pos: int) -> tuple[str, int, Any]:
         else:
             arg = fields if kind == "ext" else fields[0]
     left = src.size - after
-    need = arg[0] if kind == "ext" else arg * 2 if kind == "map" else arg
-    if need > left:  # every map or array entry takes at least a byte
+    article = "an" if kind[0] in "ae" else "a"
+    if kind in ("map", "array"):
+        if arg * (2 if kind == "map" else 1) > left:  # every entry takes at least a byte
+            raise _Malformed(
+                f"{article} {kind} of {arg:,} entries at byte {pos:,} runs past the end of the file"
+            )
+    elif (arg[0] if kind == "ext" else arg) > left:
+        length = arg[0] if kind == "ext" else arg
         raise _Malformed(
-            f"a {kind} at byte {pos:,} declares {need:,} bytes or entries, {left:,} bytes are left"
+            f"{article} {kind} of {length:,} bytes at byte {pos:,} runs past the end of the file"
         )
     return kind, after, arg
 
@@ -219,7 +225,7 @@ def _walk(src: _Bytes) -> list[_Leaf]:
         else:
             break
     if pos != src.size:
-        raise _Malformed(f"{src.size - pos:,} bytes follow the end of the document (at byte {pos:,})")
+        raise _Malformed(f"the document ends at byte {pos:,}, the file at byte {src.size:,}")
     return _join_chunked(leaves)
 
 
@@ -309,7 +315,7 @@ def _array_payload(src: _Bytes, pos: int, end: int) -> tuple[tuple[int, ...], st
     name = _text(src.take(after, length), pos)
     try:
         dtype, itemsize = dtype_info(name)
-        if _numpy_kind(name) not in "biufcV":
+        if not _numeric(name):
             raise TypeError
     except (TypeError, AttributeError, ValueError):
         raise _Malformed(f"unknown dtype {name[:32]!r} at byte {pos:,}") from None
@@ -321,10 +327,11 @@ def _array_payload(src: _Bytes, pos: int, end: int) -> tuple[tuple[int, ...], st
     return tuple(shape), dtype, start, nbytes
 
 
-def _numpy_kind(name: str) -> str:
-    from paramscope.io.records import numpy_dtype
-
-    return numpy_dtype(name).kind
+def _numeric(name: str) -> bool:
+    """Whether a dtype holds numbers: numpy's bool, int, float and complex, or ml_dtypes' types
+    (bfloat16, float8_*, int4, ...); not objects, strings, dates or structures."""
+    dtype = numpy_dtype(name)
+    return dtype.kind in "biufc" or (dtype.kind == "V" and dtype.type.__module__ == "ml_dtypes")
 
 
 def _complex_payload(src: _Bytes, pos: int, end: int) -> list[float]:
@@ -477,17 +484,16 @@ def _looks_like_msgpack(head: bytes) -> bool:
 
 
 def _sniff(tree: Tree, rel: str) -> bool:
+    """Whether a file of the tree starts like a flax checkpoint (one or two small reads)."""
     folder, _, name = rel.rpartition("/")
-    size = tree.file_size(rel) if not tree.remote else None
-    stop = 24 if size is None else min(24, size)
+    store = json.dumps(tree.spec(folder), sort_keys=True)
     try:
-        head = read_range(json.dumps(tree.spec(folder), sort_keys=True), name, 0, stop)
-    except StorageError:
-        try:  # a remote file shorter than the sniff
-            head = tree.read(rel) or b""
-        except StorageError:
+        head = read_range(store, name, 0, 24)
+    except StorageError:  # shorter than that, or the store failed (then file_size or the read says so)
+        size = tree.file_size(rel)
+        if not size:
             return False
-        head = head[:24]
+        head = read_range(store, name, 0, min(24, size))
     return _looks_like_msgpack(head)
 
 
