@@ -20,8 +20,7 @@ from test_cli import run, run_json
 
 from paramscope.compute.digest import digest_of
 from paramscope.errors import CorruptCheckpoint
-from paramscope.io import checkpoint
-from paramscope.io import msgpack as msgpack_format
+from paramscope.io import checkpoint, msgpack_walk
 from paramscope.io.records import numpy_dtype
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -276,6 +275,30 @@ def test_other_files_and_folders_are_not_claimed(tmp_path):
     assert_fails(["table", tmp_path / "checkpoint_5"], "is a file, not a checkpoint")
 
 
+def test_orbax_0_4_placeholders_in_an_ocdbt_database(tmp_path):
+    """Orbax 0.4 with OCDBT keeps the placeholders' arrays in the item's database. Synthetic: the
+    item as today's Orbax writes it, and beside it the ``checkpoint`` file a 0.4 writer adds."""
+    import orbax.checkpoint as ocp
+
+    values = {"dense": {"kernel": np.arange(12, dtype=np.float32).reshape(3, 4)}, "scale": np.float32(2)}
+    path = tmp_path / "item"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(path), values)
+    checkpointer.wait_until_finished()
+    tree = {"dense": {"kernel": "PLACEHOLDER://dense.kernel"}, "scale": "PLACEHOLDER://scale"}
+    (path / "checkpoint").write_bytes(msgpack.packb(tree))
+    assert run_json("info", path)["items"][0]["storage"] == "ocdbt"
+    norms = {p["path"]: p["norm"] for p in run_json("norms", path, "--per-param")["params"]}
+    assert norms == pytest.approx({"dense.kernel": float(np.linalg.norm(np.arange(12))), "scale": 2.0})
+    assert run("verify", path).exit_code == 0
+    del tree["scale"]
+    (path / "checkpoint").write_bytes(msgpack.packb(tree))
+    assert verify_problems(path) == [
+        ("scale", "listed in _METADATA, but not in checkpoint"),
+        ("scale", "stored, but no placeholder in checkpoint names it"),
+    ]
+
+
 def test_python_scalars_and_rare_leaves(tmp_path):
     """Every leaf flax's writer emits, written by flax.serialization itself."""
     from flax import serialization
@@ -394,7 +417,7 @@ def test_damaged_and_hostile_files_fail_in_one_line(tmp_path, kind):
 
 
 def _walk(data: bytes):
-    return msgpack_format._walk(msgpack_format._Bytes(lambda lo, hi: data[lo:hi], len(data)))
+    return msgpack_walk.walk(lambda lo, hi: data[lo:hi], len(data), ("PLACEHOLDER://", "//GDAPlaceholder:"))
 
 
 @st.composite
@@ -420,7 +443,7 @@ def test_fuzzed_documents_are_read_or_refused(data):
     tracemalloc.start()
     try:
         leaves = _walk(data)
-    except msgpack_format._Malformed:
+    except msgpack_walk.Malformed:
         leaves = None
     finally:
         _, peak = tracemalloc.get_traced_memory()
@@ -451,7 +474,7 @@ def test_reading_the_structure_never_reads_array_data(tmp_path):
     path = tmp_path / "checkpoint_1"
     path.write_bytes(serialization.msgpack_serialize(big))
     size = os.path.getsize(path)
-    assert size > msgpack_format.WHOLE_FILE
+    assert size > msgpack_walk.WHOLE_FILE
     requested = []
     with open(path, "rb") as f:
 
@@ -460,8 +483,8 @@ def test_reading_the_structure_never_reads_array_data(tmp_path):
             f.seek(lo)
             return f.read(hi - lo)
 
-        leaves = msgpack_format._walk(msgpack_format._Bytes(read, size))
-    assert len(leaves) == 24 and sum(requested) < 4 * len(leaves) * msgpack_format.WINDOW
+        leaves = msgpack_walk.walk(read, size)
+    assert len(leaves) == 24 and sum(requested) < 4 * len(leaves) * msgpack_walk.WINDOW
     location = checkpoint.locate(str(tmp_path))
     os.truncate(path, size - 1)
     with pytest.raises(CorruptCheckpoint, match="runs past the end of the file"):
