@@ -33,7 +33,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint, StepNotFound, StorageError
+from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound, StorageError
 from paramscope.io import orbax
 from paramscope.io.msgpack_walk import Leaf, Malformed, walk
 from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
@@ -113,6 +113,14 @@ def _read_leaves(tree: Tree, folder: str, name: str) -> list[Leaf]:
     try:
         return walk(lambda lo, hi: read_range(store, name, lo, hi), size, (PLACEHOLDER, GDA_PLACEHOLDER))
     except Malformed as err:
+        first = read_range(store, name, 0, 1) if size else b""
+        if not first or not (0x80 <= first[0] <= 0x9F or first[0] in (0xDC, 0xDD, 0xDE, 0xDF)):
+            # no map or list at all: some other program's file of that name (TensorFlow keeps a
+            # text file `checkpoint` in its checkpoint folders)
+            raise NotACheckpoint(
+                f"{tree.path(rel)} is not a msgpack checkpoint (it holds no map or list)",
+                hint="pass an Orbax or flax checkpoint",
+            ) from None
         raise CorruptCheckpoint(
             f"{tree.path(rel)} is not a readable msgpack checkpoint: {err}",
             hint="the file is truncated or damaged",

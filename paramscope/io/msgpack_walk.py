@@ -35,6 +35,9 @@ MAX_WINDOW = 4 << 20
 MAX_DEPTH = 128  # nesting levels (real state dicts nest a few dozen at most)
 MAX_TEXT = 1 << 16  # bytes of a map key or a placeholder
 MAX_NDIM = 64
+# Leaves of one document: real pytrees hold thousands of arrays, not millions; a file of a
+# billion one-byte leaves would otherwise need a record each.
+MAX_LEAVES = 1_000_000
 
 
 class Malformed(Exception):
@@ -143,7 +146,7 @@ def _head(src: _Bytes, pos: int) -> tuple[str, int, Any]:
     return kind, after, arg
 
 
-@dataclass
+@dataclass(slots=True)
 class Leaf:
     """One leaf of the document, in document order."""
 
@@ -171,6 +174,8 @@ def _walk_document(src: _Bytes, markers: tuple[str, ...]) -> list[Leaf]:
                 stack.append([kind == "map", arg, keys, 0])
         else:
             pos = _leaf(src, pos, kind, after, arg, keys, leaves, markers)
+            if len(leaves) > MAX_LEAVES:
+                raise Malformed(f"more than {MAX_LEAVES:,} leaves (at byte {pos:,})")
         while stack:
             frame = stack[-1]
             if not frame[1]:
