@@ -280,6 +280,26 @@ def test_other_files_and_folders_are_not_claimed(tmp_path):
     assert_fails(["table", tensorflow], "is not a msgpack checkpoint (it holds no map or list)")
 
 
+def test_flax_saving_through_orbax_0_4(tmp_path):
+    """flax.training.checkpoints with Orbax 0.4 as its backend saves each step's item as the
+    folder ``checkpoint_<step>`` itself, with no step metadata or commit marker (assembled here
+    from the 0.4 fixture's item folders)."""
+    run_root = tmp_path / "run"
+    for step in (1, 2):
+        shutil.copytree(
+            os.path.join(root("orbax_0_4_aggregate"), f"checkpoint_{step}", "default"),
+            run_root / f"checkpoint_{step}",
+        )
+    info = run_json("info", run_root)
+    assert [(s["step"], s["finished"]) for s in info["steps"]] == [(1, True), (2, True)]
+    for step in (1, 2):
+        norms = run_json("norms", run_root, "--step", step, "--per-param")
+        want = expected_leaves("orbax_0_4_aggregate", step)
+        assert {p["path"]: p["norm"] for p in norms["params"]} == pytest.approx(
+            {k: v["norm"] for k, v in want.items()}
+        )
+
+
 def test_orbax_0_4_placeholders_in_an_ocdbt_database(tmp_path):
     """Orbax 0.4 with OCDBT keeps the placeholders' arrays in the item's database. Synthetic: the
     item as today's Orbax writes it, and beside it the ``checkpoint`` file a 0.4 writer adds."""
