@@ -340,6 +340,8 @@ def test_python_scalars_and_rare_leaves(tmp_path):
         "text": "not an array",
         "raw": b"bytes are not arrays",
         "list": [np.ones(2, np.float32), 4],
+        "params": {"Dense_0": {"kernel": {"value": np.ones((2, 3), np.float32)}}},  # nn.Partitioned
+        "mlp": {"value": np.ones(1, np.int8)},  # a real key named value: kept
     }
     path = tmp_path / "checkpoint_9"
     path.write_bytes(serialization.msgpack_serialize(state))
@@ -355,6 +357,8 @@ def test_python_scalars_and_rare_leaves(tmp_path):
         "array": ([2, 3], "uint8"),
         "list.0": ([2], "float32"),
         "list.1": ([], "int64"),
+        "params.Dense_0.kernel": ([2, 3], "float32"),
+        "mlp.value": ([1], "int8"),
     }
     location = checkpoint.locate(str(path))
     arrays = {a.path: a for a in checkpoint.read_arrays(location.items[0])}

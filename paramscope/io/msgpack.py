@@ -274,8 +274,10 @@ def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
     strings = _strings(doc.tree, doc.folder, problems) if orbax_item else set()
     store = json.dumps(doc.tree.spec(doc.folder), sort_keys=True)
     root = (item.name,)
+    # flax boxes (linen nn.Partitioned) are stored as {"value": array}: the tree decides which
+    boxed = orbax.boxed_leaves([leaf.keys or root for leaf in doc.leaves])
     slots: list[StoredArray | None] = []
-    for leaf in doc.leaves:
+    for leaf, box in zip(doc.leaves, boxed):
         keys = leaf.keys or root
         if leaf.kind == "array":
             dtype, itemsize = dtype_info(leaf.dtype)
@@ -294,6 +296,7 @@ def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
                     value_type="np.ndarray",
                     metadata_template=json.dumps([list(s) for s in leaf.segments]) if more else "",
                     offset=-1 if more else first,
+                    boxed=box,
                 )
             )
         elif leaf.kind == "value":
@@ -311,6 +314,7 @@ def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
                     sharding=None,
                     value_type="scalar",
                     metadata_template=json.dumps(leaf.value),
+                    boxed=box,
                 )
             )
         else:
@@ -326,7 +330,9 @@ def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
             kv, prefix = _gda_store(doc)
             shardings = {}
             entries = [(leaf.keys or root, _join(prefix, name), "jax.Array") for leaf, name in placeholders]
-        stored = iter(orbax.zarr_arrays(kv, entries, shardings, where))
+        box_of = {id(leaf): box for leaf, box in zip(doc.leaves, boxed)}
+        placed = [box_of[id(leaf)] for leaf, _ in placeholders]
+        stored = iter(orbax.zarr_arrays(kv, entries, shardings, where, placed))
         by_leaf = {id(leaf): next(stored) for leaf, _ in placeholders}
         slots = [by_leaf.get(id(leaf), slot) for leaf, slot in zip(doc.leaves, slots)]
     arrays = [slot for slot in slots if slot is not None]
