@@ -398,7 +398,7 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
     if not orbax_item:
         gda = [name for _, name in _placeholders(doc, False, set())]
         if gda:
-            kv, prefix = _gda_store(doc)
+            prefix = doc.name + GDA_SUFFIX
             gda_tree = doc.tree if not isinstance(doc.tree, _FileTree) else Tree(doc.tree.path(prefix))
             base = _join(doc.folder, prefix) if gda_tree is doc.tree else ""
             for name in sorted(_stored_zarr_names(gda_tree, base) - set(gda)):
