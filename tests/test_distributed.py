@@ -239,6 +239,25 @@ def test_an_inventory_travels_as_json(manager_ckpt, nnx_ckpt, special_ckpt, stor
         assert inventory_to_json(back) == text
 
 
+def test_msgpack_arrays_shared_out_across_processes():
+    """A flax msgpack root: byte ranges, chunked pieces and 0-d values read by two processes
+    give the one-process numbers, each process reading about half of the bytes."""
+    from paramscope.io.inventory import inventory_from_json, inventory_to_json, open_checkpoint
+
+    path = os.path.join(os.path.dirname(__file__), "data", "flax_msgpack", "checkpoints")
+    inv = open_checkpoint(path)
+    assert {p.stored.driver for p in inv.params} == {"bytes", "value"}
+    back = inventory_from_json(inventory_to_json(inv))
+    assert back == inv and [p.stored for p in back.params] == [p.stored for p in inv.params]
+    args = ["norms", path, "--per-param", "--memory-budget", "2KiB", "--format", "json"]
+    results = launch(args)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    multi = json.loads(results[0][1])
+    assert_same_numbers(run_json("norms", path, "--per-param"), multi)
+    total = sum(p.nbytes for p in inv.params)
+    assert sum(multi["bytes_read"]) == total and min(multi["bytes_read"]) > 0.4 * total
+
+
 def test_a_killed_process_stops_the_other_within_the_bound(tmp_path):
     path = str(tmp_path / "ckpt")
     rng = np.random.default_rng(1)

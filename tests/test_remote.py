@@ -156,6 +156,42 @@ def test_safetensors_file_ends_checked_in_buckets(stores, scheme, tmp_path):
     assert "bytes follow the last tensor's data" in problem["problem"]
 
 
+MSGPACK_DIRS = [
+    os.path.join(os.path.dirname(LEGACY_DIR), name, "checkpoints")
+    for name in ("flax_msgpack", "orbax_0_4_aggregate", "flax_msgpack_gda")
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_msgpack_checkpoints(stores, uploaded, scheme):
+    """flax msgpack roots and files (with a multi-host _gda folder) and an Orbax 0.4 root."""
+    server = stores[scheme]
+    urls = [uploaded(scheme, folder) for folder in MSGPACK_DIRS]
+    start, before = len(server.requests()), server.objects()
+    for folder, url in zip(MSGPACK_DIRS, urls):
+        for args in (["table"], ["norms", "--per-param"], ["info"], ["table", "--step", "1"]):
+            assert same(run_json(args[0], url, *args[1:])) == same(run_json(args[0], folder, *args[1:])), (
+                folder,
+                args,
+            )
+        verified = run("verify", url, "--format", "json")
+        problems = [p["problem"] for p in json.loads(verified.stdout)["problems"]]
+        if scheme == "gs" and folder.endswith("gda/checkpoints"):
+            # copied from a local save: flax writes this marker only when it saves to GCS, and
+            # restores from GCS only with it
+            assert verified.exit_code == 3
+            assert problems == [
+                "checkpoint_2_gda/commit_success.txt is missing: flax refuses to restore it from GCS"
+            ]
+        else:
+            assert verified.exit_code == 0 and problems == []
+    for folder, url in zip(MSGPACK_DIRS[::2], urls[::2]):  # a flax file given alone
+        local = run_json("norms", os.path.join(folder, "checkpoint_1"), "--per-param")
+        assert same(run_json("norms", url + "/checkpoint_1", "--per-param")) == same(local)
+    assert writes_since(server, start) == []
+    assert server.objects() == before
+
+
 def test_file_urls_read_like_paths(manager_ckpt):
     local = run_json("table", manager_ckpt.path)
     assert run_json("table", "file://" + manager_ckpt.path) == local

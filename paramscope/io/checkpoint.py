@@ -16,8 +16,10 @@ A format module provides:
 - ``disk_usage(item) -> int | None`` (optional): bytes of the item's files, None where unknown;
   without it, the bytes under the item's folder.
 
-Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3") or raw C-order bytes
-in a file (``driver`` "bytes", read by byte range through the storage seam).
+Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3"), raw C-order bytes
+in a file (``driver`` "bytes", read by byte range through the storage seam), or a 0-d value
+kept in the record (``driver`` "value"). A format module may also provide
+``disk_usage(item) -> int | None`` where its files are not the item's folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from paramscope.io.records import (
     SavedSharding,
     Step,
     StoredArray,
+    numpy_dtype,
 )
 from paramscope.io.storage import Tree, read_range
 
@@ -75,9 +78,9 @@ ORBAX_KINDS = ("pytree", "array", "json", "damaged", "unknown")
 def formats() -> tuple[Any, ...]:
     """The modules of the formats other than Orbax, in the order they are tried. Plain zarr trees
     (:mod:`~paramscope.io.tstree`) come last: any folder of zarr arrays is one."""
-    from paramscope.io import safetensors, tstree
+    from paramscope.io import msgpack, safetensors, tstree
 
-    return (safetensors, tstree)
+    return (safetensors, msgpack, tstree)
 
 
 def _module(kind: str):
@@ -178,6 +181,12 @@ def list_steps(path: str | os.PathLike) -> list[Step]:
         return []
 
 
+def disk_usage(item: Item) -> int | None:
+    """Bytes an item's files take; None where the store cannot tell (buckets)."""
+    usage = getattr(_module(item.kind), "disk_usage", None)
+    return usage(item) if usage else orbax.disk_usage(item)
+
+
 def read_arrays(
     item: Item, problems: list[str] | None = None, values: list[tuple[str, Any]] | None = None
 ) -> list[StoredArray]:
@@ -214,14 +223,6 @@ def holds_arrays(item: Item) -> bool:
     return item.kind in ("pytree", "array", "damaged") or _module(item.kind) is not None
 
 
-def disk_usage(item: Item) -> int | None:
-    """Bytes an item's files take; None where the store cannot tell (buckets)."""
-    module = _module(item.kind)
-    if module is not None and hasattr(module, "disk_usage"):
-        return module.disk_usage(item)
-    return orbax.disk_usage(item)
-
-
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
     """Where an item's metadata and its stored arrays disagree (for ``verify``)."""
     module = _module(item.kind)
@@ -255,12 +256,14 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     """Opens many stored arrays read-only; returns, in order, a handle (sliceable, ``.read()``)
     or the :class:`ArrayReadError` of each."""
     handles: list[Any] = [None] * len(arrays)
-    zarr = [i for i, a in enumerate(arrays) if a.driver != "bytes"]
+    zarr = [i for i, a in enumerate(arrays) if a.driver not in ("bytes", "value")]
     for i, handle in zip(zarr, orbax.open_arrays([arrays[i] for i in zarr])):
         handles[i] = handle
     for i, array in enumerate(arrays):
         if array.driver == "bytes":
             handles[i] = _bytes_handle(array)
+        elif array.driver == "value":
+            handles[i] = _value_handle(array)
     return handles
 
 
@@ -292,3 +295,16 @@ def _bytes_handle(array: StoredArray) -> BytesArray:
         return b"".join(out)
 
     return BytesArray(array.shape, array.dtype, 0, read_pieces)
+
+
+def _value_handle(array: StoredArray) -> BytesArray:
+    """The handle of a 0-d value kept in the record itself (``metadata_template``: its JSON, a
+    complex number as ``[real, imag]``), for scalars whose bytes in the file are not C-order
+    little-endian (msgpack's ints and floats)."""
+    import numpy as np
+
+    value = json.loads(array.metadata_template)
+    if isinstance(value, list):
+        value = complex(*value)
+    raw = np.asarray(value, dtype=numpy_dtype(array.dtype).newbyteorder("<")).tobytes()
+    return BytesArray((), array.dtype, 0, lambda lo, hi: raw[lo:hi])

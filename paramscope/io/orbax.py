@@ -88,7 +88,11 @@ def _is_finished_step(tree: Tree, rel: str) -> bool:
         except ValueError:
             return False
         return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
-    # Very old writers left no step metadata: a step folder with items counts as finished.
+    # Very old writers left no step metadata: a step folder with items counts as finished, and
+    # so does one that is an Orbax 0.4 item (flax.training.checkpoints through Orbax 0.4, which
+    # renames the folder to its step's name once written).
+    if _item_kind(tree, rel) == "msgpack":
+        return True
     kinds = {_item_kind(tree, _join(rel, name)) for name in tree.subdirs(rel)}
     return bool(kinds - {"unknown", "damaged"})
 
@@ -99,6 +103,8 @@ def _item_kind(tree: Tree, rel: str) -> str:
     array_dir = _join(rel, ARRAY_ITEM_NAME)
     if tree.is_file(_join(array_dir, ".zarray")) or tree.is_file(_join(array_dir, "zarr.json")):
         return "array"
+    if tree.is_file(array_dir):
+        return "msgpack"  # Orbax <= 0.4: the tree as one msgpack file (paramscope.io.msgpack)
     if tree.is_file(_join(rel, TREE_METADATA)):
         return "pytree"
     if _json_file(tree, rel) is not None:

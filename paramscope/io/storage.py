@@ -326,7 +326,7 @@ class Tree:
         if not name:
             return False
         parent_path = parent + "/" if parent or self.scheme == "file" else ""
-        try:
+        try:  # an empty byte range: whether the object exists, without reading it
             store = ts.KvStore.open({**spec, "path": parent_path}, context=context()).result()
             result = store.read(name, byte_range=slice(0, 0)).result()
         except Exception as err:
