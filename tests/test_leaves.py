@@ -150,3 +150,103 @@ def test_statistics_of_complex_arrays_say_they_are_of_magnitudes(tmp_path):
         in run("stats", path).stdout
     )
     assert run_json("table", path, "--stats")["params"][1]["of_magnitude"] is True
+
+
+@pytest.fixture(scope="module")
+def every_leaf(tmp_path_factory):
+    """Every kind of leaf Orbax 0.12 stores, saved by Orbax (uint4 and zero-size arrays it
+    refuses to write: those come through safetensors and msgpack, tested there)."""
+    from typing import NamedTuple
+
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+    import optax
+    from flax import struct
+
+    class Pair(NamedTuple):
+        a: jax.Array
+        b: jax.Array
+
+    @struct.dataclass
+    class Node:
+        x: jax.Array
+
+    tree = {
+        "key": jax.random.key(0),
+        "keys": jax.random.split(jax.random.key(1), 3),
+        "raw_key": jax.random.PRNGKey(2),
+        "f8": jnp.arange(4, dtype=jnp.float8_e4m3fn),
+        "f8b": jnp.arange(4, dtype=jnp.float8_e5m2),
+        "i4": jnp.arange(-4, 4, dtype=jnp.int4),
+        "flag": jnp.array([True, False, True]),
+        "c": jnp.array([1 + 2j, 3 - 1j], dtype=jnp.complex64),
+        "scalar": jnp.float32(3.5),
+        "pyint": 7,
+        "pyfloat": 2.5,
+        "name": "run-1",
+        "none": None,
+        "empty_dict": {},
+        "empty_list": [],
+        "pair": Pair(jnp.ones(2), jnp.zeros(2)),
+        "node": Node(jnp.full(3, 2.0)),
+        "opt": optax.adam(1e-3).init({"w": jnp.ones(2)}),
+        "we ird/κλειδί key": jnp.ones(2),
+    }
+    path = tmp_path_factory.mktemp("leaves") / "ckpt"
+    ocp.PyTreeCheckpointer().save(path, tree)
+    flat = {
+        "f8": np.arange(4).astype(ml_dtypes.float8_e4m3fn),
+        "f8b": np.arange(4).astype(ml_dtypes.float8_e5m2),
+        "i4": np.arange(-4, 4),
+        "flag": np.array([1, 0, 1]),
+        "c": np.array([1 + 2j, 3 - 1j]),
+        "scalar": np.array(3.5),
+        "pyint": np.array(7),
+        "pyfloat": np.array(2.5),
+        "raw_key": np.asarray(tree["raw_key"]),
+        "pair.a": np.ones(2),
+        "pair.b": np.zeros(2),
+        "node.x": np.full(3, 2.0),
+        "opt.0.count": np.array(0),
+        "opt.0.mu.w": np.zeros(2),
+        "opt.0.nu.w": np.zeros(2),
+        "we ird/κλειδί key": np.ones(2),
+    }
+    return str(path), flat
+
+
+def test_every_leaf_is_read_or_named(every_leaf):
+    path, flat = every_leaf
+    table = run_json("table", path)
+    rows = {p["path"]: p for p in table["params"]}
+    assert set(rows) == set(flat) | {"key", "keys"}
+    assert rows["f8"]["dtype"] == "float8_e4m3fn" and rows["i4"]["dtype"] == "int4"
+    assert rows["key"]["random_key"] == rows["keys"]["random_key"] == "threefry2x32"
+    assert "random_key" not in rows["raw_key"]  # a raw uint32 key is just numbers
+    assert table["values"] == [{"path": "name", "type": "str", "value": "run-1"}]
+    result = run("norms", path, "--per-param", "--format", "json")
+    assert result.exit_code == 0 and "typed PRNG keys left out of the numbers: key, keys" in result.stderr
+    norms = {p["path"]: p["norm"] for p in json.loads(result.stdout)["params"]}
+    assert set(norms) == set(flat)
+    for name, value in flat.items():
+        want = np.linalg.norm(np.asarray(value, dtype=np.complex128 if name == "c" else np.float64).ravel())
+        assert norms[name] == pytest.approx(want, rel=1e-6), name
+    for command in ("stats", "verify", "count", "info", "snapshot"):
+        result = run(command, path, *(("-o", "/dev/null") if command == "snapshot" else ()))
+        assert result.exit_code == 0, (command, result.stderr)
+
+
+@pytest.mark.parametrize(("case", "step"), [("single", None), ("training", "1"), ("training", "2")])
+def test_orbax_v1_checkpoints_against_their_writer(case, step):
+    """``ocp.v1.save`` and ``ocp.v1.training.Checkpointer`` (NNX model and optimizer): the paths
+    the training code uses, and float64 norms of the values the writer held."""
+    want = _expected(V1)[case]
+    want = (want["steps"][step] if step else want)["leaves"]
+    arrays = {k: v for k, v in want.items() if v["dtype"] != "str"}
+    args = (os.path.join(V1, case), *(("--step", step) if step else ()))
+    table = run_json("table", *args)
+    assert {p["path"]: p["shape"] for p in table["params"]} == {k: v["shape"] for k, v in arrays.items()}
+    norms = run_json("norms", *args, "--per-param")
+    for entry in norms["params"]:
+        assert entry["norm"] == pytest.approx(arrays[entry["path"]]["norm"], rel=1e-6), entry["path"]

@@ -195,6 +195,11 @@ def scan(
     from paramscope.parallel.mesh import check_mesh, parse_mesh
 
     quiet_libraries()
+    keys = [p.path for p in params if p.random_key]
+    if keys:  # random bits are not numbers: a norm over them says nothing
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        warn(f"typed PRNG keys left out of the numbers: {shown}", quiet)
+        params = [p for p in params if not p.random_key]
     engine = reading.engine.value
     axes = parse_mesh(reading.mesh) if reading.mesh else None
     if axes is not None:

@@ -53,6 +53,12 @@ class ParamInfo:
         return (*index[:axis], position, *index[axis:])
 
     @property
+    def random_key(self) -> str | None:
+        """The implementation of a typed PRNG key array (its stored values are key data)."""
+        kind = getattr(self.stored, "value_type", "") or ""
+        return kind.split(":", 1)[1] if kind.startswith("prng_key:") else None
+
+    @property
     def count(self) -> int:
         return _count(self.shape)
 

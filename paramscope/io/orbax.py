@@ -552,9 +552,13 @@ def read_arrays(
             f"item {item.name!r} holds no arrays (it is {item.kind})", hint="choose a pytree item"
         )
 
+    keys_of = _random_key_impls(item) if item.kind == "pytree" else {}
     return zarr_arrays(
         kv,
-        [(keys, name, value_type) for (keys, value_type), name in zip(entries, names)],
+        [
+            (keys, name, f"prng_key:{keys_of[name]}" if name in keys_of else value_type)
+            for (keys, value_type), name in zip(entries, names)
+        ],
         shardings,
         f"item {item.name!r}",
         boxed if item.kind == "pytree" else [False],
@@ -585,6 +589,24 @@ def _read_strings(
         if value is None and stored:
             problems.append(f"{item.tree.path(rel)} has no value for {join_keys(keys, unbox=False)}")
         found.append((join_keys(keys[:-1] if box else keys, unbox=False), value))
+    return found
+
+
+def _random_key_impls(item: Item) -> dict[str, str]:
+    """The arrays that hold typed PRNG keys (``jax.random.key``), with their implementation, from
+    ``array_metadatas/`` (Orbax stores a key array as its uint32 key data, and says so there)."""
+    folder = _join(item.rel, "array_metadatas")
+    found: dict[str, str] = {}
+    for name in sorted(k for k in item.tree.keys() if k.startswith(folder + "/process_")):
+        try:
+            doc = json.loads(item.tree.read(name) or b"")
+            for entry in doc.get("array_metadatas") or ():
+                meta = entry.get("array_metadata") or {}
+                impl = (meta.get("ext_metadata") or {}).get("random_key_impl")
+                if impl:
+                    found[str(meta["param_name"])] = str(impl)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            continue  # a damaged record only loses the naming of keys
     return found
 
 

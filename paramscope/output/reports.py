@@ -252,6 +252,7 @@ def table_report(
             "count": p.count,
             "bytes": p.nbytes,
             "sharding": sharding_json(p.sharding),
+            **({"random_key": p.random_key} if p.random_key else {}),
         }
         for p in params
     }
