@@ -250,3 +250,18 @@ def test_orbax_v1_checkpoints_against_their_writer(case, step):
     norms = run_json("norms", *args, "--per-param")
     for entry in norms["params"]:
         assert entry["norm"] == pytest.approx(arrays[entry["path"]]["norm"], rel=1e-6), entry["path"]
+
+
+def test_a_tree_forty_levels_deep(tmp_path):
+    tree = leaf = {}
+    for depth in range(40):
+        leaf["w"] = np.full(2, depth, np.float32)
+        leaf = leaf.setdefault(f"level{depth}", {})
+    leaf["w"] = np.full(2, 40, np.float32)
+    ocp.PyTreeCheckpointer().save(tmp_path / "deep", tree)
+    norms = run_json("norms", tmp_path / "deep", "--per-param")
+    assert len(norms["params"]) == 41
+    deepest = ".".join(f"level{d}" for d in range(40)) + ".w"
+    assert {p["path"]: p["norm"] for p in norms["params"]}[deepest] == pytest.approx(40 * np.sqrt(2))
+    count = run_json("count", tmp_path / "deep", "--depth", "35")
+    assert count["total"]["count"] == 82

@@ -288,6 +288,13 @@ def test_diff_against_an_orbax_checkpoint_with_the_same_names(tmp_path):
     st_norms = run_json("norms", same, "--per-param", "--digest")["params"]
     assert sorted(orbax_norms, key=lambda p: p["path"]) == sorted(st_norms, key=lambda p: p["path"])
 
+    # a baseline of the Orbax checkpoint gates its export: the same weights pass, bit for bit
+    baseline = tmp_path / "baseline.json"
+    assert run("snapshot", orbax_path, "-o", baseline).exit_code == 0
+    assert run("check", same, "--baseline", baseline).exit_code == 0
+    failed = run("check", other, "--baseline", baseline)
+    assert failed.exit_code == 1 and "model.norm.weight" in failed.stdout
+
 
 # ----------------------------------------------------------------------------------------------
 # Folders and indexes
