@@ -197,6 +197,19 @@ def test_diff_and_table_norms_across_processes(manager_ckpt):
     assert [code for code, _, _ in results] == [0, 0] and results[1][1] == ""
     assert_same_numbers(run_json(*table), json.loads(results[0][1]))
 
+    # history: each process reads its share of the parameters over every step; no cache
+    history = ["history", manager_ckpt.path, "--stats", "--format", "json"]
+    single = run_json(*history, "--no-cache")
+    results = launch(history)
+    assert [code for code, _, _ in results] == [0, 0] and results[1][1] == ""
+    assert "cache is not used under --distributed" in results[0][2]
+    multi = json.loads(results[0][1])
+    assert multi["bytes_read"] == single["bytes_read"]
+    assert multi["steps"] == single["steps"] and len(multi["series"]) == len(single["series"])
+    for a, b in zip(single["series"], multi["series"]):
+        assert (a["step"], a["path"], a["metric"]) == (b["step"], b["path"], b["metric"])
+        assert b["value"] == pytest.approx(a["value"], rel=1e-9, abs=1e-12, nan_ok=True)
+
 
 def test_every_process_exits_with_the_same_code(shared_ckpt):
     results = launch(["norms", shared_ckpt, "--fail-on-nonfinite", "--quiet"])

@@ -11,6 +11,7 @@ from paramscope.cli.options import (
     OUTPUT,
     SELECTION,
     CkptArg,
+    Cluster,
     Layering,
     Output,
     Reading,
@@ -24,7 +25,7 @@ from paramscope.output.reports import HISTORY_SORT_KEYS
 HistorySort = choices("HistorySort", HISTORY_SORT_KEYS)
 
 
-@with_options(sel=Selection, out=Output, reading=Reading, layering=Layering)
+@with_options(sel=Selection, out=Output, reading=Reading, layering=Layering, cluster=Cluster)
 def history(
     ckpt: CkptArg,
     steps: Annotated[
@@ -71,6 +72,7 @@ def history(
     out: Output = None,
     reading: Reading = None,
     layering: Layering = None,
+    cluster: Cluster = None,
 ) -> None:
     """Every step of a run: each parameter's norm over steps, how much it moved, where NaNs began.
 
@@ -106,8 +108,12 @@ def history(
     def stamp_of(step):
         return checkpoint.commit_timestamp(checkpoint.locate(ckpt, step))
 
+    joined = common.join(cluster)
+    if joined.active and not no_cache:
+        # the processes must agree on which steps to read: none keeps a cache of its own
+        common.warn("the history cache is not used under --distributed", out.quiet or not joined.primary)
     keeper = None
-    if not no_cache:
+    if not no_cache and not joined.active:
         import platformdirs
 
         folder = cache or os.path.join(platformdirs.user_cache_dir("paramscope"), "history")
@@ -123,7 +129,7 @@ def history(
             },
         )
     budget = common.memory_budget(reading)
-    result = history(chosen, stamp_of, open_step, stats, budget, keeper)
+    result = history(chosen, stamp_of, open_step, stats, budget, keeper, cluster=joined)
     for warning in result.warnings:
         common.warn(warning, out.quiet)
     inv = open_checkpoint(ckpt, step=chosen[-1], item=sel.item, subtree=sel.subtree)

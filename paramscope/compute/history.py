@@ -181,15 +181,23 @@ def read_steps(
     full: bool,
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
+    cluster=None,
 ) -> tuple[list[StepResult], int]:
     """Norms (or statistics) of every parameter of consecutive steps, and each step's change from
-    the one before, every step read once, box by box across the steps."""
+    the one before, every step read once, box by box across the steps.
+
+    With a joined ``cluster`` the parameters are dealt out among the processes (a parameter's
+    series is read whole by one of them) and the results shared, so every process returns all.
+    """
     budget = memory_budget or default_memory_budget()
     results = [StepResult(inv.step, None, {}) for inv in inventories]
     for k in range(1, len(results)):
         results[k].previous = results[k - 1].step
     by_path = [{p.path: p for p in step_params} for step_params in params]
     paths = sorted(set().union(*by_path)) if by_path else []
+    shared = cluster is not None and cluster.active
+    if shared:
+        paths = paths[cluster.process_id :: cluster.num_processes]
     bytes_read = 0
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     limit = max(1, budget // 6)  # a box of two steps in memory, the next ones being read
@@ -206,7 +214,27 @@ def read_steps(
             arrays = [by_path[k][path] for k in run]
             bytes_read += _read_run(path, arrays, run, results, full, limit, on_bytes, pool)
     pool.shutdown(wait=False)
+    if shared:
+        bytes_read = _share(cluster, results, bytes_read)
     return results, bytes_read
+
+
+def _share(cluster, results: list[StepResult], bytes_read: int) -> int:
+    """Every process's per-parameter results merged into ``results``; the bytes all of them read."""
+    from paramscope.parallel.cluster import gather_bytes
+
+    mine = {"bytes": bytes_read, "steps": [[r.stats, r.change] for r in results]}
+    total = 0
+    for data in gather_bytes(cluster, json.dumps(mine, allow_nan=True).encode(), "history"):
+        theirs = json.loads(data)
+        total += theirs["bytes"]
+        for result, (stats, change) in zip(results, theirs["steps"]):
+            result.stats.update(stats)
+            result.change.update(change)
+    for result in results:  # in path order, whichever process read them
+        result.stats = dict(sorted(result.stats.items()))
+        result.change = dict(sorted(result.change.items()))
+    return total
 
 
 def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
@@ -250,10 +278,12 @@ def history(
     memory_budget: int | None = None,
     cache: HistoryCache | None = None,
     on_bytes: Callable[[int], Any] | None = None,
+    cluster=None,
 ) -> History:
     """The history of the given steps; cached steps are neither read nor even opened (see the
     module docstring). ``stamp_of(step)`` is the step's commit timestamp (cheap: the step's own
-    metadata file); ``open_step(step)`` its inventory and selected parameters."""
+    metadata file); ``open_step(step)`` its inventory and selected parameters. With a joined
+    ``cluster``, each process reads its share of the parameters and all end with every series."""
     stamps = [stamp_of(s) for s in steps]
     results: list[StepResult | None] = []
     for k, step in enumerate(steps):
@@ -274,7 +304,7 @@ def history(
         run = list(range(start, end + 1))
         opened = [open_step(steps[i]) for i in run]
         read, nbytes = read_steps(
-            [o[0] for o in opened], [o[1] for o in opened], full, memory_budget, on_bytes
+            [o[0] for o in opened], [o[1] for o in opened], full, memory_budget, on_bytes, cluster
         )
         bytes_read += nbytes
         for i, result in zip(run, read):
