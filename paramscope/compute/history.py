@@ -242,7 +242,7 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
     first = arrays[0]
     handles = [checkpoint.open_array(a.stored) for a in arrays]
     values = [Accumulator(full) for _ in arrays]
-    deltas = [(Accumulator(False), Accumulator(False)) for _ in arrays[1:]]  # ||W_t - W_t-1||, ||W_t-1||
+    deltas = [Accumulator(False) for _ in arrays[1:]]  # ||W_t - W_t-1|| (||W_t-1|| is values[k-1])
     nbytes = 0
     for box in _boxes(first.shape, first.stored.chunks if first.stored else (), first.itemsize, limit):
         pending = {0: checkpoint.start_read(handles[0], arrays[0].index_in_store(box), path)}
@@ -256,15 +256,14 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
             nbytes += value.nbytes
             values[k].feed(value, pool)
             if previous is not None:
-                deltas[k - 1][0].feed(np.subtract(value, previous, dtype=np.float64), pool)
-                deltas[k - 1][1].feed(previous, pool)
+                deltas[k - 1].feed(np.subtract(value, previous, dtype=np.float64), pool)
             previous = value
             if on_bytes is not None:
                 on_bytes(value.nbytes)
     for k, step in enumerate(run):
         results[step].stats[path] = _stats(values[k], full)
-    for k, (delta, before) in enumerate(deltas, start=1):
-        norm_before, norm_delta = before.result().norm, delta.result().norm
+    for k, delta in enumerate(deltas, start=1):
+        norm_before, norm_delta = values[k - 1].result().norm, delta.result().norm
         change = norm_delta / norm_before if norm_before else (0.0 if not norm_delta else math.inf)
         results[run[k]].change[path] = change
     return nbytes
