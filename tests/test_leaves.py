@@ -32,7 +32,10 @@ def test_a_real_key_named_value_is_kept_and_a_box_is_unboxed():
     assert set(arrays) == {k for k, v in expected.items() if v["dtype"] != "str"}
     for name, param in arrays.items():
         assert param["shape"] == expected[name]["shape"]
-    assert table["values"] == [{"path": "name", "type": "str", "value": "tiny-mlp"}]
+    assert table["values"] == [
+        {"path": "name", "type": "str", "value": "tiny-mlp"},
+        {"path": "step", "type": "int", "value": 7},  # a Python int: a 0-d array, and its value
+    ]
     norms = run_json("norms", path, "--per-param")
     for entry in norms["params"]:
         assert entry["norm"] == pytest.approx(expected[entry["path"]]["norm"], rel=1e-6)
@@ -48,7 +51,7 @@ def test_string_leaves_are_values_in_every_command():
         result = run(command, path)
         assert result.exit_code == 0, (command, result.stderr)
     table = run("table", path)
-    assert "values (not arrays)" in table.stdout and "tiny-linen" in table.stdout
+    assert "values (strings;" in table.stdout and "tiny-linen" in table.stdout
 
 
 def test_keras_orbax_steps_read_the_arrays_item_without_a_prefix():
@@ -224,7 +227,11 @@ def test_every_leaf_is_read_or_named(every_leaf):
     assert rows["f8"]["dtype"] == "float8_e4m3fn" and rows["i4"]["dtype"] == "int4"
     assert rows["key"]["random_key"] == rows["keys"]["random_key"] == "threefry2x32"
     assert "random_key" not in rows["raw_key"]  # a raw uint32 key is just numbers
-    assert table["values"] == [{"path": "name", "type": "str", "value": "run-1"}]
+    assert table["values"] == [
+        {"path": "name", "type": "str", "value": "run-1"},
+        {"path": "pyfloat", "type": "float", "value": 2.5},
+        {"path": "pyint", "type": "int", "value": 7},
+    ]
     result = run("norms", path, "--per-param", "--format", "json")
     assert result.exit_code == 0 and "typed PRNG keys left out of the numbers: key, keys" in result.stderr
     norms = {p["path"]: p["norm"] for p in json.loads(result.stdout)["params"]}

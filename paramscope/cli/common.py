@@ -187,6 +187,25 @@ def memory_budget(reading: Reading) -> int | None:
     return parse_size(reading.memory_budget) if reading.memory_budget else None
 
 
+def scalar_values(params) -> list[dict]:
+    """The values of the Python numbers among ``params`` (stored as 0-d arrays: ``step``, a
+    learning rate), read for the table: a few bytes each."""
+    from paramscope.io import checkpoint
+
+    scalars = [p for p in params if p.stored is not None and p.stored.value_type == "scalar" and not p.shape]
+    out = []
+    for param, handle in zip(scalars, checkpoint.open_arrays([p.stored for p in scalars])):
+        if isinstance(handle, errors.ParamscopeError):
+            continue  # the row is still listed; verify names the damage
+        try:
+            value = checkpoint.finish_read(checkpoint.start_read(handle, None, param.path), param.path).item()
+        except errors.ParamscopeError:
+            continue
+        kind = type(value).__name__
+        out.append({"path": param.path, "type": kind, "value": str(value) if kind == "complex" else value})
+    return out
+
+
 def scan(
     inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, digest: bool = False, histogram=None
 ):

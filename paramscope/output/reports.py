@@ -306,11 +306,11 @@ def table_report(
 
 
 def values_section(values: list[dict]) -> Report:
-    """The leaves that are not arrays (strings), shown as values after the arrays."""
+    """Values shown after the arrays: strings (not arrays) and Python numbers (0-d arrays)."""
     return Report(
         payload={},
         name="values",
-        title="values (not arrays)",
+        title="values (strings; Python numbers, also counted above as 0-d arrays)",
         columns=[
             Column("path", "path", "path", priority=0),
             Column("type", "type", priority=1),
