@@ -272,3 +272,17 @@ def test_a_tree_forty_levels_deep(tmp_path):
     assert {p["path"]: p["norm"] for p in norms["params"]}[deepest] == pytest.approx(40 * np.sqrt(2))
     count = run_json("count", tmp_path / "deep", "--depth", "35")
     assert count["total"]["count"] == 82
+
+
+@pytest.mark.parametrize(
+    ("fixture", "name"),
+    [
+        ("flax_msgpack", "tiny-embed"),
+        ("orbax_0_4_aggregate", "tiny-mlp"),
+        ("orbax_0_4_placeholder", "tiny-mlp"),
+    ],
+)
+def test_strings_of_msgpack_checkpoints_are_values(fixture, name):
+    table = run_json("table", os.path.join(DATA, fixture, "checkpoints"))
+    assert {"path": "config.name", "type": "str", "value": name} in table["values"]
+    assert "config.name" not in {p["path"] for p in table["params"]}

@@ -10,7 +10,8 @@ A format module provides:
 - ``KIND``: the item kind it reads;
 - ``locate(tree, step) -> Location | None``: the checkpoint at ``tree`` (a folder, or a file
   when ``tree.root_is_file()``), or None when it is not in this format;
-- ``read_arrays(item, problems) -> list[StoredArray]``: from metadata alone;
+- ``read_arrays(item, problems, values) -> list[StoredArray]``: from metadata alone (leaves that
+  are not arrays, strings, appended to ``values`` as (path, value));
 - ``audit_item(item, arrays) -> list[(name or None, problem)]``: what ``verify`` reports;
 - ``describe(item) -> dict``: what ``info`` shows (``storage``, and ``metadata`` if any);
 - ``disk_usage(item) -> int | None`` (optional): bytes of the item's files, None where unknown;
@@ -194,7 +195,7 @@ def read_arrays(
     appended to ``values`` as (path, value) by the formats that store them."""
     problems = problems if problems is not None else []
     module = _module(item.kind)
-    return module.read_arrays(item, problems) if module else orbax.read_arrays(item, problems, values)
+    return (module or orbax).read_arrays(item, problems, values)
 
 
 def _orbax_step(location: Location) -> bool:

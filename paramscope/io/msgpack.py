@@ -38,6 +38,7 @@ from paramscope.io import orbax
 from paramscope.io.msgpack_walk import Leaf, Malformed, walk
 from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
 from paramscope.io.storage import Tree, read_range
+from paramscope.names import join_keys
 
 KIND = "msgpack"
 
@@ -266,9 +267,31 @@ def _gda_store(doc: _Document) -> tuple[dict[str, Any], str]:
     return doc.tree.spec(doc.folder), doc.name + GDA_SUFFIX
 
 
-def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
+def _string_values(doc, orbax_item: bool, boxed, root, placeholders: set[int]) -> list[tuple[str, str]]:
+    """(path, value) of the string leaves: in the document, or, for an Orbax 0.4 item's
+    ``PLACEHOLDER://`` strings, in its ``_strings.json``."""
+    stored = {}
+    if orbax_item:
+        try:
+            stored = json.loads(doc.tree.read(_join(doc.folder, STRINGS_FILE)) or b"{}")
+        except ValueError:
+            stored = {}
+    found = []
+    for leaf, box in zip(doc.leaves, boxed):
+        if leaf.kind != "text" or leaf.value is None or id(leaf) in placeholders:
+            continue
+        keys = leaf.keys or root
+        value = leaf.value
+        if orbax_item and value.startswith(PLACEHOLDER) and isinstance(stored, dict):
+            value = stored.get(".".join(keys), value)
+        found.append((join_keys(keys[:-1] if box else keys, unbox=False), value))
+    return found
+
+
+def read_arrays(item: Item, problems: list[str], values: list | None = None) -> list[StoredArray]:
     """Every array of the item, from the msgpack structure (and the zarr metadata of the arrays
-    stored beside it); no array data is read."""
+    stored beside it); no array data is read. String leaves are appended to ``values`` as
+    (path, string)."""
     doc = _document(item)
     _, _, orbax_item = _file_of(item)
     strings = _strings(doc.tree, doc.folder, problems) if orbax_item else set()
@@ -320,6 +343,8 @@ def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
         else:
             slots.append(None)
     placeholders = _placeholders(doc, orbax_item, strings)
+    if values is not None:
+        values += _string_values(doc, orbax_item, boxed, root, {id(leaf) for leaf, _ in placeholders})
     if placeholders:
         where = f"item {item.name!r}"
         if orbax_item:

@@ -246,6 +246,8 @@ def _leaf(
                 if arg > MAX_TEXT:
                     raise Malformed(f"a placeholder of {arg:,} bytes at byte {pos:,}")
                 text = _text(src.take(after, arg), pos)
+        if text is None and arg <= MAX_TEXT:  # a string leaf, shown as a value
+            text = src.take(after, arg).decode("utf-8", "replace")
         leaves.append(Leaf(keys, "text", value=text))
         return after + arg
     if kind == "bin":
@@ -376,8 +378,9 @@ def _chunked_array(owner: tuple, parts: list[Leaf]) -> Leaf:
 
 def walk(read: Callable[[int, int], bytes], size: int, markers: tuple[str, ...] = ()) -> list[Leaf]:
     """Every leaf of the msgpack document of ``size`` bytes read by ``read(start, stop)``, in
-    document order, chunked arrays joined. Strings that start with one of ``markers`` are kept
-    (as the leaf's ``value``); other strings are skipped unread.
+    document order, chunked arrays joined. Strings are kept as the leaf's ``value`` (up to
+    :data:`MAX_TEXT` bytes; longer ones are skipped unread), and must be UTF-8 where they start
+    with one of ``markers``.
 
     >>> import msgpack
     >>> array = msgpack.ExtType(1, msgpack.packb([[2], "float32", bytes(8)]))

@@ -418,7 +418,7 @@ def _headers(tree: Tree, files: Iterable[str]) -> list[Header]:
 # The format interface
 
 
-def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
+def read_arrays(item: Item, problems: list[str], values: list | None = None) -> list[StoredArray]:
     """Every tensor of an item, from the headers alone.
 
     Tensors the index does not place in the file that holds them, and tensors of a dtype numpy

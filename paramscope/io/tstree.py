@@ -205,7 +205,7 @@ def _stored_kind(tree: Tree, folder: str) -> str | None:
 # The format's interface
 
 
-def read_arrays(item: Item, problems: list[str]) -> list[StoredArray]:
+def read_arrays(item: Item, problems: list[str], values: list | None = None) -> list[StoredArray]:
     """Every array of the item, from its zarr metadata (read concurrently); no array data."""
     tree = item.tree
     if _has_index(item):
