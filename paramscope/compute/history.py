@@ -175,6 +175,9 @@ def _stats(acc: Accumulator, full: bool) -> dict[str, Any]:
     return {"norm": moments.norm, "nonfinite": moments.nonfinite}
 
 
+LOOKAHEAD = 3  # steps whose box is being read while one is reduced
+
+
 def read_steps(
     inventories: Sequence[Inventory],
     params: Sequence[Sequence[ParamInfo]],
@@ -200,7 +203,8 @@ def read_steps(
         paths = paths[cluster.process_id :: cluster.num_processes]
     bytes_read = 0
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    limit = max(1, budget // 6)  # a box of two steps in memory, the next ones being read
+    # a box of two steps and their float64 difference in memory, the next LOOKAHEAD being read
+    limit = max(1, budget // (4 + LOOKAHEAD + 1))
     for path in paths:
         present = [k for k, found in enumerate(by_path) if path in found]
         # runs of consecutive steps of one shape: a change is measured within a run only
@@ -245,13 +249,16 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
     deltas = [Accumulator(False) for _ in arrays[1:]]  # ||W_t - W_t-1|| (||W_t-1|| is values[k-1])
     nbytes = 0
     for box in _boxes(first.shape, first.stored.chunks if first.stored else (), first.itemsize, limit):
-        pending = {0: checkpoint.start_read(handles[0], arrays[0].index_in_store(box), path)}
+        pending: dict[int, Any] = {}
         previous = None
         for k in range(len(arrays)):
-            if k + 1 < len(arrays):  # the next step's box is on its way while this one is reduced
-                pending[k + 1] = checkpoint.start_read(
-                    handles[k + 1], arrays[k + 1].index_in_store(box), path
-                )
+            # the next steps' boxes are on their way (decoded on every core) while this one is
+            # reduced
+            for ahead in range(k, min(k + 1 + LOOKAHEAD, len(arrays))):
+                if ahead not in pending:
+                    pending[ahead] = checkpoint.start_read(
+                        handles[ahead], arrays[ahead].index_in_store(box), path
+                    )
             value = checkpoint.finish_read(pending.pop(k), path)
             nbytes += value.nbytes
             values[k].feed(value, pool)
