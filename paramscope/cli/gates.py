@@ -307,11 +307,10 @@ def snapshot(
 
     - `paramscope snapshot ckpt -o b.json`
     """
-    import json
 
     from paramscope import __version__
     from paramscope.compute.baseline import snapshot as make_snapshot
-    from paramscope.output.render import json_ready
+    from paramscope.output.render import json_lines
 
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
     if output != "-":
@@ -323,7 +322,7 @@ def snapshot(
                 hint="paramscope never writes into a checkpoint folder; write elsewhere",
             )
     result = common.scan(inv, params, True, reading, quiet, digest=True)
-    text = json.dumps(json_ready(make_snapshot(inv, result, __version__)), indent=1, allow_nan=False) + "\n"
+    text = json_lines(make_snapshot(inv, result, __version__))
     if output == "-":
         sys.stdout.write(text)
         return

@@ -188,6 +188,32 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def json_lines(document: dict[str, Any]) -> str:
+    """A JSON object with one top-level key per line and one entry of each list per line, each
+    in compact form: as readable in a diff as indented JSON (a changed parameter is a changed
+    line), written by the C encoder (indenting makes ``json`` fall back to Python, seconds for
+    20,000 parameters).
+
+    >>> print(json_lines({"a": 1, "params": [{"p": "x"}, {"p": "y"}]}), end="")
+    {
+     "a": 1,
+     "params": [
+      {"p": "x"},
+      {"p": "y"}
+     ]
+    }
+    """
+    encode = json.JSONEncoder(allow_nan=False, separators=(", ", ": ")).encode
+    lines = []
+    for key, value in json_ready(document).items():
+        if isinstance(value, list) and value:
+            items = ",\n".join("  " + encode(item) for item in value)
+            lines.append(f" {encode(key)}: [\n{items}\n ]")
+        else:
+            lines.append(f" {encode(key)}: {encode(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def to_json(report: Report) -> str:
     return json.dumps(json_ready(report.payload), indent=2, allow_nan=False) + "\n"
 
