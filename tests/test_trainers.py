@@ -9,36 +9,11 @@ array, the dotted path, shape, dtype and float64 norm of the framework's in-memo
 import json
 import math
 import os
-import sys
-from dataclasses import dataclass
 
 import pytest
-from typer.testing import CliRunner
-
-from paramscope.cli.app import run as run_cli
+from test_cli import run_json
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-
-
-@dataclass
-class Result:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-
-def run(*args):
-    with CliRunner().isolation() as (out, err, _):
-        code = run_cli([str(a) for a in args])
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return Result(code, out.getvalue().decode(), err.getvalue().decode())
-
-
-def run_json(*args):
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def expected(name):
