@@ -733,14 +733,6 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     return handles
 
 
-def open_array(array: StoredArray):
-    """Opens one stored array read-only; returns a TensorStore handle (sliceable, ``.read()``)."""
-    (handle,) = open_arrays([array])
-    if isinstance(handle, ArrayReadError):
-        raise handle
-    return handle
-
-
 def start_read(handle, index: tuple[slice, ...] | None, path: str):
     """Starts reading one slice of an opened array (``index`` None: all of it);
     :func:`finish_read` waits for it."""
