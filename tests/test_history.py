@@ -182,3 +182,19 @@ def test_stats_plot_and_value_histogram(manager_ckpt, tmp_path):
     assert heights == pytest.approx([f64(values[r.param.path]) for r in stats.params], rel=1e-9)
     bad = run("stats", manager_ckpt.path, "--plot", tmp_path / "x.png", "--hist", "nope")
     assert bad.exit_code == 2 and "--hist 'nope'" in bad.stderr
+
+
+def test_a_single_checkpoint_is_not_a_run():
+    single = os.path.join(os.path.dirname(__file__), "data", "safetensors", "single", "model.safetensors")
+    result = run("history", single)
+    assert result.exit_code == 3 and result.stderr.count("\n") == 1
+    assert "is a single checkpoint, not a run of steps" in result.stderr
+
+
+def test_the_history_of_a_flax_msgpack_run(tmp_path):
+    """flax.training.checkpoints files carry no commit time, so no step is taken from the cache
+    (a file rewritten in place would go unnoticed): every run reads every step."""
+    root = os.path.join(os.path.dirname(__file__), "data", "flax_msgpack", "checkpoints")
+    for _ in range(2):
+        doc = run_json("history", root, "--depth", "1", "--cache", tmp_path)
+        assert doc["steps"] == [1, 2] and doc["cached_steps"] == [] and doc["bytes_read"] > 0

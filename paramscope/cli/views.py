@@ -90,6 +90,12 @@ def history(
     from paramscope.output.reports import history_report
 
     location = checkpoint.locate(ckpt, None, allow_unfinished=True)
+    if location.kind != "root":
+        raise common.fail(
+            f"{ckpt} is a single checkpoint, not a run of steps",
+            "history reads a manager root (a folder of steps); for one checkpoint use norms or stats",
+            3,
+        )
     available = [s.step for s in location.steps if s.finished]
     chosen = parse_steps(steps, available, last)
     if not chosen:
