@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from paramscope.compute.moments import Accumulator
+from paramscope.compute.moments import BLOCK, Accumulator
 from paramscope.compute.plan import _boxes, default_memory_budget
 from paramscope.io import checkpoint
 from paramscope.io.inventory import Inventory, ParamInfo
@@ -241,12 +241,39 @@ def _share(cluster, results: list[StepResult], bytes_read: int) -> int:
     return total
 
 
+SPAN = 1 << 22  # elements of one task of the thread pool
+
+
+def difference_sum_sq(a: np.ndarray, b: np.ndarray, pool=None) -> list[float]:
+    """The sums of (a - b)^2 by blocks of :data:`~paramscope.compute.moments.BLOCK` elements, the
+    difference taken in float64 (exact for every dtype up to 32 bits; |a - b|^2 for complex) one
+    block at a time, never as a whole float64 array."""
+    flat_a, flat_b = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+    wide = np.complex128 if np.iscomplexobj(flat_a) else np.float64
+
+    def span(start: int, stop: int) -> list[float]:
+        buffer = np.empty(min(BLOCK, stop - start), wide)
+        sums = []
+        for lo in range(start, stop, BLOCK):
+            hi = min(lo + BLOCK, stop)
+            d = buffer[: hi - lo]
+            np.subtract(flat_a[lo:hi], flat_b[lo:hi], out=d, dtype=wide)
+            sums.append(
+                float(np.vdot(d, d).real) if wide is np.complex128 else float(np.einsum("i,i->", d, d))
+            )
+        return sums
+
+    spans = [(lo, min(lo + SPAN, flat_a.size)) for lo in range(0, flat_a.size, SPAN)]
+    mapper = pool.map if pool is not None and len(spans) > 1 else map
+    return [total for part in mapper(lambda bounds: span(*bounds), spans) for total in part]
+
+
 def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
     """One parameter over consecutive steps of one shape, box by box: each step's box read once."""
     first = arrays[0]
     handles = [checkpoint.open_array(a.stored) for a in arrays]
     values = [Accumulator(full) for _ in arrays]
-    deltas = [Accumulator(False) for _ in arrays[1:]]  # ||W_t - W_t-1|| (||W_t-1|| is values[k-1])
+    deltas: list[list[float]] = [[] for _ in arrays[1:]]  # sums of (W_t - W_t-1)^2, by block
     nbytes = 0
     for box in _boxes(first.shape, first.stored.chunks if first.stored else (), first.itemsize, limit):
         pending: dict[int, Any] = {}
@@ -263,14 +290,14 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
             nbytes += value.nbytes
             values[k].feed(value, pool)
             if previous is not None:
-                deltas[k - 1].feed(np.subtract(value, previous, dtype=np.float64), pool)
+                deltas[k - 1] += difference_sum_sq(value, previous, pool)
             previous = value
             if on_bytes is not None:
                 on_bytes(value.nbytes)
     for k, step in enumerate(run):
         results[step].stats[path] = _stats(values[k], full)
     for k, delta in enumerate(deltas, start=1):
-        norm_before, norm_delta = values[k - 1].result().norm, delta.result().norm
+        norm_before, norm_delta = values[k - 1].result().norm, math.sqrt(math.fsum(delta))
         change = norm_delta / norm_before if norm_before else (0.0 if not norm_delta else math.inf)
         results[run[k]].change[path] = change
     return nbytes
