@@ -192,9 +192,16 @@ def test_a_single_checkpoint_is_not_a_run():
 
 
 def test_the_history_of_a_flax_msgpack_run(tmp_path):
-    """flax.training.checkpoints files carry no commit time, so no step is taken from the cache
-    (a file rewritten in place would go unnoticed): every run reads every step."""
-    root = os.path.join(os.path.dirname(__file__), "data", "flax_msgpack", "checkpoints")
-    for _ in range(2):
-        doc = run_json("history", root, "--depth", "1", "--cache", tmp_path)
-        assert doc["steps"] == [1, 2] and doc["cached_steps"] == [] and doc["bytes_read"] > 0
+    """flax.training.checkpoints files carry no commit time: a step is cached by when its file
+    last changed, so a file rewritten in place is read again."""
+    root = str(tmp_path / "run")
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "flax_msgpack", "checkpoints"), root)
+    cache = tmp_path / "cache"
+    cold = run_json("history", root, "--depth", "1", "--cache", cache)
+    assert cold["steps"] == [1, 2] and cold["cached_steps"] == [] and cold["bytes_read"] > 0
+    warm = run_json("history", root, "--depth", "1", "--cache", cache)
+    assert warm["cached_steps"] == [1, 2] and warm["bytes_read"] == 0 and warm["series"] == cold["series"]
+    stamp = os.stat(os.path.join(root, "checkpoint_2")).st_mtime_ns
+    os.utime(os.path.join(root, "checkpoint_2"), ns=(stamp + 10**9, stamp + 10**9))  # rewritten
+    again = run_json("history", root, "--depth", "1", "--cache", cache)
+    assert again["cached_steps"] == [1] and again["bytes_read"] > 0

@@ -214,8 +214,31 @@ def custom_metadata(location: Location) -> dict[str, Any]:
 
 
 def commit_timestamp(location: Location) -> int | None:
-    """When the step was committed (nanoseconds); None where unknown."""
-    return orbax.commit_timestamp(location) if _orbax_step(location) else None
+    """When the step was committed (nanoseconds); None where unknown. Formats without step
+    metadata (msgpack, safetensors, zarr trees) on a local disk: when their files last changed,
+    so a step rewritten in place is told apart; in buckets, unknown."""
+    if _orbax_step(location):
+        return orbax.commit_timestamp(location)
+    if any(item.tree.remote for item in location.items) or not location.items:
+        return None
+    latest = 0
+    for item in location.items:
+        for path in _files(item.path):
+            try:
+                latest = max(latest, os.stat(path).st_mtime_ns)
+            except OSError:
+                return None
+    return latest or None
+
+
+def _files(path: str):
+    """A local file, or every file below a local folder."""
+    if not os.path.isdir(path):
+        yield path
+        return
+    for folder, _, names in os.walk(path):
+        for name in names:
+            yield os.path.join(folder, name)
 
 
 def holds_arrays(item: Item) -> bool:
