@@ -348,8 +348,8 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
     if placeholders:
         where = f"item {item.name!r}"
         if orbax_item:
-            kv = orbax._kvstore_spec(doc.tree, doc.folder)
-            shardings = orbax._read_shardings(doc.tree, doc.folder, problems, expected=False)
+            kv = orbax.kvstore_spec(doc.tree, doc.folder)
+            shardings = orbax.read_shardings(doc.tree, doc.folder, problems, expected=False)
             entries = [(leaf.keys or root, name, "jax.Array") for leaf, name in placeholders]
         else:
             kv, prefix = _gda_store(doc)
@@ -446,14 +446,14 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
             problems.append((name, f"listed in {orbax.TREE_METADATA}, but not in {ORBAX_FILE}"))
         for name in sorted(in_file - listed):
             problems.append((name, f"in {ORBAX_FILE}, but not listed in {orbax.TREE_METADATA}"))
-    kv = orbax._kvstore_spec(doc.tree, doc.folder)
+    kv = orbax.kvstore_spec(doc.tree, doc.folder)
     if kv.get("driver") == "ocdbt":
-        stored = orbax._stored_array_names(kv)
+        stored = orbax.stored_array_names(kv)
     else:
         stored = _stored_zarr_names(doc.tree, doc.folder)
     for name in sorted(stored - named):
         problems.append((name, f"stored, but no placeholder in {ORBAX_FILE} names it"))
-    shardings = orbax._read_shardings(doc.tree, doc.folder, [], expected=False)
+    shardings = orbax.read_shardings(doc.tree, doc.folder, [], expected=False)
     for name in sorted(set(shardings) - named):
         problems.append((name, f"{orbax.SHARDING_FILE} has an entry for an array {ORBAX_FILE} does not hold"))
     return problems

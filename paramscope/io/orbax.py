@@ -304,7 +304,7 @@ def step_bytes(path: str, step: int | None = None) -> int:
 # Metadata
 
 
-def _kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
+def kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
     """The kvstore of an item's arrays: its OCDBT database, or plain zarr folders."""
     if tree.is_file(_join(folder, OCDBT_MANIFEST)):
         return {"driver": "ocdbt", "base": tree.spec(folder), "cache_pool": storage.INDEX_CACHE}
@@ -319,7 +319,7 @@ def _kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dic
 def storage_format(item: Item) -> str:
     """'ocdbt' or 'zarr' (plain folders), for an item that holds arrays."""
     folder = item.rel if item.kind == "pytree" else _join(item.rel, ARRAY_ITEM_NAME)
-    return "ocdbt" if _kvstore_spec(item.tree, folder)["driver"] == "ocdbt" else "zarr"
+    return "ocdbt" if kvstore_spec(item.tree, folder)["driver"] == "ocdbt" else "zarr"
 
 
 def _parse_sharding(text: Any) -> SavedSharding | None:
@@ -343,7 +343,7 @@ def _parse_sharding(text: Any) -> SavedSharding | None:
     return SavedSharding(mesh_axes, tuple(spec))
 
 
-def _read_shardings(
+def read_shardings(
     tree: Tree, item_rel: str, problems: list[str], expected: bool = True
 ) -> dict[str, SavedSharding | None]:
     """Saved shardings by dotted name. A missing (when ``expected``) or damaged file leaves them
@@ -529,7 +529,7 @@ def read_arrays(
         entries = [((item.name,), "jax.Array")]
         names = [ARRAY_ITEM_NAME]
         kv = item.tree.spec(item.rel)
-        shardings = {item.name: _read_shardings(item.tree, item.rel, problems).get(ARRAY_ITEM_NAME)}
+        shardings = {item.name: read_shardings(item.tree, item.rel, problems).get(ARRAY_ITEM_NAME)}
     elif item.kind == "pytree":
         entries, strings, use_ocdbt = _tree_entries(item.tree, item.rel)
         if strings and values is not None:
@@ -538,10 +538,10 @@ def read_arrays(
             return []
         names = [".".join(keys) for keys, _ in entries]
         _warn_shared_names(item, [keys for keys, _ in entries], problems)
-        kv = _kvstore_spec(item.tree, item.rel, use_ocdbt)
+        kv = kvstore_spec(item.tree, item.rel, use_ocdbt)
         boxed = boxed_leaves([keys for keys, _ in entries] + strings)[: len(entries)]
         jax_arrays = any(value_type == "jax.Array" for _, value_type in entries)
-        shardings = _read_shardings(item.tree, item.rel, problems, expected=jax_arrays)
+        shardings = read_shardings(item.tree, item.rel, problems, expected=jax_arrays)
     elif item.kind == "damaged":
         raise CorruptCheckpoint(
             f"item {item.name!r} ({item.path}) has no {TREE_METADATA}",
@@ -750,7 +750,7 @@ def finish_read(future, path: str):
         raise ArrayReadError("read", path, err) from None
 
 
-def _stored_array_names(kvstore: dict[str, Any]) -> set[str]:
+def stored_array_names(kvstore: dict[str, Any]) -> set[str]:
     """Names of the arrays a kvstore holds (those with zarr metadata), by listing its keys."""
     import tensorstore as ts
 
@@ -783,9 +783,9 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
     listed = {a.name: a for a in arrays}
     kvstore = json.loads(arrays[0].store) if arrays else None
     if kvstore is not None:
-        for name in sorted(_stored_array_names(kvstore) - set(listed)):
+        for name in sorted(stored_array_names(kvstore) - set(listed)):
             problems.append((name, f"stored, but not listed in {TREE_METADATA}"))
-    shardings = _read_shardings(item.tree, item.rel, [], expected=False)
+    shardings = read_shardings(item.tree, item.rel, [], expected=False)
     for name in sorted(set(shardings) - set(listed)):
         problems.append((name, f"{SHARDING_FILE} has an entry for an array {TREE_METADATA} does not list"))
     for array in arrays:
