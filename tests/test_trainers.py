@@ -154,6 +154,12 @@ def test_maxtext_layers_command_counts_two_layers_per_stack():
         "opt_state.0.nu.params.decoder.layers": [0, 1],
         "params.params.decoder.layers": [0, 1],
     }
+    # the rng key data under nnx_aux is left out of the numbers, per layer as a whole
+    whole = run_json("norms", maxtext_path("scan"))["global_norm"]
+    assert run_json("norms", maxtext_path("scan"), "--unstack")["global_norm"] == pytest.approx(
+        whole, rel=1e-12
+    )
+    assert max(row["norm"] for row in doc["layers"]) < whole
 
 
 # Kauldron -----------------------------------------------------------------------------------

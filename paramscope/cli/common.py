@@ -239,8 +239,9 @@ def scan(
     if inv.views is not None:
         from paramscope.compute.layers import scan_views
 
+        views = [v for v in inv.views if not inv.params[v.source].random_key]
         return with_progress(
-            total, quiet, lambda on_bytes: scan_views(inv.views, inv.params, **options, on_bytes=on_bytes)
+            total, quiet, lambda on_bytes: scan_views(views, inv.params, **options, on_bytes=on_bytes)
         )
     return with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
 
