@@ -286,3 +286,18 @@ def test_strings_of_msgpack_checkpoints_are_values(fixture, name):
     table = run_json("table", os.path.join(DATA, fixture, "checkpoints"))
     assert {"path": "config.name", "type": "str", "value": name} in table["values"]
     assert "config.name" not in {p["path"] for p in table["params"]}
+
+
+def test_an_aggregate_item_without_its_file_is_never_empty(tmp_path):
+    """Orbax 0.4's _METADATA marks aggregated arrays skip_deserialize: without the msgpack file
+    that holds them the item is damaged, not a checkpoint of 0 arrays with a norm of 0."""
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(os.path.join(DATA, "orbax_0_4_aggregate", "checkpoints"), root)
+    os.remove(root / "checkpoint_2" / "default" / "checkpoint")
+    for command in ("table", "norms", "verify", "count"):
+        result = run(command, root)
+        assert result.exit_code == 3 and result.stderr.count("\n") == 1, (command, result.stderr)
+        assert "marks 21 arrays as stored in the aggregate file" in result.stdout + result.stderr
+    assert run_json("norms", root, "--step", "1")["global_norm"] > 0

@@ -41,6 +41,7 @@ from paramscope.names import BOX_VALUE_KEY, join_keys
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 STRINGS_FILE = "_strings.json"
 STRING_TYPE = "string"
+AGGREGATED_TYPES = ("jax.Array", "np.ndarray", "scalar")  # what an aggregate file held
 TREE_METADATA = "_METADATA"
 SHARDING_FILE = "_sharding"
 OCDBT_MANIFEST = "manifest.ocdbt"
@@ -384,7 +385,12 @@ def _tree_entries(
         raise CorruptCheckpoint(
             f"{path} has no tree_metadata", hint="the item's metadata is damaged or from an unknown writer"
         )
-    entries, strings = [], []
+    entries, strings, aggregated = [], [], 0
+    folder = path.rsplit("/", 1)[0]
+
+    def tree_path(name: str) -> str:
+        return f"{folder}/{name}"
+
     for entry in tree.values():
         try:
             keys = tuple(str(k["key"]) for k in entry["key_metadata"])
@@ -395,12 +401,22 @@ def _tree_entries(
             raise CorruptCheckpoint(
                 f"{path} has an entry of unexpected structure", hint="the item's metadata is damaged"
             ) from None
+        if value.get("skip_deserialize") and value.get("value_type") in AGGREGATED_TYPES:
+            aggregated += 1
         if value.get("skip_deserialize") or value.get("value_type") in ("None", None):
             continue
         if value.get("value_type") == STRING_TYPE:
             strings.append(keys)
             continue
         entries.append((keys, str(value.get("value_type"))))
+    if aggregated:
+        # values Orbax (<= 0.6) kept in the item's msgpack `checkpoint` file, which is not there
+        # (an item that has it is read as msgpack): never report such an item as empty
+        raise CorruptCheckpoint(
+            f"{path} marks {aggregated} arrays as stored in the aggregate file "
+            f"{tree_path(ARRAY_ITEM_NAME)!r}, which is missing",
+            hint="the copy is incomplete: the file 'checkpoint' of the item holds their values",
+        )
     return entries, strings, meta.get("use_ocdbt")
 
 
