@@ -8,7 +8,7 @@ tuples are stored as ``{"0": ...}``. To get a ``__msgpack_chunked_array__`` leaf
 small array, the script lowers ``flax.serialization.MAX_CHUNK_SIZE`` (2**30 bytes in flax)
 to 1024 bytes: the 64x8 float32 embedding (and its adam mu/nu, 2048 bytes each) is then
 split into 2 flat chunks of 256 elements. Run it in a throwaway environment, never in the
-project's own (the same one as scripts/make_orbax_0_4_aggregate_fixture.py):
+project's own (the same one as scripts/make_orbax_0_4_fixture.py):
 
     python3 -m venv /tmp/env-uv && /tmp/env-uv/bin/pip install uv
     /tmp/env-uv/bin/uv venv -p python3.11 /tmp/env-orbax04

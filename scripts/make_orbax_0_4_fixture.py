@@ -1,11 +1,18 @@
-"""Write tests/data/orbax_0_4_placeholder: a 2023-style orbax checkpoint without OCDBT.
+"""Write tests/data/orbax_0_4_aggregate and tests/data/orbax_0_4_placeholder: 2023-style checkpoints.
 
-A flax ``TrainState`` (tiny MLP, a bf16 LayerNorm, optax adam) plus a small config dict,
-saved by ``PyTreeCheckpointer(use_ocdbt=False)`` in a ``CheckpointManager``
-(``step_prefix="checkpoint"``, 2 steps) with default save args: no leaf is aggregated, so
-each one gets its own zarr (v2) folder named by its dotted keys beside the msgpack
-``checkpoint`` file, which holds ``PLACEHOLDER://<name>`` strings in their place. Run it
-in a throwaway environment, never in the project's own:
+Both hold a flax ``TrainState`` (tiny MLP, a bf16 LayerNorm, optax adam) plus a small config
+dict, saved at steps 1 and 2 by a ``PyTreeCheckpointer`` in a ``CheckpointManager``
+(``step_prefix="checkpoint"``, 2 steps). They differ only in how it is saved:
+
+- ``aggregate``: the way flax's documentation of late 2023 did it, ``PyTreeCheckpointer()``
+  with ``save_args=flax.training.orbax_utils.save_args_from_target(ckpt)``. Every leaf is then
+  aggregated: its value sits inside the msgpack ``checkpoint`` file of the item folder and
+  ``_METADATA`` marks it ``skip_deserialize``.
+- ``placeholder``: ``PyTreeCheckpointer(use_ocdbt=False)`` with default save args: no leaf is
+  aggregated, so each one gets its own zarr (v2) folder named by its dotted keys beside the
+  msgpack ``checkpoint`` file, which holds ``PLACEHOLDER://<name>`` strings in their place.
+
+Run it in a throwaway environment, never in the project's own:
 
     python3 -m venv /tmp/env-uv && /tmp/env-uv/bin/pip install uv
     /tmp/env-uv/bin/uv venv -p python3.11 /tmp/env-orbax04
@@ -13,13 +20,14 @@ in a throwaway environment, never in the project's own:
         "orbax-checkpoint==0.4.8" "jax[cpu]==0.4.23" "jaxlib==0.4.23" "flax==0.7.5" \
         "numpy<2" "scipy<1.13" "tensorstore==0.1.51" "ml_dtypes==0.3.2" "chex==0.1.85" \
         "optax==0.1.7"
-    /tmp/env-orbax04/bin/python scripts/make_orbax_0_4_placeholder_fixture.py \
-        tests/data/orbax_0_4_placeholder
+    /tmp/env-orbax04/bin/python scripts/make_orbax_0_4_fixture.py tests/data
 
-(resolved: numpy 1.26.4, msgpack 1.2.4). Besides the checkpoint it writes ``expected.json``:
-for every leaf its dotted path, shape, dtype and float64 norm computed with numpy from the
-values before they were saved (and ``value`` for scalars and strings). The script restores
-each step with orbax and checks it against those values.
+(resolved: numpy 1.26.4, msgpack 1.2.4). That writes both fixtures, as
+``tests/data/orbax_0_4_<kind>``; name a kind after the folder (``... tests/data aggregate``)
+to write only that one. Besides the checkpoint each gets ``expected.json``: for every leaf
+its dotted path, shape, dtype and float64 norm computed with numpy from the values before
+they were saved (and ``value`` for scalars and strings). The script restores each step with
+orbax and checks it against those values.
 """
 
 import importlib.metadata
@@ -103,7 +111,15 @@ def compare(restored, saved):
         np.testing.assert_array_equal(a, b, err_msg=dotted(path))
 
 
-def main(out):
+# kind -> (PyTreeCheckpointer keyword arguments, save with save_args_from_target?)
+KINDS = {
+    "aggregate": ({}, True),
+    "placeholder": ({"use_ocdbt": False}, False),
+}
+
+
+def write(out, kind):
+    checkpointer_kwargs, aggregate = KINDS[kind]
     # Keep LAYOUT.md (written by hand); replace everything the script writes.
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
@@ -112,7 +128,7 @@ def main(out):
     y = jax.random.normal(jax.random.PRNGKey(2), (8, 2))
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(out, "checkpoints")),
-        ocp.PyTreeCheckpointer(use_ocdbt=False),
+        ocp.PyTreeCheckpointer(**checkpointer_kwargs),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, step_prefix="checkpoint", create=True),
     )
     versions = {
@@ -124,7 +140,11 @@ def main(out):
     for _ in range(2):
         state = train_step(state, x, y)
         ckpt = {"model": state, "config": {"name": "tiny-mlp", "learning_rate": 0.01}}
-        manager.save(state.step, ckpt)
+        if aggregate:
+            save_args = orbax_utils.save_args_from_target(ckpt)
+            manager.save(state.step, ckpt, save_kwargs={"save_args": save_args})
+        else:
+            manager.save(state.step, ckpt)
         manager.wait_until_finished()
         saved[state.step] = ckpt
         expected["steps"][str(state.step)] = {"default": describe(ckpt)}
@@ -143,5 +163,12 @@ def main(out):
     print("wrote", out, "with flax", flax.__version__)
 
 
+def main(argv):
+    if not argv or any(kind not in KINDS for kind in argv[1:]):
+        sys.exit(f"usage: make_orbax_0_4_fixture.py DATA_DIR [{'|'.join(KINDS)} ...]")
+    for kind in argv[1:] or KINDS:
+        write(os.path.join(argv[0], f"orbax_0_4_{kind}"), kind)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
