@@ -66,6 +66,10 @@ def test_keras_orbax_steps_read_the_arrays_item_without_a_prefix():
         norms = run_json("norms", root, "--step", step, "--per-param")
         for entry in norms["params"]:
             assert entry["norm"] == pytest.approx(leaves[entry["path"]]["norm"], rel=1e-6)
+    assert (
+        "no arrays: the item holds only the values below"
+        in run("table", root, "--item", "model_config").stdout
+    )
     config = run_json("table", root, "--item", "model_config")
     assert config["params"] == [] and config["values"][0]["path"] == "config"
     assert json.loads(config["values"][0]["value"])["class_name"] == "Sequential"

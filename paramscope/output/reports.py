@@ -297,7 +297,9 @@ def table_report(
         title=_title(inv, len(params)),
         footer={"path": f"total ({plural(len(params), 'array')})", **total},
         notes=_digest_note(scan) + (_complex_note(params) if full else []),
-        empty="no parameters match",
+        empty="no arrays: the item holds only the values below"
+        if inv.values and not inv.params
+        else "no parameters match",
     )
     if inv.values:
         payload["values"] = inv.values
