@@ -72,8 +72,6 @@ __all__ = [
     "storage_format",
 ]
 
-ORBAX_KINDS = ("pytree", "array", "json", "damaged", "unknown")
-
 
 @functools.cache
 def formats() -> tuple[Any, ...]:

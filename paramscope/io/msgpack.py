@@ -221,20 +221,20 @@ def locate(tree: Tree, step: int | None) -> Location | None:
 # Arrays
 
 
-def _strings(tree: Tree, folder: str, problems: list[str]) -> set[str]:
-    """Names of the string leaves an Orbax 0.4 item keeps in ``_strings.json``."""
+def _strings(tree: Tree, folder: str, problems: list[str]) -> dict[str, Any]:
+    """The string leaves an Orbax 0.4 item keeps in ``_strings.json``, by dotted name."""
     rel = _join(folder, STRINGS_FILE)
     if not tree.is_file(rel):
-        return set()
+        return {}
     try:
         found = orbax.read_json(tree, rel)
     except CorruptCheckpoint as err:
         problems.append(err.message)
-        return set()
+        return {}
     if not isinstance(found, dict):
         problems.append(f"{tree.path(rel)} is not a JSON object")
-        return set()
-    return set(found)
+        return {}
+    return found
 
 
 def _safe_name(name: str) -> bool:
@@ -243,7 +243,7 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
-def _placeholders(doc: _Document, orbax_item: bool, strings: set[str]) -> list[tuple[Leaf, str]]:
+def _placeholders(doc: _Document, orbax_item: bool, strings: dict[str, Any]) -> list[tuple[Leaf, str]]:
     """(leaf, array name) of each placeholder leaf that names an array (strings are skipped)."""
     marker = PLACEHOLDER if orbax_item else GDA_PLACEHOLDER
     found = []
@@ -267,22 +267,16 @@ def _gda_store(doc: _Document) -> tuple[dict[str, Any], str]:
     return doc.tree.spec(doc.folder), doc.name + GDA_SUFFIX
 
 
-def _string_values(doc, orbax_item: bool, boxed, root, placeholders: set[int]) -> list[tuple[str, str]]:
+def _string_values(doc, stored: dict[str, Any], boxed, root, placeholders: set[int]) -> list[tuple[str, str]]:
     """(path, value) of the string leaves: in the document, or, for an Orbax 0.4 item's
-    ``PLACEHOLDER://`` strings, in its ``_strings.json``."""
-    stored = {}
-    if orbax_item:
-        try:
-            stored = json.loads(doc.tree.read(_join(doc.folder, STRINGS_FILE)) or b"{}")
-        except ValueError:
-            stored = {}
+    ``PLACEHOLDER://`` strings, in its ``_strings.json`` (``stored``)."""
     found = []
     for leaf, box in zip(doc.leaves, boxed):
         if leaf.kind != "text" or leaf.value is None or id(leaf) in placeholders:
             continue
         keys = leaf.keys or root
         value = leaf.value
-        if orbax_item and value.startswith(PLACEHOLDER) and isinstance(stored, dict):
+        if value.startswith(PLACEHOLDER):
             value = stored.get(".".join(keys), value)
         found.append((join_keys(keys[:-1] if box else keys, unbox=False), value))
     return found
@@ -294,7 +288,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
     (path, string)."""
     doc = _document(item)
     _, _, orbax_item = _file_of(item)
-    strings = _strings(doc.tree, doc.folder, problems) if orbax_item else set()
+    strings = _strings(doc.tree, doc.folder, problems) if orbax_item else {}
     store = json.dumps(doc.tree.spec(doc.folder), sort_keys=True)
     root = (item.name,)
     # flax boxes (linen nn.Partitioned) are stored as {"value": array}: the tree decides which
@@ -344,7 +338,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
             slots.append(None)
     placeholders = _placeholders(doc, orbax_item, strings)
     if values is not None:
-        values += _string_values(doc, orbax_item, boxed, root, {id(leaf) for leaf, _ in placeholders})
+        values += _string_values(doc, strings, boxed, root, {id(leaf) for leaf, _ in placeholders})
     if placeholders:
         where = f"item {item.name!r}"
         if orbax_item:
@@ -465,7 +459,7 @@ def describe(item: Item) -> dict[str, Any]:
     doc = _document(item)
     _, _, orbax_item = _file_of(item)
     inline = any(leaf.kind in ("array", "value") for leaf in doc.leaves)
-    beside = _placeholders(doc, orbax_item, _strings(doc.tree, doc.folder, []) if orbax_item else set())
+    beside = _placeholders(doc, orbax_item, _strings(doc.tree, doc.folder, []) if orbax_item else {})
     kinds = ["msgpack"] if inline or not beside else []
     if beside:
         ocdbt = orbax_item and doc.tree.is_file(_join(doc.folder, orbax.OCDBT_MANIFEST))

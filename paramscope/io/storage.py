@@ -389,14 +389,26 @@ class Tree:
         return result.state == "value" and len(bytes(result.value)) == 1
 
     def file_size(self, rel: str) -> int | None:
-        """A file's size: from the file system, or by one ranged request past its end in a bucket
-        (TensorStore's listings and reads carry no sizes); None when it is missing."""
+        """A file's size: from the file system, or in a bucket (TensorStore's listings and reads
+        carry no sizes) by a binary search of 1-byte ranged requests for its end; None when it
+        is missing."""
         if not self.remote:
             try:
                 return os.stat(os.path.join(self.display, rel)).st_size
             except OSError:
                 return None
-        return _remote_size(json.dumps(self.spec()), rel)
+        if not self.has_byte(rel, 0):
+            return None  # missing (or empty, which no format here can be)
+        lo, hi = 1, 1
+        while self.has_byte(rel, hi):  # the first power of two past the end
+            lo, hi = hi + 1, hi * 2
+        while lo < hi:  # the first offset with no byte
+            mid = (lo + hi) // 2
+            if self.has_byte(rel, mid):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def size(self, rel: str = "") -> int | None:
         """Bytes of the files under ``rel``; None where the store cannot tell without reading them.
@@ -493,31 +505,6 @@ def read_range(spec: str, key: str, start: int, stop: int) -> bytes:
             f"{key} ends at byte {start + len(value)}, before {stop}", hint="the file is truncated"
         )
     return value
-
-
-def _remote_size(spec: str, key: str) -> int | None:
-    """The size of an object, by reading an empty range at its end (binary search on failures)."""
-    store = _kvstore(spec, context())
-    if store.read(key, byte_range=slice(0, 1)).result().state != "value":
-        return None
-    lo, hi = 1, 1
-    while _has_byte(store, key, hi):  # the first power of two past the end
-        lo, hi = hi + 1, hi * 2
-    while lo < hi:  # the first offset with no byte
-        mid = (lo + hi) // 2
-        if _has_byte(store, key, mid):
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def _has_byte(store, key: str, offset: int) -> bool:
-    try:
-        result = store.read(key, byte_range=slice(offset, offset + 1)).result()
-    except Exception:
-        return False
-    return result.state == "value" and len(bytes(result.value)) == 1
 
 
 def inside(target: str, folder: str) -> bool:
