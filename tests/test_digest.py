@@ -242,3 +242,11 @@ def test_the_readme_reference_implementation_gives_the_same_digests():
     exec(code, namespace)
     for x in (np.arange(700_001, dtype=np.float32), np.ones((3, 5), ml_dtypes.bfloat16), np.zeros((0, 8))):
         assert namespace["digest"](x) == D.digest_of(x) == reference_digest(x)
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (0, 8), (), (512, 512), (600, 512)], ids=str)
+def test_a_whole_array_fed_as_one_box_matches_the_reference(shape):
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    state = D.DigestState("float32", x.shape, 4)
+    D.feed_box(state, x.shape, tuple(slice(0, d) for d in x.shape), x)
+    assert state.hexdigest() == reference_digest(x)

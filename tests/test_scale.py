@@ -18,7 +18,8 @@ from test_stats import assert_stats
 
 from paramscope import compute_norms, compute_stats, open_checkpoint
 from paramscope.compute import plan
-from paramscope.compute.diff import diff_params
+from paramscope.compute.diff import _PairSums, diff_params
+from paramscope.compute.moments import BLOCK
 from paramscope.io import checkpoint as adapter
 from paramscope.io import orbax
 
@@ -182,6 +183,21 @@ def test_many_arrays_diff_equals_float64(many):
         assert values.identical == (name not in changed)
         assert values.diff_norm == pytest.approx(float(np.sqrt(np.sum((x - y) ** 2))), rel=1e-12)
         assert values.norm_b == pytest.approx(float(np.sqrt(np.sum(y**2))), rel=1e-12)
+
+
+def test_unchanged_values_are_compared_exactly():
+    x = np.random.default_rng(2).standard_normal(3 * BLOCK + 5).astype(np.float32)
+    sums = _PairSums(0.0, 0.0)
+    sums.feed(x, x.copy())
+    result = sums.result()
+    norm = float(np.sqrt(np.sum(x.astype(np.float64) ** 2)))
+    assert result.identical and result.diff_norm == result.max_abs_diff == result.beyond_tolerance == 0
+    assert result.norm_a == result.norm_b == pytest.approx(norm, rel=1e-12)
+    assert result.cosine == pytest.approx(1.0, rel=1e-12)
+    x[[3, 7]] = np.nan
+    sums = _PairSums(0.0, 0.0)
+    sums.feed(x, x.copy())  # the same NaNs: no difference, and no fast path past them
+    assert sums.result().identical and sums.result().diff_norm == 0
 
 
 def test_verify_many_arrays(many):

@@ -22,6 +22,7 @@ GIL, so hashing keeps up with decoding.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -36,7 +37,12 @@ _HASH = blake3.blake3
 
 
 def header(dtype: str, shape: Sequence[int]) -> bytes:
-    return json.dumps({"dtype": dtype, "shape": [int(d) for d in shape]}, separators=(",", ":")).encode()
+    return _header(dtype, tuple(int(d) for d in shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    return json.dumps({"dtype": dtype, "shape": list(shape)}, separators=(",", ":")).encode()
 
 
 def logical_bytes(values: np.ndarray) -> memoryview:
@@ -145,7 +151,7 @@ class DigestState:
                 f"digest of a {self.dtype}{list(self.shape)} array with {missing} block(s) unseen"
             )
         leaves = b"".join(self.blocks[i] for i in range(self.count))
-        return _HASH(PREFIX + header(self.dtype, self.shape) + b"\n" + leaves).hexdigest()
+        return _HASH(PREFIX + _header(self.dtype, self.shape) + b"\n" + leaves).hexdigest()
 
     # A state crosses processes as bytes (never pickled): block hashes, then fragments.
     def to_bytes(self) -> bytes:
@@ -200,6 +206,9 @@ def box_runs(shape: Sequence[int], index: Sequence[slice]) -> Iterable[tuple[int
 def feed_box(state: DigestState, shape, index, values, pool=None) -> None:
     """Feeds the values of one box of an array (its global ``index``) to a digest state."""
     flat, itemsize = logical_bytes(values), values.dtype.itemsize
+    if 0 < len(flat) == state.total <= BLOCK_BYTES:  # a whole array of one block: its hash
+        state.blocks[0] = _HASH(flat).digest()
+        return
     for offset, local, length in box_runs(shape, index):
         state.feed(offset * itemsize, flat[local * itemsize : (local + length) * itemsize], pool)
 

@@ -185,9 +185,13 @@ def read_steps(
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster=None,
+    known_first: StepResult | None = None,
 ) -> tuple[list[StepResult], int]:
     """Norms (or statistics) of every parameter of consecutive steps, and each step's change from
     the one before, every step read once, box by box across the steps.
+
+    ``known_first``: what is already known of the first step (cached): it is read only for the
+    change of the step after it, and its known numbers are neither computed again nor replaced.
 
     With a joined ``cluster`` the parameters are dealt out among the processes (a parameter's
     series is read whole by one of them) and the results shared, so every process returns all.
@@ -216,7 +220,10 @@ def read_steps(
                 runs.append([k])
         for run in runs:
             arrays = [by_path[k][path] for k in run]
-            bytes_read += _read_run(path, arrays, run, results, full, limit, on_bytes, pool)
+            known = known_first.stats.get(path) if known_first is not None and run[0] == 0 else None
+            if not (isinstance(known, dict) and isinstance(known.get("norm"), (int, float))):
+                known = None  # not known (or not readable from the cache): computed again
+            bytes_read += _read_run(path, arrays, run, results, full, limit, on_bytes, pool, known)
     pool.shutdown(wait=False)
     if shared:
         bytes_read = _share(cluster, results, bytes_read)
@@ -268,8 +275,9 @@ def difference_sum_sq(a: np.ndarray, b: np.ndarray, pool=None) -> list[float]:
     return [total for part in mapper(lambda bounds: span(*bounds), spans) for total in part]
 
 
-def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
-    """One parameter over consecutive steps of one shape, box by box: each step's box read once."""
+def _read_run(path, arrays, run, results, full, limit, on_bytes, pool, known=None) -> int:
+    """One parameter over consecutive steps of one shape, box by box: each step's box read once.
+    ``known``: the first step's numbers, already known (it is read for the next one's change)."""
     first = arrays[0]
     handles = [checkpoint.open_array(a.stored) for a in arrays]
     values = [Accumulator(full) for _ in arrays]
@@ -288,16 +296,18 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes, pool) -> int:
                     )
             value = checkpoint.finish_read(pending.pop(k), path)
             nbytes += value.nbytes
-            values[k].feed(value, pool)
+            if k or known is None:
+                values[k].feed(value, pool)
             if previous is not None:
                 deltas[k - 1] += difference_sum_sq(value, previous, pool)
             previous = value
             if on_bytes is not None:
                 on_bytes(value.nbytes)
     for k, step in enumerate(run):
-        results[step].stats[path] = _stats(values[k], full)
+        results[step].stats[path] = known if not k and known is not None else _stats(values[k], full)
     for k, delta in enumerate(deltas, start=1):
-        norm_before, norm_delta = values[k - 1].result().norm, math.sqrt(math.fsum(delta))
+        norm_before = results[run[k - 1]].stats[path]["norm"]
+        norm_delta = math.sqrt(math.fsum(delta))
         change = norm_delta / norm_before if norm_before else (0.0 if not norm_delta else math.inf)
         results[run[k]].change[path] = change
     return nbytes
@@ -337,7 +347,13 @@ def history(
         run = list(range(start, end + 1))
         opened = [open_step(steps[i]) for i in run]
         read, nbytes = read_steps(
-            [o[0] for o in opened], [o[1] for o in opened], full, memory_budget, on_bytes, cluster
+            [o[0] for o in opened],
+            [o[1] for o in opened],
+            full,
+            memory_budget,
+            on_bytes,
+            cluster,
+            known_first=results[start] if start < k else None,
         )
         bytes_read += nbytes
         for i, result in zip(run, read):
