@@ -118,3 +118,25 @@ def test_two_items_and_names_that_do_not_split(manager_ckpt, tmp_path):
     checkpointer.wait_until_finished()
     result = run("optim", lone)
     assert result.exit_code == 3 and "--params-item" in result.stderr
+
+
+def test_a_train_state_saved_under_a_key_is_split_below_it(tmp_path):
+    rng = np.random.default_rng(2)
+    params = {
+        "dense": {"kernel": rng.standard_normal((8, 4)).astype(np.float32), "bias": np.ones(4, np.float32)}
+    }
+    tx = optax.adam(1.0)
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(lambda p: p * 0.5 + 0.1, params), state, params)
+    checkpointer = ocp.StandardCheckpointer()
+    for name, tree in {
+        "top": {"params": params, "opt_state": state},
+        "nested": {"model": {"step": np.int32(1), "params": params, "opt_state": state}},
+    }.items():
+        checkpointer.save(str(tmp_path / name), tree)
+        checkpointer.wait_until_finished()
+    top, nested = run_json("optim", tmp_path / "top"), run_json("optim", tmp_path / "nested")
+    assert nested["params"] == top["params"]
+    rows = {p["path"]: p for p in nested["params"]}
+    assert set(rows) == {"dense.kernel", "dense.bias"}
+    assert rows["dense.kernel"]["mu_norm"] == pytest.approx(f64(state[0].mu["dense"]["kernel"]), rel=1e-9)

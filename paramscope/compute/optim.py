@@ -198,21 +198,44 @@ def split_state(open_item: Callable[[str | None], Any], items: Sequence[str], pa
         inv = open_item(params_item)
         return inv, inv.params, open_item(opt_item).params
     inv = open_item(params_item or opt_item)
-    first = {p.path.split(".", 1)[0] for p in inv.params}
-    param_root = next((i for i in PARAM_ITEMS if i in first), None)
-    opt_root = next((i for i in OPT_ITEMS if i in first), None)
-    if param_root is None or opt_root is None:
+    found = _state_roots([split_path(p.path) for p in inv.params])
+    if found is None:
         from paramscope.errors import ItemNotFound
 
         raise ItemNotFound(
             "cannot tell the parameters from the optimizer state",
             hint=f"name them with --params-item and --opt-item (items: {', '.join(items)})",
         )
-    params = [  # named as the training code names them, inside the parameters
-        replace(p, path=p.path.split(".", 1)[1]) for p in inv.params if p.path.split(".", 1)[0] == param_root
-    ]
-    opt = [p for p in inv.params if p.path.split(".", 1)[0] == opt_root]
+    prefix, param_root, opt_root = found
+    depth = len(prefix)
+    params, opt = [], []
+    for p in inv.params:
+        parts = split_path(p.path)
+        if tuple(parts[:depth]) != prefix or len(parts) <= depth + 1:
+            continue
+        if parts[depth] == param_root:  # named as the training code names them, inside the parameters
+            params.append(replace(p, path=".".join(parts[depth + 1 :])))
+        elif parts[depth] == opt_root:
+            opt.append(replace(p, path=".".join(parts[depth:])))
     return inv, params, opt
+
+
+def _state_roots(paths: Sequence[list[str]]) -> tuple[tuple[str, ...], str, str] | None:
+    """Where a train state keeps its parameters and its optimizer state side by side: (the keys
+    above them, the parameters' key, the optimizer's key), at the shallowest level (a TrainState
+    at the top, or saved under a key such as ``model`` or ``state``); None when nowhere."""
+    for depth in range(3):
+        below: dict[tuple[str, ...], set[str]] = {}
+        for parts in paths:
+            if len(parts) > depth + 1:
+                below.setdefault(tuple(parts[:depth]), set()).add(parts[depth])
+        for prefix in sorted(below):
+            names = below[prefix]
+            param_root = next((i for i in PARAM_ITEMS if i in names), None)
+            opt_root = next((i for i in OPT_ITEMS if i in names), None)
+            if param_root is not None and opt_root is not None:
+                return prefix, param_root, opt_root
+    return None
 
 
 def _layer_of(leaf: ParamInfo | None, path: str, shape: tuple[int, ...], axis: int, index: int):
