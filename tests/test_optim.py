@@ -140,3 +140,40 @@ def test_a_train_state_saved_under_a_key_is_split_below_it(tmp_path):
     rows = {p["path"]: p for p in nested["params"]}
     assert set(rows) == {"dense.kernel", "dense.bias"}
     assert rows["dense.kernel"]["mu_norm"] == pytest.approx(f64(state[0].mu["dense"]["kernel"]), rel=1e-9)
+
+
+def test_keras_flat_optimizer_names_align_and_give_keras_update():
+    """Keras 3 (the committed OrbaxCheckpoint fixture): `optimizer_variables.adam.<path with
+    underscores>_momentum/_velocity` beside `trainable_variables.<path>`, the step in `iteration`;
+    checked against the arrays as Orbax restores them and Keras' Adam update in float64."""
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "keras_orbax", "checkpoints")
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(root, "1", "pytree"))
+    adam, weights = tree["optimizer_variables"]["adam"], tree["trainable_variables"]["tiny"]
+    doc = run_json("optim", root)
+    assert (
+        doc["convention"] == "keras"
+        and doc["eps"] == 1e-7
+        and doc["unmatched"] == ["optimizer_variables.adam.learning_rate"]
+    )
+    rows = {p["path"]: p for p in doc["params"]}
+    assert set(rows) == {f"tiny.{layer}.{var}" for layer in ("hidden", "head") for var in ("kernel", "bias")}
+    t = int(adam["iteration"])
+    for path, row in rows.items():
+        _, layer, var = path.split(".")
+        m = np.asarray(adam[f"tiny_{layer}_{var}_momentum"], np.float64)
+        v = np.asarray(adam[f"tiny_{layer}_{var}_velocity"], np.float64)
+        update = m / (1 - 0.9**t) * math.sqrt(1 - 0.999**t) / (np.sqrt(v) + 1e-7)
+        assert row["count"] == t
+        assert row["norm"] == pytest.approx(f64(weights[layer][var]), rel=1e-9)
+        assert row["mu_norm"] == pytest.approx(f64(m), rel=1e-9)
+        assert row["sqrt_nu_norm"] == pytest.approx(math.sqrt(float(np.sum(v))), rel=1e-9)
+        assert row["update_norm"] == pytest.approx(f64(update), rel=1e-9)
+
+
+def test_a_flat_name_two_parameters_share_aligns_neither():
+    from paramscope.compute.optim import _flat_names
+
+    names = _flat_names(dict.fromkeys(["a_b.c", "a.b_c", "dense.kernel", 'x."y.z"']))
+    assert names == {"dense_kernel": "dense.kernel", "x_y.z": 'x."y.z"'}

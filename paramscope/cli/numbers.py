@@ -194,7 +194,10 @@ def optim(
     filter: FilterOpt = None,
     b1: Annotated[float, typer.Option("--b1", metavar="X", help="Adam's b1 (optax default).")] = 0.9,
     b2: Annotated[float, typer.Option("--b2", metavar="X", help="Adam's b2 (optax default).")] = 0.999,
-    eps: Annotated[float, typer.Option("--eps", metavar="X", help="Adam's eps (optax default).")] = 1e-8,
+    eps: Annotated[
+        float | None,
+        typer.Option("--eps", metavar="X", help="Adam's eps (default: optax's 1e-8; Keras' 1e-7)."),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option("--lr", metavar="X", help="Learning rate: the ratio becomes lr*||update||/||param||."),
@@ -240,6 +243,8 @@ def optim(
     if filter is not None:
         kept = {p.path for p in filter_params([e.param for e in alignment.entries], filter)}
         alignment.entries = [e for e in alignment.entries if e.path in kept]
+    if eps is None:
+        eps = 1e-7 if alignment.convention == "keras" else 1e-8
     total = sum(3 * e.param.nbytes for e in alignment.entries)
     common.with_progress(
         total,
@@ -254,5 +259,5 @@ def optim(
             on_bytes=on_bytes,
         ),
     )
-    hyper = {"b1": b1, "b2": b2, "eps": eps, "lr": lr}
+    hyper = {"b1": b1, "b2": b2, "eps": eps, "lr": lr, "convention": alignment.convention}
     common.emit(optim_report(inv, alignment, hyper, sort.value, top), out)

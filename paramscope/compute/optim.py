@@ -8,6 +8,12 @@ name: ``opt_state.0.mu.<param path>`` for ``adamw``, ``opt_state.1.0.mu...`` for
 moment name, and confirmed by shape (the moment's dtype may differ: ``mu_dtype``). The step count
 is the ``count`` leaf beside the moments.
 
+Keras 3 names its optimizer variables flat, the parameter's path joined by underscores before the
+moment's name (``optimizer_variables.adam.tiny_dense_kernel_momentum`` and ``..._velocity`` for
+``trainable_variables.tiny.dense.kernel``), with the step count in ``iteration``; such a state is
+aligned by that name, and its update is the one Keras' Adam applies, whose eps is added to
+``sqrt(v)`` before the bias correction: ``mu_hat * sqrt(1 - b2^t) / (sqrt(nu) + eps)``.
+
 For each parameter, in one streaming pass reading the parameter, mu and nu region by region
 together: ||param||, ||mu||, ||sqrt(nu)|| (= sqrt(sum nu)), max sqrt(nu), and the update Adam
 applies at the stored step, ``mu_hat / (sqrt(nu_hat) + eps)`` with ``mu_hat = mu / (1 - b1^t)``,
@@ -30,9 +36,11 @@ from paramscope.io.inventory import ParamInfo
 from paramscope.names import split_path
 
 FIRST = ("mu", "m", "exp_avg", "momentum")
-SECOND = ("nu", "v", "exp_avg_sq")
+SECOND = ("nu", "v", "exp_avg_sq", "velocity")
 FACTORED = ("v_row", "v_col")
 MOMENTS = FIRST + SECOND + FACTORED
+COUNTS = ("count", "iteration")  # the step count beside the moments: optax, Keras
+KERAS_MOMENTS = {"momentum": "mu", "velocity": "nu"}
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Alignment:
     unmatched: list[str]  # optimizer leaves that match no parameter
     stateless: list[str]  # parameters without optimizer state (frozen, e.g. by multi_transform)
     mismatched: list[str]  # leaves whose shape does not match their parameter
+    convention: str = "optax"  # whose Adam update formula: "optax" or "keras" (flat moment names)
 
 
 def align(params: Sequence[ParamInfo], opt_leaves: Sequence[ParamInfo]) -> Alignment:
@@ -77,18 +86,29 @@ def align(params: Sequence[ParamInfo], opt_leaves: Sequence[ParamInfo]) -> Align
         if p.path.startswith("params.") and p.path[len("params.") :] not in by_path:
             by_path[p.path[len("params.") :]] = p
     entries = {p.path: OptimEntry(p.path, p) for p in params}
-    counts = {leaf.path: leaf for leaf in opt_leaves if split_path(leaf.path)[-1] == "count"}
-    unmatched, mismatched = [], []
+    counts = {}  # the optimizer path before a count leaf -> the leaf
     for leaf in opt_leaves:
-        if leaf.path in counts:
-            continue
         parts = split_path(leaf.path)
+        if parts[-1] in COUNTS:
+            counts[".".join(parts[:-1])] = leaf
+    flat = _flat_names(by_path)
+    unmatched, mismatched = [], []
+    convention = "optax"
+    for leaf in opt_leaves:
+        parts = split_path(leaf.path)
+        if parts[-1] in COUNTS:
+            continue
         moment = None
         for k, part in enumerate(parts[:-1]):
             rest = ".".join(parts[k + 1 :])
             if part in MOMENTS and rest in by_path:
                 moment = Moment(rest, part, ".".join(parts[:k]), leaf)
                 break
+        if moment is None:
+            stem, _, name = parts[-1].rpartition("_")
+            if name in KERAS_MOMENTS and stem in flat:
+                moment = Moment(flat[stem], KERAS_MOMENTS[name], ".".join(parts[:-1]), leaf)
+                convention = "keras"
         if moment is None:
             unmatched.append(leaf.path)
             continue
@@ -103,10 +123,19 @@ def align(params: Sequence[ParamInfo], opt_leaves: Sequence[ParamInfo]) -> Align
             entry.mu = leaf
         else:
             entry.nu = leaf
-        count = counts.get(f"{moment.prefix}.count" if moment.prefix else "count")
-        entry.count_leaf = entry.count_leaf or count
+        entry.count_leaf = entry.count_leaf or counts.get(moment.prefix)
     stateless = [e.path for e in entries.values() if e.mu is None and e.nu is None and not e.factored]
-    return Alignment(list(entries.values()), unmatched, stateless, mismatched)
+    return Alignment(list(entries.values()), unmatched, stateless, mismatched, convention)
+
+
+def _flat_names(by_path: dict[str, ParamInfo]) -> dict[str, str]:
+    """Each parameter's path as Keras names its optimizer variables (keys joined by
+    underscores) -> the path; a name two parameters share is left out (it aligns neither)."""
+    names: dict[str, str | None] = {}
+    for path in by_path:
+        name = "_".join(part.strip('"') for part in split_path(path))
+        names[name] = None if name in names and names[name] != path else path
+    return {name: path for name, path in names.items() if path is not None}
 
 
 def _read_scalar(leaf: ParamInfo) -> Any:
@@ -124,7 +153,9 @@ def optimizer_pass(
     memory_budget: int | None = None,
     on_bytes: Callable[[int], Any] | None = None,
 ) -> list[OptimEntry]:
-    """Reads each parameter with its mu and nu, region by region together, and fills the entries."""
+    """Reads each parameter with its mu and nu, region by region together, and fills the entries
+    (the update by the alignment's convention: optax's or Keras')."""
+    keras = alignment.convention == "keras"
     entries = alignment.entries
     for entry in entries:
         if entry.count_leaf is not None:
@@ -162,8 +193,11 @@ def optimizer_pass(
             acc[kind].feed(value)
         if "mu" in values and "nu" in values and entry.count:
             mu = values["mu"].astype(np.float64) / (1 - b1**entry.count)
-            nu = values["nu"].astype(np.float64) / (1 - b2**entry.count)
-            acc["update"].feed(mu / (np.sqrt(nu) + eps))
+            nu = values["nu"].astype(np.float64)
+            if keras:  # Keras adds eps to sqrt(v) and corrects the bias in the step size
+                acc["update"].feed(mu * math.sqrt(1 - b2**entry.count) / (np.sqrt(nu) + eps))
+            else:
+                acc["update"].feed(mu / (np.sqrt(nu / (1 - b2**entry.count)) + eps))
         if on_bytes is not None:
             on_bytes(region.nbytes)
     for position in range(len(params)):
@@ -185,8 +219,8 @@ def optimizer_pass(
     return entries
 
 
-PARAM_ITEMS = ("params", "model")
-OPT_ITEMS = ("opt_state", "optimizer", "opt", "optimizer_state")
+PARAM_ITEMS = ("params", "model", "trainable_variables")
+OPT_ITEMS = ("opt_state", "optimizer", "opt", "optimizer_state", "optimizer_variables")
 
 
 def split_state(open_item: Callable[[str | None], Any], items: Sequence[str], params_item, opt_item):
@@ -259,4 +293,4 @@ def unstack_alignment(alignment: Alignment, stacks) -> Alignment:
                 _layer_of(leaf, path, shape, stack.axis, j) for leaf in (entry.param, entry.mu, entry.nu)
             )
             entries.append(OptimEntry(path, param, mu, nu, [], entry.count_leaf))
-    return Alignment(entries, alignment.unmatched, alignment.stateless, alignment.mismatched)
+    return replace(alignment, entries=entries)
