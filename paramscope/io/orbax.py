@@ -25,7 +25,7 @@ from paramscope.errors import (
     ParamscopeError,
     StepNotFound,
 )
-from paramscope.io import storage
+from paramscope.io import btree, storage
 from paramscope.io.records import (
     ArrayReadError,
     Item,
@@ -507,9 +507,18 @@ def _array_spec(template: str, driver: str, shape: tuple[int, ...], chunks: tupl
 
 
 def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
-    """Reads many keys of one kvstore concurrently; None for a missing key."""
+    """Reads many keys of one kvstore concurrently; None for a missing key. Many keys of an
+    OCDBT database are taken from its b-tree, read whole (:mod:`paramscope.io.btree`)."""
     import tensorstore as ts
 
+    tree = btree.read(json.dumps(kvstore, sort_keys=True)) if len(keys) >= btree.MIN_KEYS else None
+    if tree is not None:
+        found: list[bytes | None] = [tree.values.get(key) for key in keys]
+        outside = [i for i, key in enumerate(keys) if tree.has(key) and found[i] is btree.OUTSIDE]
+        if outside:
+            for i, value in zip(outside, _read_kv(kvstore, [keys[i] for i in outside])):
+                found[i] = value
+        return found
     try:
         store = ts.KvStore.open(kvstore, context=storage.context()).result()
         futures = [store.read(key) for key in keys]
@@ -724,9 +733,15 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
 
     context = storage.context()
     futures: list[Any] = []
+    trees: dict[str, btree.BTree] = {}
     for array in arrays:
         try:
-            kvstore = _open_store(array.store, context) / f"{array.name}/"
+            tree = trees[array.store] if array.store in trees else btree.loaded(array.store)
+            if tree is not None:
+                trees[array.store] = tree
+            kvstore = tree.stage(array.name) if tree is not None else None
+            if kvstore is None:
+                kvstore = _open_store(array.store, context) / f"{array.name}/"
             if array.metadata_template:
                 spec = _array_spec(array.metadata_template, array.driver, array.shape, array.chunks)
                 future = ts.open(spec, kvstore=kvstore, read=True, assume_metadata=True, context=context)
@@ -737,6 +752,8 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
             futures.append(future)
         except Exception as err:
             futures.append(ArrayReadError("open", array.path, err))
+    for tree in trees.values():
+        tree.flush()
     handles = []
     for array, future in zip(arrays, futures):
         if isinstance(future, ArrayReadError):
