@@ -37,7 +37,7 @@ class BTree:
     root: dict[str, Any]  # the root the manifest named when it was read
     nbytes: int  # of the inline values
     staged: dict[str, Any] = field(default_factory=dict)  # array name -> its in-memory kvstore
-    _memory: Any = None  # TensorStore's in-memory kvstore, in the same context
+    _memory: Any = None  # TensorStore's in-memory kvstore, in a context of its own
     _writes: list[Any] = field(default_factory=list)
 
     def has(self, key: str) -> bool:
