@@ -45,7 +45,9 @@ def test_every_key_and_inline_value_as_key_by_key_reads_give_them(tmp_path, node
 
 def test_small_arrays_staged_from_the_tree_read_as_in_place(tmp_path):
     rng = np.random.default_rng(3)
-    values = {f"w{i:03d}": rng.standard_normal((i % 7 + 1, 5)).astype(np.float32) for i in range(80)}
+    values = {
+        f"w{i:03d}": rng.standard_normal((i + 1, 3)).astype(np.float32) for i in range(80)
+    }  # no two alike
     values["big"] = rng.standard_normal((300, 300)).astype(np.float32)  # chunks outside the tree
     path = tmp_path / "ckpt"
     checkpointer = ocp.StandardCheckpointer()
@@ -73,3 +75,49 @@ def test_a_checkpoint_rewritten_in_place_is_read_again(tmp_path):
         norms.append({p["path"]: p["norm"] for p in doc["params"]})
         assert norms[-1]["w000"] == pytest.approx(4 * scale, rel=1e-12)
     assert all(norms[1][k] == pytest.approx(3 * norms[0][k], rel=1e-12) for k in norms[0])
+
+
+@pytest.mark.parametrize("zarr3", [False, True], ids=["zarr", "zarr3"])
+def test_single_chunk_arrays_of_one_metadata_are_read_as_one_stack(tmp_path, zarr3):
+    """70 arrays of one shape and dtype (and two others): one open and one read for the 70, the
+    same values as reading each in place; a sliced handle reads that slice."""
+    rng = np.random.default_rng(4)
+    values = {f"w{i:02d}": rng.standard_normal((6, 5)).astype(np.float32) for i in range(70)}
+    values |= {"odd": rng.standard_normal(7).astype(np.float32), "ints": np.arange(12, dtype=np.int32)}
+    path = tmp_path / "ckpt"
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=zarr3))
+    checkpointer.save(str(path), values)
+    params = {p.path: p for p in open_checkpoint(str(path)).params}
+    opens = []
+    real_open = ts.open
+    ts.open = lambda *a, **k: opens.append(1) or real_open(*a, **k)
+    try:
+        handles = checkpoint.open_arrays([p.stored for p in params.values()])
+    finally:
+        ts.open = real_open
+    assert len(opens) == 3  # the stack of 70, and the two others alone
+    for name, handle in zip(params, handles):
+        assert np.array_equal(handle.read().result(), values[name]), name
+    assert np.array_equal(handles[3][1:3, ::2].read().result(), values["w01"][1:3, ::2])
+    assert run_json("norms", path, "--per-param")["params"][0]["norm"] == pytest.approx(
+        float(np.sqrt(np.sum(values["ints"].astype(np.float64) ** 2))), rel=1e-12
+    )
+
+
+def test_one_damaged_chunk_of_a_stack_fails_that_array_alone():
+    from paramscope.io.orbax import _Stack, _StackMember
+
+    meta = {"shape": [5, 4], "chunks": [1, 4], "dtype": "<f4", "compressor": {"id": "zstd", "level": 1}}
+    meta |= {"fill_value": None, "filters": None, "order": "C", "zarr_format": 2}
+    store = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "memory"}, "metadata": meta}, create=True
+    ).result()
+    store.write(np.arange(20, dtype=np.float32).reshape(5, 4)).result()
+    store.kvstore.write("3.0", b"not zstd").result()
+    stack = _Stack(store)
+    members = [_StackMember(stack, k) for k in range(5)]
+    reads = [m.read() for m in members]
+    assert np.array_equal(reads[0].result(), np.arange(4, dtype=np.float32))
+    with pytest.raises(Exception, match="(?i)zstd|decod"):
+        reads[3].result()
+    assert np.array_equal(reads[4].result(), np.arange(16, 20, dtype=np.float32))

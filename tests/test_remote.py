@@ -223,8 +223,8 @@ def test_library_opens_urls(stores, uploaded, manager_ckpt):
 
 
 def test_metadata_requests_do_not_grow_with_arrays(stores, tmp_path_factory):
-    """count on a 3,000-array OCDBT checkpoint: one listing, the JSON files, the OCDBT manifest
-    and b-tree nodes, not one request per array."""
+    """count and norms on a 3,000-array OCDBT checkpoint: one listing, the JSON files, the OCDBT
+    manifest and b-tree nodes, not one request per array."""
     import numpy as np
     import orbax.checkpoint as ocp
 
@@ -241,6 +241,11 @@ def test_metadata_requests_do_not_grow_with_arrays(stores, tmp_path_factory):
         start = len(server.requests())
         doc = run_json("count", url)
         assert doc["total"]["count"] == 3000 * 8
+        requests = server.requests()[start:]
+        assert 0 < len(requests) <= 30, (scheme, len(requests), requests[:40])
+        # the data too: every chunk is inline in the b-tree, read once for all 3,000 arrays
+        start = len(server.requests())
+        assert same(run_json("norms", url, "--per-param")) == same(run_json("norms", path, "--per-param"))
         requests = server.requests()[start:]
         assert 0 < len(requests) <= 30, (scheme, len(requests), requests[:40])
 

@@ -106,8 +106,9 @@ def _counted(monkeypatch, *args):
     ],
 )
 def test_tensorstore_work_grows_with_the_arrays(many, monkeypatch, tmp_path, command):
-    """Each array is opened once (twice for diff) and read once, and opens come in batches: the
-    counts are proportional to the arrays a command reads, whatever their number."""
+    """Each array is opened at most once (twice for diff; small arrays of one metadata together,
+    as one stack) and read once, and opens come in batches: the counts grow no faster than the
+    arrays a command reads, whatever their number."""
     path_a, path_b, values, _, _ = many
     baseline = tmp_path / "baseline.json"
     result = run("snapshot", path_a, "-o", baseline)
@@ -121,7 +122,7 @@ def test_tensorstore_work_grows_with_the_arrays(many, monkeypatch, tmp_path, com
         arrays = sum(1 for p in values if re.search(pattern or ".", p))
         counts, _ = _counted(monkeypatch, name, path_a, *options, *filtered)
         sides = 2 if name == "diff" else 1
-        assert counts["ts.open"] == sides * arrays
+        assert 0 < counts["ts.open"] <= sides * arrays
         assert counts["arrays opened"] == sides * arrays
         assert counts["start_read"] == sides * arrays
         assert counts["open_arrays"] <= math.ceil(arrays / plan.GROUP_ARRAYS) + 1

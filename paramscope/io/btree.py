@@ -52,8 +52,8 @@ class BTree:
 
     def stage(self, name: str):
         """The in-memory kvstore holding an array's chunks (its folder), when every one of them
-        is inline; None when one is stored outside the b-tree. Staged once (the inline bytes
-        then live in the in-memory store only); the writes are complete after :meth:`flush`."""
+        is inline; None when one is stored outside the b-tree. Staged once; the writes are
+        complete after :meth:`flush`."""
         if name in self.staged:
             return self.staged[name]
         chunks = self.under(name)
@@ -67,8 +67,22 @@ class BTree:
         folder = self._memory / f"{name}/"
         for k in chunks:
             self._writes.append(folder.write(k[len(name) + 1 :], self.values[k]))
-            self.values[k] = b""  # the bytes are in the in-memory store now
         self.staged[name] = folder
+        return folder
+
+    def single_chunk(self, name: str) -> bytes | None:
+        """The inline bytes of an array stored as exactly one chunk, else None."""
+        chunks = self.under(name)
+        return self.values[chunks[0]] if len(chunks) == 1 else None
+
+    def stage_stack(self, chunks: list[bytes], key) -> Any:
+        """A folder of a new in-memory kvstore (freed with the last array opened over it) holding
+        the chunks of single-chunk arrays as chunks ``key(i)`` of one array with a leading axis;
+        the writes are complete after :meth:`flush`."""
+        import tensorstore as ts
+
+        folder = ts.KvStore.open({"driver": "memory"}, context=ts.Context()).result() / "stack/"
+        self._writes += [folder.write(key(i), chunk) for i, chunk in enumerate(chunks)]
         return folder
 
     def drop(self) -> None:

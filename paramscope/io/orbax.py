@@ -734,7 +734,11 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     context = storage.context()
     futures: list[Any] = []
     trees: dict[str, btree.BTree] = {}
-    for array in arrays:
+    stacked = _stacked(arrays)
+    for position, array in enumerate(arrays):
+        if position in stacked:
+            futures.append(stacked[position])
+            continue
         try:
             tree = trees[array.store] if array.store in trees else btree.loaded(array.store)
             if tree is not None:
@@ -756,7 +760,7 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
         tree.flush()
     handles = []
     for array, future in zip(arrays, futures):
-        if isinstance(future, ArrayReadError):
+        if isinstance(future, (ArrayReadError, _StackMember)):
             handles.append(future)
             continue
         try:
@@ -764,6 +768,117 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
         except Exception as err:
             handles.append(ArrayReadError("open", array.path, err))
     return handles
+
+
+STACK_MIN = 8  # single-chunk arrays of one metadata opened as one array from this many
+
+
+def _stacked(arrays: Sequence[StoredArray]) -> dict[int, _StackMember]:
+    """Handles of the small arrays among ``arrays`` that are stored inline in their item's b-tree
+    as exactly one chunk, by position: those of one metadata and shape are staged as the chunks
+    of one array with a leading axis, opened once and read once (TensorStore decodes the chunks
+    concurrently), instead of one open and one read each."""
+    import tensorstore as ts
+
+    groups: dict[tuple, list[int]] = {}
+    for position, array in enumerate(arrays):
+        if array.shape and array.metadata_template and tuple(array.chunks) == tuple(array.shape):
+            key = (array.store, array.metadata_template, array.driver, array.shape)
+            groups.setdefault(key, []).append(position)
+    members: dict[int, _StackMember] = {}
+    context = storage.context()
+    for (store, template, driver, shape), positions in groups.items():
+        tree = btree.loaded(store) if len(positions) >= STACK_MIN else None
+        if tree is None:
+            continue
+        chunks = [tree.single_chunk(arrays[p].name) for p in positions]
+        positions = [p for p, chunk in zip(positions, chunks) if chunk]
+        if len(positions) < STACK_MIN:
+            continue
+        stacked_template = _stack_template(template, shape)
+        if stacked_template is None:
+            continue
+        try:
+            folder = tree.stage_stack([c for c in chunks if c], _stack_key(template, driver, len(shape)))
+            tree.flush()
+            spec = _array_spec(stacked_template, driver, (len(positions), *shape), (1, *shape))
+            handle = ts.open(spec, kvstore=folder, read=True, assume_metadata=True, context=context).result()
+        except Exception:  # noqa: BLE001 - opened one by one instead, which reports any problem
+            continue
+        stack = _Stack(handle)
+        for k, p in enumerate(positions):
+            members[p] = _StackMember(stack, k)
+    return members
+
+
+def _stack_template(template: str, shape: tuple[int, ...]) -> str | None:
+    """The metadata of a stack of single-chunk arrays of metadata ``template`` and ``shape``: a
+    zarr3 shard of one inner chunk gains the leading axis too (its bytes are the same); None
+    when the metadata holds anything else that is per dimension."""
+    meta = json.loads(template)
+    if meta.get("dimension_names") is not None or '"transpose"' in template:
+        return None
+    for codec in meta.get("codecs") or []:
+        if codec.get("name") == "sharding_indexed":
+            configuration = codec.get("configuration") or {}
+            if configuration.get("chunk_shape") != list(shape):
+                return None
+            configuration["chunk_shape"] = [1, *shape]
+    return json.dumps(meta, sort_keys=True)
+
+
+def _stack_key(template: str, driver: str, rank: int):
+    """The key of chunk ``i`` of a stack of single-chunk arrays of ``rank`` dimensions."""
+    meta = json.loads(template)
+    if driver == "zarr3":
+        encoding = meta.get("chunk_key_encoding") or {}
+        default = encoding.get("name", "default") == "default"
+        separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
+        prefix = "c" + separator if default else ""
+    else:
+        separator, prefix = meta.get("dimension_separator") or ".", ""
+    zeros = separator.join(["0"] * rank)
+    return lambda i: f"{prefix}{i}{separator}{zeros}"
+
+
+class _Stack:
+    """Arrays staged as one (a leading axis): read once, when the first of them is."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.future = None
+
+    def value(self, k: int):
+        if self.future is None:
+            self.future = self.handle.read()
+        try:
+            return self.future.result()[k]
+        except Exception:  # noqa: BLE001 - one damaged chunk: each read alone, to say which
+            return self.handle[k].read().result()
+
+
+class _StackMember:
+    """The handle of one array of a :class:`_Stack`: read whole, it shares the stack's one read;
+    sliced, it is a view of the stack."""
+
+    def __init__(self, stack: _Stack, k: int):
+        self.stack, self.k = stack, k
+
+    def __getitem__(self, index):
+        return self.stack.handle[(self.k, *(index if isinstance(index, tuple) else (index,)))]
+
+    def read(self):
+        if self.stack.future is None:
+            self.stack.future = self.stack.handle.read()
+        return _StackRead(self.stack, self.k)
+
+
+class _StackRead:
+    def __init__(self, stack: _Stack, k: int):
+        self.stack, self.k = stack, k
+
+    def result(self):
+        return self.stack.value(self.k)
 
 
 def start_read(handle, index: tuple[slice, ...] | None, path: str):
