@@ -6,6 +6,8 @@ command as a separate process (median wall time of --repeats runs, interleaved) 
 
   on 20,000 arrays (small and mixed): norms --per-param, stats, verify, diff A A, snapshot,
       check --baseline and count --depth 2, each against table --format json   (target <= 3x)
+      and, for information, against TensorStore itself reading every array (all opens and
+      reads concurrent, 4,096 at a time, no reduction: what decoding the bytes costs)
   norms --per-param time per array at 20,000 and 100,000 arrays against 1,000  (target <= 1.5x)
       (and, for information, the marginal cost per array between sizes)
   the rich table of 20,000 rows (COLUMNS=200, piped) against its JSON          (target <= 2x)
@@ -59,6 +61,22 @@ import sys, orbax.checkpoint as ocp
 metadata = ocp.StandardCheckpointer().metadata(sys.argv[1])
 tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
 assert tree
+"""
+
+FLOOR = """
+import ast, json, os, sys
+import tensorstore as ts
+path = sys.argv[1]
+with open(os.path.join(path, "_METADATA")) as f:
+    names = [".".join(ast.literal_eval(k)) for k in json.load(f)["tree_metadata"]]
+context = ts.Context({"cache_pool": {"total_bytes_limit": 64 << 20}})
+spec = {"driver": "ocdbt", "base": "file://" + os.path.abspath(path) + "/"}
+kv = ts.KvStore.open(spec, context=context).result()
+for start in range(0, len(names), 4096):  # opens, then reads, 4,096 arrays at a time, concurrently
+    group = names[start : start + 4096]
+    opens = [ts.open({"driver": "zarr"}, kvstore=kv / (n + "/"), read=True, context=context) for n in group]
+    for read in [o.result().read() for o in opens]:
+        read.result()
 """
 
 DATA_COMMANDS = ("norms", "stats", "verify", "diff A A", "snapshot", "check", "count --depth 2")
@@ -124,6 +142,8 @@ def main():
             commands = commands_for(path, baseline)
             if kind == "small" and n != 20000:  # the per-array cost of norms (and metadata at 100k)
                 commands = {k: commands[k] for k in ("table --format json", "norms")}
+            if n == 20000:
+                commands["TensorStore reads (floor)"] = [PYTHON, "-c", FLOOR, path]
             if kind == "small" and n == 20000:
                 commands["table (rich, COLUMNS=200, piped)"] = [PARAMSCOPE, "table", path, "-f", "table"]
                 commands["count --depth 2 (rich table)"] = [PARAMSCOPE, "count", path, "--depth", "2"]
@@ -141,6 +161,11 @@ def main():
             base = wall["table --format json"]
             if n == 20000 or kind == "mixed":
                 ratios += [(f"{name} / table json", wall[name] / base, 3.0) for name in DATA_COMMANDS]
+            if "TensorStore reads (floor)" in wall:
+                floor = wall["TensorStore reads (floor)"]
+                ratios += [
+                    (f"{name} / TensorStore reads", wall[name] / floor, None) for name in DATA_COMMANDS
+                ]
             if "table (rich, COLUMNS=200, piped)" in wall:
                 ratios.append(
                     ("rich table / table json", wall["table (rich, COLUMNS=200, piped)"] / base, 2.0)

@@ -205,3 +205,21 @@ def test_the_history_of_a_flax_msgpack_run(tmp_path):
     os.utime(os.path.join(root, "checkpoint_2"), ns=(stamp + 10**9, stamp + 10**9))  # rewritten
     again = run_json("history", root, "--depth", "1", "--cache", cache)
     assert again["cached_steps"] == [1] and again["bytes_read"] > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.float16], ids=str)
+def test_one_upcast_for_a_step_and_its_change_gives_the_same_numbers(dtype):
+    from paramscope.compute.history import difference_sum_sq
+    from paramscope.compute.moments import BLOCK, Accumulator
+
+    rng = np.random.default_rng(5)
+    size = 2 * BLOCK + 123  # whole blocks and a short last one
+    before = (rng.standard_normal(size) * 100).astype(dtype)
+    now = (before.astype(np.float64) + rng.standard_normal(size)).astype(dtype)
+    for full in (False, True):
+        fused, apart = Accumulator(full, span=BLOCK), Accumulator(full, span=BLOCK)
+        sums = fused.feed_difference(now, before)
+        apart.feed(now)
+        assert sums == difference_sum_sq(now, before)
+        assert fused.result() == apart.result()
+    assert math.fsum(sums) == pytest.approx(np.sum((now.astype(np.float64) - before) ** 2), rel=1e-12)

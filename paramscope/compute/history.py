@@ -296,10 +296,16 @@ def _read_run(path, arrays, run, results, full, limit, on_bytes, pool, known=Non
                     )
             value = checkpoint.finish_read(pending.pop(k), path)
             nbytes += value.nbytes
-            if k or known is None:
-                values[k].feed(value, pool)
-            if previous is not None:
-                deltas[k - 1] += difference_sum_sq(value, previous, pool)
+            fused = None
+            if previous is not None and k and value.size == math.prod(first.shape):
+                fused = values[k].feed_difference(value, previous, pool)  # one upcast for both
+            if fused is not None:
+                deltas[k - 1] += fused
+            else:
+                if k or known is None:
+                    values[k].feed(value, pool)
+                if previous is not None:
+                    deltas[k - 1] += difference_sum_sq(value, previous, pool)
             previous = value
             if on_bytes is not None:
                 on_bytes(value.nbytes)

@@ -221,6 +221,41 @@ class Accumulator:
         if self.fed == self.size:  # done: reduce the carry now rather than hold it to the end
             self.flush()
 
+    def feed_difference(self, values: np.ndarray, previous: np.ndarray, pool=None) -> list[float] | None:
+        """Feeds a whole array (as :meth:`feed`, the same partials) and returns the float64 sums
+        of ``(values - previous)^2`` by the same blocks, both from one upcast of each block;
+        None, feeding nothing, unless the array is fed whole here, real, and not yet float64."""
+        flat = np.ascontiguousarray(values).reshape(-1)
+        before = np.ascontiguousarray(previous).reshape(-1)
+        if self.fed or before.size != flat.size or flat.dtype == np.float64:
+            return None
+        if np.iscomplexobj(flat) or np.iscomplexobj(before) or flat.dtype.kind not in "fiub":
+            return None
+        self.fed = flat.size
+        full = self.partials.full
+
+        def span(bounds: tuple[int, int]) -> tuple[Partials, list[float]]:
+            lo, hi = bounds
+            partials, sums = Partials(full), []
+            wide = np.empty(min(BLOCK, hi - lo), np.float64)
+            difference = np.empty_like(wide)
+            for start in range(lo, hi, BLOCK):
+                stop = min(start + BLOCK, hi)
+                upcast, d = wide[: stop - start], difference[: stop - start]
+                upcast[...] = flat[start:stop]  # exact for every dtype up to 32 bits
+                partials.add_block(upcast)
+                np.subtract(upcast, before[start:stop], out=d)
+                sums.append(float(np.einsum("i,i->", d, d)))
+            return partials, sums
+
+        spans = [(lo, min(lo + self.span, flat.size)) for lo in range(0, flat.size, self.span)]
+        mapper = pool.map if pool is not None and len(spans) > 1 else map
+        out: list[float] = []
+        for partials, sums in mapper(span, spans):
+            self.partials.extend(partials)
+            out += sums
+        return out
+
     def _feed(self, flat: np.ndarray, pool) -> None:
         if self.carry is not None:
             head = flat[: BLOCK - self.carry.size]
