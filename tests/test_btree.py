@@ -2,12 +2,13 @@
 tree's height; arrays staged from it read as TensorStore reads them in place; never stale."""
 
 import json
+import shutil
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
-from test_cli import run_json
+from test_cli import run, run_json
 
 from paramscope import open_checkpoint
 from paramscope.io import btree, checkpoint, storage
@@ -121,3 +122,49 @@ def test_one_damaged_chunk_of_a_stack_fails_that_array_alone():
     with pytest.raises(Exception, match="(?i)zstd|decod"):
         reads[3].result()
     assert np.array_equal(reads[4].result(), np.arange(16, 20, dtype=np.float32))
+
+
+def _flip(path, offset: int, length: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = bytearray(f.read(length))
+        f.seek(offset)
+        f.write(bytes(b ^ 0x5A for b in data))
+
+
+def _place(location: str, root) -> tuple[str, int, int]:
+    """``value:<base>:<file>:<offset>:<length>`` or ``btreenode::<file>:<offset>:<length>``."""
+    head, offset, length = location.rsplit(":", 2)
+    _, base, relative = head.split(":", 2) if head.count(":") >= 2 else (None, "", head.split(":", 1)[1])
+    return str(root / (base + relative)), int(offset), int(length)
+
+
+def test_damage_under_many_arrays_is_named_as_before(tmp_path):
+    """80 arrays (70 inline and stacked, 10 in the data file): a damaged chunk is named by verify
+    and spares the rest; a damaged b-tree node is one line and exit 3, as key by key."""
+    from test_robustness import assert_fails
+
+    rng = np.random.default_rng(6)
+    values = {f"w{i:02d}": rng.standard_normal((4, 4)).astype(np.float32) for i in range(70)}
+    values |= {f"big{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(10)}
+    path = tmp_path / "ckpt"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(path), values)
+    checkpointer.wait_until_finished()
+    node_damaged = tmp_path / "node_damaged"  # a copy damaged before anything reads it
+    shutil.copytree(path, node_damaged)
+    base = ts.KvStore.open(f"file://{path}/").result()
+    manifest = ts.ocdbt.dump(base).result()
+    root = max(manifest["versions"], key=lambda v: v["generation_number"])["root"]
+    entries = {bytes(e["key"]).decode(): e for e in ts.ocdbt.dump(base, root["location"]).result()["entries"]}
+    chunk = next(
+        e["indirect_value"] for k, e in entries.items() if k.startswith("big3/") and "indirect_value" in e
+    )
+    _flip(*_place(chunk, path))
+    assert run_json("table", path)["params"]  # the b-tree is sound
+    verified = run("verify", str(path), "--format", "json")
+    assert verified.exit_code == 3
+    assert [p["path"] for p in json.loads(verified.stdout)["problems"]] == ["big3"]
+    _flip(*_place(root["location"], node_damaged))  # the b-tree node itself
+    assert_fails(["table", str(node_damaged)], 3, "cannot read")
+    assert run("verify", str(node_damaged)).exit_code == 3

@@ -103,11 +103,13 @@ CACHE_BYTES = 256 << 20  # inline bytes of the b-trees kept at once (older ones 
 
 
 def read(store: str) -> BTree | None:
-    """The b-tree of the OCDBT database with the kvstore spec ``store`` (JSON); None when it is
-    not an OCDBT database or cannot be read whole. The manifest is read every time (one small
-    file), the b-tree again only when the manifest names another root: a database rewritten in
-    place is never answered from memory."""
+    """The b-tree of the OCDBT database with the kvstore spec ``store`` (JSON), read now (never
+    an earlier reading: the database may have been rewritten or damaged since); None when it is
+    not an OCDBT database or cannot be read whole."""
     context = storage.context()
+    earlier = _TREES.pop(store, None)
+    if earlier is not None:
+        earlier.drop()
     try:
         spec = json.loads(store)
         if spec.get("driver") != "ocdbt":
@@ -115,14 +117,7 @@ def read(store: str) -> BTree | None:
         import tensorstore as ts
 
         base = ts.KvStore.open(spec["base"], context=context).result()
-        root = _root(ts.ocdbt.dump(base, context=context).result())
-        cached = _TREES.pop(store, None)
-        if cached is not None and cached.context is context and cached.root == root:
-            tree = cached
-        else:
-            if cached is not None:
-                cached.drop()
-            tree = _dump(base, root, context)
+        tree = _dump(base, _root(ts.ocdbt.dump(base, context=context).result()), context)
     except Exception:  # noqa: BLE001 - any failure leaves it to the key-by-key reads, which report it
         return None
     _TREES[store] = tree
@@ -135,8 +130,8 @@ def read(store: str) -> BTree | None:
 
 
 def loaded(store: str) -> BTree | None:
-    """The b-tree of ``store`` as :func:`read` last read it in this process and context (no I/O),
-    or None."""
+    """The b-tree of ``store`` as :func:`read` last read it in this process and context (no I/O;
+    the arrays opened from it were listed by that reading), or None."""
     tree = _TREES.get(store)
     return tree if tree is not None and tree.context is storage.context() else None
 
