@@ -103,13 +103,13 @@ CACHE_BYTES = 256 << 20  # inline bytes of the b-trees kept at once (older ones 
 
 
 def read(store: str) -> BTree | None:
-    """The b-tree of the OCDBT database with the kvstore spec ``store`` (JSON), read now (never
-    an earlier reading: the database may have been rewritten or damaged since); None when it is
-    not an OCDBT database or cannot be read whole."""
+    """The b-tree of the OCDBT database with the kvstore spec ``store`` (JSON); None when it is
+    not an OCDBT database or cannot be read whole. The manifest is read every time (one small
+    file); the b-tree is read again unless the manifest names the root already read: OCDBT never
+    changes a node once written (a new write makes a new root), as TensorStore's own cache
+    assumes, so a database rewritten in place is read anew."""
     context = storage.context()
-    earlier = _TREES.pop(store, None)
-    if earlier is not None:
-        earlier.drop()
+    earlier = _TREES.pop(store, None)  # kept only if the manifest still names its root
     try:
         spec = json.loads(store)
         if spec.get("driver") != "ocdbt":
@@ -117,9 +117,16 @@ def read(store: str) -> BTree | None:
         import tensorstore as ts
 
         base = ts.KvStore.open(spec["base"], context=context).result()
-        tree = _dump(base, _root(ts.ocdbt.dump(base, context=context).result()), context)
+        root = _root(ts.ocdbt.dump(base, context=context).result())
+        if earlier is not None and earlier.context is context and earlier.root == root:
+            tree, earlier = earlier, None
+        else:
+            tree = _dump(base, root, context)
     except Exception:  # noqa: BLE001 - any failure leaves it to the key-by-key reads, which report it
         return None
+    finally:
+        if earlier is not None:
+            earlier.drop()
     _TREES[store] = tree
     total = 0
     for key in reversed(list(_TREES)):  # the most recent first; let the older ones go past the cap
