@@ -359,3 +359,26 @@ def test_two_writing_processes_give_the_digests_of_the_tree(tmp_path):
     }
     doc = run_json("table", path, "--digest")
     assert {p["path"]: p["digest"] for p in doc["params"]} == paramscope.digest(tree)
+
+
+def test_many_small_arrays_stacked_across_processes_and_on_the_mesh(tmp_path):
+    """100 small arrays, read from the b-tree and stacked: two processes, and the mesh engine,
+    give the numbers and digests of one process on the host."""
+    rng = np.random.default_rng(8)
+    tree = {f"block_{i:03d}": {"w": rng.standard_normal((8, 16)).astype(np.float32)} for i in range(100)}
+    path = str(tmp_path / "ckpt")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, tree)
+    checkpointer.wait_until_finished()
+    args = ["stats", path, "--digest", "--format", "json"]
+    single = run_json(*args)
+    norms = ["norms", path, "--per-param", "--digest", "--format", "json"]
+    assert_same_numbers(run_json(*norms), run_json(*norms, "--engine", "mesh"))  # float32 on the mesh
+    results = launch(args)
+    assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
+    multi = json.loads(results[0][1])
+    assert_same_numbers(single, multi)
+    assert all(multi["bytes_read"]) and sum(multi["bytes_read"]) == 100 * 8 * 16 * 4
+    for name, p in zip(sorted(tree), single["params"]):
+        x = tree[name]["w"].astype(np.float64)
+        assert p["std"] == pytest.approx(float(np.std(x)), rel=1e-9)
