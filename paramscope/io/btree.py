@@ -7,9 +7,14 @@ at a cost that grows with the node (about 50 us a key among 40,000, 425 us among
 reading 20,000 small arrays key by key costs seconds of lookups. ``tensorstore.ocdbt.dump``
 returns a node's entries in one call (0.25 s for 40,000): from it the metadata of every array is
 a dictionary lookup, and an array whose chunks are all inline is staged in TensorStore's
-in-memory kvstore and opened there, so that TensorStore's zarr driver still decodes it. Values
-stored outside the b-tree (large chunks) are read by key as before. Whatever cannot be read this
-way (another layout, a damaged node) is left to the key-by-key path, which reports it.
+in-memory kvstore and opened there, so that TensorStore's zarr driver still decodes it (small
+arrays of one metadata, one chunk each, as the chunks of one array: see
+:func:`paramscope.io.orbax.open_arrays`). Values stored outside the b-tree (large chunks) are read
+by key as before. Whatever cannot be read this way (another layout, a damaged node) is left to
+the key-by-key path, which reports it.
+
+Memory: a b-tree's inline values, and a copy of those staged, while it is kept; b-trees are let go
+beyond :data:`CACHE_BYTES` of inline values (their arrays are then read key by key).
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ class BTree:
 
 
 _TREES: dict[str, BTree] = {}  # OCDBT kvstore spec (JSON) -> its b-tree, most recent last
-CACHE_BYTES = 256 << 20  # inline bytes of the b-trees kept at once (older ones are let go)
+CACHE_BYTES = 128 << 20  # inline bytes of the b-trees kept at once (older ones are let go)
 
 
 def read(store: str) -> BTree | None:
