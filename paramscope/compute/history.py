@@ -205,10 +205,10 @@ def read_steps(
     shared = cluster is not None and cluster.active
     if shared:
         paths = paths[cluster.process_id :: cluster.num_processes]
-    bytes_read = 0
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     # a box of two steps and their float64 difference in memory, the next LOOKAHEAD being read
     limit = max(1, budget // (4 + LOOKAHEAD + 1))
+    jobs: list[_Run] = []
     for path in paths:
         present = [k for k, found in enumerate(by_path) if path in found]
         # runs of consecutive steps of one shape: a change is measured within a run only
@@ -219,11 +219,11 @@ def read_steps(
             else:
                 runs.append([k])
         for run in runs:
-            arrays = [by_path[k][path] for k in run]
             known = known_first.stats.get(path) if known_first is not None and run[0] == 0 else None
             if not (isinstance(known, dict) and isinstance(known.get("norm"), (int, float))):
                 known = None  # not known (or not readable from the cache): computed again
-            bytes_read += _read_run(path, arrays, run, results, full, limit, on_bytes, pool, known)
+            jobs.append(_Run(path, [by_path[k][path] for k in run], run, known, full, limit))
+    bytes_read = _read_runs(jobs, results, on_bytes, pool)
     pool.shutdown(wait=False)
     if shared:
         bytes_read = _share(cluster, results, bytes_read)
@@ -275,47 +275,79 @@ def difference_sum_sq(a: np.ndarray, b: np.ndarray, pool=None) -> list[float]:
     return [total for part in mapper(lambda bounds: span(*bounds), spans) for total in part]
 
 
-def _read_run(path, arrays, run, results, full, limit, on_bytes, pool, known=None) -> int:
-    """One parameter over consecutive steps of one shape, box by box: each step's box read once.
+class _Run:
+    """One parameter over consecutive steps of one shape, read box by box, each step's box once.
     ``known``: the first step's numbers, already known (it is read for the next one's change)."""
-    first = arrays[0]
-    handles = [checkpoint.open_array(a.stored) for a in arrays]
-    values = [Accumulator(full) for _ in arrays]
-    deltas: list[list[float]] = [[] for _ in arrays[1:]]  # sums of (W_t - W_t-1)^2, by block
+
+    def __init__(self, path, arrays, run, known, full, limit):
+        self.path, self.arrays, self.run, self.known, self.full = path, arrays, run, known, full
+        first = arrays[0]
+        self.boxes = list(
+            _boxes(first.shape, first.stored.chunks if first.stored else (), first.itemsize, limit)
+        )
+        self.whole = math.prod(first.shape)
+        self.values = [Accumulator(full) for _ in arrays]
+        self.deltas: list[list[float]] = [[] for _ in arrays[1:]]  # sums of (W_t - W_t-1)^2, by block
+        self.handles: list[Any] | None = None
+        self.previous = None
+
+    def reads(self):
+        """(box index, step index) in the order they are reduced."""
+        return [(b, k) for b in range(len(self.boxes)) for k in range(len(self.arrays))]
+
+    def start(self, b: int, k: int):
+        if self.handles is None:
+            self.handles = [checkpoint.open_array(a.stored) for a in self.arrays]
+        array = self.arrays[k]
+        return checkpoint.start_read(self.handles[k], array.index_in_store(self.boxes[b]), self.path)
+
+    def reduce(self, k: int, value, pool) -> None:
+        previous = self.previous if k else None
+        fused = None
+        if previous is not None and value.size == self.whole:
+            fused = self.values[k].feed_difference(value, previous, pool)  # one upcast for both
+        if fused is not None:
+            self.deltas[k - 1] += fused
+        else:
+            if k or self.known is None:
+                self.values[k].feed(value, pool)
+            if previous is not None:
+                self.deltas[k - 1] += difference_sum_sq(value, previous, pool)
+        self.previous = value
+
+    def finish(self, results: list[StepResult]) -> None:
+        self.handles = self.previous = None
+        path, run, known = self.path, self.run, self.known
+        for k, step in enumerate(run):
+            results[step].stats[path] = (
+                known if not k and known is not None else _stats(self.values[k], self.full)
+            )
+        for k, delta in enumerate(self.deltas, start=1):
+            norm_before = results[run[k - 1]].stats[path]["norm"]
+            norm_delta = math.sqrt(math.fsum(delta))
+            change = norm_delta / norm_before if norm_before else (0.0 if not norm_delta else math.inf)
+            results[run[k]].change[path] = change
+
+
+def _read_runs(jobs: list[_Run], results: list[StepResult], on_bytes, pool) -> int:
+    """Reads every run's boxes in order, the next LOOKAHEAD + 1 reads always on their way (decoded
+    on every core while one is reduced), across boxes and runs alike: the decoding never waits
+    for the end of a parameter. Returns the bytes read."""
+    order = [(job, b, k) for job in jobs for b, k in job.reads()]
+    pending: dict[int, Any] = {}
     nbytes = 0
-    for box in _boxes(first.shape, first.stored.chunks if first.stored else (), first.itemsize, limit):
-        pending: dict[int, Any] = {}
-        previous = None
-        for k in range(len(arrays)):
-            # the next steps' boxes are on their way (decoded on every core) while this one is
-            # reduced
-            for ahead in range(k, min(k + 1 + LOOKAHEAD, len(arrays))):
-                if ahead not in pending:
-                    pending[ahead] = checkpoint.start_read(
-                        handles[ahead], arrays[ahead].index_in_store(box), path
-                    )
-            value = checkpoint.finish_read(pending.pop(k), path)
-            nbytes += value.nbytes
-            fused = None
-            if previous is not None and k and value.size == math.prod(first.shape):
-                fused = values[k].feed_difference(value, previous, pool)  # one upcast for both
-            if fused is not None:
-                deltas[k - 1] += fused
-            else:
-                if k or known is None:
-                    values[k].feed(value, pool)
-                if previous is not None:
-                    deltas[k - 1] += difference_sum_sq(value, previous, pool)
-            previous = value
-            if on_bytes is not None:
-                on_bytes(value.nbytes)
-    for k, step in enumerate(run):
-        results[step].stats[path] = known if not k and known is not None else _stats(values[k], full)
-    for k, delta in enumerate(deltas, start=1):
-        norm_before = results[run[k - 1]].stats[path]["norm"]
-        norm_delta = math.sqrt(math.fsum(delta))
-        change = norm_delta / norm_before if norm_before else (0.0 if not norm_delta else math.inf)
-        results[run[k]].change[path] = change
+    for i, (job, _, k) in enumerate(order):
+        for ahead in range(i, min(i + 1 + LOOKAHEAD, len(order))):
+            if ahead not in pending:
+                other, b, step = order[ahead]
+                pending[ahead] = other.start(b, step)
+        value = checkpoint.finish_read(pending.pop(i), job.path)
+        nbytes += value.nbytes
+        job.reduce(k, value, pool)
+        if on_bytes is not None:
+            on_bytes(value.nbytes)
+        if i + 1 == len(order) or order[i + 1][0] is not job:
+            job.finish(results)
     return nbytes
 
 
