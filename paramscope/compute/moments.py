@@ -244,7 +244,8 @@ class Accumulator:
                 upcast, d = wide[: stop - start], difference[: stop - start]
                 upcast[...] = flat[start:stop]  # exact for every dtype up to 32 bits
                 partials.add_block(upcast)
-                np.subtract(upcast, before[start:stop], out=d)
+                d[...] = before[start:stop]  # upcast, then subtract: faster than a mixed-type subtract
+                np.subtract(upcast, d, out=d)
                 sums.append(float(np.einsum("i,i->", d, d)))
             return partials, sums
 
