@@ -848,9 +848,12 @@ class _Stack:
         self.handle = handle
         self.future = None
 
-    def value(self, k: int):
+    def start(self) -> None:
         if self.future is None:
             self.future = self.handle.read()
+
+    def value(self, k: int):
+        self.start()
         try:
             return self.future.result()[k]
         except Exception:  # noqa: BLE001 - one damaged chunk: each read alone, to say which
@@ -868,8 +871,7 @@ class _StackMember:
         return self.stack.handle[(self.k, *(index if isinstance(index, tuple) else (index,)))]
 
     def read(self):
-        if self.stack.future is None:
-            self.stack.future = self.stack.handle.read()
+        self.stack.start()
         return _StackRead(self.stack, self.k)
 
 
