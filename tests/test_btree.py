@@ -168,3 +168,24 @@ def test_damage_under_many_arrays_is_named_as_before(tmp_path):
     _flip(*_place(root["location"], node_damaged))  # the b-tree node itself
     assert_fails(["table", str(node_damaged)], 3, "cannot read")
     assert run("verify", str(node_damaged)).exit_code == 3
+
+
+def test_metadata_stored_outside_the_tree_is_read_by_key(tmp_path):
+    """70 arrays whose zarr metadata (and chunks) the b-tree does not hold inline."""
+    from paramscope.io import orbax
+
+    base = f"file://{tmp_path}/db/"
+    config = {"max_inline_value_bytes": 0}
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": base, "config": config}).result()
+    values = {f"w{i:02d}": np.full((3, 2), i, np.float32) for i in range(70)}
+    for name, value in values.items():
+        spec = {"driver": "zarr", "metadata": {"compressor": None}}
+        store = ts.open(spec, kvstore=kv / f"{name}/", create=True, dtype=value.dtype, shape=value.shape)
+        store.result().write(value).result()
+    spec = json.loads(_spec(tmp_path / "db"))
+    arrays = orbax.zarr_arrays(spec, [((name,), name, "jax.Array") for name in values])
+    assert btree.loaded(arrays[0].store) is not None
+    assert all(v is btree.OUTSIDE for v in btree.loaded(arrays[0].store).values.values())
+    assert [a.shape for a in arrays] == [(3, 2)] * 70
+    for value, handle in zip(values.values(), checkpoint.open_arrays(arrays)):
+        assert np.array_equal(handle.read().result(), value)

@@ -509,16 +509,21 @@ def _array_spec(template: str, driver: str, shape: tuple[int, ...], chunks: tupl
 def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
     """Reads many keys of one kvstore concurrently; None for a missing key. Many keys of an
     OCDBT database are taken from its b-tree, read whole (:mod:`paramscope.io.btree`)."""
+    tree = btree.read(json.dumps(kvstore, sort_keys=True)) if len(keys) >= btree.MIN_KEYS else None
+    if tree is None:
+        return _read_keys(kvstore, keys)
+    found: list[bytes | None] = [tree.values.get(key) for key in keys]
+    outside = [i for i, key in enumerate(keys) if tree.has(key) and found[i] is btree.OUTSIDE]
+    if outside:  # stored in data files: read by key
+        for i, value in zip(outside, _read_keys(kvstore, [keys[i] for i in outside])):
+            found[i] = value
+    return found
+
+
+def _read_keys(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
+    """Reads keys of one kvstore one by one, concurrently; None for a missing key."""
     import tensorstore as ts
 
-    tree = btree.read(json.dumps(kvstore, sort_keys=True)) if len(keys) >= btree.MIN_KEYS else None
-    if tree is not None:
-        found: list[bytes | None] = [tree.values.get(key) for key in keys]
-        outside = [i for i, key in enumerate(keys) if tree.has(key) and found[i] is btree.OUTSIDE]
-        if outside:
-            for i, value in zip(outside, _read_kv(kvstore, [keys[i] for i in outside])):
-                found[i] = value
-        return found
     try:
         store = ts.KvStore.open(kvstore, context=storage.context()).result()
         futures = [store.read(key) for key in keys]
