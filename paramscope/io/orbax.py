@@ -732,7 +732,9 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
 
     The opens run concurrently in TensorStore's threads, over the item's one opened kvstore.
     Each is given the zarr metadata :func:`read_arrays` already read (``assume_metadata``), so
-    opening costs no I/O: only reading the data does.
+    opening costs no I/O: only reading the data does. Arrays whose chunks an OCDBT b-tree holds
+    inline (:mod:`paramscope.io.btree`) are opened over a copy of those chunks in memory, and
+    single-chunk ones of one metadata together, as one stack (:func:`_stacked`).
     """
     import tensorstore as ts
 
