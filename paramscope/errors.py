@@ -39,6 +39,10 @@ class CorruptCheckpoint(ParamscopeError):
     """Metadata or data could not be decoded."""
 
 
+class CheckpointChanged(ParamscopeError):
+    """The step was deleted or rewritten while it was read: its numbers cannot be trusted."""
+
+
 class StorageError(ParamscopeError):
     """The store refused or failed a request: access denied, unreachable, failing after retries."""
 

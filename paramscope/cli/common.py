@@ -240,10 +240,27 @@ def scan(
         from paramscope.compute.layers import scan_views
 
         views = [v for v in inv.views if not inv.params[v.source].random_key]
-        return with_progress(
-            total, quiet, lambda on_bytes: scan_views(views, inv.params, **options, on_bytes=on_bytes)
+        return unchanged_after(
+            inv,
+            lambda: with_progress(
+                total, quiet, lambda on_bytes: scan_views(views, inv.params, **options, on_bytes=on_bytes)
+            ),
         )
-    return with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
+    return unchanged_after(
+        inv, lambda: with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
+    )
+
+
+def unchanged_after(inv, read):
+    """``read()``, then proof that the step was not deleted or rewritten meanwhile: a read that
+    failed because of it, or numbers it may have mixed, are reported as that."""
+    try:
+        result = read()
+    except errors.ParamscopeError:
+        inv.check_unchanged()
+        raise
+    inv.check_unchanged()
+    return result
 
 
 def with_progress(total: int, quiet: bool, run):

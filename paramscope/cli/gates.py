@@ -208,7 +208,15 @@ def diff(
         if digest_only:
             result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined, rules)
         else:
-            result = _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined, rules)
+            result = common.unchanged_after(
+                inv_a,
+                lambda: common.unchanged_after(
+                    inv_b,
+                    lambda: _by_value(
+                        params_a, params_b, rtol, atol, structure_only, reading, quiet, joined, rules
+                    ),
+                ),
+            )
     values = not (structure_only or digest_only or (ckpt_b or "").endswith(".json"))
     common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort.value, top), out)
     if fail_on_change and result.differs:

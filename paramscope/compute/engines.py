@@ -31,7 +31,7 @@ from paramscope.compute.moments import Accumulator, Histogram, Moments, mesh_red
 from paramscope.compute.plan import Region, default_memory_budget, stream_regions
 from paramscope.errors import ParamscopeError, UsageError
 from paramscope.io import checkpoint
-from paramscope.io.inventory import ParamInfo
+from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 
 ENGINES = ("auto", "host", "mesh")
@@ -353,11 +353,27 @@ def scan(
     )
 
 
-def compute_norms(params: Sequence[ParamInfo], **options) -> ScanResult:
-    """Per-parameter and global L2 norms and NaN/Inf counts, in one pass (see :func:`scan`)."""
-    return scan(params, full=False, **options)
+def compute_norms(params: Sequence[ParamInfo] | Inventory, **options) -> ScanResult:
+    """Per-parameter and global L2 norms and NaN/Inf counts, in one pass (see :func:`scan`).
+
+    Given the :class:`Inventory` itself rather than its ``params``, it also proves that the step
+    was not deleted or saved again while it was read (:class:`CheckpointChanged` if it was)."""
+    return _checked_scan(params, False, options)
 
 
-def compute_stats(params: Sequence[ParamInfo], **options) -> ScanResult:
-    """Norm, mean, std, min, max, max |x|, zero fraction, NaN and Inf counts (see :func:`scan`)."""
-    return scan(params, full=True, **options)
+def compute_stats(params: Sequence[ParamInfo] | Inventory, **options) -> ScanResult:
+    """Norm, mean, std, min, max, max |x|, zero fraction, NaN and Inf counts (see :func:`scan`
+    and :func:`compute_norms`)."""
+    return _checked_scan(params, True, options)
+
+
+def _checked_scan(params, full: bool, options) -> ScanResult:
+    if not isinstance(params, Inventory):
+        return scan(params, full=full, **options)
+    try:
+        result = scan(params.params, full=full, **options)
+    except ParamscopeError:
+        params.check_unchanged()
+        raise
+    params.check_unchanged()
+    return result

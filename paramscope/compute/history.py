@@ -384,15 +384,19 @@ def history(
             end += 1
         run = list(range(start, end + 1))
         opened = [open_step(steps[i]) for i in run]
-        read, nbytes = read_steps(
-            [o[0] for o in opened],
-            [o[1] for o in opened],
-            full,
-            memory_budget,
-            on_bytes,
-            cluster,
-            known_first=results[start] if start < k else None,
-        )
+        try:
+            read, nbytes = read_steps(
+                [o[0] for o in opened],
+                [o[1] for o in opened],
+                full,
+                memory_budget,
+                on_bytes,
+                cluster,
+                known_first=results[start] if start < k else None,
+            )
+        finally:  # a step deleted or saved again meanwhile is named, whatever its reads gave
+            for inv, _ in opened:
+                inv.check_unchanged()
         bytes_read += nbytes
         for i, result in zip(run, read):
             result.timestamp = stamps[i]

@@ -75,6 +75,7 @@ def verify_checkpoint(
         A :class:`VerifyResult`; ``ok`` when no problem was found.
     """
     location = checkpoint.locate(os.fspath(path), step)
+    before = checkpoint.witness(location)
     result = VerifyResult(location.path, location.step.step if location.step else None, [], 0, 0)
     try:
         checkpoint.read_step_metadata(location)
@@ -151,6 +152,7 @@ def verify_checkpoint(
                     f"recorded {wanted[:16]}...",
                 )
             )
+    checkpoint.check_witness(location, before, os.fspath(path))
     if digests:
         result.digests_checked = sum(s is not None for s in states)
         if not result.digests_checked:

@@ -31,7 +31,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from paramscope.errors import NotACheckpoint, ParamscopeError
+from paramscope.errors import CheckpointChanged, NotACheckpoint, ParamscopeError
 from paramscope.io import orbax
 from paramscope.io.orbax import finish_read, read_json_item, start_read
 from paramscope.io.records import (
@@ -54,10 +54,12 @@ __all__ = [
     "Step",
     "StoredArray",
     "audit_item",
+    "check_witness",
     "commit_timestamp",
     "custom_metadata",
     "describe",
     "disk_usage",
+    "witness",
     "finish_read",
     "holds_arrays",
     "list_steps",
@@ -87,6 +89,48 @@ def _module(kind: str):
         if module.KIND == kind:
             return module
     return None
+
+
+def witness(location: Location) -> tuple[tuple[str, bytes], ...]:
+    """What identifies the data of a located step, cheaply: the storage stamps of the step's
+    metadata file and of each item's metadata files (or its one file), a request for no bytes
+    each. A step deleted or saved again (``max_to_keep``, ``force=True``) changes them all, since
+    Orbax and the other writers replace these files rather than edit them in place."""
+    tree = location.tree
+    if tree is None:
+        return ()
+    rels = []
+    if location.step_rel is not None:
+        rels.append(_join(location.step_rel, "_CHECKPOINT_METADATA"))
+    for item in location.items:
+        if item.tree is not tree:
+            continue
+        if item.rel and tree.is_file(item.rel):
+            rels.append(item.rel)
+        else:
+            rels += [_join(item.rel, "_METADATA"), _join(item.rel, "manifest.ocdbt")]
+    rels = [rel for rel in dict.fromkeys(rels) if rel]
+    return tuple(zip(rels, tree.stamps(rels))) if rels else ()
+
+
+def check_witness(location: Location, before: tuple[tuple[str, bytes], ...], shown: str) -> None:
+    """Raises :class:`CheckpointChanged` when the step's files were deleted or replaced since
+    :func:`witness` gave ``before``: numbers read meanwhile may mix two saves, or fill what is
+    gone."""
+    now = witness(location)
+    if now == before:
+        return
+    existed = dict(before)
+    gone = all(not stamp for rel, stamp in now if existed.get(rel))
+    what = f"step {location.step.step}" if location.step and location.step.step is not None else "it"
+    raise CheckpointChanged(
+        f"{shown}: {what} was {'deleted' if gone else 'saved again'} while it was read",
+        hint="a trainer removed or replaced it (e.g. max_to_keep); read it again, or a step that is kept",
+    )
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}" if folder else name
 
 
 def locate(path: str | os.PathLike, step: int | None = None, allow_unfinished: bool = False) -> Location:

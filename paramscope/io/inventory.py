@@ -83,6 +83,16 @@ class Inventory:
     views: list | None = None  # with --unstack: where each shown parameter comes from (LayerView)
     # leaves that are not arrays (strings): {"path", "type", "value"}
     values: list[dict[str, Any]] = field(default_factory=list)
+    # what identified the step's data when it was opened (:func:`checkpoint.witness`)
+    location: Any = field(default=None, repr=False, compare=False)
+    witness: tuple = field(default=(), repr=False, compare=False)
+
+    def check_unchanged(self) -> None:
+        """Raises :class:`CheckpointChanged` when the step's files were deleted or replaced
+        since it was opened: numbers read meanwhile may mix two saves, or fill what is gone.
+        Costs a request for no bytes per metadata file."""
+        if self.location is not None and self.witness:
+            checkpoint.check_witness(self.location, self.witness, self.shown or self.checkpoint)
 
     @property
     def total_count(self) -> int:
@@ -183,6 +193,7 @@ def open_checkpoint(
         ParamscopeError: The path is missing, not a checkpoint, or has no such step or item.
     """
     location = checkpoint.locate(os.fspath(path), step)
+    witness = checkpoint.witness(location)
     items = _select_items(location, item)
     warnings: list[str] = []
     found = []
@@ -231,6 +242,8 @@ def open_checkpoint(
         shown=os.fspath(path),
         custom=checkpoint.custom_metadata(location),
         values=shown_values,
+        location=location,
+        witness=witness,
     )
 
 

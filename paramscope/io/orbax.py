@@ -374,10 +374,12 @@ def read_shardings(
 
 def _tree_entries(
     tree: Tree, item_rel: str
-) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str, ...]], bool | None]:
+) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str, ...]], bool | None, bool]:
     """(keys, value_type) of every leaf that holds array data, in the saved order; the keys of
-    the string leaves (stored in ``_strings.json``, not as arrays); and whether the metadata
-    says the arrays live in an OCDBT database."""
+    the string leaves (stored in ``_strings.json``, not as arrays); whether the metadata says
+    the arrays live in an OCDBT database; and whether it says every chunk was written
+    (``store_array_data_equal_to_fill_value``, Orbax 0.7 on: older writers skipped chunks
+    equal to the fill value, which then read as that value)."""
     path = tree.path(_join(item_rel, TREE_METADATA))
     meta = read_json(tree, _join(item_rel, TREE_METADATA))
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
@@ -417,7 +419,7 @@ def _tree_entries(
             f"{tree_path(ARRAY_ITEM_NAME)!r}, which is missing",
             hint="the copy is incomplete: the file 'checkpoint' of the item holds their values",
         )
-    return entries, strings, meta.get("use_ocdbt")
+    return entries, strings, meta.get("use_ocdbt"), meta.get("store_array_data_equal_to_fill_value") is True
 
 
 def boxed_leaves(all_keys: Sequence[tuple[str, ...]]) -> list[bool]:
@@ -493,8 +495,12 @@ def _metadata_template(meta: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _array_spec(template: str, driver: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
-    """The TensorStore spec of arrays of one metadata, built and parsed once, not per array."""
+def _array_spec(
+    template: str, driver: str, shape: tuple[int, ...], chunks: tuple[int, ...], complete: bool = False
+):
+    """The TensorStore spec of arrays of one metadata, built and parsed once, not per array.
+    ``complete``: every chunk was written, so TensorStore fails a read of a missing one
+    instead of filling it with the fill value."""
     import tensorstore as ts
 
     meta = json.loads(template)
@@ -503,7 +509,7 @@ def _array_spec(template: str, driver: str, shape: tuple[int, ...], chunks: tupl
         meta["chunk_grid"]["configuration"] = {"chunk_shape": list(chunks)}
     else:
         meta["chunks"] = list(chunks)
-    return ts.Spec({"driver": driver, "metadata": meta})
+    return ts.Spec({"driver": driver, "metadata": meta, "fill_missing_data_reads": not complete})
 
 
 def _read_kv(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
@@ -555,13 +561,14 @@ def read_arrays(
     not arrays (strings) are appended to ``values`` as (path, value).
     """
     problems = problems if problems is not None else []
+    complete = False
     if item.kind == "array":
         entries = [((item.name,), "jax.Array")]
         names = [ARRAY_ITEM_NAME]
         kv = item.tree.spec(item.rel)
         shardings = {item.name: read_shardings(item.tree, item.rel, problems).get(ARRAY_ITEM_NAME)}
     elif item.kind == "pytree":
-        entries, strings, use_ocdbt = _tree_entries(item.tree, item.rel)
+        entries, strings, use_ocdbt, complete = _tree_entries(item.tree, item.rel)
         if strings and values is not None:
             values += _read_strings(item, strings, entries, problems)
         if not entries:  # only strings (e.g. Keras' model_config item): no array store to open
@@ -592,6 +599,7 @@ def read_arrays(
         shardings,
         f"item {item.name!r}",
         boxed if item.kind == "pytree" else [False],
+        every_chunk_written=complete,
     )
 
 
@@ -663,11 +671,13 @@ def zarr_arrays(
     shardings: dict[str, SavedSharding | None] | None = None,
     where: str = "the checkpoint",
     boxed: Sequence[bool] | None = None,
+    every_chunk_written: bool = False,
 ) -> list[StoredArray]:
     """The zarr (v2 or v3) arrays of one kvstore, from their metadata files, read concurrently.
 
     ``entries``: (tree keys, array name in the store, value type) of each array; ``shardings``
-    by dotted keys; ``boxed``: which end in a box's ``value`` (default: :func:`boxed_leaves`).
+    by dotted keys; ``boxed``: which end in a box's ``value`` (default: :func:`boxed_leaves`);
+    ``every_chunk_written``: the writer stored every chunk, so a missing one fails its read.
     Used for Orbax items and for any other format that stores zarr arrays.
     """
     if boxed is None:
@@ -702,6 +712,7 @@ def zarr_arrays(
                 value_type=value_type,
                 metadata_template=template,
                 boxed=box,
+                every_chunk_written=every_chunk_written,
             )
         )
     return arrays
@@ -754,11 +765,16 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
             if kvstore is None:
                 kvstore = _open_store(array.store, context) / f"{array.name}/"
             if array.metadata_template:
-                spec = _array_spec(array.metadata_template, array.driver, array.shape, array.chunks)
+                complete = array.every_chunk_written
+                spec = _array_spec(array.metadata_template, array.driver, array.shape, array.chunks, complete)
                 future = ts.open(spec, kvstore=kvstore, read=True, assume_metadata=True, context=context)
             else:
                 future = ts.open(
-                    {"driver": array.driver}, kvstore=kvstore, read=True, open=True, context=context
+                    {"driver": array.driver, "fill_missing_data_reads": not array.every_chunk_written},
+                    kvstore=kvstore,
+                    read=True,
+                    open=True,
+                    context=context,
                 )
             futures.append(future)
         except Exception as err:
@@ -808,7 +824,7 @@ def _stacked(arrays: Sequence[StoredArray]) -> dict[int, _StackMember]:
         try:
             folder = tree.stage_stack([c for c in chunks if c], _stack_key(template, driver, len(shape)))
             tree.flush()
-            spec = _array_spec(stacked_template, driver, (len(positions), *shape), (1, *shape))
+            spec = _array_spec(stacked_template, driver, (len(positions), *shape), (1, *shape), True)
             handle = ts.open(spec, kvstore=folder, read=True, assume_metadata=True, context=context).result()
         except Exception:  # noqa: BLE001 - opened one by one instead, which reports any problem
             continue

@@ -49,6 +49,9 @@ class StoredArray:
     offset: int = -1
     # Whether the last key is the ``value`` of a flax box (dropped from the path users see).
     boxed: bool = False
+    # Whether the writer stored every chunk, fill-valued ones included (Orbax's
+    # ``store_array_data_equal_to_fill_value``): a missing chunk is then damage, never zeros.
+    every_chunk_written: bool = False
 
     @property
     def path(self) -> str:

@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from paramscope.errors import CheckpointNotFound, StorageError, UsageError
@@ -335,6 +336,20 @@ class Tree:
 
     # -- reading ---------------------------------------------------------------------------------
 
+    def stamps(self, rels: Sequence[str]) -> tuple[bytes, ...]:
+        """The storage generation of each file (its identity: inode and mtime on a disk, the
+        object generation or ETag in a bucket), b"" for a missing one; requests for no bytes,
+        made concurrently. A file replaced or deleted has another stamp."""
+        import tensorstore as ts
+
+        try:
+            store = ts.KvStore.open(self.spec(), context=context()).result()
+            futures = [store.read(rel, byte_range=slice(0, 0)) for rel in rels]
+            results = [f.result() for f in futures]
+        except Exception as err:
+            raise self.error(err, self.display) from None
+        return tuple(bytes(r.stamp.generation) if r.state == "value" else b"" for r in results)
+
     def read(self, rel: str) -> bytes | None:
         """A small file's bytes; None when it is missing."""
         return self.read_many([rel])[0]
@@ -460,10 +475,12 @@ _READ_FAILURES = (  # what TensorStore's messages mean for someone holding a dam
     ("Requested byte range", "a data file is shorter than its index says (truncated)"),
     ("Truncated Zstd", "a data file is missing or truncated"),
     ("ZSTD_decompressStream", "a data file is corrupted (decompression failed)"),
+    ("is missing", "a chunk the writer stored is missing"),
     ("NOT_FOUND", "a file of the database is missing"),
     ("DATA_LOSS", "a data file is corrupted"),
 )
 _LOCAL_FILE = re.compile(r'local file "([^"]*[^/"])"')
+_CHUNK = re.compile(r"chunk (\{[0-9, ]*\})")
 
 
 def short_error(err: BaseException) -> str:
@@ -474,8 +491,11 @@ def short_error(err: BaseException) -> str:
     code = text.split(":", 1)[0]
     for marker, meaning in _READ_FAILURES:
         if marker in text:
-            found = _LOCAL_FILE.search(text)
-            return f"{meaning} [{code}]" + (f" ({found.group(1)})" if found else "")
+            found, chunk = _LOCAL_FILE.search(text), _CHUNK.search(text)
+            where = ", ".join(
+                part for part in (chunk and f"chunk {chunk.group(1)}", found and found.group(1)) if part
+            )
+            return f"{meaning} [{code}]" + (f" ({where})" if where else "")
     return text.splitlines()[0][:300]
 
 
