@@ -180,3 +180,30 @@ def test_reads_beside_a_trainer_that_saves_and_deletes_steps_are_exact_or_errors
         writer.wait()
     assert exact > 0
     print(f"{exact} exact answers, {errors} errors, steps {sorted(seen)}")
+
+
+def test_symlinked_steps_and_items_read_like_real_ones(tmp_path):
+    """A run assembled from links (a step linked in from another run, an item folder linked into a
+    step) reads as if the folders were there; a link back up the tree is not followed forever."""
+    source = str(tmp_path / "source")
+    for step in (1, 2):
+        _manager_save(source, step)
+    run_root = tmp_path / "linked"
+    run_root.mkdir()
+    shutil.copytree(os.path.join(source, "1"), run_root / "1")
+    os.symlink(os.path.join(source, "2"), run_root / "2")
+    os.symlink(run_root, os.path.join(source, "2", "back"))  # a cycle through the linked step
+    latest = run("norms", run_root, "--format", "json")
+    assert latest.exit_code == 0, latest.stderr
+    doc = json.loads(latest.stdout)
+    assert doc["step"] == 2 and doc["global_norm"] == pytest.approx(_reference_norm(2), rel=1e-6)
+    assert run("norms", run_root, "--step", "2").exit_code == 0
+    history = run("history", run_root, "--format", "json")
+    assert history.exit_code == 0, history.stderr
+    assert json.loads(history.stdout)["steps"] == [1, 2]
+    step_folder = tmp_path / "step"
+    step_folder.mkdir()
+    shutil.copy(os.path.join(source, "2", "_CHECKPOINT_METADATA"), step_folder)
+    os.symlink(os.path.join(source, "2", "params"), step_folder / "params")
+    item = json.loads(run("norms", step_folder, "--format", "json").stdout)
+    assert item["global_norm"] == pytest.approx(_reference_norm(2), rel=1e-6)

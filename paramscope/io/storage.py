@@ -287,16 +287,37 @@ class Tree:
             self._children = children
         return self._children
 
-    def _list(self, spec: dict[str, Any]) -> list[str]:
+    def _list(self, spec: dict[str, Any], seen: frozenset[str] = frozenset()) -> list[str]:
         import tensorstore as ts
 
         try:
             store = ts.KvStore.open(spec, context=context()).result()
-            return [bytes(k).decode("utf-8", "replace") for k in store.list().result()]
+            keys = [bytes(k).decode("utf-8", "replace") for k in store.list().result()]
         except Exception as err:  # TensorStore raises ValueError/RuntimeError subclasses
             if "non-directory" in str(err):  # a local file: nothing listed, as for a bucket's object
                 return []
             raise self.error(err, self.display) from None
+        if self.scheme == "file":
+            keys = self._through_links(spec["path"], keys, seen)
+        return keys
+
+    def _through_links(self, folder: str, keys: list[str], seen: frozenset[str] = frozenset()) -> list[str]:
+        """The listing with each symlinked folder (a step or item linked in from elsewhere) listed
+        too, as if it were here: TensorStore lists such a link as one key. A link to a folder
+        already being listed (a cycle) is not followed again."""
+        seen = seen | {os.path.realpath(folder)}
+        out = []
+        for key in keys:
+            full = os.path.join(folder, key)
+            if "/" in key or not os.path.islink(full) or not os.path.isdir(full):
+                out.append(key)
+                continue
+            target = os.path.realpath(full)
+            if target in seen or any(target.startswith(s.rstrip("/") + "/") for s in seen if s != "/"):
+                continue
+            inner = self._list({**self._base, "path": target.rstrip("/") + "/"}, seen)
+            out += [f"{key}/{k}" for k in inner if k]
+        return out
 
     def is_file(self, rel: str) -> bool:
         return rel in self.keys()
