@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "open": "paramscope.api",
+    "Checkpoint": "paramscope.api",
+    "Result": "paramscope.api",
     "is_partitioned": "paramscope.param_utils",
     "get_num_params": "paramscope.param_utils",
     "tabulate_params": "paramscope.param_utils",

@@ -1,0 +1,353 @@
+"""The Python API: what every command computes, for notebooks and scripts.
+
+:func:`open` reads a checkpoint's metadata once (any format, local or in a bucket) and returns a
+:class:`Checkpoint`; its methods read what they need and return a :class:`Result`, whose
+:meth:`Result.to_dict` is exactly the document the command line prints with ``--format json``
+(the same schema), :meth:`Result.to_pandas` a DataFrame of its rows, and which shows itself as a
+table in Jupyter and in a rich terminal. Keyword arguments carry the command line's names and
+units (``memory_budget="256MiB"`` or an int of bytes).
+
+>>> import paramscope as ps
+>>> ck = ps.open(demo_ckpt)                            # the latest finished step
+>>> ck.step, len(ck.params)
+(200, 14)
+>>> ck.count().to_dict()["total"]["count"] == sum(p.count for p in ck.params)
+True
+>>> round(ck.norms().to_dict()["global_norm"], 3)
+42.433
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from paramscope.errors import UsageError
+from paramscope.io.inventory import Inventory, ParamInfo
+from paramscope.output.render import Report
+
+__all__ = ["Checkpoint", "Result", "open"]
+
+
+@dataclass
+class Result:
+    """One answer: the document the command line prints as JSON, and the same data as rows."""
+
+    report: Report
+    warnings: list[str] = field(default_factory=list)
+    value: Any = field(default=None, repr=False)  # the computed object (ScanResult, VerifyResult...)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Exactly what ``paramscope <command> --format json`` prints, as Python objects."""
+        import json
+
+        from paramscope.output.render import to_json
+
+        return json.loads(to_json(self.report))
+
+    def rows(self, table: str | None = None) -> list[dict[str, Any]]:
+        """The rows of the first table (or of the section named ``table``), machine values."""
+        return _section(self.report, table).rows
+
+    def to_pandas(self, table: str | None = None):
+        """The rows of a table as a DataFrame (columns as in ``--format csv``); needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UsageError(
+                "to_pandas needs pandas, which is not installed", hint="pip install pandas"
+            ) from None
+        chosen = _section(self.report, table)
+        return pd.DataFrame(chosen.rows, columns=[c.key for c in chosen.columns])
+
+    def to_text(self, width: int | None = None) -> str:
+        """The table the command line prints (``width``: fit it to this many columns)."""
+        from paramscope.output.render import View, to_text
+
+        lines, _ = to_text(self.report, View(width=width))
+        return "".join(f"{line}\n" for line, _ in lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        import html
+
+        from paramscope.output.render import cell
+
+        parts = []
+        for table in [self.report, *self.report.sections]:
+            if table.hidden or not table.columns:
+                continue
+            if table.title:
+                parts.append(f"<p><b>{html.escape(table.title)}</b></p>")
+            head = "".join(f"<th>{html.escape(c.header)}</th>" for c in table.columns)
+            body = "".join(
+                "<tr>"
+                + "".join(
+                    f"<td>{html.escape(cell(row.get(c.key), c.kind, human=True))}</td>" for c in table.columns
+                )
+                + "</tr>"
+                for row in table.rows
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        return "".join(parts)
+
+    def __rich__(self):
+        from rich.text import Text
+
+        return Text(self.to_text(), no_wrap=True)
+
+
+def _section(report: Report, name: str | None) -> Report:
+    if name is None:
+        return report
+    for table in [report, *report.sections]:
+        if table.name == name:
+            return table
+    names = [t.name for t in [report, *report.sections] if t.name]
+    raise UsageError(f"no table {name!r} in this result", hint=f"tables: {', '.join(names)}")
+
+
+def _budget(memory_budget: int | str | None) -> int | None:
+    from paramscope.compute.plan import parse_size
+
+    if memory_budget is None or isinstance(memory_budget, int):
+        return memory_budget
+    return parse_size(memory_budget)
+
+
+def open(
+    path: str | os.PathLike,
+    *,
+    step: int | None = None,
+    item: str | None = None,
+    subtree: str | None = None,
+    filter: str | None = None,
+    unstack: bool = False,
+    layer_axis: Sequence[str] | None = None,
+) -> Checkpoint:
+    """Opens a checkpoint from its metadata (no array data is read).
+
+    Args:
+        path: Any checkpoint paramscope reads: a manager root, a step, an item, a file, a URL.
+        step: The step of a run (default: the latest finished one).
+        item: The item (default: ``params``, else the only pytree item, else all).
+        subtree: Keep one dotted subtree; paths are relative to it.
+        filter: Keep the parameters whose path matches this regex.
+        unstack: One parameter per layer of scanned stacks (as ``--unstack``).
+        layer_axis: Where stacks are, as ``--layer-axis`` (``PATH_REGEX=AXIS``).
+
+    Raises:
+        ParamscopeError: The path is missing, not a checkpoint, or has no such step or item.
+    """
+    return Checkpoint(os.fspath(path), step, item, subtree, filter, unstack, list(layer_axis or ()))
+
+
+class Checkpoint:
+    """One step of a checkpoint, opened: its parameters, and every view of them.
+
+    Attributes:
+        inventory: What was read from the metadata (:class:`~paramscope.Inventory`).
+        params: The selected parameters (:class:`~paramscope.ParamInfo`), in path order.
+        warnings: What the command line would print as warnings while opening.
+    """
+
+    def __init__(self, path, step, item, subtree, filter, unstack, layer_axis):
+        from paramscope.io.inventory import filter_params, open_checkpoint
+
+        self.path = path
+        self._item = item
+        self.inventory: Inventory = open_checkpoint(path, step=step, item=item, subtree=subtree)
+        self.warnings: list[str] = list(self.inventory.warnings)
+        self.inventory.views = None
+        candidates = self.inventory.params
+        if unstack or layer_axis:
+            from paramscope.compute.layers import find_stacks, parse_layer_axes
+            from paramscope.compute.layers import unstack as unstack_views
+
+            stacks, notes = find_stacks(
+                candidates, parse_layer_axes(layer_axis or None), self.inventory.custom
+            )
+            self.warnings += notes
+            self.inventory.views = unstack_views(candidates, stacks)
+            candidates = [v.info for v in self.inventory.views]
+        self.params: list[ParamInfo] = filter_params(candidates, filter)
+        if filter is not None and candidates and not self.params:
+            self.warnings.append(f"--filter {filter!r} matches no parameter")
+        if self.inventory.views is not None:
+            kept = {p.path for p in self.params}
+            self.inventory.views = [v for v in self.inventory.views if v.info.path in kept]
+
+    def __repr__(self) -> str:
+        step = f", step={self.step}" if self.step is not None else ""
+        return f"paramscope.Checkpoint({self.path!r}{step}, {len(self.params)} parameters)"
+
+    @property
+    def step(self) -> int | None:
+        return self.inventory.step
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    def table(
+        self,
+        *,
+        norms: bool = False,
+        stats: bool = False,
+        digest: bool = False,
+        sort: str = "path",
+        top: int | None = None,
+        memory_budget: int | str | None = None,
+    ) -> Result:
+        """One row per parameter (as ``paramscope table``); ``norms``/``stats``/``digest`` read
+        the data."""
+        from paramscope.output.reports import table_report
+
+        reads = norms or stats or digest or sort == "norm"
+        scanned = self._scan(stats, digest, memory_budget) if reads else None
+        inv = self.inventory
+        saved_values = inv.values
+        inv.values = inv.values + _scalar_values(self.params)
+        stacked = {v.info.path: f"axis {v.stack.axis}, {v.stack.rule}" for v in inv.views or () if v.stack}
+        try:
+            report = table_report(
+                inv,
+                self.params,
+                None,
+                scanned,
+                full=stats,
+                sort=sort,
+                top=top,
+                stacked=stacked,
+            )
+        finally:
+            inv.values = saved_values
+        return Result(report, list(self.warnings), scanned)
+
+    def count(self, depth: int = 1) -> Result:
+        """Total parameters and bytes, by dtype and by the first ``depth`` path components."""
+        from paramscope.io.inventory import count_params
+        from paramscope.output.reports import count_report
+
+        counted = count_params(self.params, depth)
+        return Result(count_report(self.inventory, counted, depth), list(self.warnings), counted)
+
+    def mask(self, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> Result:
+        """The weight-decay mask of include or exclude regexes (as ``get_param_mask_fn``)."""
+        from paramscope.io.inventory import weight_decay_mask
+        from paramscope.output.reports import mask_report
+
+        if include and exclude:
+            raise UsageError(
+                "include and exclude patterns given together",
+                hint="a weight-decay mask takes include or exclude regexes, as get_param_mask_fn does",
+            )
+        mask = weight_decay_mask(self.params, include=list(include or ()), exclude=list(exclude or ()))
+        notes = [f"pattern {p!r} matches no parameter" for p in mask.unmatched_patterns]
+        return Result(mask_report(self.inventory, mask), self.warnings + notes, mask)
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    def norms(
+        self,
+        per_param: bool = False,
+        *,
+        digest: bool = False,
+        sort: str = "path",
+        top: int | None = None,
+        memory_budget: int | str | None = None,
+        engine: str = "auto",
+        on_bytes: Callable[[int], Any] | None = None,
+    ) -> Result:
+        """Global (and per-parameter) L2 norms and NaN/Inf counts, in one streaming pass."""
+        from paramscope.output.reports import norms_report
+
+        scanned = self._scan(False, digest, memory_budget, engine, on_bytes)
+        report = norms_report(self.inventory, self.params, scanned, per_param, sort, top)
+        return Result(report, self.warnings + self._key_note(), scanned)
+
+    def stats(
+        self,
+        *,
+        digest: bool = False,
+        sort: str = "path",
+        top: int | None = None,
+        memory_budget: int | str | None = None,
+        engine: str = "auto",
+        on_bytes: Callable[[int], Any] | None = None,
+    ) -> Result:
+        """Per parameter: norm, mean, std, min, max, max |x|, zeros, NaN and Inf."""
+        from paramscope.output.reports import stats_report
+
+        scanned = self._scan(True, digest, memory_budget, engine, on_bytes)
+        report = stats_report(self.inventory, self.params, scanned, sort, top)
+        return Result(report, self.warnings + self._key_note(), scanned)
+
+    def _numbers(self) -> list[ParamInfo]:
+        """The parameters that hold numbers: typed PRNG keys are random bits, left out."""
+        return [p for p in self.params if not p.random_key]
+
+    def _key_note(self) -> list[str]:
+        keys = [p.path for p in self.params if p.random_key]
+        if not keys:
+            return []
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        return [f"typed PRNG keys left out of the numbers: {shown}"]
+
+    def _scan(self, full, digest, memory_budget, engine="auto", on_bytes=None):
+        from paramscope.compute.engines import scan
+
+        inv = self.inventory
+        options = dict(full=full, engine=engine, memory_budget=_budget(memory_budget), digest=digest)
+        options["saved_mesh"] = inv.saved_mesh
+        if inv.views is not None:
+            from paramscope.compute.layers import scan_views
+
+            views = [v for v in inv.views if not inv.params[v.source].random_key]
+
+            def read():
+                return scan_views(views, inv.params, **options, on_bytes=on_bytes)
+        else:
+
+            def read():
+                return scan(self._numbers(), **options, on_bytes=on_bytes)
+
+        from paramscope.errors import ParamscopeError
+
+        try:
+            result = read()
+        except ParamscopeError:
+            inv.check_unchanged()
+            raise
+        inv.check_unchanged()
+        return result
+
+    def verify(self, *, memory_budget: int | str | None = None) -> Result:
+        """Decodes every chunk of every array of the step; checks the metadata files agree."""
+        from paramscope.compute.verify import verify_checkpoint
+        from paramscope.output.reports import verify_report
+
+        result = verify_checkpoint(self.path, self.step, self._item, _budget(memory_budget))
+        return Result(verify_report(result, self.path), list(self.warnings), result)
+
+
+def _scalar_values(params: Sequence[ParamInfo]) -> list[dict]:
+    """The values of the Python numbers among ``params`` (stored as 0-d arrays: ``step``, a
+    learning rate), read for the table: a few bytes each."""
+    from paramscope import errors
+    from paramscope.io import checkpoint
+
+    scalars = [p for p in params if p.stored is not None and p.stored.value_type == "scalar" and not p.shape]
+    out = []
+    for param, handle in zip(scalars, checkpoint.open_arrays([p.stored for p in scalars])):
+        if isinstance(handle, errors.ParamscopeError):
+            continue  # the row is still listed; verify names the damage
+        try:
+            value = checkpoint.finish_read(checkpoint.start_read(handle, None, param.path), param.path).item()
+        except errors.ParamscopeError:
+            continue
+        kind = type(value).__name__
+        out.append({"path": param.path, "type": kind, "value": str(value) if kind == "complex" else value})
+    return out

@@ -1,0 +1,94 @@
+"""The Python API gives what the command line prints: ``Result.to_dict()`` is the ``--format json``
+document, ``to_pandas()`` the CSV's rows, on checkpoints of several kinds."""
+
+import csv
+import io
+import json
+import os
+
+import pytest
+from test_cli import run
+
+import paramscope as ps
+from paramscope.errors import ParamscopeError
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+# (fixture or data folder, options shared by the CLI and ps.open)
+CASES = {
+    "manager": ("manager_ckpt", {}),
+    "special": ("special_ckpt", {}),
+    "nnx": ("nnx_ckpt", {}),  # typed PRNG keys: listed by table, left out of the numbers
+    "maxtext": (os.path.join(DATA, "maxtext", "scan", "checkpoints"), {"subtree": "params.params"}),
+    "safetensors": (os.path.join(DATA, "safetensors", "single", "model.safetensors"), {}),
+}
+
+
+def _path(case, request):
+    source, options = CASES[case]
+    if os.path.isabs(source):
+        return source, options
+    value = request.getfixturevalue(source)
+    return getattr(value, "path", value), options
+
+
+def _cli_options(options):
+    flags = []
+    for key, value in options.items():
+        flags += [f"--{key}", str(value)]
+    return flags
+
+
+def _cli_json(*args):
+    result = run(*args, "--format", "json")
+    assert result.exit_code in (0, 3), result.stderr
+    return json.loads(result.stdout)
+
+
+def _same(api: dict, cli: dict):
+    """Equal but for where the checkpoint was named (the CLI shows the path as typed)."""
+    for doc in (api, cli):
+        doc.pop("checkpoint", None)
+    assert api == cli
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_view_is_the_documents_the_command_line_prints(case, request):
+    path, options = _path(case, request)
+    if not os.path.exists(path):
+        pytest.fail(f"fixture {path} is missing")
+    ck = ps.open(path, **options)
+    flags = _cli_options(options)
+    _same(ck.table().to_dict(), _cli_json("table", path, *flags))
+    _same(ck.table(norms=True).to_dict(), _cli_json("table", path, "--norms", *flags))
+    _same(ck.count(depth=2).to_dict(), _cli_json("count", path, "--depth", "2", *flags))
+    _same(ck.norms(per_param=True).to_dict(), _cli_json("norms", path, "--per-param", *flags))
+    stats = ck.stats(memory_budget="1MiB")  # the command line's units
+    _same(stats.to_dict(), _cli_json("stats", path, *flags))
+    _same(ck.mask(exclude=["bias"]).to_dict(), _cli_json("mask", path, "--exclude", "bias", *flags))
+    if not options:
+        _same(ck.verify().to_dict(), _cli_json("verify", path))
+    # the rows are the CSV's
+    frame = stats.to_pandas()
+    text = run("stats", path, *flags, "--format", "csv").stdout
+    rows = list(csv.reader(io.StringIO(text)))
+    assert list(frame.columns) == rows[0]
+    assert [str(p) for p in frame["path"]] == [r[0] for r in rows[1:]]
+    # and a notebook shows every parameter
+    html = ck.table()._repr_html_()
+    assert all(p.path.replace("&", "&amp;").replace("<", "&lt;") in html for p in ck.params)
+
+
+def test_the_api_takes_the_command_lines_names_and_units(manager_ckpt):
+    ck = ps.open(manager_ckpt.path, step=100, filter="kernel")
+    assert ck.step == 100 and ck.params and all("kernel" in p.path for p in ck.params)
+    by_int = ck.norms(per_param=True, memory_budget=1 << 20).to_dict()
+    by_text = ck.norms(per_param=True, memory_budget="1MiB").to_dict()
+    assert by_int == by_text
+    with pytest.raises(ParamscopeError, match="malformed size"):
+        ck.norms(memory_budget="lots")
+    with pytest.raises(ParamscopeError, match="no table"):
+        ck.count().to_pandas("nope")
+    assert ck.count().to_pandas("dtypes").columns.tolist() == ["dtype", "count", "bytes"]
+    assert "paramscope.Checkpoint(" in repr(ck) and "step=100" in repr(ck)
+    assert "(global)" in str(ck.norms())
