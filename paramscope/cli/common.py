@@ -24,7 +24,7 @@ def debugging() -> bool:
 
 def warn(message: str, quiet: bool = False, kind: str = "warning") -> None:
     if not quiet:
-        print(f"paramscope: {kind}: {message}", file=sys.stderr)
+        print(errors.message_line(kind, message), file=sys.stderr)
 
 
 def fail(message: str, hint: str | None, code: int) -> typer.Exit:
@@ -65,19 +65,27 @@ def _run(command, *args, **kwargs):
         silence_stdout()
         raise typer.Exit(0) from None
     except errors.ParamscopeError as err:
-        if debugging():
-            raise
+        show_traceback()
         raise fail(err.message, err.hint, err.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted", None, 130) from None
     except Exception as err:  # a bug: say so in one line, traceback on request
-        if debugging():
-            raise
+        show_traceback()
         raise fail(
             f"unexpected {type(err).__name__}: {err}",
             "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
             errors.EXIT_INTERNAL,
         ) from None
+
+
+def show_traceback() -> None:
+    """With PARAMSCOPE_DEBUG set, the traceback of the error being handled, on stderr (escaped
+    like every message); the exit code stays the documented one."""
+    if debugging():
+        import traceback
+
+        text = errors.redacted(traceback.format_exc())
+        print(errors.printable(text, keep="\n"), end="", file=sys.stderr)
 
 
 def silence_stdout() -> None:
