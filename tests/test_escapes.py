@@ -7,6 +7,7 @@ import select
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -145,3 +146,73 @@ def test_debugging_prints_the_traceback_and_keeps_the_exit_code(tmp_path):
     assert quiet.exit_code == loud.exit_code == 3
     assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
     assert loud.stderr.splitlines()[-1] == quiet.stderr.strip()
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+def test_writes_into_the_checkpoint_or_to_urls_are_refused_up_front(evil, tmp_path):
+    root, single = evil
+    before = _tree(root)
+    link = tmp_path / "link"
+    os.symlink(os.path.join(root, "2"), link)
+    refused = [
+        ("stats", root, "--plot", os.path.join(root, "2", "params", "x.png")),
+        ("stats", root, "--plot", link / "x.png"),  # through a symlink
+        ("history", root, "--plot", os.path.join(root, "h.png")),
+        ("history", root, "--cache", os.path.join(root, "2")),
+        ("history", root, "--cache", link / "cache"),
+        ("snapshot", root, "-o", link / "baseline.json"),
+        ("stats", single, "--plot", "s3://bucket/p.png"),
+        ("history", root, "--plot", "gs://bucket/h.png"),
+        ("history", root, "--cache", "s3://bucket/cache"),
+        ("snapshot", single, "-o", "s3://bucket/b.json"),
+        ("stats", single, "--plot", tmp_path / "missing" / "p.png"),
+        ("stats", single, "--plot", tmp_path / "p.txt"),
+    ]
+    for args in refused:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and "hint:" in result.stderr and result.stdout == ""
+    assert _tree(root) == before
+    assert not os.path.exists("s3:") and not os.path.exists("gs:")
+    # refused before the checkpoint is even opened: a missing one would be exit 3
+    assert run("stats", tmp_path / "none", "--plot", "s3://bucket/p.png").exit_code == 2
+    assert run("history", tmp_path / "none", "--cache", "s3://bucket/c").exit_code == 2
+
+
+def test_a_read_only_folder_is_refused_before_reading(evil, tmp_path):
+    from test_robustness import _without_permission_override
+
+    _, single = evil
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        for args in (
+            ["stats", single, "--plot", folder / "p.png"],
+            ["snapshot", single, "-o", folder / "b.json"],
+        ):
+            result = subprocess.run(
+                [sys.executable, "-m", "paramscope", *map(str, args)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                preexec_fn=_without_permission_override,
+            )
+            assert result.returncode == 2, result.stderr
+            assert "not writable" in result.stderr and result.stderr.count("\n") == 1
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_plot_and_a_cache_beside_the_checkpoint_are_written(evil, tmp_path):
+    root, _ = evil
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run("history", root, "--plot", tmp_path / "h.png", "--cache", tmp_path / "new" / "cache")
+    assert result.exit_code == 0, result.stderr
+    assert os.path.getsize(tmp_path / "h.png") and os.listdir(tmp_path / "new" / "cache")
+    assert not [w for w in caught if "Glyph" in str(w.message)]  # names drawn escaped

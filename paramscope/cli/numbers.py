@@ -107,6 +107,8 @@ def stats(
     """
     from paramscope.output.reports import stats_report
 
+    if plot is not None:
+        common.picture("--plot", plot, [ckpt])
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)

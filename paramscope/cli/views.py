@@ -89,6 +89,10 @@ def history(
     from paramscope.io.inventory import filter_params, open_checkpoint
     from paramscope.output.reports import history_report
 
+    if plot is not None:
+        common.picture("--plot", plot, [ckpt])
+    if cache is not None and not no_cache:
+        common.writable("--cache", cache, [ckpt], folder=True)
     location = checkpoint.locate(ckpt, None, allow_unfinished=True)
     if location.kind != "root":
         raise common.fail(
