@@ -67,6 +67,18 @@ def error_line(message: str, hint: str | None = None) -> str:
     return message_line("error", message + (f" (hint: {hint})" if hint else ""))
 
 
+def few(names, shown: int = 5) -> str:
+    """The first few of ``names``, comma-separated, then how many more: a hint stays one short
+    line when a run has thousands of steps.
+
+    >>> few(range(100, 1100, 100), 3), few(["params"]), few([])
+    ('100, 200, 300 and 7 more', 'params', 'none')
+    """
+    names = [str(n) for n in names]
+    more = f" and {len(names) - shown:,} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) or "none") + more
+
+
 def message_line(kind: str, message: str) -> str:
     """A line for stderr, ``paramscope: <kind>: <message>``, safe for a terminal and free of secrets.
 

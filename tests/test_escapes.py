@@ -216,3 +216,51 @@ def test_a_plot_and_a_cache_beside_the_checkpoint_are_written(evil, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert os.path.getsize(tmp_path / "h.png") and os.listdir(tmp_path / "new" / "cache")
     assert not [w for w in caught if "Glyph" in str(w.message)]  # names drawn escaped
+
+
+def test_hints_listing_steps_and_items_stay_short(evil, tmp_path):
+    root, _ = evil
+    many = tmp_path / "many"
+    many.mkdir()
+    for step in range(1, 301):  # the same finished step, under 300 numbers
+        shutil.copytree(os.path.join(root, "1"), many / str(step))
+    steps = "finished steps: 1, 2, 3, 4, 5 and 295 more"
+    for args, listed in [
+        (("table", many, "--step", 9999), steps),
+        (("history", many, "--steps", "5000:6000", "--no-cache"), steps),
+        (("verify", many, "--item", "nope"), "items: params"),
+    ]:
+        result = run(*args)
+        assert result.exit_code == 3, result.stderr
+        assert result.stderr.count("\n") == 1 and listed in result.stderr and len(result.stderr) < 300
+
+
+def test_damaged_numbers_in_metadata_are_exit_3_or_unknown(evil, tmp_path):
+    import json
+
+    import msgpack
+
+    root, _ = evil
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("item*"))
+    for step, value in (("1", 1e30), ("2", float("nan"))):
+        path = copy / step / "_CHECKPOINT_METADATA"
+        meta = json.loads(path.read_text())
+        meta["commit_timestamp_nsecs"] = meta["init_timestamp_nsecs"] = value
+        path.write_text(json.dumps(meta))
+    for step in ("1", "2"):
+        result = run("info", copy, "--step", step)
+        assert result.exit_code == 0, result.stderr
+        assert "started unknown, committed unknown" in result.stdout
+    for cache in ("--no-cache", tmp_path / "cache"):
+        result = run("history", copy, *(["--no-cache"] if cache == "--no-cache" else ["--cache", cache]))
+        assert result.exit_code == 0, result.stderr
+
+    flax = tmp_path / "flax"  # a chunked array whose shape is indexed by "²", which int() refuses
+    flax.mkdir()
+    piece = msgpack.ExtType(1, msgpack.packb([[12], "float32", bytes(48)]))
+    chunked = {"__msgpack_chunked_array__": True, "shape": {"0": 4, "²": 3}, "chunks": {"0": piece}}
+    (flax / "checkpoint_1").write_bytes(msgpack.packb({"w": chunked}))
+    result = run("table", flax)
+    assert result.exit_code == 3 and result.stderr.count("\n") == 1, result.stderr
+    assert "unexpected entry 'shape.²'" in result.stderr

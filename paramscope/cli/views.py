@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from paramscope import errors
 from paramscope.cli import common
 from paramscope.cli.options import (
     OUTPUT,
@@ -103,7 +104,8 @@ def history(
     available = [s.step for s in location.steps if s.finished]
     chosen = parse_steps(steps, available, last)
     if not chosen:
-        raise common.fail(f"no finished step of {ckpt} is selected", f"finished steps: {available}", 3)
+        hint = f"finished steps: {errors.few(available)}"
+        raise common.fail(f"no finished step of {ckpt} is selected", hint, 3)
 
     def open_step(step):
         inv = open_checkpoint(ckpt, step=step, item=sel.item, subtree=sel.subtree)
