@@ -81,7 +81,10 @@ def stats(
     plot: Annotated[
         str | None,
         typer.Option(
-            "--plot", metavar="FILE", help="Draw each parameter's norm (a .png or .svg; paramscope[plot])."
+            "--plot",
+            metavar="FILE",
+            help="Draw each parameter's norm (a .png or .svg; paramscope[plot]); "
+            "a local file outside the checkpoint.",
         ),
     ] = None,
     hist: Annotated[

@@ -54,12 +54,19 @@ def history(
     plot: Annotated[
         str | None,
         typer.Option(
-            "--plot", metavar="FILE", help="Draw the series to a .png or .svg (needs paramscope[plot])."
+            "--plot",
+            metavar="FILE",
+            help="Draw the series to a .png or .svg (needs paramscope[plot]); "
+            "a local file outside the checkpoint.",
         ),
     ] = None,
     cache: Annotated[
         str | None,
-        typer.Option("--cache", metavar="DIR", help="Cache folder (default: the user's cache directory)."),
+        typer.Option(
+            "--cache",
+            metavar="DIR",
+            help="Cache folder (default: the user's cache directory); a local folder outside the checkpoint.",
+        ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Read every step, keep nothing.")] = False,
     sort: Annotated[
