@@ -24,7 +24,7 @@ def debugging() -> bool:
 
 def warn(message: str, quiet: bool = False, kind: str = "warning") -> None:
     if not quiet:
-        print(f"paramscope: {kind}: {message}", file=sys.stderr)
+        print(errors.message_line(kind, message), file=sys.stderr)
 
 
 def fail(message: str, hint: str | None, code: int) -> typer.Exit:
@@ -65,19 +65,27 @@ def _run(command, *args, **kwargs):
         silence_stdout()
         raise typer.Exit(0) from None
     except errors.ParamscopeError as err:
-        if debugging():
-            raise
+        show_traceback()
         raise fail(err.message, err.hint, err.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted", None, 130) from None
     except Exception as err:  # a bug: say so in one line, traceback on request
-        if debugging():
-            raise
+        show_traceback()
         raise fail(
             f"unexpected {type(err).__name__}: {err}",
             "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
             errors.EXIT_INTERNAL,
         ) from None
+
+
+def show_traceback() -> None:
+    """With PARAMSCOPE_DEBUG set, the traceback of the error being handled, on stderr (escaped
+    like every message); the exit code stays the documented one."""
+    if debugging():
+        import traceback
+
+        text = errors.redacted(traceback.format_exc())
+        print(errors.printable(text, keep="\n"), end="", file=sys.stderr)
 
 
 def silence_stdout() -> None:
@@ -95,6 +103,64 @@ def quiet_libraries() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Output
+
+
+def writable(option: str, target: str, checkpoints: list[str], folder: bool = False) -> None:
+    """Refuses, before anything is read, a place an option would write that paramscope must not
+    or cannot write: a URL (it writes local files only), a place inside a checkpoint being read
+    (it never writes into one; symlinks resolved), a missing or read-only folder. ``folder``: the
+    target is a folder, made if missing; its nearest existing parent must be writable."""
+    from paramscope.io.storage import inside, is_url
+
+    if is_url(target):
+        raise errors.UsageError(
+            f"{option} {target} is a URL", hint="paramscope writes local files only; give a local path"
+        )
+    for ckpt in checkpoints:
+        if ckpt.endswith(".index.json"):  # a sharded safetensors set: its folder is the checkpoint
+            ckpt = os.path.dirname(os.path.abspath(ckpt))
+        if inside(target, ckpt):
+            raise errors.UsageError(
+                f"{option} {target} is inside the checkpoint {ckpt}",
+                hint="paramscope never writes into a checkpoint folder; write elsewhere",
+            )
+    path = os.path.abspath(target)
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise errors.UsageError(f"{option} {target} is not a folder", hint="name a folder")
+        parent = path
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+    else:
+        if os.path.isdir(path):
+            raise errors.UsageError(f"{option} {target} is a folder", hint="name a file to write")
+        parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise errors.UsageError(
+            f"cannot write {option} {target}: no folder {parent}",
+            hint="make the folder first, or write elsewhere",
+        )
+    existing = not folder and os.path.exists(path)  # a file written over (/dev/null too)
+    if not os.access(path, os.W_OK) if existing else not os.access(parent, os.W_OK | os.X_OK):
+        raise errors.UsageError(
+            f"cannot write {option} {target}: {path if existing else parent} is not writable",
+            hint="choose a writable path",
+        )
+
+
+def picture(option: str, target: str, checkpoints: list[str]) -> None:
+    """Refuses, before anything is read, a picture that could not be drawn or written."""
+    import importlib.util
+
+    writable(option, target, checkpoints)
+    if not target.lower().endswith((".png", ".svg")):
+        raise errors.UsageError(
+            f"cannot tell the picture format of {target!r}", hint="name a .png or .svg file"
+        )
+    if importlib.util.find_spec("matplotlib") is None:
+        raise errors.UsageError(
+            "plotting needs matplotlib", hint="install the extra: pip install 'paramscope[plot]'"
+        )
 
 
 def emit(report: Report, out: Output, table: str | None = None) -> None:

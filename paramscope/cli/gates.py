@@ -320,15 +320,11 @@ def snapshot(
     from paramscope.compute.baseline import snapshot as make_snapshot
     from paramscope.output.render import json_lines
 
+    if output != "-":
+        common.writable("--output", output, [ckpt])
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
     if output != "-":
-        from paramscope.io.storage import inside
-
-        if inside(output, inv.checkpoint):
-            raise errors.UsageError(
-                f"--output {output} is inside the checkpoint",
-                hint="paramscope never writes into a checkpoint folder; write elsewhere",
-            )
+        common.writable("--output", output, [inv.checkpoint])
     result = common.scan(inv, params, True, reading, quiet, digest=True)
     text = json_lines(make_snapshot(inv, result, __version__))
     if output == "-":

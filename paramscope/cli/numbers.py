@@ -81,7 +81,10 @@ def stats(
     plot: Annotated[
         str | None,
         typer.Option(
-            "--plot", metavar="FILE", help="Draw each parameter's norm (a .png or .svg; paramscope[plot])."
+            "--plot",
+            metavar="FILE",
+            help="Draw each parameter's norm (a .png or .svg; paramscope[plot]); "
+            "a local file outside the checkpoint.",
         ),
     ] = None,
     hist: Annotated[
@@ -107,6 +110,8 @@ def stats(
     """
     from paramscope.output.reports import stats_report
 
+    if plot is not None:
+        common.picture("--plot", plot, [ckpt])
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from paramscope import errors
 from paramscope.cli import common
 from paramscope.cli.options import (
     OUTPUT,
@@ -53,12 +54,19 @@ def history(
     plot: Annotated[
         str | None,
         typer.Option(
-            "--plot", metavar="FILE", help="Draw the series to a .png or .svg (needs paramscope[plot])."
+            "--plot",
+            metavar="FILE",
+            help="Draw the series to a .png or .svg (needs paramscope[plot]); "
+            "a local file outside the checkpoint.",
         ),
     ] = None,
     cache: Annotated[
         str | None,
-        typer.Option("--cache", metavar="DIR", help="Cache folder (default: the user's cache directory)."),
+        typer.Option(
+            "--cache",
+            metavar="DIR",
+            help="Cache folder (default: the user's cache directory); a local folder outside the checkpoint.",
+        ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Read every step, keep nothing.")] = False,
     sort: Annotated[
@@ -89,6 +97,10 @@ def history(
     from paramscope.io.inventory import filter_params, open_checkpoint
     from paramscope.output.reports import history_report
 
+    if plot is not None:
+        common.picture("--plot", plot, [ckpt])
+    if cache is not None and not no_cache:
+        common.writable("--cache", cache, [ckpt], folder=True)
     location = checkpoint.locate(ckpt, None, allow_unfinished=True)
     if location.kind != "root":
         raise common.fail(
@@ -99,7 +111,8 @@ def history(
     available = [s.step for s in location.steps if s.finished]
     chosen = parse_steps(steps, available, last)
     if not chosen:
-        raise common.fail(f"no finished step of {ckpt} is selected", f"finished steps: {available}", 3)
+        hint = f"finished steps: {errors.few(available)}"
+        raise common.fail(f"no finished step of {ckpt} is selected", hint, 3)
 
     def open_step(step):
         inv = open_checkpoint(ckpt, step=step, item=sel.item, subtree=sel.subtree)

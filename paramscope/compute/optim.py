@@ -234,11 +234,11 @@ def split_state(open_item: Callable[[str | None], Any], items: Sequence[str], pa
     inv = open_item(params_item or opt_item)
     found = _state_roots([split_path(p.path) for p in inv.params])
     if found is None:
-        from paramscope.errors import ItemNotFound
+        from paramscope.errors import ItemNotFound, few
 
         raise ItemNotFound(
             "cannot tell the parameters from the optimizer state",
-            hint=f"name them with --params-item and --opt-item (items: {', '.join(items)})",
+            hint=f"name them with --params-item and --opt-item (items: {few(items)})",
         )
     prefix, param_root, opt_root = found
     depth = len(prefix)

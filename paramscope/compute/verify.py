@@ -15,7 +15,7 @@ from typing import Any
 
 from paramscope.compute.digest import DigestState, feed_box
 from paramscope.compute.plan import default_memory_budget, stream_regions
-from paramscope.errors import CorruptCheckpoint, ItemNotFound
+from paramscope.errors import CorruptCheckpoint, ItemNotFound, few
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo, spec_per_dim
 
@@ -47,7 +47,7 @@ def _chosen_items(location: checkpoint.Location, item: str | None) -> list[check
         return location.items
     chosen = [i for i in location.items if i.name == item]
     if not chosen:
-        names = ", ".join(i.name for i in location.items) or "none"
+        names = few(i.name for i in location.items)
         raise ItemNotFound(f"no item {item!r} in {location.path}", hint=f"items: {names}")
     return chosen
 

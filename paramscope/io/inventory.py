@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from paramscope._mask import compile_patterns, mask_predicate
-from paramscope.errors import ItemNotFound, ParamscopeError, UsageError
+from paramscope.errors import ItemNotFound, ParamscopeError, UsageError, few
 from paramscope.io import checkpoint
 from paramscope.names import prefix_groups, quote_key, split_path
 
@@ -146,7 +146,7 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
                 hint=f"`paramscope info {location.path}` shows its content",
             )
         if not chosen:
-            names = ", ".join(i.name for i in readable) or "none"
+            names = few(i.name for i in readable)
             raise ItemNotFound(f"no item {item!r} with arrays in {location.path}", hint=f"items: {names}")
         return chosen
     pytrees = [i for i in readable if i.kind != "array"]
@@ -517,9 +517,18 @@ def step_metadata(location) -> dict[str, Any]:
 
 
 def _iso(nanoseconds: float) -> str:
+    """A time in nanoseconds since the epoch, in ISO 8601; ``unknown`` for what is no time (NaN,
+    1e30: a damaged metadata file).
+
+    >>> _iso(1.7e18), _iso(float("nan")), _iso(1e30)
+    ('2023-11-14T22:13:20Z', 'unknown', 'unknown')
+    """
     import datetime
 
-    moment = datetime.datetime.fromtimestamp(nanoseconds / 1e9, tz=datetime.timezone.utc)
+    try:
+        moment = datetime.datetime.fromtimestamp(nanoseconds / 1e9, tz=datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return "unknown"
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 

@@ -33,7 +33,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound, StorageError
+from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound, StorageError, few
 from paramscope.io import orbax
 from paramscope.io.msgpack_walk import Leaf, Malformed, walk
 from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
@@ -208,7 +208,7 @@ def locate(tree: Tree, step: int | None) -> Location | None:
     else:
         matches = [s for s in steps if s.finished and s.step == step]
         if not matches:
-            available = ", ".join(str(number) for number, _ in files)
+            available = few(number for number, _ in files)
             raise StepNotFound(
                 f"no finished step {step} in {tree.display}", hint=f"finished steps: {available}"
             )

@@ -345,6 +345,15 @@ def _join_chunked(leaves: list[Leaf]) -> list[Leaf]:
     return out
 
 
+def _decimal(key: str) -> bool:
+    """Whether a key is an index as flax writes one: ASCII digits (``"²".isdigit()`` is true too).
+
+    >>> _decimal("12"), _decimal("²"), _decimal("")
+    (True, False, False)
+    """
+    return key.isascii() and key.isdigit()
+
+
 def _chunked_array(owner: tuple, parts: list[Leaf]) -> Leaf:
     name = ".".join(owner) or "the document"
     shape: dict[int, int] = {}
@@ -354,9 +363,9 @@ def _chunked_array(owner: tuple, parts: list[Leaf]) -> Leaf:
         rest = leaf.keys[len(owner) :]
         if rest == (CHUNKED,) and leaf.kind == "value" and leaf.value is True:
             marker = True
-        elif len(rest) == 2 and rest[0] == "shape" and rest[1].isdigit() and leaf.dtype == "int64":
+        elif len(rest) == 2 and rest[0] == "shape" and _decimal(rest[1]) and leaf.dtype == "int64":
             shape[int(rest[1])] = leaf.value
-        elif len(rest) == 2 and rest[0] == "chunks" and rest[1].isdigit() and leaf.kind == "array":
+        elif len(rest) == 2 and rest[0] == "chunks" and _decimal(rest[1]) and leaf.kind == "array":
             chunks[int(rest[1])] = leaf
         else:
             raise Malformed(f"the chunked array {name!r} has an unexpected entry {'.'.join(rest)!r}")

@@ -24,6 +24,7 @@ from paramscope.errors import (
     NotACheckpoint,
     ParamscopeError,
     StepNotFound,
+    few,
 )
 from paramscope.io import btree, storage
 from paramscope.io.records import (
@@ -233,7 +234,7 @@ def locate(path: str | Tree, step: int | None = None, allow_unfinished: bool = F
     else:
         matches = [(s, r) for s, r in finished if s.step == step]
         if not matches:
-            available = ", ".join(str(s.step) for s, _ in finished) or "none"
+            available = few(s.step for s, _ in finished)
             raise StepNotFound(f"no finished step {step} in {path}", hint=f"finished steps: {available}")
         chosen, rel = matches[-1]
     return Location(
@@ -995,10 +996,13 @@ def custom_metadata(location: Location) -> dict[str, Any]:
 
 
 def commit_timestamp(location: Location) -> int | None:
-    """When the step was committed (nanoseconds), from ``_CHECKPOINT_METADATA``; None if unknown."""
+    """When the step was committed (nanoseconds), from ``_CHECKPOINT_METADATA``; None if unknown
+    (absent, or no time a clock gives: NaN, negative, past 64 bits)."""
     try:
         meta = read_step_metadata(location)
     except CorruptCheckpoint:
         return None
     value = meta.get("commit_timestamp_nsecs") if isinstance(meta, dict) else None
-    return int(value) if isinstance(value, (int, float)) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63:
+        return None  # NaN fails the comparison too
+    return int(value)

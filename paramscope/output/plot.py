@@ -1,11 +1,12 @@
-"""Pictures of a run, drawn with matplotlib (the optional extra ``paramscope[plot]``)."""
+"""Pictures of a run, drawn with matplotlib (the optional extra ``paramscope[plot]``). Names
+from a checkpoint are drawn with their control characters escaped, as on a terminal."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from paramscope.errors import UsageError
+from paramscope.errors import UsageError, printable
 
 MAX_LINES = 8  # more lines than this, nobody reads: the rest are summarised as one band
 
@@ -41,10 +42,10 @@ def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> di
     shown, rest = ranked[:top], ranked[top:]
     figure, (norms, changes) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)
     for s in shown:
-        norms.plot(s.steps, s.norms, marker="o", markersize=3, label=s.path)
+        norms.plot(s.steps, s.norms, marker="o", markersize=3, label=printable(s.path))
         points = [(st, c) for st, c in zip(s.steps, s.changes) if c is not None]
         if points:
-            changes.plot(*zip(*points), marker="o", markersize=3, label=s.path)
+            changes.plot(*zip(*points), marker="o", markersize=3, label=printable(s.path))
     if rest:
         steps = rest[0].steps
         low = [min(s.norms[k] for s in rest) for k in range(len(steps))]
@@ -57,7 +58,7 @@ def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> di
     if _spans_decades(moved):
         changes.set_yscale("log")
     norms.set_ylabel("L2 norm")
-    norms.set_title(title or "norms over steps")
+    norms.set_title(printable(title) or "norms over steps")
     norms.legend(fontsize="small", loc="best")
     changes.set_ylabel("||W_t - W_t-1|| / ||W_t-1||")
     changes.set_xlabel("step")
@@ -84,13 +85,13 @@ def plot_stats(
         panels, 1, figsize=(9, height + (3.5 if panels == 2 else 0)), constrained_layout=True
     )
     bars = axes[0] if panels == 2 else axes
-    names = [name for name, _ in rows][::-1]
+    names = [printable(name) for name, _ in rows][::-1]
     values = [value for _, value in rows][::-1]
     drawn = bars.barh(names, values, color="tab:blue")
     if _spans_decades(values):
         bars.set_xscale("log")
     bars.set_xlabel("L2 norm")
-    bars.set_title(title or "norms")
+    bars.set_title(printable(title) or "norms")
     bars.tick_params(axis="y", labelsize="small")
     bars.grid(True, axis="x", alpha=0.3)
     if histogram is not None:
@@ -106,7 +107,7 @@ def plot_stats(
         hist.set_xlabel("value, binned by sign and power of two (bin upper magnitude)")
         hist.set_ylabel("count")
         extra = f"; NaN {histogram.nan}, Inf {histogram.inf}" if histogram.nan or histogram.inf else ""
-        hist.set_title(f"values of {hist_name}{extra}")
+        hist.set_title(f"values of {printable(hist_name)}{extra}")
     figure.savefig(path)
     heights = [float(patch.get_width()) for patch in drawn.patches][::-1]
     plt.close(figure)
@@ -129,11 +130,11 @@ def plot_layer_heatmap(
         rows = stacks[name]
         image = axis.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis")
         axis.set_yticks(range(len(rows)))
-        axis.set_ylabel(f"{name}: layer")
+        axis.set_ylabel(f"{printable(name)}: layer")
         axis.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45, fontsize="small")
         axis.set_xlabel("step")
         figure.colorbar(image, ax=axis, label="L2 norm of the layer")
-    axes[0, 0].set_title(title or "norms of each layer over steps")
+    axes[0, 0].set_title(printable(title) or "norms of each layer over steps")
     figure.savefig(path)
     plt.close(figure)
     return {name: stacks[name] for name in names}

@@ -2,7 +2,10 @@
 
 Commands build a :class:`Report` (a JSON payload plus rows for the tabular formats) and never
 branch on the format themselves. Tables never cut a number (see :mod:`paramscope.output.layout`);
-CSV carries machine values, one table per output; Markdown is escaped GitHub tables.
+CSV carries machine values, one table per output; Markdown is escaped GitHub tables. Names
+and text from a checkpoint reach a terminal with their control characters escaped (see
+:func:`paramscope.errors.printable`): JSON escapes them itself, the other formats through
+:func:`cell` and the lines they write.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from paramscope.errors import UsageError
+from paramscope.errors import UsageError, printable
 from paramscope.output import layout
 
 
@@ -101,13 +104,14 @@ def spec_text(spec: Any) -> str:
 
 
 def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
-    """One cell: for people (``human``) or as a machine value (CSV).
+    """One cell: for people (``human``) or as a machine value (CSV); text with its control
+    characters escaped.
 
     >>> cell(197504, "count", True), cell(197504, "count", False), cell(0.1 + 0.2, "float", False)
     ('197,504', '197504', '0.30000000000000004')
     """
     if kind == "sharding":
-        return spec_text(value)
+        return printable(spec_text(value))
     if value is None:
         return ""
     if kind == "shape":
@@ -126,7 +130,7 @@ def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
         return f"{value:.6g}"
     if kind == "number":  # an int among floats (a count in a column of values)
         return f"{value:,}" if human else str(value)
-    return str(value)
+    return printable(str(value))
 
 
 def listed(items, limit: int = 5) -> str:
@@ -231,11 +235,12 @@ def to_csv(report: Report, view: View) -> str:
 
 
 def markdown_escape(text: str) -> str:
-    """Text safe inside a GitHub table cell.
+    """Text safe inside a GitHub table cell (and on a terminal).
 
     >>> markdown_escape("max |x|")
     'max \\\\|x\\\\|'
     """
+    text = printable(text, keep="\n")
     for char in ("\\", "|", "*", "`", "<"):
         text = text.replace(char, "\\" + char)
     return text.replace("\n", " ")
@@ -318,7 +323,7 @@ def to_text(report: Report, view: View) -> tuple[list[tuple[str, bool]], list[st
         )
     if abbreviated:
         messages.append("counts abbreviated to fit (--exact shows every digit)")
-    return out, messages
+    return [(printable(line), bold) for line, bold in out], messages
 
 
 def render(report: Report, fmt: Format, file=None, view: View | None = None) -> list[str]:
