@@ -156,30 +156,13 @@ class Checkpoint:
     """
 
     def __init__(self, path, step, item, subtree, filter, unstack, layer_axis):
-        from paramscope.io.inventory import filter_params, open_checkpoint
+        from paramscope.io.inventory import open_checkpoint
 
         self.path = path
         self._item = item
         self.inventory: Inventory = open_checkpoint(path, step=step, item=item, subtree=subtree)
-        self.warnings: list[str] = list(self.inventory.warnings)
-        self.inventory.views = None
-        candidates = self.inventory.params
-        if unstack or layer_axis:
-            from paramscope.compute.layers import find_stacks, parse_layer_axes
-            from paramscope.compute.layers import unstack as unstack_views
-
-            stacks, notes = find_stacks(
-                candidates, parse_layer_axes(layer_axis or None), self.inventory.custom
-            )
-            self.warnings += notes
-            self.inventory.views = unstack_views(candidates, stacks)
-            candidates = [v.info for v in self.inventory.views]
-        self.params: list[ParamInfo] = filter_params(candidates, filter)
-        if filter is not None and candidates and not self.params:
-            self.warnings.append(f"--filter {filter!r} matches no parameter")
-        if self.inventory.views is not None:
-            kept = {p.path for p in self.params}
-            self.inventory.views = [v for v in self.inventory.views if v.info.path in kept]
+        self.params, notes = select(self.inventory, filter, unstack, layer_axis)
+        self.warnings: list[str] = [*self.inventory.warnings, *notes]
 
     def __repr__(self) -> str:
         step = f", step={self.step}" if self.step is not None else ""
@@ -209,7 +192,7 @@ class Checkpoint:
         scanned = self._scan(stats, digest, memory_budget) if reads else None
         inv = self.inventory
         saved_values = inv.values
-        inv.values = inv.values + _scalar_values(self.params)
+        inv.values = inv.values + scalar_values(self.params)
         stacked = {v.info.path: f"axis {v.stack.axis}, {v.stack.rule}" for v in inv.views or () if v.stack}
         try:
             report = table_report(
@@ -285,44 +268,20 @@ class Checkpoint:
         report = stats_report(self.inventory, self.params, scanned, sort, top)
         return Result(report, self.warnings + self._key_note(), scanned)
 
-    def _numbers(self) -> list[ParamInfo]:
-        """The parameters that hold numbers: typed PRNG keys are random bits, left out."""
-        return [p for p in self.params if not p.random_key]
-
     def _key_note(self) -> list[str]:
-        keys = [p.path for p in self.params if p.random_key]
-        if not keys:
-            return []
-        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        return [f"typed PRNG keys left out of the numbers: {shown}"]
+        note = key_note(self.params)
+        return [note] if note else []
 
     def _scan(self, full, digest, memory_budget, engine="auto", on_bytes=None):
-        from paramscope.compute.engines import scan
-
-        inv = self.inventory
-        options = dict(full=full, engine=engine, memory_budget=_budget(memory_budget), digest=digest)
-        options["saved_mesh"] = inv.saved_mesh
-        if inv.views is not None:
-            from paramscope.compute.layers import scan_views
-
-            views = [v for v in inv.views if not inv.params[v.source].random_key]
-
-            def read():
-                return scan_views(views, inv.params, **options, on_bytes=on_bytes)
-        else:
-
-            def read():
-                return scan(self._numbers(), **options, on_bytes=on_bytes)
-
-        from paramscope.errors import ParamscopeError
-
-        try:
-            result = read()
-        except ParamscopeError:
-            inv.check_unchanged()
-            raise
-        inv.check_unchanged()
-        return result
+        return read_numbers(
+            self.inventory,
+            self.params,
+            full=full,
+            digest=digest,
+            memory_budget=memory_budget,
+            engine=engine,
+            on_bytes=on_bytes,
+        )
 
     def verify(self, *, memory_budget: int | str | None = None) -> Result:
         """Decodes every chunk of every array of the step; checks the metadata files agree."""
@@ -333,7 +292,7 @@ class Checkpoint:
         return Result(verify_report(result, self.path), list(self.warnings), result)
 
 
-def _scalar_values(params: Sequence[ParamInfo]) -> list[dict]:
+def scalar_values(params: Sequence[ParamInfo]) -> list[dict]:
     """The values of the Python numbers among ``params`` (stored as 0-d arrays: ``step``, a
     learning rate), read for the table: a few bytes each."""
     from paramscope import errors
@@ -351,3 +310,108 @@ def _scalar_values(params: Sequence[ParamInfo]) -> list[dict]:
         kind = type(value).__name__
         out.append({"path": param.path, "type": kind, "value": str(value) if kind == "complex" else value})
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# What every command does between opening a checkpoint and showing what it found
+
+
+def select(
+    inv: Inventory,
+    filter: str | None = None,
+    unstack: bool = False,
+    layer_axis: Sequence[str] | None = None,
+) -> tuple[list[ParamInfo], list[str]]:
+    """The parameters of an opened checkpoint that ``filter`` keeps (one per layer of stacked
+    arrays with ``unstack`` or ``layer_axis``: ``inv.views`` then says where each comes from),
+    and notes on what matched nothing."""
+    from paramscope.io.inventory import filter_params
+
+    notes: list[str] = []
+    candidates = inv.params
+    inv.views = None
+    if unstack or layer_axis:
+        from paramscope.compute.layers import find_stacks, parse_layer_axes
+        from paramscope.compute.layers import unstack as unstack_views
+
+        stacks, found = find_stacks(inv.params, parse_layer_axes(list(layer_axis or ()) or None), inv.custom)
+        notes += found
+        inv.views = unstack_views(inv.params, stacks)
+        candidates = [v.info for v in inv.views]
+    params = filter_params(candidates, filter)
+    if filter is not None and candidates and not params:
+        notes.append(f"--filter {filter!r} matches no parameter")
+    if inv.views is not None:
+        kept = {p.path for p in params}
+        inv.views = [v for v in inv.views if v.info.path in kept]
+    return params, notes
+
+
+def key_note(params: Sequence[ParamInfo]) -> str | None:
+    """The note that typed PRNG keys among ``params`` are left out of the numbers."""
+    keys = [p.path for p in params if p.random_key]
+    if not keys:
+        return None
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"typed PRNG keys left out of the numbers: {shown}"
+
+
+def read_numbers(
+    inv: Inventory,
+    params: Sequence[ParamInfo],
+    *,
+    full: bool = False,
+    digest: bool = False,
+    memory_budget: int | str | None = None,
+    engine: str = "auto",
+    mesh: str | None = None,
+    cluster=None,
+    histogram: str | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+):
+    """Reads ``params`` once (norms, or every statistic with ``full``), typed PRNG keys left out,
+    and proves that the step was not deleted or saved again meanwhile (:func:`unchanged_after`).
+
+    ``mesh``: the device mesh of the mesh engine as ``--mesh`` writes it (``data:4,model:2``);
+    ``cluster``: the processes that share the reading (:mod:`paramscope.parallel.cluster`)."""
+    from paramscope.compute.engines import scan
+    from paramscope.parallel.mesh import check_mesh, parse_mesh
+
+    params = [p for p in params if not p.random_key]
+    axes = parse_mesh(mesh) if mesh else None
+    if axes is not None:
+        check_mesh(axes, engine, params, inv.saved_mesh)
+    options: dict[str, Any] = dict(
+        full=full,
+        engine=engine,
+        mesh_axes=axes,
+        saved_mesh=inv.saved_mesh,
+        memory_budget=_budget(memory_budget),
+        digest=digest,
+        on_bytes=on_bytes,
+    )
+    if histogram is not None:
+        options["histogram"] = histogram
+    if cluster is not None:
+        options["cluster"] = cluster
+    if inv.views is not None:
+        from paramscope.compute.layers import scan_views
+
+        views = [v for v in inv.views if not inv.params[v.source].random_key]
+        return unchanged_after(inv, lambda: scan_views(views, inv.params, **options))
+    return unchanged_after(inv, lambda: scan(params, **options))
+
+
+def unchanged_after(inv: Inventory, read: Callable[[], Any]):
+    """``read()``, then proof that the step was not deleted or saved again meanwhile: a read that
+    failed because of it, or numbers it may have mixed, are reported as that
+    (:class:`~paramscope.errors.CheckpointChanged`)."""
+    from paramscope.errors import ParamscopeError
+
+    try:
+        result = read()
+    except ParamscopeError:
+        inv.check_unchanged()
+        raise
+    inv.check_unchanged()
+    return result

@@ -203,7 +203,8 @@ def inventory(
     their unstacked names), and ``inv.views`` says where each comes from. In a ``cluster`` of
     processes, process 0 alone reads the metadata and shares it with the others.
     """
-    from paramscope.io.inventory import filter_params, open_checkpoint
+    from paramscope.api import select
+    from paramscope.io.inventory import open_checkpoint
 
     chosen = dict(step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree)
     if cluster is not None and cluster.active:
@@ -212,24 +213,11 @@ def inventory(
         inv = open_once(cluster, ckpt, **chosen)
     else:
         inv = open_checkpoint(ckpt, **chosen)
-    for warning in inv.warnings:
+    unstack = layering is not None and layering.unstack
+    layer_axis = layering.layer_axis if layering is not None else None
+    params, notes = select(inv, sel.filter, unstack, layer_axis)
+    for warning in [*inv.warnings, *notes]:
         warn(warning, quiet)
-    candidates = inv.params
-    inv.views = None
-    if layering is not None and (layering.unstack or layering.layer_axis):
-        from paramscope.compute.layers import find_stacks, parse_layer_axes, unstack
-
-        stacks, notes = find_stacks(inv.params, parse_layer_axes(layering.layer_axis), inv.custom)
-        for note in notes:
-            warn(note, quiet)
-        inv.views = unstack(inv.params, stacks)
-        candidates = [v.info for v in inv.views]
-    params = filter_params(candidates, sel.filter)
-    if sel.filter is not None and candidates and not params:
-        warn(f"--filter {sel.filter!r} matches no parameter", quiet)
-    if inv.views is not None:
-        kept = {p.path for p in params}
-        inv.views = [v for v in inv.views if v.info.path in kept]
     return inv, params
 
 
@@ -254,79 +242,42 @@ def memory_budget(reading: Reading) -> int | None:
 
 
 def scalar_values(params) -> list[dict]:
-    """The values of the Python numbers among ``params`` (stored as 0-d arrays: ``step``, a
-    learning rate), read for the table: a few bytes each."""
-    from paramscope.io import checkpoint
+    """The values of the Python numbers among ``params``, read for the table."""
+    from paramscope.api import scalar_values
 
-    scalars = [p for p in params if p.stored is not None and p.stored.value_type == "scalar" and not p.shape]
-    out = []
-    for param, handle in zip(scalars, checkpoint.open_arrays([p.stored for p in scalars])):
-        if isinstance(handle, errors.ParamscopeError):
-            continue  # the row is still listed; verify names the damage
-        try:
-            value = checkpoint.finish_read(checkpoint.start_read(handle, None, param.path), param.path).item()
-        except errors.ParamscopeError:
-            continue
-        kind = type(value).__name__
-        out.append({"path": param.path, "type": kind, "value": str(value) if kind == "complex" else value})
-    return out
+    return scalar_values(params)
 
 
 def scan(
     inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, digest: bool = False, histogram=None
 ):
     """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
-    from paramscope.compute.engines import scan
-    from paramscope.parallel.mesh import check_mesh, parse_mesh
+    from paramscope.api import key_note, read_numbers
 
     quiet_libraries()
-    keys = [p.path for p in params if p.random_key]
-    if keys:  # random bits are not numbers: a norm over them says nothing
-        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        warn(f"typed PRNG keys left out of the numbers: {shown}", quiet)
-        params = [p for p in params if not p.random_key]
-    engine = reading.engine.value
-    axes = parse_mesh(reading.mesh) if reading.mesh else None
-    if axes is not None:
-        check_mesh(axes, engine, params, inv.saved_mesh)
+    note = key_note(params)
+    if note:  # random bits are not numbers: a norm over them says nothing
+        warn(note, quiet)
+    total = sum(p.nbytes for p in params if not p.random_key)
     options = dict(
         full=full,
-        engine=engine,
-        mesh_axes=axes,
-        saved_mesh=inv.saved_mesh,
-        memory_budget=memory_budget(reading),
         digest=digest,
+        memory_budget=memory_budget(reading),
+        engine=reading.engine.value,
+        mesh=reading.mesh,
+        cluster=cluster,
+        histogram=histogram,
     )
-    if histogram is not None:
-        options["histogram"] = histogram
-    if cluster is not None:
-        options["cluster"] = cluster
-    total = sum(p.nbytes for p in params)
-    if inv.views is not None:
-        from paramscope.compute.layers import scan_views
-
-        views = [v for v in inv.views if not inv.params[v.source].random_key]
-        return unchanged_after(
-            inv,
-            lambda: with_progress(
-                total, quiet, lambda on_bytes: scan_views(views, inv.params, **options, on_bytes=on_bytes)
-            ),
-        )
-    return unchanged_after(
-        inv, lambda: with_progress(total, quiet, lambda on_bytes: scan(params, **options, on_bytes=on_bytes))
+    return with_progress(
+        total, quiet, lambda on_bytes: read_numbers(inv, params, **options, on_bytes=on_bytes)
     )
 
 
 def unchanged_after(inv, read):
-    """``read()``, then proof that the step was not deleted or rewritten meanwhile: a read that
-    failed because of it, or numbers it may have mixed, are reported as that."""
-    try:
-        result = read()
-    except errors.ParamscopeError:
-        inv.check_unchanged()
-        raise
-    inv.check_unchanged()
-    return result
+    """``read()``, then proof that the step was not deleted or saved again meanwhile."""
+    from paramscope.api import unchanged_after
+
+    return unchanged_after(inv, read)
 
 
 def with_progress(total: int, quiet: bool, run):
