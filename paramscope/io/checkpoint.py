@@ -303,7 +303,11 @@ def _bytes_handle(array: StoredArray) -> BytesArray:
     store, key = array.store, array.name
     if not array.metadata_template:
         return BytesArray(
-            array.shape, array.dtype, array.offset, lambda lo, hi: read_range(store, key, lo, hi)
+            array.shape,
+            array.dtype,
+            array.offset,
+            lambda lo, hi: read_range(store, key, lo, hi),
+            array.byteorder,
         )
     segments = [(int(at), int(size)) for at, size in json.loads(array.metadata_template)]
 
@@ -316,7 +320,7 @@ def _bytes_handle(array: StoredArray) -> BytesArray:
             base += size
         return b"".join(out)
 
-    return BytesArray(array.shape, array.dtype, 0, read_pieces)
+    return BytesArray(array.shape, array.dtype, 0, read_pieces, array.byteorder)
 
 
 def _value_handle(array: StoredArray) -> BytesArray:

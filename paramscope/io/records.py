@@ -49,6 +49,9 @@ class StoredArray:
     offset: int = -1
     # Whether the last key is the ``value`` of a flax box (dropped from the path users see).
     boxed: bool = False
+    # ``driver`` "bytes": the byte order of the stored elements, "<" or ">" (a msgpack array's
+    # dtype name may say ``>f4``).
+    byteorder: str = "<"
 
     @property
     def path(self) -> str:
@@ -120,23 +123,30 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class BytesArray:
-    """An array stored as C-order little-endian bytes at ``start`` of a file, read through
+    """An array stored as C-order bytes (of ``byteorder``) at ``start`` of a file, read through
     ``read_range(start, stop) -> bytes``. ``handle[index].read().result()`` reads only the bytes
     ``index`` needs, as TensorStore handles do for zarr chunks: leading axes where the index picks
     one position are stepped over, and the rows of the next axis that it touches are read whole.
-    So a box of whole rows (what a read plan cuts an array into) costs exactly its own bytes."""
+    So a box of whole rows (what a read plan cuts an array into) costs exactly its own bytes, and
+    an array with no elements costs nothing, whatever its other dimensions."""
 
     def __init__(
-        self, shape: tuple[int, ...], dtype: str, start: int, read_range: Callable[[int, int], bytes]
+        self,
+        shape: tuple[int, ...],
+        dtype: str,
+        start: int,
+        read_range: Callable[[int, int], bytes],
+        byteorder: str = "<",
     ):
         self.shape = tuple(shape)
         self.dtype = dtype
         self.start = start
+        self.byteorder = byteorder
         self._read_range = read_range
         self._index: tuple = ()
 
     def __getitem__(self, index) -> BytesArray:
-        view = BytesArray(self.shape, self.dtype, self.start, self._read_range)
+        view = BytesArray(self.shape, self.dtype, self.start, self._read_range, self.byteorder)
         view._index = index if isinstance(index, tuple) else (index,)
         return view
 
@@ -146,8 +156,10 @@ class BytesArray:
     def _fetch(self):
         import numpy as np
 
-        dtype = numpy_dtype(self.dtype).newbyteorder("<")
+        dtype = numpy_dtype(self.dtype).newbyteorder(self.byteorder)
         shape, index = self.shape, self._index
+        if 0 in shape:  # no elements: only the shape of the selection is needed
+            return np.empty(shape, dtype.newbyteorder("="))[index].copy()
         if not shape:
             raw = self._read_range(self.start, self.start + dtype.itemsize)
             return np.frombuffer(raw, dtype).reshape(())[index].astype(dtype.newbyteorder("="))
@@ -162,8 +174,8 @@ class BytesArray:
         rows = shape[axis]
         first = index[axis] if axis < len(index) else slice(None)
         if isinstance(first, slice):
-            picked = range(*first.indices(rows))
-            lo, hi = (min(picked), max(picked) + 1) if picked else (0, 0)
+            picked = range(*first.indices(rows))  # its ends, not its elements: O(1) for any length
+            lo, hi = (min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1) if picked else (0, 0)
             within = slice(picked.start - lo, None if picked.stop - lo < 0 else picked.stop - lo, picked.step)
         else:
             lo = int(first) + rows if int(first) < 0 else int(first)
