@@ -507,6 +507,15 @@ def read_range(spec: str, key: str, start: int, stop: int) -> bytes:
     return value
 
 
+def load_json(raw: str | bytes) -> Any:
+    """JSON from a file of a checkpoint: ValueError for anything that is not JSON, nesting too
+    deep for the parser included (``[[[[...``, which json.loads answers with RecursionError)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
+
+
 def inside(target: str, folder: str) -> bool:
     """Whether the local file ``target`` lies inside ``folder`` (a path or URL), symlinks resolved.
 

@@ -24,7 +24,7 @@ from typing import Any
 from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound
 from paramscope.io import orbax
 from paramscope.io.records import Item, Location, StoredArray, dtype_info
-from paramscope.io.storage import Tree
+from paramscope.io.storage import Tree, load_json
 from paramscope.names import join_keys
 
 KIND = "tensorstore"
@@ -106,7 +106,7 @@ def _drop_groups(tree: Tree, prefix: str, found: dict[str, str]) -> dict[str, st
     lone = [f for f in v3 if f not in groups and not tree.subdirs(prefix + f)]
     for folder, raw in zip(lone, tree.read_many([prefix + _join(f, ZARR3_FILE) for f in lone])):
         try:
-            if json.loads(raw or b"null").get("node_type") == "group":
+            if load_json(raw or b"null").get("node_type") == "group":
                 groups.add(folder)
         except (ValueError, AttributeError):
             pass  # damaged metadata: read as an array, which reports it
