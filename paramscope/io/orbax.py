@@ -524,6 +524,8 @@ def _read_keys(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
     """Reads keys of one kvstore one by one, concurrently; None for a missing key."""
     import tensorstore as ts
 
+    for key in keys:
+        storage.refuse_special(kvstore, key)
     try:
         store = ts.KvStore.open(kvstore, context=storage.context()).result()
         futures = [store.read(key) for key in keys]
