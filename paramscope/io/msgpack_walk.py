@@ -35,9 +35,13 @@ MAX_WINDOW = 4 << 20
 MAX_DEPTH = 128  # nesting levels (real state dicts nest a few dozen at most)
 MAX_TEXT = 1 << 16  # bytes of a map key or a placeholder
 MAX_NDIM = 64
-# Leaves of one document: real pytrees hold thousands of arrays, not millions; a file of a
-# billion one-byte leaves would otherwise need a record each.
-MAX_LEAVES = 1_000_000
+# Leaves of one document: real pytrees hold thousands of arrays, not hundreds of thousands; each
+# leaf costs a few kilobytes and some tens of microseconds once listed, so a 1 MB file of a
+# million one-byte ints would take gigabytes and minutes to show.
+MAX_LEAVES = 100_000
+# Values of any kind walked in one document (maps, lists, nils, leaves): a file of a million
+# empty maps holds no leaf, but walking it is not free either.
+MAX_VALUES = 1_000_000
 
 
 class Malformed(Exception):
@@ -164,9 +168,12 @@ def _walk_document(src: _Bytes, markers: tuple[str, ...]) -> list[Leaf]:
     no Python recursion, and is refused past :data:`MAX_DEPTH`."""
     leaves: list[Leaf] = []
     stack: list[list] = []  # [is map, entries left, keys, next index]
-    pos, keys = 0, ()
+    pos, keys, values = 0, (), 0
     while True:
         kind, after, arg = _head(src, pos)
+        values += 1
+        if values > MAX_VALUES:
+            raise Malformed(f"more than {MAX_VALUES:,} values (at byte {pos:,})")
         if kind in ("map", "array"):
             if len(stack) >= MAX_DEPTH:
                 raise Malformed(f"nesting deeper than {MAX_DEPTH} levels at byte {pos:,}")
