@@ -42,6 +42,7 @@ from paramscope.io.records import (
     SavedSharding,
     Step,
     StoredArray,
+    fill_problem,
     numpy_dtype,
 )
 from paramscope.io.storage import Tree, read_range
@@ -278,7 +279,14 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     """Opens many stored arrays read-only; returns, in order, a handle (sliceable, ``.read()``)
     or the :class:`ArrayReadError` of each."""
     handles: list[Any] = [None] * len(arrays)
-    zarr = [i for i, a in enumerate(arrays) if a.driver not in ("bytes", "value")]
+    zarr = []
+    for i, array in enumerate(arrays):
+        problem = fill_problem(array) if array.driver not in ("bytes", "value") else None
+        if problem is not None:
+            handles[i] = ArrayReadError("read", array.path, ValueError(problem))
+            handles[i].hint = "the array was never written whole; its stored chunks are all there is"
+        elif array.driver not in ("bytes", "value"):
+            zarr.append(i)
     for i, handle in zip(zarr, orbax.open_arrays([arrays[i] for i in zarr])):
         handles[i] = handle
     for i, array in enumerate(arrays):

@@ -52,10 +52,42 @@ class StoredArray:
     # ``driver`` "bytes": the byte order of the stored elements, "<" or ">" (a msgpack array's
     # dtype name may say ``>f4``).
     byteorder: str = "<"
+    # Zarr arrays in a listed folder (plain zarr trees, where a chunk never written reads as the
+    # fill value): how many of its chunks are stored; -1 when unknown. See :func:`fill_problem`.
+    stored_chunks: int = -1
 
     @property
     def path(self) -> str:
         return join_keys(self.keys[:-1] if self.boxed else self.keys, unbox=False)
+
+
+# An array whose chunks were not all written reads as its fill value where they are missing. Such
+# values cost time and memory to make without any byte on disk behind them, so an array is read
+# only while they stay within these (a [2**40] array of no chunks would otherwise take hours).
+MAX_FILL_ELEMENTS = 1 << 27
+MAX_MISSING_CHUNKS = 1 << 16
+
+
+def fill_problem(array: StoredArray) -> str | None:
+    """Why an array with chunks that are not stored is not read, or None: more than
+    :data:`MAX_FILL_ELEMENTS` elements or :data:`MAX_MISSING_CHUNKS` chunks missing."""
+    if array.stored_chunks < 0 or not array.shape:
+        return None
+    chunks = [max(1, c) for c in array.chunks] if len(array.chunks) == len(array.shape) else array.shape
+    grid = _product(-(-d // max(1, c)) for d, c in zip(array.shape, chunks))
+    missing = grid - array.stored_chunks
+    filled = _product(array.shape) - array.stored_chunks * _product(chunks)
+    if missing > MAX_MISSING_CHUNKS:
+        return (
+            f"{missing:,} of its {grid:,} chunks are not stored (paramscope reads an array with at most "
+            f"{MAX_MISSING_CHUNKS:,} missing)"
+        )
+    if filled > MAX_FILL_ELEMENTS:
+        return (
+            f"{filled:,} of its elements lie in chunks that are not stored (paramscope reads at most "
+            f"{MAX_FILL_ELEMENTS:,} elements of fill value)"
+        )
+    return None
 
 
 @dataclass(frozen=True)
