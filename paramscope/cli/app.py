@@ -95,6 +95,8 @@ def run(args: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+EXIT_INTERRUPTED = 130
+
 SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
 
 
@@ -106,9 +108,17 @@ def _shell_named(args: list[str]) -> None:
 
 
 def main() -> None:
-    code = run()
+    try:
+        code = run()
+    except KeyboardInterrupt:  # before or after a command's own handling (imports, parsing)
+        print(errors.error_line("interrupted"), file=sys.stderr)
+        code = EXIT_INTERRUPTED
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
+    if code == EXIT_INTERRUPTED:
+        # Reads still running in worker threads are abandoned: a normal exit would wait for them.
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

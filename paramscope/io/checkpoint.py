@@ -42,6 +42,7 @@ from paramscope.io.records import (
     SavedSharding,
     Step,
     StoredArray,
+    fill_problem,
     numpy_dtype,
 )
 from paramscope.io.storage import Tree, read_range
@@ -322,7 +323,14 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     """Opens many stored arrays read-only; returns, in order, a handle (sliceable, ``.read()``)
     or the :class:`ArrayReadError` of each."""
     handles: list[Any] = [None] * len(arrays)
-    zarr = [i for i, a in enumerate(arrays) if a.driver not in ("bytes", "value")]
+    zarr = []
+    for i, array in enumerate(arrays):
+        problem = fill_problem(array) if array.driver not in ("bytes", "value") else None
+        if problem is not None:
+            handles[i] = ArrayReadError("read", array.path, ValueError(problem))
+            handles[i].hint = "the array was never written whole; its stored chunks are all there is"
+        elif array.driver not in ("bytes", "value"):
+            zarr.append(i)
     for i, handle in zip(zarr, orbax.open_arrays([arrays[i] for i in zarr])):
         handles[i] = handle
     for i, array in enumerate(arrays):
@@ -347,7 +355,11 @@ def _bytes_handle(array: StoredArray) -> BytesArray:
     store, key = array.store, array.name
     if not array.metadata_template:
         return BytesArray(
-            array.shape, array.dtype, array.offset, lambda lo, hi: read_range(store, key, lo, hi)
+            array.shape,
+            array.dtype,
+            array.offset,
+            lambda lo, hi: read_range(store, key, lo, hi),
+            array.byteorder,
         )
     segments = [(int(at), int(size)) for at, size in json.loads(array.metadata_template)]
 
@@ -360,7 +372,7 @@ def _bytes_handle(array: StoredArray) -> BytesArray:
             base += size
         return b"".join(out)
 
-    return BytesArray(array.shape, array.dtype, 0, read_pieces)
+    return BytesArray(array.shape, array.dtype, 0, read_pieces, array.byteorder)
 
 
 def _value_handle(array: StoredArray) -> BytesArray:

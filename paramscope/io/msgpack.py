@@ -314,6 +314,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
                     metadata_template=json.dumps([list(s) for s in leaf.segments]) if more else "",
                     offset=-1 if more else first,
                     boxed=box,
+                    byteorder=leaf.byteorder,
                 )
             )
         elif leaf.kind == "value":

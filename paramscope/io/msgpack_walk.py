@@ -35,9 +35,13 @@ MAX_WINDOW = 4 << 20
 MAX_DEPTH = 128  # nesting levels (real state dicts nest a few dozen at most)
 MAX_TEXT = 1 << 16  # bytes of a map key or a placeholder
 MAX_NDIM = 64
-# Leaves of one document: real pytrees hold thousands of arrays, not millions; a file of a
-# billion one-byte leaves would otherwise need a record each.
-MAX_LEAVES = 1_000_000
+# Leaves of one document: real pytrees hold thousands of arrays, not hundreds of thousands; each
+# leaf costs a few kilobytes and some tens of microseconds once listed, so a 1 MB file of a
+# million one-byte ints would take gigabytes and minutes to show.
+MAX_LEAVES = 100_000
+# Values of any kind walked in one document (maps, lists, nils, leaves): a file of a million
+# empty maps holds no leaf, but walking it is not free either.
+MAX_VALUES = 1_000_000
 
 
 class Malformed(Exception):
@@ -156,6 +160,7 @@ class Leaf:
     dtype: str = ""
     segments: tuple[tuple[int, int], ...] = ()  # (file offset, bytes) of an array's data
     value: Any = None  # a scalar's value; a placeholder string
+    byteorder: str = "<"  # an array's: flax writes little-endian, a dtype name may say ``>f4``
 
 
 def _walk_document(src: _Bytes, markers: tuple[str, ...]) -> list[Leaf]:
@@ -163,9 +168,12 @@ def _walk_document(src: _Bytes, markers: tuple[str, ...]) -> list[Leaf]:
     no Python recursion, and is refused past :data:`MAX_DEPTH`."""
     leaves: list[Leaf] = []
     stack: list[list] = []  # [is map, entries left, keys, next index]
-    pos, keys = 0, ()
+    pos, keys, values = 0, (), 0
     while True:
         kind, after, arg = _head(src, pos)
+        values += 1
+        if values > MAX_VALUES:
+            raise Malformed(f"more than {MAX_VALUES:,} values (at byte {pos:,})")
         if kind in ("map", "array"):
             if len(stack) >= MAX_DEPTH:
                 raise Malformed(f"nesting deeper than {MAX_DEPTH} levels at byte {pos:,}")
@@ -256,8 +264,8 @@ def _leaf(
     length, code = arg
     end = after + length
     if code in (1, 3):  # an array; a numpy scalar stored as a 0-d array
-        shape, dtype, start, nbytes = _array_payload(src, after, end)
-        leaves.append(Leaf(keys, "array", shape, dtype, ((start, nbytes),)))
+        shape, dtype, start, nbytes, order = _array_payload(src, after, end)
+        leaves.append(Leaf(keys, "array", shape, dtype, ((start, nbytes),), byteorder=order))
     elif code == 2:  # a Python complex: [real, imag]
         leaves.append(Leaf(keys, "value", dtype="complex128", value=_complex_payload(src, after, end)))
     else:
@@ -273,8 +281,10 @@ def _payload_head(src: _Bytes, pos: int, end: int) -> tuple[str, int, Any]:
     return kind, after, arg
 
 
-def _array_payload(src: _Bytes, pos: int, end: int) -> tuple[tuple[int, ...], str, int, int]:
-    """(shape, numpy dtype name, data offset, data bytes) of flax's ``[shape, dtype, bytes]``."""
+def _array_payload(src: _Bytes, pos: int, end: int) -> tuple[tuple[int, ...], str, int, int, str]:
+    """(shape, numpy dtype name, data offset, data bytes, byte order) of flax's ``[shape, dtype,
+    bytes]``. The byte order is ">" where the dtype name says so (``>f4``, as numpy writes a
+    big-endian dtype), else "<"."""
     kind, pos, count = _payload_head(src, pos, end)
     if kind != "array" or count != 3:
         raise Malformed(f"the array at byte {pos:,} is not [shape, dtype, data]")
@@ -297,12 +307,13 @@ def _array_payload(src: _Bytes, pos: int, end: int) -> tuple[tuple[int, ...], st
             raise TypeError
     except (TypeError, AttributeError, ValueError):
         raise Malformed(f"unknown dtype {name[:32]!r} at byte {pos:,}") from None
+    order = ">" if numpy_dtype(name).str[0] == ">" else "<"
     pos = after + length
     kind, start, nbytes = _payload_head(src, pos, end)
     expected = math.prod(shape) * itemsize
     if kind not in ("str", "bin") or start + nbytes != end or nbytes != expected:
         raise Malformed(f"the data of a {dtype}{shape} array at byte {pos:,} is not {expected:,} bytes")
-    return tuple(shape), dtype, start, nbytes
+    return tuple(shape), dtype, start, nbytes, order
 
 
 def _numeric(name: str) -> bool:
@@ -371,7 +382,7 @@ def _chunked_array(owner: tuple, parts: list[Leaf]) -> Leaf:
             raise Malformed(f"the chunked array {name!r} has an unexpected entry {'.'.join(rest)!r}")
     dims = [shape.get(i, -1) for i in range(len(shape))]
     pieces = [chunks.get(i) for i in range(len(chunks))]
-    dtypes = {p.dtype for p in pieces if p is not None}
+    dtypes = {(p.dtype, p.byteorder) for p in pieces if p is not None}
     if (
         not marker
         or any(d < 0 for d in dims)
@@ -382,7 +393,8 @@ def _chunked_array(owner: tuple, parts: list[Leaf]) -> Leaf:
     ):
         raise Malformed(f"the chunked array {name!r} is not a shape and flat pieces that fill it")
     segments = tuple(segment for piece in pieces for segment in piece.segments)
-    return Leaf(owner, "array", tuple(dims), dtypes.pop(), segments)
+    dtype, order = dtypes.pop()
+    return Leaf(owner, "array", tuple(dims), dtype, segments, byteorder=order)
 
 
 def walk(read: Callable[[int, int], bytes], size: int, markers: tuple[str, ...] = ()) -> list[Leaf]:

@@ -36,7 +36,7 @@ from paramscope.io.records import (
     StoredArray,
     dtype_info,
 )
-from paramscope.io.storage import Tree, short_error
+from paramscope.io.storage import Tree, load_json, short_error
 from paramscope.names import BOX_VALUE_KEY, join_keys
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -68,7 +68,7 @@ def _parse_json(raw: bytes | None, where: str) -> Any:
     try:
         if raw is None:
             raise ValueError("the file is missing")
-        return json.loads(raw)
+        return load_json(raw)
     except ValueError as err:
         raise CorruptCheckpoint(
             f"cannot read {where}: {err}", hint="the checkpoint's metadata is damaged or unreadable"
@@ -86,7 +86,7 @@ def _is_finished_step(tree: Tree, rel: str) -> bool:
     meta_path = _join(rel, CHECKPOINT_METADATA)
     if tree.is_file(meta_path):
         try:
-            meta = json.loads(tree.read(meta_path) or b"")
+            meta = load_json(tree.read(meta_path) or b"")
         except ValueError:
             return False
         return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
@@ -326,7 +326,7 @@ def storage_format(item: Item) -> str:
 
 def _parse_sharding(text: Any) -> SavedSharding | None:
     """A NamedSharding entry of ``_sharding``; None for other kinds; ValueError when malformed."""
-    info = json.loads(text) if isinstance(text, str) else text
+    info = load_json(text) if isinstance(text, str) else text
     if not isinstance(info, dict) or info.get("sharding_type") != "NamedSharding":
         return None
     names, sizes = info.get("axis_names") or [], info.get("shape") or []
@@ -468,7 +468,7 @@ def _zarr_metadata(raw: bytes, where: str) -> tuple[tuple[int, ...], str, int, t
 # Arrays of one shape and dtype store byte-identical metadata: a model's layers parse it once.
 @functools.lru_cache(maxsize=4096)
 def _parse_zarr_metadata(raw: bytes) -> tuple[tuple[int, ...], str, int, tuple[int, ...], str, str]:
-    meta = json.loads(raw)
+    meta = load_json(raw)
     shape = tuple(int(d) for d in meta["shape"])
     if any(d < 0 for d in shape):
         raise ValueError("negative dimension")
@@ -531,6 +531,8 @@ def _read_keys(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
     """Reads keys of one kvstore one by one, concurrently; None for a missing key."""
     import tensorstore as ts
 
+    for key in keys:
+        storage.refuse_special(kvstore, key)
     try:
         store = ts.KvStore.open(kvstore, context=storage.context()).result()
         futures = [store.read(key) for key in keys]
@@ -614,7 +616,7 @@ def _read_strings(
     rel = _join(item.rel, STRINGS_FILE)
     raw = item.tree.read(rel)
     try:
-        stored = json.loads(raw) if raw is not None else None
+        stored = load_json(raw) if raw is not None else None
     except ValueError:
         stored = None
     if not isinstance(stored, dict):
@@ -638,7 +640,7 @@ def _random_key_impls(item: Item) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in sorted(k for k in item.tree.keys() if k.startswith(folder + "/process_")):
         try:
-            doc = json.loads(item.tree.read(name) or b"")
+            doc = load_json(item.tree.read(name) or b"")
             for entry in doc.get("array_metadatas") or ():
                 meta = entry.get("array_metadata") or {}
                 impl = (meta.get("ext_metadata") or {}).get("random_key_impl")

@@ -52,10 +52,45 @@ class StoredArray:
     # Whether the writer stored every chunk, fill-valued ones included (Orbax's
     # ``store_array_data_equal_to_fill_value``): a missing chunk is then damage, never zeros.
     every_chunk_written: bool = False
+    # ``driver`` "bytes": the byte order of the stored elements, "<" or ">" (a msgpack array's
+    # dtype name may say ``>f4``).
+    byteorder: str = "<"
+    # Zarr arrays in a listed folder (plain zarr trees, where a chunk never written reads as the
+    # fill value): how many of its chunks are stored; -1 when unknown. See :func:`fill_problem`.
+    stored_chunks: int = -1
 
     @property
     def path(self) -> str:
         return join_keys(self.keys[:-1] if self.boxed else self.keys, unbox=False)
+
+
+# An array whose chunks were not all written reads as its fill value where they are missing. Such
+# values cost time and memory to make without any byte on disk behind them, so an array is read
+# only while they stay within these (a [2**40] array of no chunks would otherwise take hours).
+MAX_FILL_ELEMENTS = 1 << 27
+MAX_MISSING_CHUNKS = 1 << 16
+
+
+def fill_problem(array: StoredArray) -> str | None:
+    """Why an array with chunks that are not stored is not read, or None: more than
+    :data:`MAX_FILL_ELEMENTS` elements or :data:`MAX_MISSING_CHUNKS` chunks missing."""
+    if array.stored_chunks < 0 or not array.shape:
+        return None
+    chunks = [max(1, c) for c in array.chunks] if len(array.chunks) == len(array.shape) else array.shape
+    grid = _product(-(-d // max(1, c)) for d, c in zip(array.shape, chunks))
+    missing = grid - array.stored_chunks
+    filled = _product(array.shape) - array.stored_chunks * _product(chunks)
+    if missing > MAX_MISSING_CHUNKS:
+        return (
+            f"{missing:,} of its {grid:,} chunks are not stored (paramscope reads an array with at most "
+            f"{MAX_MISSING_CHUNKS:,} missing)"
+        )
+    if filled > MAX_FILL_ELEMENTS:
+        return (
+            f"{filled:,} of its elements lie in chunks that are not stored (paramscope reads at most "
+            f"{MAX_FILL_ELEMENTS:,} elements of fill value)"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -123,23 +158,30 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class BytesArray:
-    """An array stored as C-order little-endian bytes at ``start`` of a file, read through
+    """An array stored as C-order bytes (of ``byteorder``) at ``start`` of a file, read through
     ``read_range(start, stop) -> bytes``. ``handle[index].read().result()`` reads only the bytes
     ``index`` needs, as TensorStore handles do for zarr chunks: leading axes where the index picks
     one position are stepped over, and the rows of the next axis that it touches are read whole.
-    So a box of whole rows (what a read plan cuts an array into) costs exactly its own bytes."""
+    So a box of whole rows (what a read plan cuts an array into) costs exactly its own bytes, and
+    an array with no elements costs nothing, whatever its other dimensions."""
 
     def __init__(
-        self, shape: tuple[int, ...], dtype: str, start: int, read_range: Callable[[int, int], bytes]
+        self,
+        shape: tuple[int, ...],
+        dtype: str,
+        start: int,
+        read_range: Callable[[int, int], bytes],
+        byteorder: str = "<",
     ):
         self.shape = tuple(shape)
         self.dtype = dtype
         self.start = start
+        self.byteorder = byteorder
         self._read_range = read_range
         self._index: tuple = ()
 
     def __getitem__(self, index) -> BytesArray:
-        view = BytesArray(self.shape, self.dtype, self.start, self._read_range)
+        view = BytesArray(self.shape, self.dtype, self.start, self._read_range, self.byteorder)
         view._index = index if isinstance(index, tuple) else (index,)
         return view
 
@@ -149,8 +191,10 @@ class BytesArray:
     def _fetch(self):
         import numpy as np
 
-        dtype = numpy_dtype(self.dtype).newbyteorder("<")
+        dtype = numpy_dtype(self.dtype).newbyteorder(self.byteorder)
         shape, index = self.shape, self._index
+        if 0 in shape:  # no elements: only the shape of the selection is needed
+            return np.empty(shape, dtype.newbyteorder("="))[index].copy()
         if not shape:
             raw = self._read_range(self.start, self.start + dtype.itemsize)
             return np.frombuffer(raw, dtype).reshape(())[index].astype(dtype.newbyteorder("="))
@@ -165,8 +209,8 @@ class BytesArray:
         rows = shape[axis]
         first = index[axis] if axis < len(index) else slice(None)
         if isinstance(first, slice):
-            picked = range(*first.indices(rows))
-            lo, hi = (min(picked), max(picked) + 1) if picked else (0, 0)
+            picked = range(*first.indices(rows))  # its ends, not its elements: O(1) for any length
+            lo, hi = (min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1) if picked else (0, 0)
             within = slice(picked.start - lo, None if picked.stop - lo < 0 else picked.stop - lo, picked.step)
         else:
             lo = int(first) + rows if int(first) < 0 else int(first)

@@ -41,6 +41,11 @@ SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
+# paramscope's own, lower: a header is parsed whole into Python objects, tens of times its size
+# (a 12 MB header of 200,000 tensors took 640 MB). Real headers list at most thousands of tensors
+# in well under a megabyte.
+MAX_READ_HEADER_BYTES = 16 << 20
+MAX_TENSORS = 100_000
 MAX_INDEX_BYTES = 100_000_000
 
 # The header's dtype codes: (numpy/ml_dtypes name, bits per element). The packed 4- and 6-bit
@@ -156,6 +161,12 @@ def parse_header(raw: bytes, where: str, buffer: int | None) -> tuple[dict[str, 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise _corrupt(where, f"the header is not UTF-8 (byte {err.start} of {len(raw)})") from None
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # counted before anything is parsed
+        raise _corrupt(
+            where,
+            f"the header lists more than {MAX_TENSORS:,} tensors, more than paramscope reads from one file",
+            hint="split the checkpoint into shards (a *.safetensors.index.json and its files)",
+        )
     try:
         doc = json.loads(text, object_pairs_hook=_no_duplicates)
     except _Duplicate as err:
@@ -252,6 +263,12 @@ def read_header(tree: Tree, key: str) -> Header:
         raise _corrupt(
             where,
             f"the header length is {length:,} bytes, more than safetensors allows ({MAX_HEADER_BYTES:,})",
+        )
+    if length > MAX_READ_HEADER_BYTES:
+        raise _corrupt(
+            where,
+            f"the header is {length:,} bytes, more than paramscope reads ({MAX_READ_HEADER_BYTES:,})",
+            hint="headers of real checkpoints are far smaller; the file is damaged or hostile",
         )
     if size is not None and length > size - 8:
         raise _corrupt(

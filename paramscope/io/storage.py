@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import re
+import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -342,6 +343,8 @@ class Tree:
         bytes (a HEAD in a bucket), so a multi-gigabyte file is not read to find out."""
         import tensorstore as ts
 
+        if not self.remote:
+            return regular_file(self.display)
         spec = self.spec()
         path = spec["path"].rstrip("/")
         parent, _, name = path.rpartition("/")
@@ -382,6 +385,8 @@ class Tree:
     def read_from(self, spec: dict[str, Any], *keys: str, many: bool = False):
         import tensorstore as ts
 
+        for key in keys:
+            refuse_special(spec, key)
         try:
             store = ts.KvStore.open(spec, context=context()).result()
             futures = [store.read(key) for key in keys]
@@ -399,6 +404,7 @@ class Tree:
     def read_range_or_none(self, rel: str, start: int, stop: int) -> bytes:
         """Up to ``stop - start`` bytes from ``start`` of a file; fewer (or none) where it is shorter
         or missing. For looking at how a file begins."""
+        refuse_special(self.spec(), rel)
         try:
             spec = _kvstore(json.dumps(self.spec()), context())
             result = spec.read(rel, byte_range=slice(start, stop)).result()
@@ -412,6 +418,7 @@ class Tree:
     def has_byte(self, rel: str, offset: int) -> bool:
         """Whether a file holds a byte at ``offset``: one 1-byte ranged request, how a file's end
         is checked in a bucket without the binary search :meth:`file_size` makes there."""
+        refuse_special(self.spec(), rel)
         try:
             result = (
                 _kvstore(json.dumps(self.spec()), context())
@@ -429,10 +436,8 @@ class Tree:
         carry no sizes) by a binary search of 1-byte ranged requests for its end; None when it
         is missing."""
         if not self.remote:
-            try:
-                return os.stat(os.path.join(self.display, rel)).st_size
-            except OSError:
-                return None
+            path = os.path.join(self.display, rel)
+            return os.stat(path).st_size if regular_file(path) else None
         if not self.has_byte(rel, 0):
             return None  # missing (or empty, which no format here can be)
         lo, hi = 1, 1
@@ -531,6 +536,7 @@ def read_range(spec: str, key: str, start: int, stop: int) -> bytes:
     """Bytes ``[start, stop)`` of ``key`` in the kvstore of JSON ``spec``, in one request."""
     if stop <= start:
         return b""
+    refuse_special(_local_base(spec), key)
     try:
         result = _kvstore(spec, context()).read(key, byte_range=slice(start, stop)).result()
     except Exception as err:
@@ -546,6 +552,55 @@ def read_range(spec: str, key: str, start: int, stop: int) -> bytes:
             f"{key} ends at byte {start + len(value)}, before {stop}", hint="the file is truncated"
         )
     return value
+
+
+def regular_file(path: str) -> bool:
+    """Whether a local path is a regular file (symlinks followed); False for folders and missing
+    paths. A FIFO, socket or device raises :class:`StorageError` naming it: opening one to read
+    would wait for a writer (or read without end), so it is refused before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    if stat.S_ISREG(mode):
+        return True
+    if stat.S_ISDIR(mode):
+        return False
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    raise StorageError(
+        f"{path} is {kind}, not a regular file", hint="checkpoint files are read from regular files only"
+    )
+
+
+def refuse_special(spec: dict[str, Any] | None, key: str) -> None:
+    """Refuses to read ``key`` of a local kvstore where it is not a regular file (see
+    :func:`regular_file`); files that are missing are left to the read to report."""
+    if spec and spec.get("driver") == "file" and key:
+        regular_file(spec["path"].rstrip("/") + "/" + key)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_base(spec: str) -> dict[str, Any] | None:
+    """The kvstore spec of JSON ``spec`` when it is a local folder; None for a bucket."""
+    parsed = json.loads(spec)
+    return parsed if isinstance(parsed, dict) and parsed.get("driver") == "file" else None
+
+
+def load_json(raw: str | bytes) -> Any:
+    """JSON from a file of a checkpoint: ValueError for anything that is not JSON, nesting too
+    deep for the parser included (``[[[[...``, which json.loads answers with RecursionError)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
 
 
 def inside(target: str, folder: str) -> bool:

@@ -17,14 +17,17 @@ The layout comes from the one listing of the folder; nothing is imported or unpi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound
 from paramscope.io import orbax
 from paramscope.io.records import Item, Location, StoredArray, dtype_info
-from paramscope.io.storage import Tree
+from paramscope.io.storage import Tree, load_json, regular_file
 from paramscope.names import join_keys
 
 KIND = "tensorstore"
@@ -106,7 +109,7 @@ def _drop_groups(tree: Tree, prefix: str, found: dict[str, str]) -> dict[str, st
     lone = [f for f in v3 if f not in groups and not tree.subdirs(prefix + f)]
     for folder, raw in zip(lone, tree.read_many([prefix + _join(f, ZARR3_FILE) for f in lone])):
         try:
-            if json.loads(raw or b"null").get("node_type") == "group":
+            if load_json(raw or b"null").get("node_type") == "group":
                 groups.add(folder)
         except (ValueError, AttributeError):
             pass  # damaged metadata: read as an array, which reports it
@@ -218,16 +221,80 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
                 hint="the checkpoint is incomplete: an array folder is missing",
             )
         listed = [(e.keys, e.folder, "jax.Array") for e in entries]
-        return orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}")
+        return _with_stored_chunks(
+            tree, item.rel, orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}")
+        )
     found = _zarr_folders(tree, item.rel)
     if found.too_deep:
         problems.append(f"{_arrays(found.too_deep)} deeper than {MAX_DEPTH} folders not read")
     # the folder itself may be an array: it is read from its parent, under the folder's name
     own = _own_array(item) if "" in found.arrays else []
     listed = [(tuple(f.split("/")), f, "jax.Array") for f in sorted(found.arrays) if f]
-    return own + (
-        orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}") if listed else []
-    )
+    arrays = orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}") if listed else []
+    return _with_stored_chunks(tree, item.rel, own, own=True) + _with_stored_chunks(tree, item.rel, arrays)
+
+
+def _with_stored_chunks(
+    tree: Tree, rel: str, arrays: list[StoredArray], own: bool = False
+) -> list[StoredArray]:
+    """The arrays with the number of their chunks the listing holds (``stored_chunks``), so that
+    reading one whose chunks are mostly missing (fill value) is refused before it starts
+    (:func:`paramscope.io.records.fill_problem`). ``own``: the arrays are the folder ``rel``
+    itself. Local chunk files that are not regular files are refused here, before TensorStore
+    would open them."""
+    if not arrays:
+        return arrays
+    by_folder = {"" if own else a.name: a for a in arrays}
+    counts = dict.fromkeys(by_folder, 0)
+    prefix = rel + "/" if rel else ""
+    for key in tree.keys():
+        if not key.startswith(prefix):
+            continue
+        inner, end = key[len(prefix) :], len(key) - len(prefix)
+        for _ in range(MAX_DEPTH + 2):  # a chunk key has at most a "c" and one part per dimension
+            end = inner.rfind("/", 0, end)
+            folder = inner[:end] if end > 0 else ""
+            array = by_folder.get(folder)
+            if array is not None:
+                chunk = inner[end + 1 :] if end >= 0 else inner
+                if _is_chunk_key(chunk, array.driver, array.metadata_template, array.shape, array.chunks):
+                    if not tree.remote:
+                        regular_file(os.path.join(tree.display, key))
+                    counts[folder] += 1
+                break
+            if end <= 0:
+                break
+    return [dataclasses.replace(a, stored_chunks=counts["" if own else a.name]) for a in arrays]
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_key_format(driver: str, template: str) -> tuple[str, str]:
+    """(prefix, separator) of the chunk keys of arrays of one zarr metadata template."""
+    meta = json.loads(template) if template else {}
+    if driver == "zarr3":
+        encoding = meta.get("chunk_key_encoding") or {}
+        default = encoding.get("name", "default") == "default"
+        separator = (encoding.get("configuration") or {}).get("separator", "/" if default else ".")
+        return ("c", separator) if default else ("", separator)
+    return "", meta.get("dimension_separator") or "."
+
+
+def _is_chunk_key(key: str, driver: str, template: str, shape: tuple, chunks: tuple) -> bool:
+    """Whether ``key`` (relative to an array's folder) names a chunk inside the array's grid."""
+    prefix, separator = _chunk_key_format(driver, template)
+    if not shape:
+        return key == (prefix or "0")
+    if prefix:
+        if not key.startswith(prefix + separator):
+            return False
+        key = key[len(prefix) + len(separator) :]
+    parts = key.split(separator)
+    if len(parts) != len(shape) or len(chunks) != len(shape):
+        return False
+    for part, dim, chunk in zip(parts, shape, chunks):
+        if not part.isdigit() or int(part) * max(1, chunk) >= max(dim, 1):
+            return False
+    return True
 
 
 def _arrays(count: int) -> str:
