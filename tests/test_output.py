@@ -470,3 +470,13 @@ def test_completion_offers_steps_and_items(manager_ckpt):
     assert complete("paramscope table /nowhere --step ", 4) == []
     zsh = run("--show-completion", "zsh")
     assert zsh.exit_code == 0 and "#compdef paramscope" in zsh.stdout
+
+
+def test_columns_are_named_by_key_or_by_header_as_shown(manager_ckpt):
+    by_key = run("stats", manager_ckpt.path, "--columns", "path,max_abs,zero_fraction", "-f", "csv")
+    by_header = run("stats", manager_ckpt.path, "--columns", "path,max |x|,Zeros", "-f", "csv")
+    assert by_key.exit_code == by_header.exit_code == 0, by_header.stderr
+    assert by_key.stdout == by_header.stdout
+    assert by_key.stdout.splitlines()[0] == "path,max_abs,zero_fraction"
+    unknown = run("stats", manager_ckpt.path, "--columns", "path,biggest")
+    assert unknown.exit_code == 2 and "no column 'biggest'" in unknown.stderr

@@ -152,14 +152,16 @@ def _empty_column(column: Column, report: Report) -> bool:
 
 def _choose_columns(report: Report, keys: Sequence[str] | None, hide_empty: bool) -> list[Column]:
     if keys:
-        by_key = {c.key: c for c in report.columns}
-        unknown = [k for k in keys if k not in by_key]
+        # a column is named by its key (as in JSON and CSV) or by its header as shown
+        by_key = {c.header.lower(): c for c in report.columns}
+        by_key.update({c.key: c for c in report.columns})
+        unknown = [k for k in keys if k not in by_key and k.lower() not in by_key]
         if unknown:
             raise UsageError(
                 f"no column {unknown[0]!r} in this table",
-                hint="columns: " + ", ".join(by_key),
+                hint="columns: " + ", ".join(c.key for c in report.columns),
             )
-        return [replace(by_key[k], priority=0) for k in keys]
+        return [replace(by_key.get(k) or by_key[k.lower()], priority=0) for k in keys]
     if not hide_empty or not report.rows:
         return list(report.columns)
     return [c for c in report.columns if not _empty_column(c, report)]
