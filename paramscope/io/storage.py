@@ -591,9 +591,10 @@ def _error(failure: Failure, where: str, scheme: str | None, bucket: str | None)
 def _fault(failure: Failure, where: str, scheme: str | None, bucket: str | None) -> StorageError | None:
     """The error for a failure of the store itself (denied, unreachable, failing), whatever was
     being read; None for anything else (a missing or damaged file)."""
-    if scheme is None and len(_BUCKETS) == 1:
+    answered_by_http = failure.no_answer or failure.http is not None
+    if scheme is None and answered_by_http and len(_BUCKETS) == 1:
         scheme, bucket = next(iter(_BUCKETS))
-    remote = scheme in REMOTE_SCHEMES or scheme is None and (failure.no_answer or failure.http is not None)
+    remote = scheme in REMOTE_SCHEMES or scheme is None and answered_by_http
     if failure.denied:
         if not remote:
             return StorageError(f"{where} cannot be read (permission denied)", hint="check the permissions")
