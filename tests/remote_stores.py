@@ -55,28 +55,41 @@ class Server:
             lines = f.read().splitlines()
         return [line for line in lines if "HTTP/1.1" in line]
 
-    def kvstore(self, prefix: str = "") -> dict:
+    def kvstore(self, prefix: str = "", bucket: str = BUCKET) -> dict:
         if self.scheme == "s3":
             return {
                 "driver": "s3",
-                "bucket": BUCKET,
+                "bucket": bucket,
                 "path": prefix,
                 "endpoint": self.endpoint,
                 "aws_region": "us-east-1",
             }
-        return {"driver": "gcs", "bucket": BUCKET, "path": prefix}
+        return {"driver": "gcs", "bucket": bucket, "path": prefix}
 
-    def url(self, prefix: str) -> str:
-        return f"{self.scheme}://{BUCKET}/{prefix}"
+    def url(self, prefix: str, bucket: str = BUCKET) -> str:
+        return f"{self.scheme}://{bucket}/{prefix}".rstrip("/")
 
-    def upload(self, folder: str, prefix: str) -> str:
-        """Copies a local folder under ``prefix``; returns its URL."""
+    def make_bucket(self, name: str) -> None:
+        """Creates another bucket (the emulators accept it unsigned)."""
+        if self.scheme == "s3":
+            request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        else:
+            request = urllib.request.Request(
+                f"{self.endpoint}/storage/v1/b",
+                data=json.dumps({"name": name}).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+        urllib.request.urlopen(request).close()
+
+    def upload(self, folder: str, prefix: str, bucket: str = BUCKET) -> str:
+        """Copies a local folder under ``prefix`` (``""``: the bucket's root); returns its URL."""
         # TensorStore's own variables for the emulator (paramscope derives them from
         # STORAGE_EMULATOR_HOST); without them the upload would go to the real service
         gcs = {"TENSORSTORE_GCS_HTTP_URL": self.endpoint, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
         with _environ(gcs if self.scheme == "gs" else {}):
             store = ts.KvStore.open(
-                self.kvstore(prefix.rstrip("/") + "/"), context=_upload_context()
+                self.kvstore(prefix.rstrip("/") + "/" if prefix else "", bucket), context=_upload_context()
             ).result()
             futures = []
             for dirpath, _dirs, files in os.walk(folder):
@@ -86,7 +99,7 @@ class Server:
                         futures.append(store.write(os.path.relpath(full, folder), f.read()))
             for future in futures:
                 future.result()
-        return self.url(prefix.rstrip("/"))
+        return self.url(prefix.rstrip("/"), bucket)
 
     def objects(self) -> dict[str, str]:
         """Every object of the bucket with its version tag (ETag or generation), to prove that
@@ -193,14 +206,29 @@ def _environ(values: dict[str, str]):
 environ = _environ
 
 
-class FlakyProxy:
-    """Forwards HTTP requests to ``target``, answering every ``every``-th one with 503 instead,
-    like a store under load; counts what it failed."""
+SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
 
-    def __init__(self, target: str, every: int = 3):
+
+class FlakyProxy:
+    """Forwards HTTP requests to ``target``, answering every ``every``-th one of those ``when``
+    picks (by method and path) with ``status`` and ``payload`` instead: by default 503 SlowDown,
+    like a store under load. With ``stall``, that answer never comes: ``"silent"`` sends nothing,
+    ``"headers"`` sends the headers of a 200 and then nothing, until the proxy closes. Counts
+    what it failed."""
+
+    def __init__(
+        self,
+        target: str,
+        every: int = 3,
+        status: int = 503,
+        payload: bytes = SLOW_DOWN,
+        when=lambda command, path: True,
+        stall: str | None = None,
+    ):
         self.target = target.split("://", 1)[1]
         self.every, self.seen, self.failed = every, 0, 0
         self.lock = threading.Lock()
+        self.closing = threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -212,13 +240,23 @@ class FlakyProxy:
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                with proxy.lock:
-                    proxy.seen += 1
-                    fail = proxy.seen % proxy.every == 0
-                    proxy.failed += fail
+                fail = False
+                if when(self.command, self.path):
+                    with proxy.lock:
+                        proxy.seen += 1
+                        fail = proxy.seen % proxy.every == 0
+                        proxy.failed += fail
+                if fail and stall:
+                    if stall == "headers":
+                        self.send_response(200)
+                        self.send_header("Content-Length", "1000")
+                        self.end_headers()
+                        self.wfile.flush()
+                    proxy.closing.wait()
+                    self.close_connection = True
+                    return
                 if fail:
-                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
@@ -249,5 +287,6 @@ class FlakyProxy:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()

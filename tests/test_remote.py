@@ -412,3 +412,131 @@ def test_two_processes_share_one_read_of_the_metadata(stores, tmp_path):
     for name in ("list-type=", "/_CHECKPOINT_METADATA", "/_METADATA", "/_sharding"):
         assert sum(name in r for r in shared) == sum(name in r for r in once), (name, once, shared)
     assert len(shared) <= len(once) + 2, (once, shared)
+
+
+def test_errors_are_told_by_their_status_not_by_digits_in_a_path(stores, uploaded, manager_ckpt, tmp_path):
+    """A store's failure is read from the status it carries (absl code, HTTP status): a path or a
+    message that happens to hold 401 or 403 is no denial."""
+    (tmp_path / "run_401").mkdir()
+    (tmp_path / "run_401" / "notes").write_text("a file, not a folder")
+    result = run("table", tmp_path / "run_401" / "notes" / "ckpt")
+    assert result.exit_code == 3 and "permission denied" not in result.stderr, result.stderr
+
+    s3 = stores["s3"]
+    url = s3.upload(manager_ckpt.path, "runs/checkpoint_14030")
+    failing = (
+        b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message>"
+        b"<Key>runs/checkpoint_14030/_CHECKPOINT_METADATA</Key></Error>"
+    )
+    with (
+        FlakyProxy(s3.endpoint, every=1, status=500, payload=failing) as proxy,
+        environ({"AWS_ENDPOINT_URL_S3": proxy.endpoint, storage.RETRIES_ENV: "1"}),
+    ):
+        result = run("count", url)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 3 and len(lines) == 1, result.stderr
+    assert "access denied" not in lines[0] and "HTTP 500" in lines[0], lines[0]
+
+    denied = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+    with (
+        FlakyProxy(s3.endpoint, every=1, status=403, payload=denied) as proxy,
+        environ({"AWS_ENDPOINT_URL_S3": proxy.endpoint}),
+    ):
+        result = run("count", url)
+    assert result.exit_code == 3 and "access denied to" in result.stderr, result.stderr
+
+
+def test_a_denied_read_is_not_taken_for_a_missing_file(stores, tmp_path):
+    """Looking at how files begin: a missing file or one shorter than the range reads as what it
+    holds; a denied read is an error, not an empty file."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
+    (folder / "short").write_bytes(b"12345")
+    local = storage.Tree(folder)
+    assert local.read_range_or_none("short", 0, 128) == b"12345"
+    assert local.read_range_or_none("short", 10, 128) == b""
+    assert local.read_range_or_none("absent", 0, 128) == b""
+    s3 = stores["s3"]
+    url = s3.upload(str(folder), "denied/weights")
+    remote = storage.Tree(url)
+    assert remote.read_range_or_none("short", 0, 128) == b"12345"
+    assert remote.read_range_or_none("absent", 0, 128) == b""
+    assert run("table", url).stderr.count("HDF5") == 1
+
+    denied = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+    reads = lambda command, path: "list-type=" not in path  # noqa: E731 - the listing is allowed
+    with (
+        FlakyProxy(s3.endpoint, every=1, status=403, payload=denied, when=reads) as proxy,
+        environ({"AWS_ENDPOINT_URL_S3": proxy.endpoint}),
+    ):
+        with pytest.raises(storage.StorageError, match="access denied"):
+            storage.Tree(url).read_range_or_none("weights.h5", 0, 128)
+        result = run("table", url)
+    assert proxy.failed > 0
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 3 and len(lines) == 1 and "access denied to" in lines[0], lines
+
+
+def test_msgpack_documents_are_freed_with_their_tree():
+    """The parsed structure of a msgpack file lives as long as the tree it was read from."""
+    import gc
+    import weakref
+
+    from paramscope.io import checkpoint
+
+    location = checkpoint.locate(MSGPACK_DIRS[0])
+    assert checkpoint.read_arrays(location.items[0])
+    tree = weakref.ref(location.items[0].tree)
+    del location
+    gc.collect()
+    assert tree() is None
+
+
+def test_history_lists_once_and_reads_each_metadata_file_once(stores, uploaded, manager_ckpt):
+    s3 = stores["s3"]
+    url = uploaded("s3", manager_ckpt.path)
+    local = run_json("history", manager_ckpt.path, "--no-cache")
+    start = len(s3.requests())
+    remote = run_json("history", url, "--no-cache")
+    assert same(remote) == same(local)
+    requests = metadata_requests(s3.requests()[start:])
+    assert sum("list-type=" in r for r in requests) == 1, requests
+    reads = [r for r in requests if "list-type=" not in r]
+    assert reads and len(reads) == len(set(reads)), requests
+    steps = len(remote["steps"])
+    for name in ("/_CHECKPOINT_METADATA", "/_METADATA", "/_sharding"):  # once per step, not per step²
+        assert sum(r.endswith(name) for r in reads) == steps, (name, reads)
+
+
+@pytest.mark.parametrize(
+    "stall, where",
+    [("silent", "every request"), ("headers", "reads, the listing answered")],
+)
+def test_a_stalled_store_fails_in_seconds(stores, uploaded, manager_ckpt, tmp_path, stall, where):
+    """A store that accepts and never answers (or answers headers, then nothing) ends in one
+    line naming it, within the request timeout and its retries."""
+    s3 = stores["s3"]
+    url = uploaded("s3", manager_ckpt.path)
+    picks = (lambda c, p: True) if where == "every request" else (lambda c, p: "list-type=" not in p)
+    with FlakyProxy(s3.endpoint, every=1, when=picks, stall=stall) as proxy:
+        env = _clean_env(tmp_path, **{**s3.env, "AWS_ENDPOINT_URL_S3": proxy.endpoint})
+        env.update(PARAMSCOPE_REQUEST_TIMEOUT="1", PARAMSCOPE_REQUEST_RETRIES="1")
+        result = _cli(["count", url], env, timeout=90)
+    assert proxy.failed > 0
+    _one_line(result, 3, "cannot reach", proxy.endpoint)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_bucket_root_is_a_checkpoint(stores, manager_ckpt, scheme):
+    server = stores[scheme]
+    bucket = f"root-of-{scheme}"
+    server.make_bucket(bucket)
+    url = server.upload(manager_ckpt.path, "", bucket)
+    assert url == f"{scheme}://{bucket}"
+    local = same(run_json("table", manager_ckpt.path))
+    for given in (url, url + "/"):
+        assert same(run_json("table", given)) == local, given
+    assert [s["step"] for s in run_json("info", url)["steps"]] == [100, 200, 300]
+    step = os.path.join(manager_ckpt.path, "checkpoint_100", "params")
+    assert same(run_json("table", url + "/checkpoint_100/params")) == same(run_json("table", step))

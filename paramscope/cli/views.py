@@ -95,13 +95,15 @@ def history(
     from paramscope.compute.history import HistoryCache, history, parse_steps, series
     from paramscope.io import checkpoint
     from paramscope.io.inventory import filter_params, open_checkpoint
+    from paramscope.io.storage import Tree
     from paramscope.output.reports import history_report
 
     if plot is not None:
         common.picture("--plot", plot, [ckpt])
     if cache is not None and not no_cache:
         common.writable("--cache", cache, [ckpt], folder=True)
-    location = checkpoint.locate(ckpt, None, allow_unfinished=True)
+    root = Tree(ckpt)  # listed once, each step's metadata read once, for every step
+    location = checkpoint.locate(root, None, allow_unfinished=True)
     if location.kind != "root":
         raise common.fail(
             f"{ckpt} is a single checkpoint, not a run of steps",
@@ -115,7 +117,7 @@ def history(
         raise common.fail(f"no finished step of {ckpt} is selected", hint, 3)
 
     def open_step(step):
-        inv = open_checkpoint(ckpt, step=step, item=sel.item, subtree=sel.subtree)
+        inv = open_checkpoint(ckpt, step=step, item=sel.item, subtree=sel.subtree, tree=root)
         params = inv.params
         if layering.unstack or layering.layer_axis:  # one series per layer of stacked arrays
             from paramscope.compute.layers import find_stacks, parse_layer_axes, unstack
@@ -125,7 +127,7 @@ def history(
         return inv, filter_params(params, sel.filter)
 
     def stamp_of(step):
-        return checkpoint.commit_timestamp(checkpoint.locate(ckpt, step))
+        return checkpoint.commit_timestamp(checkpoint.locate(root, step))
 
     joined = common.join(cluster)
     if joined.active and not no_cache:
@@ -151,7 +153,7 @@ def history(
     result = history(chosen, stamp_of, open_step, stats, budget, keeper, cluster=joined)
     for warning in result.warnings:
         common.warn(warning, out.quiet)
-    inv = open_checkpoint(ckpt, step=chosen[-1], item=sel.item, subtree=sel.subtree)
+    inv = open_checkpoint(ckpt, step=chosen[-1], item=sel.item, subtree=sel.subtree, tree=root)
     runs = series(result, depth)
     first_bad = result.first_nonfinite()
     if first_bad is not None:

@@ -134,13 +134,16 @@ def _join(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{name}" if folder else name
 
 
-def locate(path: str | os.PathLike, step: int | None = None, allow_unfinished: bool = False) -> Location:
-    """Resolves a path (local or URL) to one step's items, in whichever format it is.
+def locate(
+    path: str | os.PathLike | Tree, step: int | None = None, allow_unfinished: bool = False
+) -> Location:
+    """Resolves a path (local or URL) to one step's items, in whichever format it is. Given the
+    path's :class:`Tree`, it answers from that tree's listing and the files it has read.
 
     Raises:
         ParamscopeError: The path is missing, not a checkpoint, or has no such step.
     """
-    tree = Tree(os.fspath(path))
+    tree = path if isinstance(path, Tree) else Tree(os.fspath(path))
     try:
         return orbax.locate(tree, step, allow_unfinished)
     except NotACheckpoint as not_orbax:

@@ -16,6 +16,7 @@ from typing import Any
 from paramscope._mask import compile_patterns, mask_predicate
 from paramscope.errors import ItemNotFound, ParamscopeError, UsageError, few
 from paramscope.io import checkpoint
+from paramscope.io.storage import Tree
 from paramscope.names import prefix_groups, quote_key, split_path
 
 DEFAULT_ITEM = "params"
@@ -176,6 +177,7 @@ def open_checkpoint(
     step: int | None = None,
     item: str | None = None,
     subtree: str | None = None,
+    tree: Tree | None = None,
 ) -> Inventory:
     """Lists the parameters of a checkpoint from its metadata.
 
@@ -185,6 +187,8 @@ def open_checkpoint(
         item: The item to read; default ``params`` if present, else the only pytree item,
             else every pytree item with its name as the first path component.
         subtree: Keep only this dotted subtree, with paths relative to it.
+        tree: The :class:`~paramscope.io.storage.Tree` of ``path`` when it is already open: the
+            steps of a run are then read from its one listing, each file once.
 
     Returns:
         The :class:`Inventory` of the chosen step and items.
@@ -192,7 +196,7 @@ def open_checkpoint(
     Raises:
         ParamscopeError: The path is missing, not a checkpoint, or has no such step or item.
     """
-    location = checkpoint.locate(os.fspath(path), step)
+    location = checkpoint.locate(tree if tree is not None else os.fspath(path), step)
     witness = checkpoint.witness(location)
     items = _select_items(location, item)
     warnings: list[str] = []

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +78,11 @@ class _FileTree(Tree):
         self._keys = frozenset({name})
 
 
-_DOCUMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tree -> {file: _Document}
+# Parsed documents are kept on the tree they were read from (a document names its tree, so a table
+# keyed by trees would keep each tree, and its listing, alive for good), keyed by the file's path
+# in the tree, the most recent few; they go with the tree. A tree is one listing of its folder,
+# read once: a new tree (the next command, or open_checkpoint of a path) parses anew.
+_DOCUMENTS_PER_TREE = 4
 
 
 def _join(*parts: str) -> str:
@@ -96,11 +99,15 @@ def _file_of(item: Item) -> tuple[str, str, bool]:
 
 def _document(item: Item) -> _Document:
     folder, name, _ = _file_of(item)
-    cache = _DOCUMENTS.setdefault(item.tree, {})
+    cache: dict[str, _Document] = item.tree.derived.setdefault("msgpack documents", {})
     rel = _join(folder, name)
-    if rel not in cache:
-        cache[rel] = _Document(item.tree, folder, name, _read_leaves(item.tree, folder, name))
-    return cache[rel]
+    doc = cache.pop(rel, None)
+    if doc is None:
+        doc = _Document(item.tree, folder, name, _read_leaves(item.tree, folder, name))
+    cache[rel] = doc  # the most recent last
+    while len(cache) > _DOCUMENTS_PER_TREE:
+        del cache[next(iter(cache))]
+    return doc
 
 
 def _read_leaves(tree: Tree, folder: str, name: str) -> list[Leaf]:

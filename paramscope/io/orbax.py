@@ -24,6 +24,7 @@ from paramscope.errors import (
     NotACheckpoint,
     ParamscopeError,
     StepNotFound,
+    StorageError,
     few,
 )
 from paramscope.io import btree, storage
@@ -538,6 +539,9 @@ def _read_keys(kvstore: dict[str, Any], keys: list[str]) -> list[bytes | None]:
         futures = [store.read(key) for key in keys]
         results = [f.result() for f in futures]
     except Exception as err:  # TensorStore raises ValueError/RuntimeError subclasses
+        fault = storage.store_fault(err, kvstore)
+        if fault is not None:  # the store failed, not the files
+            raise fault from None
         raise CorruptCheckpoint(
             f"cannot read the array store at {_where(kvstore)}: {short_error(err)}",
             hint="the checkpoint's data files are missing or damaged",
@@ -781,17 +785,22 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
                 )
             futures.append(future)
         except Exception as err:
-            futures.append(ArrayReadError("open", array.path, err))
+            futures.append(storage.store_fault(err, array.store) or ArrayReadError("open", array.path, err))
     for tree in trees.values():
         tree.flush()
     handles = []
     for array, future in zip(arrays, futures):
+        if isinstance(future, StorageError):
+            raise future
         if isinstance(future, (ArrayReadError, _StackMember)):
             handles.append(future)
             continue
         try:
             handles.append(future.result())
         except Exception as err:
+            fault = storage.store_fault(err, array.store)
+            if fault is not None:
+                raise fault from None
             handles.append(ArrayReadError("open", array.path, err))
     return handles
 
@@ -915,7 +924,7 @@ def start_read(handle, index: tuple[slice, ...] | None, path: str):
     try:
         return (handle if index is None else handle[index]).read()
     except Exception as err:
-        raise ArrayReadError("read", path, err) from None
+        raise (storage.store_fault(err) or ArrayReadError("read", path, err)) from None
 
 
 def finish_read(future, path: str):
@@ -923,7 +932,7 @@ def finish_read(future, path: str):
     try:
         return future.result()
     except Exception as err:
-        raise ArrayReadError("read", path, err) from None
+        raise (storage.store_fault(err) or ArrayReadError("read", path, err)) from None
 
 
 def stored_array_names(kvstore: dict[str, Any]) -> set[str]:
@@ -933,6 +942,9 @@ def stored_array_names(kvstore: dict[str, Any]) -> set[str]:
     try:
         keys = ts.KvStore.open(kvstore, context=storage.context()).result().list().result()
     except Exception as err:
+        fault = storage.store_fault(err, kvstore)
+        if fault is not None:
+            raise fault from None
         raise CorruptCheckpoint(
             f"cannot list the array store: {short_error(err)}", hint="the store is damaged"
         ) from None

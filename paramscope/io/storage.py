@@ -27,6 +27,7 @@ import os
 import re
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from paramscope.errors import CheckpointNotFound, StorageError, UsageError
@@ -41,6 +42,18 @@ DEFAULT_CONCURRENCY = 64
 DEFAULT_RETRIES = 5
 CONCURRENCY_ENV = "PARAMSCOPE_REQUEST_CONCURRENCY"
 RETRIES_ENV = "PARAMSCOPE_REQUEST_RETRIES"
+# Seconds a request may wait for a connection, or go without receiving a byte, before it is
+# retried: a store that accepts a connection and then says nothing fails in about
+# (retries + 1) x this, rather than TensorStore's 60 s per attempt.
+DEFAULT_TIMEOUT = 5
+TIMEOUT_ENV = "PARAMSCOPE_REQUEST_TIMEOUT"
+# TensorStore's HTTP transport reads these once, when it first makes a request; set explicitly,
+# they win over PARAMSCOPE_REQUEST_TIMEOUT.
+_CURL_TIMEOUTS = (
+    "TENSORSTORE_CURL_CONNECT_TIMEOUT_SECONDS",
+    "TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS",
+)
+_CURL_LOW_SPEED = "TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES"
 
 
 def is_url(path: str) -> bool:
@@ -63,6 +76,14 @@ def _int_env(name: str, default: int) -> int:
     except ValueError:
         raise UsageError(f"{name}={text!r} is not a non-negative integer", hint=f"unset {name}") from None
     return value
+
+
+def _set_timeouts() -> None:
+    """Gives TensorStore's HTTP transport the request timeout, before its first request."""
+    seconds = max(1, _int_env(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    for name in _CURL_TIMEOUTS:
+        os.environ.setdefault(name, str(seconds))
+    os.environ.setdefault(_CURL_LOW_SPEED, "1")  # below 1 byte/s for that long: stalled
 
 
 def _endpoint_s3() -> str | None:
@@ -194,6 +215,9 @@ def credentials_hint(scheme: str) -> str:
     return where + (f" at endpoint {endpoint}" if endpoint else "")
 
 
+FILES_BYTES = 32 << 20  # small files a tree keeps once read
+
+
 class Tree:
     """A folder, local or in a bucket, listed once and read through one TensorStore kvstore.
 
@@ -204,6 +228,10 @@ class Tree:
         text = os.fspath(location)
         self._keys: frozenset[str] | None = None
         self._children: dict[str, set[str]] | None = None
+        self._files: dict[str, bytes | None] = {}  # small files read, the most recent last
+        self._files_bytes = 0
+        # what formats made of the tree's files (parsed documents), kept as long as the tree
+        self.derived: dict[str, Any] = {}
         match = _URL.match(text)
         if match is None or match.group("scheme").lower() == "file":
             local = match.group("rest") if match else text
@@ -239,6 +267,8 @@ class Tree:
                 self._base["aws_region"] = "us-east-1"
         else:
             _use_gcs_emulator()
+        _set_timeouts()
+        _BUCKETS.add((scheme, bucket))
 
     @property
     def remote(self) -> bool:
@@ -257,7 +287,9 @@ class Tree:
         path = "/".join(parts)
         if self.scheme == "file":
             path = "/" + path.lstrip("/")
-        return {**self._base, "path": path + "/" if path != "/" else "/"}
+            return {**self._base, "path": path + "/" if path != "/" else "/"}
+        # a bucket's root is the empty prefix: "/" would be a folder named "" inside it
+        return {**self._base, "path": path + "/" if path else ""}
 
     # -- listing ---------------------------------------------------------------------------------
 
@@ -295,8 +327,9 @@ class Tree:
             store = ts.KvStore.open(spec, context=context()).result()
             keys = [bytes(k).decode("utf-8", "replace") for k in store.list().result()]
         except Exception as err:  # TensorStore raises ValueError/RuntimeError subclasses
-            if "non-directory" in str(err):  # a local file: nothing listed, as for a bucket's object
-                return []
+            failure = Failure.of(err)
+            if failure.os_error == 20 or "non-directory" in failure.text:  # ENOTDIR: a local file,
+                return []  # nothing listed, as for a bucket's object
             raise self.error(err, self.display) from None
         if self.scheme == "file":
             keys = self._through_links(spec["path"], keys, seen)
@@ -379,8 +412,18 @@ class Tree:
         return self.read_many([rel])[0]
 
     def read_many(self, rels: list[str]) -> list[bytes | None]:
-        """Several files, read concurrently; None for each missing one."""
-        return self.read_from(self.spec(), *rels, many=True)
+        """Several files, read concurrently; None for each missing one. Each is read once per
+        tree (the last :data:`FILES_BYTES` read are kept), as the tree's listing is made once:
+        a command that opens several steps of one tree reads each step's metadata once."""
+        wanted = [rel for rel in dict.fromkeys(rels) if rel not in self._files]
+        fresh = dict(zip(wanted, self.read_from(self.spec(), *wanted, many=True))) if wanted else {}
+        values = [fresh[rel] if rel in fresh else self._files[rel] for rel in rels]
+        for rel, value in fresh.items():
+            self._files[rel] = value
+            self._files_bytes += len(value or b"")
+        while self._files_bytes > FILES_BYTES and len(self._files) > 1:
+            self._files_bytes -= len(self._files.pop(next(iter(self._files))) or b"")
+        return values
 
     def read_from(self, spec: dict[str, Any], *keys: str, many: bool = False):
         import tensorstore as ts
@@ -406,13 +449,21 @@ class Tree:
         or missing. For looking at how a file begins."""
         refuse_special(self.spec(), rel)
         try:
-            spec = _kvstore(json.dumps(self.spec()), context())
-            result = spec.read(rel, byte_range=slice(start, stop)).result()
-        except Exception:
-            try:  # shorter than the range: read it whole (it is at most ``stop`` bytes)
-                result = _kvstore(json.dumps(self.spec()), context()).read(rel).result()
-            except Exception:
+            store = _kvstore(json.dumps(self.spec()), context())
+            result = store.read(rel, byte_range=slice(start, stop)).result()
+        except Exception as err:
+            failure = Failure.of(err)
+            if failure.missing:
                 return b""
+            if not failure.past_end:  # only "no such bytes" is an answer here; the rest fails
+                raise self.error(err, self.path(rel)) from None
+            try:  # shorter than the range: read it whole (it is at most ``stop`` bytes)
+                result = store.read(rel).result()
+            except Exception as err:
+                if Failure.of(err).missing:
+                    return b""
+                raise self.error(err, self.path(rel)) from None
+            return bytes(result.value)[start:stop] if result.state == "value" else b""
         return bytes(result.value)[: stop - start] if result.state == "value" else b""
 
     def has_byte(self, rel: str, offset: int) -> bool:
@@ -426,7 +477,7 @@ class Tree:
                 .result()
             )
         except Exception as err:
-            if str(err).startswith("OUT_OF_RANGE"):
+            if Failure.of(err).past_end:
                 return False
             raise self.error(err, self.path(rel)) from None
         return result.state == "value" and len(bytes(result.value)) == 1
@@ -473,28 +524,156 @@ class Tree:
 
     def error(self, err: BaseException, where: str) -> Exception:
         """A one-line paramscope error for a failed storage request."""
+        return _error(Failure.of(err), where, self.scheme, self.bucket)
+
+
+# absl status codes, which TensorStore's messages begin with
+_STATUS_CODES = frozenset(
+    "CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND ALREADY_EXISTS PERMISSION_DENIED "
+    "RESOURCE_EXHAUSTED FAILED_PRECONDITION ABORTED OUT_OF_RANGE UNIMPLEMENTED INTERNAL UNAVAILABLE "
+    "DATA_LOSS UNAUTHENTICATED".split()
+)
+_BODY = re.compile(r"\[http_response_body='((?:[^'\\]|\\.)*)'\]")
+_HTTP_STATUS = re.compile(r"\[http_response_code='(\d{3})'\]|HTTP response code: (\d{3})\b")
+_CURL_CODE = re.compile(r"\[curl_code='(\d+)'\]")
+_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+_STORE_CODE = re.compile(r"<Code>(\w+)</Code>|\"reason\": *\"(\w+)\"")
+_DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "forbidden")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a TensorStore error says, read from its structure: the absl status code it begins
+    with, the HTTP status and the store's own error code (S3 ``<Code>``, GCS ``reason``) of the
+    answer, whether no answer came (a curl error: no connection, a timeout), the OS error."""
+
+    text: str
+    code: str | None
+    http: int | None
+    store_code: str | None
+    no_answer: bool
+    os_error: int | None
+
+    @classmethod
+    def of(cls, err: BaseException) -> Failure:
         text = str(err) or type(err).__name__
-        code = text.split(":", 1)[0]
-        if "NoSuchBucket" in text or (code == "NOT_FOUND" and "bucket" in text.lower()):
-            return CheckpointNotFound(
-                f"bucket {self.bucket!r} does not exist ({where})", hint="check the bucket's name"
-            )
-        if code == "PERMISSION_DENIED" or "AccessDenied" in text or "403" in text or "401" in text:
-            if not self.remote:
-                return StorageError(
-                    f"{where} cannot be read (permission denied)", hint="check the folder's permissions"
-                )
-            return StorageError(
-                f"access denied to {where}", hint=f"credentials in use: {credentials_hint(self.scheme)}"
-            )
-        if self.remote and (code in ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED") or "CURL" in text):
-            detail = text.splitlines()[0][:200]
-            return StorageError(
-                f"cannot reach {self.scheme}://{self.bucket}: {detail}",
-                hint="check the network and the endpoint"
-                + (f" ({_endpoint_s3() or _gcs_emulator()})" if _endpoint_s3() or _gcs_emulator() else ""),
-            )
-        return StorageError(f"cannot read {where}: {text.splitlines()[0][:300]}", hint="check the path")
+        first = text.split(":", 1)[0]
+        body = _BODY.search(text)
+        rest = _BODY.sub("", text)  # an answer's body says anything: only its error code is read
+        http = _HTTP_STATUS.search(rest)
+        store = _STORE_CODE.search(body.group(1)) if body else None
+        os_error = _OS_ERROR.search(rest)
+        return cls(
+            text=text,
+            code=first if first in _STATUS_CODES else None,
+            http=int(http.group(1) or http.group(2)) if http else None,
+            store_code=(store.group(1) or store.group(2)) if store else None,
+            no_answer=_CURL_CODE.search(rest) is not None or "CURL error" in rest,
+            os_error=int(os_error.group(1)) if os_error else None,
+        )
+
+    @property
+    def denied(self) -> bool:
+        return (
+            self.code in ("PERMISSION_DENIED", "UNAUTHENTICATED")
+            or self.http in (401, 403)
+            or self.store_code in _DENIED_CODES
+            or self.os_error in (1, 13)  # EPERM, EACCES
+        )
+
+    @property
+    def missing(self) -> bool:
+        """A "not found" answer: no such key (or no such byte range, see :attr:`past_end`)."""
+        return (self.code == "NOT_FOUND" or self.http == 404) and not self.no_answer
+
+    @property
+    def past_end(self) -> bool:
+        """A range that starts or ends past the end of the value (HTTP 416)."""
+        return (self.code == "OUT_OF_RANGE" or self.http == 416) and not self.no_answer
+
+    @property
+    def unreachable(self) -> bool:
+        """No answer came: the connection failed, or the store stopped sending."""
+        return self.no_answer or (self.http is None and self.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+
+    @property
+    def summary(self) -> str:
+        return _BODY.sub("", self.text).splitlines()[0][:200].rstrip()
+
+
+# The buckets this process opened: a failure whose request is not known (an array's read) is
+# named by the one bucket there is, where there is one.
+_BUCKETS: set[tuple[str, str]] = set()
+
+
+def _endpoint(scheme: str | None, bucket: str | None) -> str:
+    """The store a request went to, as people configured it."""
+    configured = _endpoint_s3() if scheme == "s3" else _gcs_emulator() if scheme == "gs" else None
+    if configured:
+        return configured + (f" ({scheme}://{bucket})" if bucket else "")
+    if scheme in REMOTE_SCHEMES:
+        return f"{scheme}://{bucket}" if bucket else f"the {scheme}:// store"
+    return "the store"
+
+
+def _error(failure: Failure, where: str, scheme: str | None, bucket: str | None) -> Exception:
+    remote = scheme in REMOTE_SCHEMES
+    text = failure.text
+    if failure.store_code == "NoSuchBucket" or (failure.missing and remote and "bucket" in text.lower()):
+        return CheckpointNotFound(
+            f"bucket {bucket!r} does not exist ({where})", hint="check the bucket's name"
+        )
+    fault = _fault(failure, where, scheme, bucket)
+    if fault is not None:
+        return fault
+    return StorageError(f"cannot read {where}: {failure.summary}", hint="check the path")
+
+
+def _fault(failure: Failure, where: str, scheme: str | None, bucket: str | None) -> StorageError | None:
+    """The error for a failure of the store itself (denied, unreachable, failing), whatever was
+    being read; None for anything else (a missing or damaged file)."""
+    answered_by_http = failure.no_answer or failure.http is not None
+    if scheme is None and answered_by_http and len(_BUCKETS) == 1:
+        scheme, bucket = next(iter(_BUCKETS))
+    remote = scheme in REMOTE_SCHEMES or scheme is None and answered_by_http
+    if failure.denied:
+        if not remote:
+            return StorageError(f"{where} cannot be read (permission denied)", hint="check the permissions")
+        return StorageError(
+            f"access denied to {where}",
+            hint=f"credentials in use: {credentials_hint(scheme)}" if scheme else "check the credentials",
+        )
+    if remote and failure.unreachable:
+        return StorageError(
+            f"cannot reach {_endpoint(scheme, bucket)}: {failure.summary}",
+            hint=f"check the network and the endpoint; a slow store: raise {TIMEOUT_ENV} "
+            f"(seconds without an answer, default {DEFAULT_TIMEOUT}) or {RETRIES_ENV}",
+        )
+    if remote and failure.http is not None and (failure.http >= 500 or failure.http == 429):
+        kind = f" {failure.store_code}" if failure.store_code else ""
+        return StorageError(
+            f"cannot read {where}: the store answered HTTP {failure.http}{kind} after retries",
+            hint="the store is failing or throttling; try again later",
+        )
+    return None
+
+
+def store_fault(err: BaseException, spec: dict[str, Any] | str | None = None) -> StorageError | None:
+    """The error for ``err`` where the store itself failed (access denied, unreachable, failing
+    after its retries) rather than a file being missing or damaged; None otherwise. ``spec``:
+    the kvstore (spec or JSON) the request went to, to name it."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            spec = None
+    while isinstance(spec, dict) and isinstance(spec.get("base"), dict):
+        spec = spec["base"]
+    driver = spec.get("driver") if isinstance(spec, dict) else None
+    scheme = {"gcs": "gs", "s3": "s3", "file": "file"}.get(driver or "")
+    bucket = spec.get("bucket") if isinstance(spec, dict) else None
+    where = f"{scheme}://{bucket}/{spec.get('path', '')}".rstrip("/") if bucket else "the checkpoint's files"
+    return _fault(Failure.of(err), where, scheme, bucket)
 
 
 _READ_FAILURES = (  # what TensorStore's messages mean for someone holding a damaged checkpoint
@@ -540,6 +719,9 @@ def read_range(spec: str, key: str, start: int, stop: int) -> bytes:
     try:
         result = _kvstore(spec, context()).read(key, byte_range=slice(start, stop)).result()
     except Exception as err:
+        fault = store_fault(err, spec)
+        if fault is not None:
+            raise fault from None
         raise StorageError(
             f"cannot read bytes {start}-{stop} of {key}: {short_error(err)}",
             hint="the file is shorter than its header says, or the store failed",
