@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import tree_snapshot
-from test_cli import run, run_json
+from test_cli import _process, run, run_json
 
 STEPS = [10, 20, 30, 40, 50, 60]
 
@@ -223,3 +223,71 @@ def test_one_upcast_for_a_step_and_its_change_gives_the_same_numbers(dtype):
         assert sums == difference_sum_sq(now, before)
         assert fused.result() == apart.result()
     assert math.fsum(sums) == pytest.approx(np.sum((now.astype(np.float64) - before) ** 2), rel=1e-12)
+
+
+def test_an_item_rewritten_in_place_is_read_again(run_root, tmp_path):
+    """Saving an item again into its step (force=True) keeps the step's commit time: the cache is
+    keyed by the item's own metadata and OCDBT manifest too. (Each run is its own process, as on
+    the command line: TensorStore keeps what it read of a database for the life of a process.)"""
+    root = str(tmp_path / "copy")
+    shutil.copytree(run_root, root)
+    cache = str(tmp_path / "cache")
+
+    def history_of(*args):
+        result = _process("history", root, "--format", "json", *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert history_of("--cache", cache)["cached_steps"] == []
+    step_meta = open(os.path.join(root, "50", "_CHECKPOINT_METADATA")).read()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(root, "50", "params"), tree_at(0), force=True)
+    checkpointer.wait_until_finished()
+    assert open(os.path.join(root, "50", "_CHECKPOINT_METADATA")).read() == step_meta
+    warm = history_of("--cache", cache)
+    assert warm["cached_steps"] == [10, 20, 30, 40] and warm["bytes_read"] > 0
+    assert long_form(warm) == long_form(history_of("--no-cache"))
+    assert long_form(warm)[(50, "blocks.grow", "norm")] == pytest.approx(f64(tree_at(0)["blocks"]["grow"]))
+
+
+def test_a_flax_gda_folder_rewritten_is_read_again(tmp_path):
+    """A flax multi-host save keeps its large arrays in ``checkpoint_<step>_gda/``: their files
+    identify the step's data as much as the msgpack file does."""
+    root = str(tmp_path / "run")
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "flax_msgpack_gda", "checkpoints"), root)
+    cache = tmp_path / "cache"
+    cold = run_json("history", root, "--cache", cache)
+    assert run_json("history", root, "--cache", cache)["cached_steps"] == [1, 2]
+    chunk = os.path.join("params", "Dense_0", "kernel", "0.0")
+    shutil.copyfile(
+        os.path.join(root, "checkpoint_1_gda", chunk), os.path.join(root, "checkpoint_2_gda", chunk)
+    )
+    again = run_json("history", root, "--cache", cache)
+    assert again["cached_steps"] == [1] and again["bytes_read"] > 0
+    assert long_form(again) == long_form(run_json("history", root, "--no-cache")) != long_form(cold)
+
+
+def test_cache_entries_of_the_wrong_shape_are_ignored_with_a_warning(run_root, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_json("history", run_root, "--cache", cache)
+    (name,) = os.listdir(cache)
+    document = json.loads((cache / name).read_text())
+    entries = document["steps"]
+    entries["10"]["stats"] = ["not", "a", "mapping"]
+    entries["20"]["stats"]["emb"]["norm"] = "80"
+    entries["30"]["change"] = {"emb": 10**400}
+    entries["40"] = 5
+    entries["50"]["stamp"] = None
+    (cache / name).write_text(json.dumps(document))
+    result = run("history", run_root, "--cache", cache, "-f", "json")
+    assert result.exit_code == 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("ignoring the damaged entry of step") == 5
+    doc = json.loads(result.stdout)
+    assert doc["cached_steps"] == [60] and long_form(doc) == long_form(first)
+    for damaged in ('{"version": 2, "key": 1, "steps": []}', "[" * 100_000, '{"steps": ' + "{" * 100_000):
+        (cache / name).write_text(damaged)
+        result = run("history", run_root, "--cache", cache, "-f", "json")
+        assert result.exit_code == 0 and "ignoring the unreadable history cache" in result.stderr, (
+            result.stderr
+        )
+        assert json.loads(result.stdout)["cached_steps"] == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from typing import Annotated
@@ -77,7 +76,8 @@ def verify(
     if baseline_file is not None:
         from paramscope.compute.baseline import load_baseline
 
-        digests = load_baseline(baseline_file).digests_by_item()
+        baseline = load_baseline(baseline_file)
+        digests = baseline.digests_by_item()
         if not digests:
             raise errors.UsageError(
                 f"baseline {baseline_file} records no digests",
@@ -88,12 +88,24 @@ def verify(
         out.quiet,
         lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes, digests),
     )
+    if baseline_file is not None:
+        _note_other_step(baseline_file, baseline.step, result.step, out.quiet)
     common.emit(verify_report(result, ckpt), out)
     if not result.ok:
         raise common.fail(
             f"{len(result.problems)} problem(s) in {ckpt}",
             "the report on stdout lists them by array",
             errors.EXIT_CHECKPOINT,
+        )
+
+
+def _note_other_step(baseline_file: str, recorded: int | None, step: int | None, quiet: bool) -> None:
+    """A baseline of another step than the one read differs in content without any damage: say so."""
+    if recorded is not None and step is not None and recorded != step:
+        common.warn(
+            f"{baseline_file} is a baseline of step {recorded}; step {step} is compared with it",
+            quiet,
+            "note",
         )
 
 
@@ -175,10 +187,12 @@ def diff(
     - `paramscope diff old new --rtol 1e-3`
     - `paramscope diff a b --map m.toml`
     """
+    from paramscope.compute.baseline import baseline_at
     from paramscope.output.reports import diff_report, diff_summary
 
     rules = _pairing_rules(pairing)
-    against_baseline = ckpt_b is not None and ckpt_b.endswith(".json") and os.path.isfile(ckpt_b)
+    baseline = baseline_at(ckpt_b) if ckpt_b is not None else None  # by content: an index is JSON too
+    against_baseline = baseline is not None
     if rules.transpose and (digest_only or against_baseline):
         raise errors.UsageError(
             "--transpose needs the values of both sides: "
@@ -199,7 +213,9 @@ def diff(
         for note in unused_rules([p.path for p in params_a], rules):
             common.warn(note, quiet)
     if against_baseline:
-        inv_b, result = _against_baseline(inv_a, params_a, ckpt_b, sel, reading, quiet, joined, rules)
+        inv_b, result = _against_baseline(
+            inv_a, params_a, ckpt_b, baseline, sel, reading, quiet, joined, rules
+        )
     else:
         inv_b, params_b = common.inventory(
             ckpt_b or ckpt_a, sel, quiet, step=step_b, layering=layering, cluster=joined
@@ -217,7 +233,7 @@ def diff(
                     ),
                 ),
             )
-    values = not (structure_only or digest_only or (ckpt_b or "").endswith(".json"))
+    values = not (structure_only or digest_only or against_baseline)
     common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort.value, top), out)
     if fail_on_change and result.differs:
         raise common.fail(
@@ -272,13 +288,11 @@ def _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined, rules):
     return diff_digests(params_a, digests_a, params_b, digests_b, rules)
 
 
-def _against_baseline(inv_a, params_a, baseline_file, sel, reading, quiet, joined, rules):
+def _against_baseline(inv_a, params_a, baseline_file, baseline, sel, reading, quiet, joined, rules):
     """A checkpoint against the digests a snapshot recorded, without the original at hand."""
-    from paramscope.compute.baseline import load_baseline
     from paramscope.compute.diff import diff_digests
     from paramscope.io.inventory import filter_params
 
-    baseline = load_baseline(baseline_file)
     recorded = baseline.digests()
     if not recorded:
         raise errors.UsageError(
@@ -326,7 +340,7 @@ def snapshot(
     if output != "-":
         common.writable("--output", output, [inv.checkpoint])
     result = common.scan(inv, params, True, reading, quiet, digest=True)
-    text = json_lines(make_snapshot(inv, result, __version__))
+    text = json_lines(make_snapshot(inv, result, __version__, params))
     if output == "-":
         sys.stdout.write(text)
         return
@@ -392,7 +406,14 @@ def check(
 
     - `paramscope check ckpt -b b.json`
     """
-    from paramscope.compute.baseline import CheckOptions, categories, load_baseline, needs_data, needs_digests
+    from paramscope.compute.baseline import (
+        NO_COMMON,
+        CheckOptions,
+        categories,
+        load_baseline,
+        needs_data,
+        needs_digests,
+    )
     from paramscope.compute.baseline import check as run_check
     from paramscope.output.reports import check_report
 
@@ -407,6 +428,7 @@ def check(
     )
     baseline = load_baseline(baseline_file)
     inv, params = common.inventory(ckpt, sel, out.quiet, layering=layering)
+    _note_other_step(baseline_file, baseline.step, inv.step, out.quiet)
     for pattern in options.compiled:
         if not any(pattern.search(p.path) for p in params):
             common.warn(f"--ignore {pattern.pattern!r} matches no parameter", out.quiet)
@@ -426,6 +448,12 @@ def check(
         ),
         out,
     )
+    if any(v.path == NO_COMMON for v in violations):
+        raise common.fail(
+            f"no parameter of {ckpt} is in common with {baseline_file}",
+            "is it the baseline of another model? see the report on stdout",
+            errors.EXIT_CHECK_FAILED,
+        )
     if violations:
         raise common.fail(
             f"{len(violations)} regression(s) against {baseline_file}",

@@ -127,7 +127,7 @@ def history(
         return inv, filter_params(params, sel.filter)
 
     def stamp_of(step):
-        return checkpoint.commit_timestamp(checkpoint.locate(root, step))
+        return checkpoint.data_stamp(checkpoint.locate(root, step))
 
     joined = common.join(cluster)
     if joined.active and not no_cache:

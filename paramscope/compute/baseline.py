@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from paramscope.errors import ParamscopeError, UsageError
+from paramscope.errors import EXIT_USAGE, ParamscopeError, UsageError
 from paramscope.io.inventory import Inventory, ParamInfo, sharding_json
 
 SNAPSHOT_SCHEMA = "paramscope.snapshot/1"
@@ -28,10 +29,17 @@ _ACCEPTED = {
     "paramscope.stats/1": set(CATEGORIES),
     "paramscope.norms/1": {"structure", "counts", "norms", "digests"},
 }
+# Documents of numbers only: they list no typed PRNG keys (nor count them), so keys are not compared.
+NUMBERS_ONLY = ("paramscope.norms/1", "paramscope.stats/1")
+REGENERATE = "regenerate it with `paramscope snapshot`"
+NO_COMMON = "(none in common)"  # the violation of a checkpoint that shares no parameter with the baseline
 
 
 class BaselineError(ParamscopeError):
-    """The baseline file is missing, not JSON, or not a baseline this version reads."""
+    """The baseline file is missing, not JSON, or not a baseline this version reads: a bad input
+    file given by the user, like a bad option (exit 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Baseline:
     per_param: bool  # whether the document lists its parameters
     items: list[str] = field(default_factory=list)
     subtree: str | None = None
+    step: int | None = None  # the step it was taken of, where the document says
 
     def as_params(self) -> list[ParamInfo]:
         """The parameters the baseline describes (structure only: nothing to read)."""
@@ -91,12 +100,19 @@ def _jsonable(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def snapshot(inventory: Inventory, scan_result, version: str) -> dict[str, Any]:
+def snapshot(
+    inventory: Inventory, scan_result, version: str, params: Sequence[ParamInfo] = ()
+) -> dict[str, Any]:
     """The ``paramscope.snapshot/1`` document of a checkpoint: its full statistics and, when the
-    scan computed them, its content digests."""
-    params = []
-    for entry in scan_result.params:
-        param = entry.param
+    scan computed them, its content digests. ``params`` (default: those scanned) are the rows; a
+    typed PRNG key among them has its structure recorded, marked ``random_key``, but no numbers
+    (random bits are not weights: ``check`` compares keys by structure alone, the same way)."""
+    scanned = {entry.param.path: entry for entry in scan_result.params}
+    rows = []
+    for param in params or [entry.param for entry in scan_result.params]:
+        entry = scanned.get(param.path)
+        if entry is None and not param.random_key:
+            continue
         row = {
             "path": param.path,
             "shape": list(param.shape),
@@ -104,11 +120,14 @@ def snapshot(inventory: Inventory, scan_result, version: str) -> dict[str, Any]:
             "count": param.count,
             "bytes": param.nbytes,
             "sharding": sharding_json(param.sharding),
-            "stats": {name: _jsonable(value) for name, value in entry.moments.stats().items()},
         }
-        if entry.digest is not None:
-            row["digest"] = entry.digest
-        params.append(row)
+        if entry is None:
+            row["random_key"] = param.random_key
+        else:
+            row["stats"] = {name: _jsonable(value) for name, value in entry.moments.stats().items()}
+            if entry.digest is not None:
+                row["digest"] = entry.digest
+        rows.append(row)
     document = {
         "schema": SNAPSHOT_SCHEMA,
         "paramscope": version,
@@ -116,30 +135,122 @@ def snapshot(inventory: Inventory, scan_result, version: str) -> dict[str, Any]:
         "step": inventory.step,
         "items": inventory.items,
         "subtree": inventory.subtree,
-        "total": {  # of what was read: the selection, one row per layer with --unstack
-            "count": sum(r.param.count for r in scan_result.params),
-            "bytes": sum(r.param.nbytes for r in scan_result.params),
+        "total": {  # of the rows: the selection, one row per layer with --unstack, keys included
+            "count": sum(r["count"] for r in rows),
+            "bytes": sum(r["bytes"] for r in rows),
         },
         "global_norm": _jsonable(scan_result.global_norm),
         "nonfinite": scan_result.nonfinite,
-        "params": params,
+        "params": rows,
     }
     if scan_result.digest is not None:
         document["digest"] = scan_result.digest
     return document
 
 
-def load_baseline(path: str) -> Baseline:
-    """Reads a baseline; :class:`BaselineError` (exit 3) names what is wrong with it."""
+def read_document(path: str) -> Any:
+    """A JSON file's content; :class:`BaselineError` when it is missing, not JSON, or nested too
+    deeply to parse."""
     try:
         with open(path, "rb") as f:
-            document = json.loads(f.read())
+            return json.loads(f.read())
     except FileNotFoundError:
         raise BaselineError(
             f"baseline {path} does not exist", hint="write one with `paramscope snapshot`"
         ) from None
+    except RecursionError:
+        raise BaselineError(
+            f"baseline {path} is nested too deeply to be a baseline", hint=REGENERATE
+        ) from None
     except (OSError, ValueError) as err:
-        raise BaselineError(f"baseline {path} is not readable JSON: {err}", hint="regenerate it") from None
+        raise BaselineError(f"baseline {path} is not readable JSON: {err}", hint=REGENERATE) from None
+
+
+def load_baseline(path: str) -> Baseline:
+    """Reads a baseline; :class:`BaselineError` (exit 2) names what is wrong with it."""
+    return validate(path, read_document(path))
+
+
+def baseline_at(path: str) -> Baseline | None:
+    """The baseline at a path given where a checkpoint may be, decided by content, not by name: a
+    local file of JSON with a ``schema`` field (paramscope's documents carry one; a safetensors
+    index is JSON without one, and a checkpoint). None for anything else. A file that starts like
+    JSON but does not parse is a broken baseline (:class:`BaselineError`), unless it is named as
+    a safetensors index is, whose reader then reports it."""
+    from paramscope.io.safetensors import INDEX_SUFFIX
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if head.lstrip()[:1] not in (b"{", b"[") or b"\0" in head:  # e.g. safetensors: a binary length first
+        return None
+    try:
+        document = read_document(path)
+    except BaselineError:
+        if path.endswith(INDEX_SUFFIX):
+            return None
+        raise
+    if not isinstance(document, dict) or "schema" not in document:
+        return None
+    return validate(path, document)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (a bool is not one; an integer too large for a float is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_spec_entry(entry: Any) -> bool:
+    return (
+        entry is None
+        or isinstance(entry, str)
+        or (isinstance(entry, list) and all(isinstance(e, str) for e in entry))
+    )
+
+
+# What a baseline's fields may hold: (test, what it must be). None is allowed for all but these.
+_NUMBER = (_is_number, "a finite number or null")
+_FIELDS: dict[str, tuple[Any, str]] = {
+    **{name: _NUMBER for name in STAT_NAMES if name not in EXACT_STATS},
+    **{
+        name: (_is_count, "a count (an integer >= 0)")
+        for name in (*EXACT_STATS, "count", "bytes", "nonfinite")
+    },
+    "shape": (lambda v: isinstance(v, list) and all(_is_count(d) for d in v), "a list of sizes"),
+    "dtype": (lambda v: isinstance(v, str), "a dtype name"),
+    "digest": (lambda v: isinstance(v, str) and bool(v), "a digest (a string)"),
+    "random_key": (lambda v: isinstance(v, str), "a key implementation's name"),
+    "sharding": (lambda v: isinstance(v, list) and all(_is_spec_entry(e) for e in v), "a partition spec"),
+    "global_norm": _NUMBER,
+    "step": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a step number"),
+    "items": (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v), "a list of item names"),
+    "item": (lambda v: isinstance(v, str), "an item name"),
+    "subtree": (lambda v: isinstance(v, str), "a path"),
+}
+
+
+def validate(path: str, document: Any) -> Baseline:
+    """The baseline a parsed document describes, every field it uses checked once, here: a value
+    of the wrong type, a non-finite or overflowing number is a :class:`BaselineError` naming the
+    field and the parameter, never a comparison that passes or fails by accident."""
     schema = document.get("schema") if isinstance(document, dict) else None
     if schema not in _ACCEPTED:
         known = ", ".join(sorted(_ACCEPTED))
@@ -149,30 +260,56 @@ def load_baseline(path: str) -> Baseline:
                 hint=f"it reads {known}; regenerate the baseline with this version",
             )
         raise BaselineError(
-            f"{path} is not a paramscope baseline (schema {schema!r})",
+            f"{path} is not a paramscope baseline (schema {_shown(schema)})",
             hint=f"write one with `paramscope snapshot`; accepted: {known}",
         )
-    try:
-        rows = document.get("params")
-        params = {}
-        for row in rows or []:
-            entry = {k: v for k, v in row.items() if k != "stats"}
-            entry.update(row.get("stats") or {})
-            params[str(row["path"])] = entry
-        total = document.get("total") or {}
-        total_count = total.get("count") if isinstance(total, dict) else None
-        if total_count is None and schema in ("paramscope.norms/1", "paramscope.stats/1"):
-            total_count = document.get("count")
-        global_norm = document.get("global_norm")
-        items = document.get("items") or ([document["item"]] if document.get("item") else [])
-        return Baseline(
-            schema, params, total_count, global_norm, rows is not None, list(items), document.get("subtree")
-        )
-    except (AttributeError, KeyError, TypeError) as err:
-        raise BaselineError(
-            f"baseline {path} is malformed ({type(err).__name__}: {err})",
-            hint="regenerate it with `paramscope snapshot`",
-        ) from None
+
+    def bad(where: str, value: Any, what: str) -> BaselineError:
+        return BaselineError(f"baseline {path}: {where} is {_shown(value)}, not {what}", hint=REGENERATE)
+
+    def check_fields(fields: dict[str, Any], where: str) -> None:
+        for name, value in fields.items():
+            rule = _FIELDS.get(name)
+            if rule is not None and value is not None and not rule[0](value):
+                raise bad(f'"{name}"{where}', value, rule[1])
+
+    total = document.get("total")
+    if total is not None and not isinstance(total, dict):
+        raise bad('"total"', total, "an object")
+    check_fields(
+        {k: document.get(k) for k in ("global_norm", "step", "items", "item", "subtree", "count")}, ""
+    )
+    check_fields({k: v for k, v in (total or {}).items() if k in ("count", "bytes")}, " of the total")
+    rows = document.get("params")
+    if rows is not None and not isinstance(rows, list):
+        raise bad('"params"', rows, "a list of parameters")
+    params: dict[str, dict[str, Any]] = {}
+    for index, row in enumerate(rows or []):
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            raise BaselineError(
+                f"baseline {path} is malformed: parameter {index} has no path", hint=REGENERATE
+            )
+        stats = row.get("stats")
+        if stats is not None and not isinstance(stats, dict):
+            raise bad(f'"stats" of {row["path"]}', stats, "an object")
+        entry = {k: v for k, v in row.items() if k != "stats"}
+        entry.update(stats or {})
+        check_fields(entry, f" of {row['path']}")
+        params[row["path"]] = entry
+    total_count = (total or {}).get("count")
+    if total_count is None and schema in NUMBERS_ONLY:
+        total_count = document.get("count")
+    items = document.get("items") or ([document["item"]] if document.get("item") else [])
+    return Baseline(
+        schema,
+        params,
+        total_count,
+        document.get("global_norm"),
+        rows is not None,
+        list(items),
+        document.get("subtree"),
+        document.get("step"),
+    )
 
 
 @dataclass(frozen=True)
@@ -253,11 +390,19 @@ def _close(actual: Any, expected: Any, options: CheckOptions, exact: bool = Fals
 def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckOptions) -> list[Violation]:
     """Every way the checkpoint departs from the baseline (``scan_result`` None: no numbers)."""
     chosen = categories(baseline, options)
-    actual: dict[str, ParamInfo] = {p.path: p for p in inventory.params if not options.ignored(p.path)}
+    listed_keys = baseline.schema not in NUMBERS_ONLY
+    actual: dict[str, ParamInfo] = {
+        p.path: p
+        for p in inventory.params
+        if not options.ignored(p.path) and (listed_keys or not p.random_key)
+    }
     expected = {path: row for path, row in baseline.params.items() if not options.ignored(path)}
     numbers = {r.param.path: r.moments.stats() for r in scan_result.params} if scan_result is not None else {}
     violations: list[Violation] = []
     complete = not options.partial and not options.allow_new and not options.allow_missing
+    if baseline.per_param and (actual or expected) and not set(actual) & set(expected):
+        # nothing compared is no pass, whatever --allow-new / --allow-missing let through
+        violations.append(Violation(NO_COMMON, "in common", f"{len(expected)} listed", f"{len(actual)} here"))
     if "structure" in chosen:
         if not options.allow_missing:
             violations += [
@@ -276,16 +421,19 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
             ):
                 if metric in row and row[metric] != value:
                     violations.append(Violation(path, metric, row[metric], value))
+            if row.get("random_key") != param.random_key:  # a key where a weight was, or back
+                violations.append(Violation(path, "random_key", row.get("random_key"), param.random_key))
     if "counts" in chosen:
         for path in sorted(set(actual) & set(expected)):
             if "count" in expected[path] and expected[path]["count"] != actual[path].count:
                 violations.append(Violation(path, "count", expected[path]["count"], actual[path].count))
-        if complete and baseline.total_count is not None and baseline.total_count != inventory.total_count:
-            violations.append(Violation("(total)", "count", baseline.total_count, inventory.total_count))
+        total = sum(p.count for p in actual.values())
+        if complete and baseline.total_count is not None and baseline.total_count != total:
+            violations.append(Violation("(total)", "count", baseline.total_count, total))
     for category, names in (("norms", ("norm",)), ("stats", STAT_NAMES[1:])):
         if category not in chosen or scan_result is None:
             continue
-        for path in sorted(set(actual) & set(expected)):
+        for path in sorted(set(actual) & set(expected) & set(numbers)):  # keys have no numbers
             for name in names:
                 if name in expected[path] and not _close(
                     numbers[path][name], expected[path][name], options, exact=name in EXACT_STATS

@@ -6,10 +6,15 @@ region together: for each box of a parameter, the box of every step in turn, so 
 read once and two consecutive steps' boxes are compared while both are in memory (memory stays
 bounded by the budget, however many steps).
 
-Results are cached per step, keyed by the checkpoint, the step and its commit timestamp, in a
-JSON file outside the checkpoint: a second run reads only the steps it has not seen (and the
-step before each, for the change). A step rewritten in place has a new timestamp and is read
-again; a cache file that cannot be read is ignored with a warning, never trusted.
+Results are cached per step in a JSON file outside the checkpoint, one file per root and
+selection (item, subtree, filter, layering), each step keyed by what identifies its data
+(:func:`paramscope.io.checkpoint.data_stamp`: the commit timestamp and each item's ``_METADATA``
+and OCDBT manifest, or the files' sizes and mtimes where there is no commit time, a flax
+``_gda`` folder included). A second run reads only the steps it has not seen (and the step
+before each, for the change). An entry is invalid once its step's stamp changes (a step or item
+rewritten in place), and a step's change once the stamp of the step before it does. A cache file
+that cannot be read, and any entry in it of the wrong shape, is ignored with a warning, never
+trusted.
 """
 
 from __future__ import annotations
@@ -33,18 +38,18 @@ from paramscope.io import checkpoint
 from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.names import split_path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 1 keyed steps by commit timestamp alone
 
 
 @dataclass
 class StepResult:
     step: int
-    timestamp: int | None
+    stamp: str | None  # what identifies the step's data (None: unknown, never cached)
     stats: dict[str, dict[str, Any]]  # path -> {"norm", "nonfinite", and with full the others}
     change: dict[str, float] = field(default_factory=dict)  # path -> relative change from previous
     previous: int | None = None
     cached: bool = False
-    previous_timestamp: int | None = None  # the change is stale once the step before is rewritten
+    previous_stamp: str | None = None  # the change is stale once the step before is rewritten
 
 
 @dataclass
@@ -101,7 +106,8 @@ def parse_steps(text: str | None, available: Sequence[int], last: int | None) ->
 
 
 class HistoryCache:
-    """Per-step results of one checkpoint root, in one JSON file under ``folder``."""
+    """Per-step results of one checkpoint root, in one JSON file under ``folder`` (see the module
+    docstring for what each entry is keyed on and when it is invalidated)."""
 
     def __init__(self, folder: str, root: str, selection: dict[str, Any]):
         key = json.dumps({"root": root, **selection}, sort_keys=True)
@@ -111,47 +117,62 @@ class HistoryCache:
         try:
             with open(self.path) as f:
                 document = json.load(f)
-            if document.get("version") == CACHE_VERSION and document.get("key") == key:
-                self.entries = document["steps"]
-            else:
+            if not isinstance(document, dict):
+                raise ValueError("not an object")
+            if document.get("version") != CACHE_VERSION or document.get("key") != key:
                 raise ValueError("another version or key")
+            if not isinstance(document.get("steps"), dict):
+                raise ValueError("no steps")
+            self.entries = document["steps"]
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        except RecursionError:
+            self.warnings.append(f"ignoring the unreadable history cache {self.path} (nested too deeply)")
+        except (OSError, ValueError) as err:
             self.warnings.append(f"ignoring the unreadable history cache {self.path} ({err})")
-            self.entries = {}
         self.key = key
 
-    def get(self, step: int, timestamp: int | None, full: bool) -> StepResult | None:
-        """A step's results, if cached for this very save (the selection is part of the key)."""
+    def _entry(self, step: int) -> dict[str, Any] | None:
+        """A step's entry when it has the shape this version writes; a damaged one is dropped,
+        with a warning, and the step read again."""
         entry = self.entries.get(str(step))
-        if not isinstance(entry, dict) or timestamp is None or entry.get("timestamp") != timestamp:
+        if entry is None or _valid_entry(entry):
+            return entry
+        self.warnings.append(f"ignoring the damaged entry of step {step} in the history cache {self.path}")
+        del self.entries[str(step)]
+        return None
+
+    def get(self, step: int, stamp: str | None, full: bool) -> StepResult | None:
+        """A step's results, if cached for this very data (the selection is part of the key)."""
+        entry = self._entry(step)
+        if entry is None or stamp is None or entry["stamp"] != stamp:
             return None
-        stats = entry.get("stats", {})
+        stats = entry["stats"]
         if full and not all("mean" in v for v in stats.values()):
             return None
         return StepResult(
             step,
-            timestamp,
-            dict(stats),
-            entry.get("change", {}),
+            stamp,
+            {path: dict(values) for path, values in stats.items()},
+            dict(entry.get("change") or {}),
             entry.get("previous"),
             True,
-            entry.get("previous_timestamp"),
+            entry.get("previous_stamp"),
         )
 
     def put(self, result: StepResult) -> None:
-        if result.timestamp is None:
-            return  # a step without a commit timestamp cannot be told apart from its rewrite
-        entry = self.entries.get(str(result.step))
-        if not isinstance(entry, dict) or entry.get("timestamp") != result.timestamp:
-            entry = {"timestamp": result.timestamp, "stats": {}, "change": {}, "previous": None}
+        if result.stamp is None:
+            return  # a step whose data nothing identifies cannot be told apart from its rewrite
+        entry = self._entry(result.step)
+        if entry is None or entry["stamp"] != result.stamp:
+            entry = {"stamp": result.stamp, "stats": {}, "change": {}, "previous": None}
         entry["stats"].update(result.stats)
         if result.previous is not None:
             if entry.get("previous") != result.previous:
                 entry["change"] = {}
+            entry.setdefault("change", {})
             entry["previous"] = result.previous
-            entry["previous_timestamp"] = result.previous_timestamp
+            entry["previous_stamp"] = result.previous_stamp
             entry["change"].update(result.change)
         self.entries[str(result.step)] = entry
 
@@ -162,6 +183,39 @@ class HistoryCache:
         with os.fdopen(handle, "w") as f:
             json.dump(document, f, allow_nan=True)
         os.replace(temporary, self.path)  # never a half-written cache
+
+
+def _is_number(value: Any) -> bool:
+    """None, or a JSON number a float holds (NaN and Inf included: they are results too)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _valid_entry(entry: Any) -> bool:
+    """Whether a cache entry has the shape :meth:`HistoryCache.put` writes (numbers may be NaN)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("stamp"), str):
+        return False
+    stats, change = entry.get("stats"), entry.get("change", {})
+    if not isinstance(stats, dict) or not isinstance(change, dict):
+        return False
+    if not all(
+        isinstance(values, dict) and all(isinstance(k, str) and _is_number(v) for k, v in values.items())
+        for values in stats.values()
+    ):
+        return False
+    if not all(_is_number(v) for v in change.values()):
+        return False
+    previous, previous_stamp = entry.get("previous"), entry.get("previous_stamp")
+    return (previous is None or (isinstance(previous, int) and not isinstance(previous, bool))) and (
+        previous_stamp is None or isinstance(previous_stamp, str)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,14 +416,14 @@ def history(
     cluster=None,
 ) -> History:
     """The history of the given steps; cached steps are neither read nor even opened (see the
-    module docstring). ``stamp_of(step)`` is the step's commit timestamp (cheap: the step's own
-    metadata file); ``open_step(step)`` its inventory and selected parameters. With a joined
+    module docstring). ``stamp_of(step)`` is what identifies the step's data (cheap: a few small
+    metadata files); ``open_step(step)`` its inventory and selected parameters. With a joined
     ``cluster``, each process reads its share of the parameters and all end with every series."""
     stamps = [stamp_of(s) for s in steps]
     results: list[StepResult | None] = []
     for k, step in enumerate(steps):
         hit = cache.get(step, stamps[k], full) if cache else None
-        if hit is not None and k and (hit.previous, hit.previous_timestamp) != (steps[k - 1], stamps[k - 1]):
+        if hit is not None and k and (hit.previous, hit.previous_stamp) != (steps[k - 1], stamps[k - 1]):
             hit = None  # its change was from another step (or another save of it) than the one before
         results.append(hit)
     bytes_read = 0
@@ -399,8 +453,8 @@ def history(
                 inv.check_unchanged()
         bytes_read += nbytes
         for i, result in zip(run, read):
-            result.timestamp = stamps[i]
-            result.previous_timestamp = stamps[i - 1] if i else None
+            result.stamp = stamps[i]
+            result.previous_stamp = stamps[i - 1] if i else None
             if i == start and start < k:  # read again only for the change: keep what was known
                 continue
             if i == 0:

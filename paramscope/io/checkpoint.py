@@ -58,6 +58,7 @@ __all__ = [
     "check_witness",
     "commit_timestamp",
     "custom_metadata",
+    "data_stamp",
     "describe",
     "disk_usage",
     "witness",
@@ -275,6 +276,82 @@ def commit_timestamp(location: Location) -> int | None:
             except OSError:
                 return None
     return latest or None
+
+
+def data_stamp(location: Location) -> str | None:
+    """What identifies the data of a step, for a cache of numbers computed from it: a short
+    string that changes whenever the data may have; None where nothing identifies it (nothing is
+    then cached).
+
+    - Orbax steps: the commit timestamp (None for an unfinished step), and for each item that
+      holds arrays, its ``_METADATA`` and every OCDBT ``manifest.ocdbt`` (a write makes a new
+      root generation): their bytes and, on a local disk, their sizes and mtimes; for an item
+      without OCDBT (plain zarr) on a local disk, the size and mtime of every file. An item
+      rewritten in place (``StandardCheckpointer().save(item, force=True)``) leaves the step's
+      commit time as it was, and is told apart by these.
+    - Formats without step metadata (msgpack, safetensors, zarr trees), on a local disk only:
+      the path, size and mtime of every file of each item, and of a flax multi-host save's
+      ``<file>_gda/`` folder beside it. In a bucket: None.
+    """
+    import hashlib
+
+    parts: list[str] = []
+    if _orbax_step(location):
+        stamp = orbax.commit_timestamp(location)
+        if stamp is None:
+            return None
+        parts.append(str(stamp))
+        for item in location.items:
+            if holds_arrays(item):
+                parts += _orbax_item_stamp(item)
+    else:
+        if any(item.tree.remote for item in location.items) or not location.items:
+            return None
+        for item in location.items:
+            gda = item.path + "_gda"  # flax: the arrays of a multi-host save, beside the file
+            for path in (item.path, gda) if os.path.isdir(gda) else (item.path,):
+                stats = _file_stats(path)
+                if stats is None:
+                    return None
+                parts += stats
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _orbax_item_stamp(item: Item) -> list[str]:
+    import hashlib
+
+    tree, prefix = item.tree, f"{item.rel}/" if item.rel else ""
+    names = sorted(
+        k
+        for k in tree.keys()
+        if k.startswith(prefix) and (k == prefix + "_METADATA" or k.endswith("manifest.ocdbt"))
+    )
+    parts = [
+        f"{name} {hashlib.sha256(data).hexdigest() if data is not None else '-'}"
+        for name, data in zip(names, tree.read_many(names))
+    ]
+    if not tree.remote:
+        local = tree.path(item.rel) if item.rel else tree.path()
+        parts += (
+            _file_stats(local)
+            if not any(n.endswith("manifest.ocdbt") for n in names)
+            else _file_stats(*(tree.path(n) for n in names))
+        ) or ["-"]
+    return parts
+
+
+def _file_stats(*paths: str) -> list[str] | None:
+    """``path size mtime`` of every file at or below the paths; None when one cannot be read."""
+    out = []
+    for path in paths:
+        for name in sorted(_files(path)):
+            try:
+                stat = os.stat(name)
+            except OSError:
+                return None
+            shown = os.path.join(os.path.basename(path), os.path.relpath(name, path))  # however given
+            out.append(f"{shown} {stat.st_size} {stat.st_mtime_ns}")
+    return out
 
 
 def _files(path: str):
