@@ -399,6 +399,8 @@ class Tree:
         made concurrently. A file replaced or deleted has another stamp."""
         import tensorstore as ts
 
+        for rel in rels:
+            refuse_special(self.spec(), rel)
         try:
             store = ts.KvStore.open(self.spec(), context=context()).result()
             futures = [store.read(rel, byte_range=slice(0, 0)) for rel in rels]
