@@ -14,6 +14,7 @@ _EXPORTS = {
     "open": "paramscope.api",
     "Checkpoint": "paramscope.api",
     "Result": "paramscope.api",
+    "history": "paramscope.api",
     "is_partitioned": "paramscope.param_utils",
     "get_num_params": "paramscope.param_utils",
     "tabulate_params": "paramscope.param_utils",

@@ -28,7 +28,7 @@ from paramscope.errors import UsageError
 from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.output.render import Report
 
-__all__ = ["Checkpoint", "Result", "open"]
+__all__ = ["Checkpoint", "Result", "history", "open"]
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Result:
     report: Report
     warnings: list[str] = field(default_factory=list)
     value: Any = field(default=None, repr=False)  # the computed object (ScanResult, VerifyResult...)
+    notes: list[str] = field(default_factory=list)  # things worth knowing that are not problems
 
     def to_dict(self) -> dict[str, Any]:
         """Exactly what ``paramscope <command> --format json`` prints, as Python objects."""
@@ -160,6 +161,7 @@ class Checkpoint:
 
         self.path = path
         self._item = item
+        self._filter = filter
         self.inventory: Inventory = open_checkpoint(path, step=step, item=item, subtree=subtree)
         self.params, notes = select(self.inventory, filter, unstack, layer_axis)
         self.warnings: list[str] = [*self.inventory.warnings, *notes]
@@ -282,6 +284,87 @@ class Checkpoint:
             engine=engine,
             on_bytes=on_bytes,
         )
+
+    def snapshot(
+        self, *, memory_budget: int | str | None = None, on_bytes: Callable[[int], Any] | None = None
+    ) -> dict[str, Any]:
+        """The baseline ``paramscope snapshot`` writes: structure, counts, every statistic and
+        digest of the selected parameters (typed PRNG keys as structure)."""
+        from paramscope import __version__
+        from paramscope.compute.baseline import snapshot
+
+        scanned = self._scan(True, True, memory_budget, on_bytes=on_bytes)
+        return snapshot(self.inventory, scanned, __version__, self.params)
+
+    def check(
+        self,
+        baseline: str | os.PathLike,
+        *,
+        rtol: float = 1e-5,
+        atol: float = 0.0,
+        ignore: Sequence[str] = (),
+        only: Sequence[str] = (),
+        allow_new: bool = False,
+        allow_missing: bool = False,
+        memory_budget: int | str | None = None,
+        on_bytes: Callable[[int], Any] | None = None,
+    ) -> Result:
+        """This checkpoint against a baseline file (``paramscope check``): ``result.value`` is the
+        list of violations, empty when it passes (``to_dict()["passed"]``)."""
+        from dataclasses import replace
+
+        from paramscope.compute.baseline import (
+            CheckOptions,
+            categories,
+            load_baseline,
+            needs_data,
+            needs_digests,
+        )
+        from paramscope.compute.baseline import check as run_check
+        from paramscope.output.reports import check_report
+
+        options = CheckOptions(
+            rtol=rtol,
+            atol=atol,
+            ignore=tuple(ignore),
+            only=tuple(only),
+            allow_new=allow_new,
+            allow_missing=allow_missing,
+            filter=self._filter,
+        )
+        shown_file = os.fspath(baseline)
+        recorded = load_baseline(shown_file)
+        notes = list(self.warnings)
+        other_step = []
+        if recorded.step is not None and self.step is not None and recorded.step != self.step:
+            other_step.append(
+                f"{shown_file} is a baseline of step {recorded.step}; step {self.step} is compared with it"
+            )
+        for pattern in options.compiled:
+            if not any(pattern.search(p.path) for p in self.params):
+                notes.append(f"--ignore {pattern.pattern!r} matches no parameter")
+        kept = [p for p in self.params if not options.ignored(p.path)]
+        scan_kind = needs_data(recorded, options)
+        scanned = None
+        if scan_kind:
+            scanned = read_numbers(
+                self.inventory,
+                kept,
+                full=scan_kind == "stats",
+                digest=needs_digests(recorded, options),
+                memory_budget=memory_budget,
+                on_bytes=on_bytes,
+            )
+            note = key_note(kept)
+            if note:
+                notes.append(note)
+        inv = self.inventory
+        shown = replace(inv, params=self.params, views=None) if inv.views is not None else inv
+        violations = run_check(recorded, shown, scanned, options)
+        report = check_report(
+            inv, shown_file, recorded, categories(recorded, options), options, violations, len(kept)
+        )
+        return Result(report, notes, violations, other_step)
 
     def verify(self, *, memory_budget: int | str | None = None) -> Result:
         """Decodes every chunk of every array of the step; checks the metadata files agree."""
@@ -415,3 +498,111 @@ def unchanged_after(inv: Inventory, read: Callable[[], Any]):
         raise
     inv.check_unchanged()
     return result
+
+
+def history(
+    path: str | os.PathLike,
+    *,
+    steps: str | None = None,
+    last: int | None = None,
+    item: str | None = None,
+    subtree: str | None = None,
+    filter: str | None = None,
+    unstack: bool = False,
+    layer_axis: Sequence[str] | None = None,
+    depth: int | None = None,
+    stats: bool = False,
+    sort: str = "path",
+    top: int | None = None,
+    memory_budget: int | str | None = None,
+    cache: str | os.PathLike | bool = True,
+    cluster=None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> Result:
+    """Every step of a run (``paramscope history``): each parameter's norm over the steps, how
+    much it moved from the step before, where NaN/Inf began.
+
+    Args:
+        path: A run: a folder of steps (a ``CheckpointManager`` root, ...), local or in a bucket.
+        steps: ``START:STOP[:STRIDE]`` (stop included); ``last``: the last K steps.
+        depth: One series per group of this many leading path components.
+        stats: Also every statistic of ``stats``, per step.
+        cache: Keep each step's numbers in this folder (True: the user's cache directory;
+            False: keep nothing), so that a second run reads only new steps.
+
+    ``result.value`` is a :class:`HistoryRun` (the steps' numbers, the series, for plots).
+    """
+    from paramscope.compute.history import HistoryCache, parse_steps, series
+    from paramscope.compute.history import history as read_history
+    from paramscope.errors import NotACheckpoint, StepNotFound, few
+    from paramscope.io import checkpoint
+    from paramscope.io.inventory import open_checkpoint
+    from paramscope.io.storage import Tree
+    from paramscope.output.reports import history_report
+
+    shown = os.fspath(path)
+    root = Tree(shown)  # listed once, each step's metadata read once, for every step
+    location = checkpoint.locate(root, None, allow_unfinished=True)
+    if location.kind != "root":
+        raise NotACheckpoint(
+            f"{shown} is a single checkpoint, not a run of steps",
+            hint="history reads a manager root (a folder of steps); for one checkpoint use norms or stats",
+        )
+    available = [s.step for s in location.steps if s.finished]
+    chosen = parse_steps(steps, available, last)
+    if not chosen:
+        raise StepNotFound(
+            f"no finished step of {shown} is selected", hint=f"finished steps: {few(available)}"
+        )
+
+    def open_step(step):
+        inv = open_checkpoint(shown, step=step, item=item, subtree=subtree, tree=root)
+        params, _ = select(inv, filter, unstack, layer_axis)
+        return inv, params
+
+    def stamp_of(step):
+        return checkpoint.data_stamp(checkpoint.locate(root, step))
+
+    notes: list[str] = []
+    shared = cluster is not None and cluster.active
+    if shared and cache is not False:
+        # the processes must agree on which steps to read: none keeps a cache of its own
+        notes.append("the history cache is not used under --distributed")
+    keeper = None
+    if cache is not False and not shared:
+        if cache is True:
+            import platformdirs
+
+            folder = os.path.join(platformdirs.user_cache_dir("paramscope"), "history")
+        else:
+            folder = os.fspath(cache)
+        selection = {
+            "item": item,
+            "subtree": subtree,
+            "filter": filter,
+            "unstack": bool(unstack or layer_axis),
+            "layer_axis": list(layer_axis) if layer_axis is not None else None,
+        }
+        keeper = HistoryCache(folder, location.path, selection)
+    found = read_history(
+        chosen, stamp_of, open_step, stats, _budget(memory_budget), keeper, on_bytes=on_bytes, cluster=cluster
+    )
+    notes += found.warnings
+    inv, latest = open_step(chosen[-1])
+    runs = series(found, depth)
+    first_bad = found.first_nonfinite()
+    if first_bad is not None:
+        notes.append(f"NaN/Inf first at step {first_bad[0]}: {', '.join(first_bad[1][:5])}")
+    report = history_report(inv, found, runs, stats, sort, top)
+    unstacked = [p for p in latest if p.layer is not None]
+    return Result(report, notes, HistoryRun(found, runs, unstacked))
+
+
+@dataclass
+class HistoryRun:
+    """What :func:`history` computed: ``steps`` (each step's numbers), ``series`` (per parameter
+    or group, over the steps), and the layers of stacked arrays when unstacked (for heatmaps)."""
+
+    result: Any
+    series: list
+    unstacked: list[ParamInfo]

@@ -221,6 +221,25 @@ def inventory(
     return inv, params
 
 
+def open_checkpoint(ckpt: str, sel: Selection, quiet: bool, layering: Layering | None = None):
+    """The API's :class:`~paramscope.api.Checkpoint` as ``sel`` and ``layering`` select it; what
+    matched nothing is warned about."""
+    from paramscope.api import open as open_api
+
+    ck = open_api(
+        ckpt,
+        step=sel.step,
+        item=sel.item,
+        subtree=sel.subtree,
+        filter=sel.filter,
+        unstack=bool(layering is not None and layering.unstack),
+        layer_axis=layering.layer_axis if layering is not None else None,
+    )
+    for warning in ck.warnings:
+        warn(warning, quiet)
+    return ck
+
+
 def join(options: Cluster):
     """This process's cluster: alone, or joined with the others through jax.distributed."""
     from paramscope.parallel.cluster import LOCAL, join, settings_from

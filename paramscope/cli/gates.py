@@ -330,17 +330,25 @@ def snapshot(
     - `paramscope snapshot ckpt -o b.json`
     """
 
-    from paramscope import __version__
-    from paramscope.compute.baseline import snapshot as make_snapshot
+    from paramscope.api import key_note
     from paramscope.output.render import json_lines
 
     if output != "-":
         common.writable("--output", output, [ckpt])
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering)
+    ck = common.open_checkpoint(ckpt, sel, quiet, layering)
     if output != "-":
-        common.writable("--output", output, [inv.checkpoint])
-    result = common.scan(inv, params, True, reading, quiet, digest=True)
-    text = json_lines(make_snapshot(inv, result, __version__, params))
+        common.writable("--output", output, [ck.inventory.checkpoint])
+    params = ck.params
+    common.quiet_libraries()
+    note = key_note(params)
+    if note:
+        common.warn(note, quiet)
+    total = sum(p.nbytes for p in params if not p.random_key)
+    budget = common.memory_budget(reading)
+    document = common.with_progress(
+        total, quiet, lambda on_bytes: ck.snapshot(memory_budget=budget, on_bytes=on_bytes)
+    )
+    text = json_lines(document)
     if output == "-":
         sys.stdout.write(text)
         return
@@ -406,48 +414,33 @@ def check(
 
     - `paramscope check ckpt -b b.json`
     """
-    from paramscope.compute.baseline import (
-        NO_COMMON,
-        CheckOptions,
-        categories,
-        load_baseline,
-        needs_data,
-        needs_digests,
-    )
-    from paramscope.compute.baseline import check as run_check
-    from paramscope.output.reports import check_report
+    from paramscope.compute.baseline import NO_COMMON, load_baseline
 
-    options = CheckOptions(
-        rtol=rtol,
-        atol=atol,
-        ignore=ignore or (),
-        only=only or (),
-        allow_new=allow_new,
-        allow_missing=allow_missing,
-        filter=sel.filter,
-    )
-    baseline = load_baseline(baseline_file)
-    inv, params = common.inventory(ckpt, sel, out.quiet, layering=layering)
-    _note_other_step(baseline_file, baseline.step, inv.step, out.quiet)
-    for pattern in options.compiled:
-        if not any(pattern.search(p.path) for p in params):
-            common.warn(f"--ignore {pattern.pattern!r} matches no parameter", out.quiet)
-    kept = [p for p in params if not options.ignored(p.path)]
-    scan_kind = needs_data(baseline, options)
-    digests = needs_digests(baseline, options)
-    result = (
-        common.scan(inv, kept, scan_kind == "stats", reading, out.quiet, digest=digests)
-        if scan_kind
-        else None
-    )
-    shown = replace(inv, params=params, views=None) if inv.views is not None else inv  # layers as rows
-    violations = run_check(baseline, shown, result, options)
-    common.emit(
-        check_report(
-            inv, baseline_file, baseline, categories(baseline, options), options, violations, len(kept)
+    load_baseline(baseline_file)  # a bad baseline is refused before the checkpoint is read
+    ck = common.open_checkpoint(ckpt, sel, out.quiet, layering)
+    common.quiet_libraries()
+    total = sum(p.nbytes for p in ck.params if not p.random_key)
+    result = common.with_progress(
+        total,
+        out.quiet,
+        lambda on_bytes: ck.check(
+            baseline_file,
+            rtol=rtol,
+            atol=atol,
+            ignore=ignore or (),
+            only=only or (),
+            allow_new=allow_new,
+            allow_missing=allow_missing,
+            memory_budget=common.memory_budget(reading),
+            on_bytes=on_bytes,
         ),
-        out,
     )
+    for note in result.notes:
+        common.warn(note, out.quiet, "note")
+    for warning in result.warnings:
+        common.warn(warning, out.quiet)
+    violations = result.value
+    common.emit(result.report, out)
     if any(v.path == NO_COMMON for v in violations):
         raise common.fail(
             f"no parameter of {ckpt} is in common with {baseline_file}",
