@@ -2,6 +2,7 @@
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -298,6 +299,45 @@ def test_layout_never_cuts_a_number(paths, numbers, width):
     for header in ("value y", "count"):
         if header not in shown:
             assert header in notes[0]
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=JSON_VALUES, limit=st.integers(10, 120))
+def test_metadata_is_shown_whole_or_cut_between_tokens(value, limit):
+    """A note from metadata shows each number exactly, or not at all, and says where it is cut."""
+    full = json.dumps(value)
+    shown = R._short_json(value, limit)
+    if len(full) <= limit:
+        assert shown == full
+        return
+    assert shown.endswith("...") and len(shown) <= limit and full.startswith(shown[:-3])
+    boundaries = set(itertools.accumulate(len(t) for t in json.JSONEncoder().iterencode(value)))
+    assert len(shown) - 3 in boundaries | {0}  # cut between whole tokens (numbers, strings)
+
+
+def test_info_shows_metadata_numbers_exactly_or_not_at_all():
+    """Kauldron's timer item holds 1.134999911300838e-05: never shown as 1.134999911300."""
+    path = os.path.join(os.path.dirname(__file__), "data", "kauldron", "checkpoints")
+    result = run("info", path)
+    assert result.exit_code == 0, result.stderr
+    note = next(line for line in result.stdout.splitlines() if line.startswith("timer: "))
+    with open(os.path.join(path, "ckpt_2", "timer", "metadata")) as f:
+        content = f.read()
+    wanted = set(NUMBER.findall(content))
+    assert "1.134999911300838e-05" in wanted
+    assert set(NUMBER.findall(note)) <= wanted and note.endswith("...")
 
 
 # ----------------------------------------------------------------------------------------------
