@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 from conftest import f64_norm
@@ -256,6 +257,29 @@ def test_counts_abbreviate_only_to_fit_and_exact_shows_every_digit():
     assert "277,123,456,789" in text and "abbreviated" not in " ".join(notes)
     lines, notes = to_text(report, View(width=None))
     assert "277,123,456,789" in "\n".join(line for line, _ in lines) and notes == []
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    value=st.one_of(
+        st.integers(-(10**16), 10**16),
+        st.integers(1, 15).flatmap(lambda k: st.integers(10**k - 10 ** max(0, k - 4), 10**k + 10)),
+    )
+)
+def test_compact_counts_round_into_the_next_unit(value):
+    """Three significant digits of the exact count, the mantissa under 1000 (but in T)."""
+    text = layout.compact_count(value)
+    if abs(value) < 1000:
+        assert text == str(value)
+        return
+    assert "e" not in text and text.lstrip("-")[-1] in "KMBT"
+    mantissa, unit = Fraction(text[:-1]), 1000 ** (1 + "KMBT".index(text[-1]))
+    assert (mantissa < 0) == (value < 0) and 1 <= abs(mantissa) and (abs(mantissa) < 1000 or unit == 1000**4)
+    digits = len(text.lstrip("-")[:-1].replace(".", "").lstrip("0"))
+    assert digits <= 3 or (unit == 1000**4 and "." not in text)
+    # within half a unit in the last digit shown of the exact value
+    last = Fraction(10) ** (len(str(int(abs(mantissa)))) - 3) if abs(mantissa) < 1000 else Fraction(1)
+    assert abs(mantissa * unit - value) <= last * unit / 2 * (1 + Fraction(1, 10**9))
 
 
 def test_piped_output_is_never_folded_or_padded(manager_ckpt):
