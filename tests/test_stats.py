@@ -12,9 +12,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_cli import run
 
-from paramscope import compute_stats, open_checkpoint
+from paramscope import compute_norms, compute_stats, diff_params, open_checkpoint, verify_checkpoint
 from paramscope.compute.moments import BLOCK, Accumulator, host_moments
 from paramscope.compute.plan import plan_reads
+from paramscope.errors import UsageError
 
 MiB = 1 << 20
 
@@ -160,6 +161,22 @@ def test_stats_of_every_dtype_with_nan_and_inf(special_ckpt):
     assert "f32.with_nan" in result.stderr
     assert run("stats", special_ckpt.path, "--fail-on-nonfinite").exit_code == 1
     assert run("stats", special_ckpt.path, "--fail-on-nonfinite", "--filter", "^(bf16|int8)$").exit_code == 0
+
+
+def test_library_memory_budgets_are_sizes_or_bytes(big_ckpt):
+    """The library takes the command line's sizes as well as ints, through one parser."""
+    params = open_checkpoint(big_ckpt.path).params
+    by_size = compute_stats(params, engine="host", memory_budget="2MiB")
+    by_bytes = compute_stats(params, engine="host", memory_budget=2 * MiB)
+    assert by_size.memory_budget == by_bytes.memory_budget == 2 * MiB
+    assert [repr(r.moments) for r in by_size.params] == [repr(r.moments) for r in by_bytes.params]
+    assert compute_norms(params, memory_budget="2GB").memory_budget == 2_000_000_000
+    assert compute_norms(params, memory_budget=np.int64(4096)).memory_budget == 4096
+    assert verify_checkpoint(big_ckpt.path, memory_budget="1MiB").ok
+    assert diff_params(params, params, memory_budget="1MiB").counts()["identical"] == len(params)
+    for bad, message in [("lots", "malformed size"), (100, "too small"), (True, "neither"), (2.5, "neither")]:
+        with pytest.raises(UsageError, match=message):
+            compute_norms(params, memory_budget=bad)
 
 
 def test_table_stats_and_budget_option(big_ckpt):

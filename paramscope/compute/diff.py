@@ -24,7 +24,7 @@ import numpy as np
 from paramscope.compute.digest import DigestState, feed_box, merge_digests
 from paramscope.compute.moments import BLOCK
 from paramscope.compute.pairing import NO_RULES, PairingRules, renamed_paths
-from paramscope.compute.plan import default_memory_budget, stream_regions
+from paramscope.compute.plan import memory_budget_bytes, stream_regions
 from paramscope.errors import ParamscopeError
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
@@ -207,7 +207,7 @@ def diff_params(
     rtol: float = 0.0,
     atol: float = 0.0,
     values: bool = True,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster: Cluster = LOCAL,
     rules: PairingRules = NO_RULES,
@@ -283,7 +283,7 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
     # Both sides of a region are in memory together, and the next group's are in flight; a
     # transposed region is copied once more, into the order of B's.
     parts = 5 if any(flips) else 4
-    limit = max(1, (memory_budget or default_memory_budget()) // parts)
+    limit = max(1, memory_budget_bytes(memory_budget) // parts)
     failure = None
     try:
         for region, (read_a, read_b) in stream_regions(
