@@ -84,6 +84,10 @@ def parse_steps(text: str | None, available: Sequence[int], last: int | None) ->
                 f"malformed range of steps {text!r}", hint="write START:STOP[:STRIDE], e.g. 1000:5000:1000"
             )
         start, stop, stride = (int(g) if g else None for g in match.groups())
+        if stride == 0:
+            raise UsageError(
+                f"the stride of --steps {text!r} is 0", hint="give a stride of 1 or more, e.g. 1000:5000:1000"
+            )
         steps = [
             s
             for s in steps
