@@ -313,8 +313,9 @@ def scan(
     if cluster.active:
         agree_on_failure(cluster, failure, "reading")
         everything = local + layer_local
+        width = len(Accumulator(full).summary())  # the bytes read travel as one more row
         vectors = np.array(
-            [acc.summary() for acc in everything] + [[runner.bytes_read] * 11], dtype=np.float64
+            [acc.summary() for acc in everything] + [[runner.bytes_read] * width], dtype=np.float64
         )
         gathered = gather_float64(cluster, vectors.ravel(), "combining results").reshape(
             cluster.num_processes, len(everything) + 1, -1
