@@ -189,3 +189,19 @@ def test_table_stats_and_budget_option(big_ckpt):
     assert bad.exit_code == 2 and "malformed size" in bad.stderr
     bad = run("norms", big_ckpt.path, "--engine", "gpu")
     assert bad.exit_code == 2 and "'gpu' is not one of 'auto', 'host', 'mesh'" in bad.stderr
+
+
+def test_the_same_inf_or_nan_in_both_sides_is_no_difference():
+    """inf - inf is NaN: equal infinities must still count as equal, as equal NaNs do."""
+    from paramscope.compute.diff import _PairSums
+
+    a = np.array([1.0, np.inf, np.nan, -np.inf, 2.0], dtype=np.float32)
+    b = np.array([1.0005, np.inf, np.nan, -np.inf, 2.0], dtype=np.float32)
+    sums = _PairSums(rtol=1e-3, atol=0.0)
+    sums.feed(a, b)
+    result = sums.result()
+    assert result.diff_norm == abs(np.float64(np.float32(1.0005)) - 1.0)
+    assert result.beyond_tolerance == 0 and not result.identical
+    same = _PairSums(rtol=0.0, atol=0.0)
+    same.feed(a, a.copy())
+    assert same.result().diff_norm == 0.0 and same.result().identical

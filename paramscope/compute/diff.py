@@ -113,10 +113,10 @@ class _PairSums:
             y = b[start : start + BLOCK].astype(np.float64)
             d = x - y
             dd = float(np.einsum("i,i->", d, d))
-            if not math.isfinite(dd):  # NaN or Inf somewhere: look for NaNs in both
-                both_nan = np.isnan(x) & np.isnan(y)
-                if both_nan.any():  # the same NaN in both is no difference
-                    d[both_nan] = 0.0
+            if not math.isfinite(dd):  # NaN or Inf somewhere: look for them in both
+                equal = (x == y) | (np.isnan(x) & np.isnan(y))
+                if equal.any():  # the same Inf, or a NaN, in both is no difference (inf - inf is NaN)
+                    d[equal] = 0.0
                     dd = float(np.einsum("i,i->", d, d))
             self.aa.append(float(np.einsum("i,i->", x, x)))
             self.bb.append(float(np.einsum("i,i->", y, y)))
@@ -127,7 +127,8 @@ class _PairSums:
                 self.max_abs = max(self.max_abs, float(magnitude.max()))
             with np.errstate(invalid="ignore"):
                 self.beyond += int(
-                    magnitude.size - np.count_nonzero(magnitude <= self.atol + self.rtol * np.abs(x))
+                    magnitude.size
+                    - np.count_nonzero((magnitude == 0) | (magnitude <= self.atol + self.rtol * np.abs(x)))
                 )
 
     def summary(self) -> list[float]:
