@@ -13,6 +13,7 @@ import math
 import os
 
 import pytest
+from conftest import f64_norm
 from test_cli import run
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -278,3 +279,33 @@ def test_commands_agree_on_every_storage(storage_ckpt, folder, invariant, reques
         os.makedirs(os.path.join(folder, name), exist_ok=True)
         _OUTPUTS[name] = Outputs(storage_ckpt.path, os.path.join(folder, name))
     invariant(_OUTPUTS[name])
+
+
+def assert_float64_of_written(out: Outputs, written):
+    """The norms against float64 numpy of the values the checkpoint was written from."""
+    norms = out.json("norms", "--per-param")
+    shown = {p["path"]: p["norm"] for p in norms["params"]}
+    assert set(shown) <= set(written.values)
+    squares = []
+    for path, norm in shown.items():
+        expected = f64_norm(written.values[path])
+        squares.append(expected**2)
+        if math.isfinite(expected):
+            assert norm == pytest.approx(expected, rel=1e-12), path
+        else:
+            assert norm is None, path
+    if all(math.isfinite(s) for s in squares):
+        assert norms["global_norm"] == pytest.approx(math.sqrt(math.fsum(squares)), rel=1e-12)
+
+
+@pytest.mark.parametrize("case", ["standard_ckpt", "special_ckpt", "nnx_ckpt"])
+def test_norms_are_float64_of_what_was_written(request, folder, case):
+    assert_float64_of_written(outputs_of(request, case, folder), request.getfixturevalue(case))
+
+
+def test_storage_norms_are_float64_of_what_was_written(storage_ckpt, folder, request):
+    name = f"storage_ckpt[{request.node.callspec.params['storage_ckpt']}]"
+    if name not in _OUTPUTS:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        _OUTPUTS[name] = Outputs(storage_ckpt.path, os.path.join(folder, name))
+    assert_float64_of_written(_OUTPUTS[name], storage_ckpt)
