@@ -90,6 +90,15 @@ def outputs_of(request, case: str, folder) -> Outputs:
     return _OUTPUTS[case]
 
 
+def storage_outputs(request, storage_ckpt, folder) -> Outputs:
+    """storage_ckpt is parametrized (one checkpoint per storage format): one cache each."""
+    name = f"storage_ckpt[{request.node.callspec.params['storage_ckpt']}]"
+    if name not in _OUTPUTS:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        _OUTPUTS[name] = Outputs(storage_ckpt.path, os.path.join(folder, name))
+    return _OUTPUTS[name]
+
+
 def same_float(a, b, rel=1e-12):
     """Equal to ``rel``; None (JSON's NaN or Inf) only with None."""
     if a is None or b is None:
@@ -274,11 +283,7 @@ def test_commands_agree(request, folder, case, invariant):
 
 @pytest.mark.parametrize("invariant", INVARIANTS, ids=[i.__name__ for i in INVARIANTS])
 def test_commands_agree_on_every_storage(storage_ckpt, folder, invariant, request):
-    name = f"storage_ckpt[{request.node.callspec.params['storage_ckpt']}]"
-    if name not in _OUTPUTS:
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-        _OUTPUTS[name] = Outputs(storage_ckpt.path, os.path.join(folder, name))
-    invariant(_OUTPUTS[name])
+    invariant(storage_outputs(request, storage_ckpt, folder))
 
 
 def assert_float64_of_written(out: Outputs, written):
@@ -304,8 +309,4 @@ def test_norms_are_float64_of_what_was_written(request, folder, case):
 
 
 def test_storage_norms_are_float64_of_what_was_written(storage_ckpt, folder, request):
-    name = f"storage_ckpt[{request.node.callspec.params['storage_ckpt']}]"
-    if name not in _OUTPUTS:
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-        _OUTPUTS[name] = Outputs(storage_ckpt.path, os.path.join(folder, name))
-    assert_float64_of_written(_OUTPUTS[name], storage_ckpt)
+    assert_float64_of_written(storage_outputs(request, storage_ckpt, folder), storage_ckpt)
