@@ -76,6 +76,11 @@ def test_norms_changes_drift_and_the_first_nan(run_root, tmp_path):
     assert "blocks" in text and f"{blocks:.6g}" not in text  # last two steps shown: 50 and 60
     bad = run("history", run_root, "--steps", "10-20", "--no-cache")
     assert bad.exit_code == 2 and "malformed range of steps '10-20'" in bad.stderr
+    bad = run("history", run_root, "--steps", "10:30:0", "--no-cache")
+    assert bad.exit_code == 2 and bad.stderr.startswith(
+        "paramscope: error: the stride of --steps '10:30:0' is 0"
+    )
+    assert len(bad.stderr.splitlines()) == 1
     assert run_json("history", run_root, "--steps", ":30", "--no-cache")["steps"] == [10, 20, 30]
     csv_lines = run("history", run_root, "-f", "csv", "--no-cache", "--last", "2").stdout.splitlines()
     assert csv_lines[0] == "step,path,metric,value" and csv_lines[1].startswith("50,")

@@ -2,11 +2,13 @@
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 from conftest import f64_norm
@@ -257,6 +259,29 @@ def test_counts_abbreviate_only_to_fit_and_exact_shows_every_digit():
     assert "277,123,456,789" in "\n".join(line for line, _ in lines) and notes == []
 
 
+@settings(max_examples=500, deadline=None)
+@given(
+    value=st.one_of(
+        st.integers(-(10**16), 10**16),
+        st.integers(1, 15).flatmap(lambda k: st.integers(10**k - 10 ** max(0, k - 4), 10**k + 10)),
+    )
+)
+def test_compact_counts_round_into_the_next_unit(value):
+    """Three significant digits of the exact count, the mantissa under 1000 (but in T)."""
+    text = layout.compact_count(value)
+    if abs(value) < 1000:
+        assert text == str(value)
+        return
+    assert "e" not in text and text.lstrip("-")[-1] in "KMBT"
+    mantissa, unit = Fraction(text[:-1]), 1000 ** (1 + "KMBT".index(text[-1]))
+    assert (mantissa < 0) == (value < 0) and 1 <= abs(mantissa) and (abs(mantissa) < 1000 or unit == 1000**4)
+    digits = len(text.lstrip("-")[:-1].replace(".", "").lstrip("0"))
+    assert digits <= 3 or (unit == 1000**4 and "." not in text)
+    # within half a unit in the last digit shown of the exact value
+    last = Fraction(10) ** (len(str(int(abs(mantissa)))) - 3) if abs(mantissa) < 1000 else Fraction(1)
+    assert abs(mantissa * unit - value) <= last * unit / 2 * (1 + Fraction(1, 10**9))
+
+
 def test_piped_output_is_never_folded_or_padded(manager_ckpt):
     result = run("stats", manager_ckpt.path, env={"COLUMNS": "40"})  # not a terminal: width ignored
     lines = result.stdout.splitlines()
@@ -298,6 +323,45 @@ def test_layout_never_cuts_a_number(paths, numbers, width):
     for header in ("value y", "count"):
         if header not in shown:
             assert header in notes[0]
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=JSON_VALUES, limit=st.integers(10, 120))
+def test_metadata_is_shown_whole_or_cut_between_tokens(value, limit):
+    """A note from metadata shows each number exactly, or not at all, and says where it is cut."""
+    full = json.dumps(value)
+    shown = R._short_json(value, limit)
+    if len(full) <= limit:
+        assert shown == full
+        return
+    assert shown.endswith("...") and len(shown) <= limit and full.startswith(shown[:-3])
+    boundaries = set(itertools.accumulate(len(t) for t in json.JSONEncoder().iterencode(value)))
+    assert len(shown) - 3 in boundaries | {0}  # cut between whole tokens (numbers, strings)
+
+
+def test_info_shows_metadata_numbers_exactly_or_not_at_all():
+    """Kauldron's timer item holds 1.134999911300838e-05: never shown as 1.134999911300."""
+    path = os.path.join(os.path.dirname(__file__), "data", "kauldron", "checkpoints")
+    result = run("info", path)
+    assert result.exit_code == 0, result.stderr
+    note = next(line for line in result.stdout.splitlines() if line.startswith("timer: "))
+    with open(os.path.join(path, "ckpt_2", "timer", "metadata")) as f:
+        content = f.read()
+    wanted = set(NUMBER.findall(content))
+    assert "1.134999911300838e-05" in wanted
+    assert set(NUMBER.findall(note)) <= wanted and note.endswith("...")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_cli import run
 
-from paramscope import compute_stats, open_checkpoint
+from paramscope import compute_norms, compute_stats, diff_params, open_checkpoint, verify_checkpoint
 from paramscope.compute.moments import BLOCK, Accumulator, host_moments
 from paramscope.compute.plan import plan_reads
+from paramscope.errors import UsageError
 
 MiB = 1 << 20
 
@@ -162,6 +163,22 @@ def test_stats_of_every_dtype_with_nan_and_inf(special_ckpt):
     assert run("stats", special_ckpt.path, "--fail-on-nonfinite", "--filter", "^(bf16|int8)$").exit_code == 0
 
 
+def test_library_memory_budgets_are_sizes_or_bytes(big_ckpt):
+    """The library takes the command line's sizes as well as ints, through one parser."""
+    params = open_checkpoint(big_ckpt.path).params
+    by_size = compute_stats(params, engine="host", memory_budget="2MiB")
+    by_bytes = compute_stats(params, engine="host", memory_budget=2 * MiB)
+    assert by_size.memory_budget == by_bytes.memory_budget == 2 * MiB
+    assert [repr(r.moments) for r in by_size.params] == [repr(r.moments) for r in by_bytes.params]
+    assert compute_norms(params, memory_budget="2GB").memory_budget == 2_000_000_000
+    assert compute_norms(params, memory_budget=np.int64(4096)).memory_budget == 4096
+    assert verify_checkpoint(big_ckpt.path, memory_budget="1MiB").ok
+    assert diff_params(params, params, memory_budget="1MiB").counts()["identical"] == len(params)
+    for bad, message in [("lots", "malformed size"), (100, "too small"), (True, "neither"), (2.5, "neither")]:
+        with pytest.raises(UsageError, match=message):
+            compute_norms(params, memory_budget=bad)
+
+
 def test_table_stats_and_budget_option(big_ckpt):
     result = run("table", big_ckpt.path, "--stats", "--memory-budget", "1MiB", "--format", "json")
     assert result.exit_code == 0, result.stderr
@@ -172,3 +189,19 @@ def test_table_stats_and_budget_option(big_ckpt):
     assert bad.exit_code == 2 and "malformed size" in bad.stderr
     bad = run("norms", big_ckpt.path, "--engine", "gpu")
     assert bad.exit_code == 2 and "'gpu' is not one of 'auto', 'host', 'mesh'" in bad.stderr
+
+
+def test_the_same_inf_or_nan_in_both_sides_is_no_difference():
+    """inf - inf is NaN: equal infinities must still count as equal, as equal NaNs do."""
+    from paramscope.compute.diff import _PairSums
+
+    a = np.array([1.0, np.inf, np.nan, -np.inf, 2.0], dtype=np.float32)
+    b = np.array([1.0005, np.inf, np.nan, -np.inf, 2.0], dtype=np.float32)
+    sums = _PairSums(rtol=1e-3, atol=0.0)
+    sums.feed(a, b)
+    result = sums.result()
+    assert result.diff_norm == abs(np.float64(np.float32(1.0005)) - 1.0)
+    assert result.beyond_tolerance == 0 and not result.identical
+    same = _PairSums(rtol=0.0, atol=0.0)
+    same.feed(a, a.copy())
+    assert same.result().diff_norm == 0.0 and same.result().identical

@@ -6,12 +6,14 @@ array, the dotted path, shape, dtype and float64 norm of the framework's in-memo
 (LAYOUT.md says how). The tests only read them.
 """
 
+import csv
+import io
 import json
 import math
 import os
 
 import pytest
-from test_cli import run_json
+from test_cli import run, run_json
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -162,6 +164,33 @@ def test_maxtext_layers_command_counts_two_layers_per_stack():
         whole, rel=1e-12
     )
     assert max(row["norm"] for row in doc["layers"]) < whole
+
+
+def test_maxtext_layers_command_on_the_whole_state():
+    """Every stack's rows hold its own arrays' numbers, with the rng keys (left out) in none."""
+    want = MAXTEXT["runs"]["scan"]["steps"]["1"]["layers"]
+    expected_rows = {}
+    for name, entry in want.items():
+        if name.endswith(".key"):
+            continue
+        stack, kind = name.split(".layers.")
+        for layer, norm in enumerate(entry["norms"]):
+            expected_rows.setdefault((stack + ".layers", layer), {})[kind] = norm
+    doc = run_json("layers", maxtext_path("scan"))
+    assert {(r["stack"], r["layer"]): r["norms"] for r in doc["layers"]} == {
+        k: pytest.approx(v, rel=1e-6) for k, v in expected_rows.items()
+    }
+    result = run("layers", maxtext_path("scan"), "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert not any(column.endswith(".key") for column in rows[0])
+    for row in rows:
+        norms = expected_rows[(row["stack"], int(row["layer"]))]
+        assert {k: float(v) for k, v in row.items() if k in norms} == pytest.approx(norms, rel=1e-6)
+        assert all(
+            v == ""
+            for k, v in row.items()
+            if k not in norms and k not in ("stack", "layer", "norm", "nonfinite")
+        )
 
 
 # Kauldron -----------------------------------------------------------------------------------

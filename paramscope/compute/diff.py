@@ -24,7 +24,7 @@ import numpy as np
 from paramscope.compute.digest import DigestState, feed_box, merge_digests
 from paramscope.compute.moments import BLOCK
 from paramscope.compute.pairing import NO_RULES, PairingRules, renamed_paths
-from paramscope.compute.plan import default_memory_budget, stream_regions
+from paramscope.compute.plan import memory_budget_bytes, stream_regions
 from paramscope.errors import ParamscopeError
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
@@ -113,10 +113,10 @@ class _PairSums:
             y = b[start : start + BLOCK].astype(np.float64)
             d = x - y
             dd = float(np.einsum("i,i->", d, d))
-            if not math.isfinite(dd):  # NaN or Inf somewhere: look for NaNs in both
-                both_nan = np.isnan(x) & np.isnan(y)
-                if both_nan.any():  # the same NaN in both is no difference
-                    d[both_nan] = 0.0
+            if not math.isfinite(dd):  # NaN or Inf somewhere: look for them in both
+                equal = (x == y) | (np.isnan(x) & np.isnan(y))
+                if equal.any():  # the same Inf, or a NaN, in both is no difference (inf - inf is NaN)
+                    d[equal] = 0.0
                     dd = float(np.einsum("i,i->", d, d))
             self.aa.append(float(np.einsum("i,i->", x, x)))
             self.bb.append(float(np.einsum("i,i->", y, y)))
@@ -127,7 +127,8 @@ class _PairSums:
                 self.max_abs = max(self.max_abs, float(magnitude.max()))
             with np.errstate(invalid="ignore"):
                 self.beyond += int(
-                    magnitude.size - np.count_nonzero(magnitude <= self.atol + self.rtol * np.abs(x))
+                    magnitude.size
+                    - np.count_nonzero((magnitude == 0) | (magnitude <= self.atol + self.rtol * np.abs(x)))
                 )
 
     def summary(self) -> list[float]:
@@ -207,7 +208,7 @@ def diff_params(
     rtol: float = 0.0,
     atol: float = 0.0,
     values: bool = True,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster: Cluster = LOCAL,
     rules: PairingRules = NO_RULES,
@@ -283,7 +284,7 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
     # Both sides of a region are in memory together, and the next group's are in flight; a
     # transposed region is copied once more, into the order of B's.
     parts = 5 if any(flips) else 4
-    limit = max(1, (memory_budget or default_memory_budget()) // parts)
+    limit = max(1, memory_budget_bytes(memory_budget) // parts)
     failure = None
     try:
         for region, (read_a, read_b) in stream_regions(
@@ -320,11 +321,14 @@ def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster
             for process in range(cluster.num_processes):
                 pair_sums.merge_summary(gathered[process, i])
         merge_digests(cluster, [state for pair in digests for state in pair])
-    for (entry, _, _), pair_sums, (state_a, state_b) in zip(pairs, sums, digests):
+    for (entry, a, b), pair_sums, (state_a, state_b) in zip(pairs, sums, digests):
         entry.values = pair_sums.result()
         entry.digest_a, entry.digest_b = state_a.hexdigest(), state_b.hexdigest()
+        keys = bool(a.random_key or b.random_key)
         if entry.status == "identical" and not entry.values.identical:
-            entry.status = "changed" if entry.values.beyond_tolerance else "close"
+            entry.status = "changed" if entry.values.beyond_tolerance or keys else "close"
+        if keys:  # typed PRNG keys: their bits are compared, but norms of them are no numbers
+            entry.values = None
 
 
 def diff_digests(

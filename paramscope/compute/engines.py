@@ -28,7 +28,7 @@ import numpy as np
 
 from paramscope.compute.digest import DigestState, combined, feed_box, merge_digests
 from paramscope.compute.moments import Accumulator, Histogram, Moments, mesh_reduction
-from paramscope.compute.plan import Region, default_memory_budget, stream_regions
+from paramscope.compute.plan import Region, memory_budget_bytes, stream_regions
 from paramscope.errors import ParamscopeError, UsageError
 from paramscope.io import checkpoint
 from paramscope.io.inventory import Inventory, ParamInfo
@@ -244,7 +244,7 @@ def scan(
     engine: str = "auto",
     mesh_axes: Sequence[tuple[str, int]] | None = None,
     saved_mesh: Sequence[tuple[str, int]] | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster: Cluster = LOCAL,
     digest: bool = False,
@@ -260,7 +260,8 @@ def scan(
         mesh_axes: The mesh as (axis, size) pairs (mesh engine); default all devices laid out
             like ``saved_mesh``.
         saved_mesh: The mesh the checkpoint was saved on.
-        memory_budget: Bytes of array data held at once (default: :func:`default_memory_budget`).
+        memory_budget: Bytes of array data held at once, an int or a size such as ``"512MiB"``
+            (default: :func:`~paramscope.compute.plan.default_memory_budget`).
         on_bytes: Called with the bytes of each region once it is reduced (progress).
         cluster: Cooperating processes (:mod:`paramscope.parallel.cluster`); each reads its share,
             and all end with the same result.
@@ -272,7 +273,7 @@ def scan(
             (``ScanResult.histogram``, a :class:`~paramscope.compute.moments.Histogram`); one
             process only.
     """
-    budget = memory_budget or default_memory_budget()
+    budget = memory_budget_bytes(memory_budget)
     runner = make_engine(engine, full, mesh_axes, saved_mesh, cluster)
     limit = max(1, budget // (4 if runner.name == "mesh" else 2))
     local = [Accumulator(full, size=param.count) for param in params]  # this process's share
@@ -312,8 +313,9 @@ def scan(
     if cluster.active:
         agree_on_failure(cluster, failure, "reading")
         everything = local + layer_local
+        width = len(Accumulator(full).summary())  # the bytes read travel as one more row
         vectors = np.array(
-            [acc.summary() for acc in everything] + [[runner.bytes_read] * 11], dtype=np.float64
+            [acc.summary() for acc in everything] + [[runner.bytes_read] * width], dtype=np.float64
         )
         gathered = gather_float64(cluster, vectors.ravel(), "combining results").reshape(
             cluster.num_processes, len(everything) + 1, -1

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from paramscope.compute.moments import BLOCK, Accumulator
-from paramscope.compute.plan import _boxes, default_memory_budget
+from paramscope.compute.plan import _boxes, memory_budget_bytes
 from paramscope.io import checkpoint
 from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.names import split_path
@@ -89,6 +89,10 @@ def parse_steps(text: str | None, available: Sequence[int], last: int | None) ->
                 f"malformed range of steps {text!r}", hint="write START:STOP[:STRIDE], e.g. 1000:5000:1000"
             )
         start, stop, stride = (int(g) if g else None for g in match.groups())
+        if stride == 0:
+            raise UsageError(
+                f"the stride of --steps {text!r} is 0", hint="give a stride of 1 or more, e.g. 1000:5000:1000"
+            )
         steps = [
             s
             for s in steps
@@ -236,7 +240,7 @@ def read_steps(
     inventories: Sequence[Inventory],
     params: Sequence[Sequence[ParamInfo]],
     full: bool,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster=None,
     known_first: StepResult | None = None,
@@ -250,7 +254,7 @@ def read_steps(
     With a joined ``cluster`` the parameters are dealt out among the processes (a parameter's
     series is read whole by one of them) and the results shared, so every process returns all.
     """
-    budget = memory_budget or default_memory_budget()
+    budget = memory_budget_bytes(memory_budget)
     results = [StepResult(inv.step, None, {}) for inv in inventories]
     for k in range(1, len(results)):
         results[k].previous = results[k - 1].step
@@ -410,7 +414,7 @@ def history(
     stamp_of: Callable[[int], int | None],
     open_step: Callable[[int], tuple[Inventory, list[ParamInfo]]],
     full: bool = False,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     cache: HistoryCache | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     cluster=None,

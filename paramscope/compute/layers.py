@@ -260,8 +260,12 @@ class LayerRow:
 def layer_table(views: Sequence[LayerView], result) -> list[LayerRow]:
     """One row per layer of each stack: the norm of each of its arrays and of the whole layer."""
     rows: dict[tuple[str, int], tuple[dict[str, float], list[float], list[int]]] = {}
-    for view, stats in zip(views, result.params):
-        if view.stack is None:
+    # paired by path: views the scan left out (typed PRNG keys) have no numbers, and must not
+    # shift the others onto the wrong arrays
+    by_path = {r.param.path: r for r in result.params}
+    for view in views:
+        stats = by_path.get(view.info.path)
+        if view.stack is None or stats is None:
             continue
         parts = split_path(view.info.path)
         stack = ".".join(parts[: view.stack.component + 1])

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from paramscope.compute.moments import Accumulator
-from paramscope.compute.plan import default_memory_budget, stream_regions
+from paramscope.compute.plan import memory_budget_bytes, stream_regions
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
 from paramscope.names import split_path
@@ -150,7 +150,7 @@ def optimizer_pass(
     b2: float = 0.999,
     eps: float = 1e-8,
     lr: float | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
 ) -> list[OptimEntry]:
     """Reads each parameter with its mu and nu, region by region together, and fills the entries
@@ -161,7 +161,7 @@ def optimizer_pass(
         if entry.count_leaf is not None:
             entry.count = int(np.asarray(_read_scalar(entry.count_leaf)))
     # one plan over the parameters; each region of a parameter is read from mu and nu too
-    limit = max(1, (memory_budget or default_memory_budget()) // 6)
+    limit = max(1, memory_budget_bytes(memory_budget) // 6)
     params = [e.param for e in entries]
     partners: dict[tuple[int, str], Any] = {}
 

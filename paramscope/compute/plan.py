@@ -8,6 +8,7 @@ TensorStore's threads, so decoding and reduction overlap and every core works.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 from collections import Counter
@@ -53,6 +54,34 @@ def parse_size(text: str) -> int:
     if size < MIN_MEMORY_BUDGET:
         raise UsageError(
             f"memory budget {text!r} is too small",
+            hint=f"give at least {MIN_MEMORY_BUDGET >> 10}KiB, e.g. 512MiB",
+        )
+    return size
+
+
+def memory_budget_bytes(budget: int | str | None) -> int:
+    """A memory budget as the library and the command line take it: bytes (an int), a size
+    (``"256MiB"``, ``"2GB"``, see :func:`parse_size`), or None for :func:`default_memory_budget`.
+
+    >>> memory_budget_bytes("64MiB"), memory_budget_bytes(4096)
+    (67108864, 4096)
+    """
+    if budget is None:
+        return default_memory_budget()
+    if isinstance(budget, str):
+        return parse_size(budget)
+    try:
+        size = operator.index(budget)  # int, numpy integers
+    except TypeError:
+        size = None
+    if size is None or isinstance(budget, bool):
+        raise UsageError(
+            f"memory budget {budget!r} is neither a size nor a number of bytes",
+            hint="give bytes (an int) or a size such as '512MiB'",
+        )
+    if size < MIN_MEMORY_BUDGET:
+        raise UsageError(
+            f"memory budget {size} is too small",
             hint=f"give at least {MIN_MEMORY_BUDGET >> 10}KiB, e.g. 512MiB",
         )
     return size

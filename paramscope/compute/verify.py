@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paramscope.compute.digest import DigestState, feed_box
-from paramscope.compute.plan import default_memory_budget, stream_regions
+from paramscope.compute.plan import memory_budget_bytes, stream_regions
 from paramscope.errors import CorruptCheckpoint, ItemNotFound, few
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo, spec_per_dim
@@ -56,7 +56,7 @@ def verify_checkpoint(
     path: str | os.PathLike,
     step: int | None = None,
     item: str | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     digests: Mapping[tuple[str, str], str] | None = None,
 ) -> VerifyResult:
@@ -123,7 +123,7 @@ def verify_checkpoint(
         alias[location.selected_item] = next(iter(recorded_items))
     expected = [digests.get((alias.get(o, o), p.path)) if digests else None for o, p in zip(owners, params)]
     states = [DigestState(p.dtype, p.shape, p.itemsize) if e else None for p, e in zip(params, expected)]
-    limit = max(1, (memory_budget or default_memory_budget()) // 2)
+    limit = max(1, memory_budget_bytes(memory_budget) // 2)
     for region, pending in stream_regions(params, limit, start, on_error=fail):
         param = params[region.param]
         if region.param in failed:  # one problem per array is enough

@@ -10,7 +10,6 @@ nothing is folded or hidden.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -184,12 +183,19 @@ def lines(columns: Sequence[TextColumn], widths: Sequence[int], rule: str = RULE
 def compact_count(value: int) -> str:
     """A count in three significant digits with a unit: 277M, 1.5B, 12.3K.
 
-    >>> compact_count(277_000_001), compact_count(1_536_000_000), compact_count(999)
-    ('277M', '1.54B', '999')
+    Rounding carries into the next unit: 999,500 is 1M, not 1e+03K.
+
+    >>> compact_count(277_000_001), compact_count(1_536_000_000), compact_count(999), compact_count(999_500)
+    ('277M', '1.54B', '999', '1M')
     """
-    if abs(value) < 1000:
+    magnitude = abs(int(value))
+    if magnitude < 1000:
         return str(value)
-    exponent = min(int(math.log10(abs(value))) // 3, 4)
-    scaled = value / 1000**exponent
-    digits = f"{scaled:.3g}" if scaled < 1000 else f"{scaled:.0f}"
-    return digits + "KMBT"[exponent - 1]
+    sign = "-" if value < 0 else ""
+    exponent = min((len(str(magnitude)) - 1) // 3, 4)
+    scaled = magnitude / 1000**exponent
+    if exponent < 4 and float(f"{scaled:.3g}") >= 1000:  # 999.5K rounds to 1000K: that is 1M
+        exponent += 1
+        scaled = magnitude / 1000**exponent
+    digits = f"{scaled:.3g}" if scaled < 999.5 else f"{scaled:.0f}"
+    return sign + digits + "KMBT"[exponent - 1]

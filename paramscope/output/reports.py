@@ -120,14 +120,31 @@ def _digest_note(result) -> list[str]:
     return [f"digest of the {plural(len(result.params), 'array')}: {result.digest}"]
 
 
+def _short_json(value, limit: int = 200) -> str:
+    """``value`` as JSON on one line, cut after ``limit`` characters between whole tokens (a
+    number is shown exactly, or not at all), with ``...`` where it was cut."""
+    text = json.dumps(value)
+    if len(text) <= limit:
+        return text
+    kept, size = [], 0
+    for chunk in json.JSONEncoder().iterencode(value):  # chunks never split a number or a string
+        if size + len(chunk) > limit - 3:
+            break
+        kept.append(chunk)
+        size += len(chunk)
+    return "".join(kept) + "..."
+
+
 def _metadata_note(metadata: dict[str, Any]) -> str:
     """An item's metadata on one line: its non-empty fields, long values cut."""
     shown = []
     for key, value in metadata.items():
         if value in (None, "", [], {}):
             continue
-        text = value if isinstance(value, str) else json.dumps(value)
-        shown.append(f"{key}={text if len(text) <= 80 else text[:77] + '...'}")
+        if isinstance(value, str):
+            shown.append(f"{key}={value if len(value) <= 80 else value[:77] + '...'}")
+        else:
+            shown.append(f"{key}={_short_json(value, 80)}")
     return ", ".join(shown)
 
 
@@ -139,7 +156,7 @@ def _metadata_notes(metadata: dict[str, Any]) -> list[str]:
     notes = []
     for text, names in files.items():
         where = names[0] if len(names) == 1 else f"{names[0]} and {plural(len(names) - 1, 'other file')}"
-        notes.append(f"metadata of {where}: {text[:200]}")
+        notes.append(f"metadata of {where}: {_short_json(json.loads(text))}")
     return notes
 
 
@@ -173,13 +190,13 @@ def info_report(result) -> Report:
     }
     if result.step_metadata:
         payload["step_metadata"] = result.step_metadata
-    notes = [f"{i.name}: {json.dumps(i.content)[:200]}" for i in result.items if i.kind == "json"]
+    notes = [f"{i.name}: {_short_json(i.content)}" for i in result.items if i.kind == "json"]
     meta = result.step_metadata
     if meta:
         saved = ", ".join(f"{k} {meta[k]}" for k in ("started", "committed") if k in meta)
         notes.append(f"written by {meta['writer']}" + (f"; {saved}" if saved else ""))
         notes += [
-            f"{key.replace('_', ' ')}: {json.dumps(meta[key])[:200]}"
+            f"{key.replace('_', ' ')}: {_short_json(meta[key])}"
             for key in ("custom_metadata", "metrics")
             if key in meta
         ]
