@@ -52,6 +52,9 @@ class StoredArray:
     # Whether the writer stored every chunk, fill-valued ones included (Orbax's
     # ``store_array_data_equal_to_fill_value``): a missing chunk is then damage, never zeros.
     every_chunk_written: bool = False
+    # The dtype as the file stores it, where paramscope reads it as another (``.npy`` records
+    # store bfloat16 as the 2-byte void ``<V2``); empty where they are the same.
+    stored_dtype: str = ""
 
     @property
     def path(self) -> str:
