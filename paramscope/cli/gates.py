@@ -178,7 +178,13 @@ def diff(
     from paramscope.output.reports import diff_report, diff_summary
 
     rules = _pairing_rules(pairing)
-    against_baseline = ckpt_b is not None and ckpt_b.endswith(".json") and os.path.isfile(ckpt_b)
+    # a checkpoint's index file (model.safetensors.index.json) is a checkpoint, not a baseline
+    against_baseline = (
+        ckpt_b is not None
+        and ckpt_b.endswith(".json")
+        and not ckpt_b.endswith(".index.json")
+        and os.path.isfile(ckpt_b)
+    )
     if rules.transpose and (digest_only or against_baseline):
         raise errors.UsageError(
             "--transpose needs the values of both sides: "
@@ -217,7 +223,7 @@ def diff(
                     ),
                 ),
             )
-    values = not (structure_only or digest_only or (ckpt_b or "").endswith(".json"))
+    values = not (structure_only or digest_only or against_baseline)
     common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort.value, top), out)
     if fail_on_change and result.differs:
         raise common.fail(
