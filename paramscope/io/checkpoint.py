@@ -5,6 +5,12 @@ in turn (:data:`FORMATS`), and files no format reads are named for what they are
 files are refused, never unpickled). The rest of paramscope calls only this module: it locates
 a checkpoint, lists an item's arrays, and opens them for reading, whatever wrote them.
 
+The other formats, each a module: Hugging Face Flax folders (:mod:`~paramscope.io.hf_flax`),
+safetensors, flax msgpack files, numpy ``.npz`` archives (:mod:`~paramscope.io.npz`: big_vision),
+Equinox files (:mod:`~paramscope.io.eqx`: leaves by position, no names) and zarr trees (EasyDeL,
+plain). ``.npy`` records (in ``.npz`` and ``.eqx``) are parsed by :mod:`~paramscope.io.npy`,
+never ``np.load``: an object array is named and left unread.
+
 A format module provides:
 
 - ``KIND``: the item kind it reads;
