@@ -5,6 +5,12 @@ in turn (:data:`FORMATS`), and files no format reads are named for what they are
 files are refused, never unpickled). The rest of paramscope calls only this module: it locates
 a checkpoint, lists an item's arrays, and opens them for reading, whatever wrote them.
 
+The other formats, each a module: Hugging Face Flax folders (:mod:`~paramscope.io.hf_flax`),
+safetensors, flax msgpack files, numpy ``.npz`` archives (:mod:`~paramscope.io.npz`: big_vision),
+Equinox files (:mod:`~paramscope.io.eqx`: leaves by position, no names) and zarr trees (EasyDeL,
+plain). ``.npy`` records (in ``.npz`` and ``.eqx``) are parsed by :mod:`~paramscope.io.npy`,
+never ``np.load``: an object array is named and left unread.
+
 A format module provides:
 
 - ``KIND``: the item kind it reads;
@@ -14,12 +20,16 @@ A format module provides:
   are not arrays, strings, appended to ``values`` as (path, value));
 - ``audit_item(item, arrays) -> list[(name or None, problem)]``: what ``verify`` reports;
 - ``describe(item) -> dict``: what ``info`` shows (``storage``, and ``metadata`` if any);
+- ``notes(item) -> list[str]`` (optional): what a reader should know that is no damage (shown
+  as warnings by the commands that read arrays, not problems for ``verify``): an Equinox file's
+  leaves have no names, a shard read alone is one of several;
 - ``disk_usage(item) -> int | None`` (optional): bytes of the item's files, None where unknown;
   without it, the bytes under the item's folder.
 
 Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3"), raw C-order bytes
-in a file (``driver`` "bytes", read by byte range through the storage seam), or a 0-d value
-kept in the record (``driver`` "value"). A format module may also provide
+in a file (``driver`` "bytes", read by byte range through the storage seam), a deflated zip
+member (``driver`` "deflated", decompressed in pieces), or a 0-d value kept in the record
+(``driver`` "value"). A format module may also provide
 ``disk_usage(item) -> int | None`` where its files are not the item's folder.
 """
 
@@ -66,6 +76,7 @@ __all__ = [
     "holds_arrays",
     "list_steps",
     "locate",
+    "notes",
     "open_array",
     "open_arrays",
     "read_arrays",
@@ -81,9 +92,9 @@ __all__ = [
 def formats() -> tuple[Any, ...]:
     """The modules of the formats other than Orbax, in the order they are tried. Plain zarr trees
     (:mod:`~paramscope.io.tstree`) come last: any folder of zarr arrays is one."""
-    from paramscope.io import msgpack, safetensors, tstree
+    from paramscope.io import eqx, hf_flax, msgpack, npz, safetensors, tstree
 
-    return (safetensors, msgpack, tstree)
+    return (hf_flax, safetensors, msgpack, npz, eqx, tstree)
 
 
 def _module(kind: str):
@@ -160,7 +171,7 @@ def locate(
 
 # Files that are not checkpoints paramscope reads, by how they begin (and their names): named
 # for what they are. Pickle-based ones are refused: reading them means running their code.
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npz")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 _PICKLE_HINT = "paramscope never unpickles, since loading a pickle runs its code; convert it to safetensors"
 _NOT_SUPPORTED = (  # (magic bytes at the start, what the file is)
     (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5 / .weights.h5)"),
@@ -177,11 +188,7 @@ def _sniff(head: bytes, name: str) -> str | None:
     if head[:4] == b"PK\x03\x04":  # zip: torch.save archives hold a data.pkl
         if lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
             return "pickle"
-        return (
-            "a zip archive (Keras .keras, numpy .npz or torch.save)"
-            if not lower.endswith(".npz")
-            else "pickle"
-        )
+        return "a zip archive (Keras .keras or torch.save)"
     if head.startswith(b"\x93NUMPY") and b"'descr': '|O'" in head:
         return "pickle"  # an object array: its elements are pickled
     for magic, what in _NOT_SUPPORTED:
@@ -217,7 +224,8 @@ def unsupported(tree: Tree) -> ParamscopeError | None:
     name, what = found[0]
     return NotACheckpoint(
         f"{tree.display if single else tree.path(name)} is {what}, a format paramscope does not read",
-        hint="paramscope reads Orbax, flax msgpack, safetensors, EasyDeL and zarr checkpoints",
+        hint="paramscope reads Orbax, flax msgpack (Hugging Face Flax too), safetensors, EasyDeL, zarr, "
+        "numpy .npz and Equinox checkpoints",
     )
 
 
@@ -364,6 +372,12 @@ def _files(path: str):
             yield os.path.join(folder, name)
 
 
+def notes(item: Item) -> list[str]:
+    """What a reader of an item's arrays should know that is no damage (see the module doc)."""
+    module = _module(item.kind)
+    return list(getattr(module, "notes", lambda _: [])(item)) if module else []
+
+
 def holds_arrays(item: Item) -> bool:
     """Whether an item is one whose arrays can be listed (a damaged Orbax item counts: reading it
     fails loudly)."""
@@ -405,11 +419,11 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     handles: list[Any] = [None] * len(arrays)
     zarr = []
     for i, array in enumerate(arrays):
-        problem = fill_problem(array) if array.driver not in ("bytes", "value") else None
+        problem = fill_problem(array) if array.driver not in ("bytes", "value", "deflated") else None
         if problem is not None:
             handles[i] = ArrayReadError("read", array.path, ValueError(problem))
             handles[i].hint = "the array was never written whole; its stored chunks are all there is"
-        elif array.driver not in ("bytes", "value"):
+        elif array.driver not in ("bytes", "value", "deflated"):
             zarr.append(i)
     for i, handle in zip(zarr, orbax.open_arrays([arrays[i] for i in zarr])):
         handles[i] = handle
@@ -418,6 +432,10 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
             handles[i] = _bytes_handle(array)
         elif array.driver == "value":
             handles[i] = _value_handle(array)
+        elif array.driver == "deflated":
+            from paramscope.io import npz
+
+            handles[i] = npz.open_member(array)
     return handles
 
 

@@ -129,6 +129,9 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
     reading it fails loudly instead of the choice silently falling to another item."""
     readable = [i for i in location.items if checkpoint.holds_arrays(i)]
     if location.selected_item is not None:
+        others = [i for i in readable if i.name == item and item != location.selected_item]
+        if others:  # a folder of two formats' weights: the other one, by name
+            return others
         if item is not None and item != location.selected_item:
             raise ItemNotFound(
                 f"--item {item} given, but {location.path} is the item {location.selected_item!r}",
@@ -204,6 +207,7 @@ def open_checkpoint(
     for chosen in items:
         values: list[tuple[str, Any]] = []
         found.append((chosen, checkpoint.read_arrays(chosen, warnings, values), values))
+        warnings += checkpoint.notes(chosen)
     if item is None and len(found) > 1:
         # several pytree items and none named `params`: those holding only strings (Keras'
         # model_config beside its pytree) do not make the others' paths longer

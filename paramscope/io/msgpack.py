@@ -47,6 +47,8 @@ PLACEHOLDER = "PLACEHOLDER://"  # Orbax 0.4: a leaf stored beside the file
 GDA_PLACEHOLDER = "//GDAPlaceholder:"  # flax: an array in the <file>_gda folder
 GDA_SUFFIX = "_gda"
 
+# Hugging Face's sharded Flax weights (flax_model-00001-of-00004.msgpack), each with part of the tree
+_HF_SHARD = re.compile(r"^(?P<base>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.msgpack$")
 _STEP_FILE = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
 _GDA_FOLDER = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)_gda$")
 
@@ -473,6 +475,23 @@ def describe(item: Item) -> dict[str, Any]:
         ocdbt = orbax_item and doc.tree.is_file(_join(doc.folder, orbax.OCDBT_MANIFEST))
         kinds.append("ocdbt" if ocdbt else "zarr")
     return {"storage": "+".join(kinds), "metadata": None}
+
+
+def notes(item: Item) -> list[str]:
+    """A shard of a sharded Hugging Face Flax checkpoint, read alone: which of how many, and the
+    index that reads them all."""
+    folder, name, orbax_item = _file_of(item)
+    match = None if orbax_item else _HF_SHARD.match(name)
+    if match is None:
+        return []
+    index = f"{match.group('base')}.msgpack.index.json"
+    where = Tree(item.tree.display) if isinstance(item.tree, _FileTree) else item.tree
+    rel = index if isinstance(item.tree, _FileTree) else _join(folder, index)
+    beside = f"; its index {where.path(rel)} reads them all" if where.is_file(rel) else ""
+    return [
+        f"{name} is shard {int(match.group('index'))} of {int(match.group('count'))} of a sharded Flax "
+        f"checkpoint: only its own arrays are read{beside}"
+    ]
 
 
 def disk_usage(item: Item) -> int | None:

@@ -58,6 +58,9 @@ class StoredArray:
     # Zarr arrays in a listed folder (plain zarr trees, where a chunk never written reads as the
     # fill value): how many of its chunks are stored; -1 when unknown. See :func:`fill_problem`.
     stored_chunks: int = -1
+    # The dtype as the file stores it, where paramscope reads it as another (``.npy`` records
+    # store bfloat16 as the 2-byte void ``<V2``); empty where they are the same.
+    stored_dtype: str = ""
 
     @property
     def path(self) -> str:

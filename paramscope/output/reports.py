@@ -270,6 +270,7 @@ def table_report(
             "bytes": p.nbytes,
             "sharding": sharding_json(p.sharding),
             **({"random_key": p.random_key} if p.random_key else {}),
+            **({"stored_dtype": p.stored.stored_dtype} if getattr(p.stored, "stored_dtype", "") else {}),
         }
         for p in params
     }
@@ -307,10 +308,15 @@ def table_report(
     payload = {"schema": "paramscope.table/1", **header(inv), "params": ordered, "total": total}
     if scan is not None and scan.digest is not None:
         payload["digest"] = scan.digest
+    # shown: a dtype read as another than the file stores says so (``bfloat16 (from <V2)``)
+    shown = [
+        {**row, "dtype": f"{row['dtype']} (from {row['stored_dtype']})"} if "stored_dtype" in row else row
+        for row in ordered
+    ]
     report = Report(
         payload=payload,
         columns=columns,
-        rows=ordered,
+        rows=shown,
         title=_title(inv, len(params)),
         footer={"path": f"total ({plural(len(params), 'array')})", **total},
         notes=_digest_note(scan) + (_complex_note(params) if full else []),
