@@ -534,7 +534,7 @@ def history(
     """
     from paramscope.compute.history import HistoryCache, parse_steps, series
     from paramscope.compute.history import history as read_history
-    from paramscope.errors import NotACheckpoint, StepNotFound, few
+    from paramscope.errors import CheckpointChanged, NotACheckpoint, StepNotFound, few
     from paramscope.io import checkpoint
     from paramscope.io.inventory import open_checkpoint
     from paramscope.io.storage import Tree
@@ -556,7 +556,13 @@ def history(
         )
 
     def open_step(step):
-        inv = open_checkpoint(shown, step=step, item=item, subtree=subtree, tree=root)
+        try:
+            inv = open_checkpoint(shown, step=step, item=item, subtree=subtree, tree=root)
+        except StepNotFound:  # it was listed as finished when the run began
+            raise CheckpointChanged(
+                f"{shown}: step {step} was deleted while the run was read",
+                hint="a trainer removed it (e.g. max_to_keep); read the run again, or pass --steps",
+            ) from None
         params, _ = select(inv, filter, unstack, layer_axis)
         return inv, params
 

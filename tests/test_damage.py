@@ -207,3 +207,19 @@ def test_symlinked_steps_and_items_read_like_real_ones(tmp_path):
     os.symlink(os.path.join(source, "2", "params"), step_folder / "params")
     item = json.loads(run("norms", step_folder, "--format", "json").stdout)
     assert item["global_norm"] == pytest.approx(_reference_norm(2), rel=1e-6)
+
+
+def test_a_step_deleted_while_history_reads_the_run_is_named(tmp_path):
+    root = str(tmp_path / "run")
+    for step in (1, 2, 3):
+        _manager_save(root, step)
+    deleted = []
+
+    def delete_the_last_step(_):
+        if not deleted:
+            shutil.rmtree(os.path.join(root, "3"))
+            deleted.append(3)
+
+    with pytest.raises(CheckpointChanged, match="step 3 was deleted"):
+        paramscope.history(root, cache=False, on_bytes=delete_the_last_step)
+    assert deleted
