@@ -162,6 +162,7 @@ class Checkpoint:
         self.path = path
         self._item = item
         self._filter = filter
+        self._layer_axis = layer_axis
         self.inventory: Inventory = open_checkpoint(path, step=step, item=item, subtree=subtree)
         self.params, notes = select(self.inventory, filter, unstack, layer_axis)
         self.warnings: list[str] = [*self.inventory.warnings, *notes]
@@ -269,6 +270,30 @@ class Checkpoint:
         scanned = self._scan(True, digest, memory_budget, engine, on_bytes)
         report = stats_report(self.inventory, self.params, scanned, sort, top)
         return Result(report, self.warnings + self._key_note(), scanned)
+
+    def layers(
+        self,
+        *,
+        sort: str = "layer",
+        top: int | None = None,
+        memory_budget: int | str | None = None,
+        on_bytes: Callable[[int], Any] | None = None,
+    ) -> Result:
+        """One row per layer of each scanned stack (``paramscope layers``): the layer's norm and
+        the norm of each of its arrays, in one pass."""
+        from dataclasses import replace
+
+        from paramscope.compute.layers import layer_table
+        from paramscope.output.reports import layers_report
+
+        inv = replace(self.inventory)  # its views are this view's own
+        _, notes = select(inv, self._filter, True, self._layer_axis)
+        inv.views = [v for v in inv.views if v.stack is not None]
+        params = [v.info for v in inv.views]
+        scanned = read_numbers(inv, params, memory_budget=memory_budget, on_bytes=on_bytes)
+        note = key_note(params)
+        report = layers_report(inv, layer_table(inv.views, scanned), sort, top)
+        return Result(report, [*self.warnings, *notes, *([note] if note else [])], scanned)
 
     def _key_note(self) -> list[str]:
         note = key_note(self.params)

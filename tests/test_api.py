@@ -113,3 +113,13 @@ def test_snapshot_check_and_history_are_the_commands_documents(manager_ckpt, tmp
     run_history = ps.history(path, cache=False, depth=1)
     _same(run_history.to_dict(), _cli_json("history", path, "--no-cache", "--depth", "1"))
     assert [r.step for r in run_history.value.result.steps] == [100, 200]
+
+
+def test_layers_is_the_commands_document_and_leaves_the_checkpoints_view_alone():
+    path, options = CASES["maxtext"]
+    ck = ps.open(path, **options)
+    before = [p.path for p in ck.params]
+    layers = ck.layers()
+    _same(layers.to_dict(), _cli_json("layers", path, *_cli_options(options)))
+    assert layers.rows() and [p.path for p in ck.params] == before
+    assert ck.inventory.views is None  # norms after layers are still per array
