@@ -15,6 +15,7 @@ _EXPORTS = {
     "Checkpoint": "paramscope.api",
     "Result": "paramscope.api",
     "history": "paramscope.api",
+    "diff": "paramscope.api",
     "is_partitioned": "paramscope.param_utils",
     "get_num_params": "paramscope.param_utils",
     "tabulate_params": "paramscope.param_utils",

@@ -28,7 +28,7 @@ from paramscope.errors import UsageError
 from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.output.render import Report
 
-__all__ = ["Checkpoint", "Result", "history", "open"]
+__all__ = ["Checkpoint", "Result", "diff", "history", "open"]
 
 
 @dataclass
@@ -637,3 +637,90 @@ class HistoryRun:
     result: Any
     series: list
     unstacked: list[ParamInfo]
+
+
+def diff(
+    a: str | os.PathLike | Checkpoint,
+    b: str | os.PathLike | Checkpoint | None = None,
+    *,
+    step_a: int | None = None,
+    step_b: int | None = None,
+    item: str | None = None,
+    subtree: str | None = None,
+    filter: str | None = None,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    structure_only: bool = False,
+    digest_only: bool = False,
+    rename: Sequence[str] = (),
+    transpose: Sequence[str] = (),
+    map_file: str | os.PathLike | None = None,
+    show_all: bool = False,
+    sort: str = "path",
+    top: int | None = None,
+    memory_budget: int | str | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> Result:
+    """Two checkpoints, or two steps of one (``b`` None), compared as ``paramscope diff``
+    compares them: added, removed, reshaped, and how every value moved.
+
+    ``a`` and ``b`` are paths (opened with ``step_a``/``step_b``, ``item``, ``subtree``,
+    ``filter``) or opened :class:`Checkpoint` s. ``rename``/``transpose``/``map_file`` pair
+    differently named arrays (``--rename REGEX=REPLACEMENT``, ``--transpose REGEX``, ``--map``).
+    ``result.value.differs`` says whether anything differs.
+    """
+    from paramscope.compute.diff import diff_digests, diff_params
+    from paramscope.compute.pairing import NO_RULES, command_line_rules, load_map
+    from paramscope.output.reports import diff_report
+
+    rules = load_map(os.fspath(map_file)) if map_file is not None else NO_RULES
+    rules = rules.then(command_line_rules(list(rename) or None, list(transpose) or None))
+    if rules.transpose and digest_only:
+        raise UsageError(
+            "transpose needs the values of both sides: digest_only compares digests of bytes in stored order"
+        )
+
+    def opened(side, step) -> Checkpoint:
+        if isinstance(side, Checkpoint):
+            return side
+        return open(side, step=step, item=item, subtree=subtree, filter=filter, unstack=rules.unstack)
+
+    ck_a = opened(a, step_a)
+    ck_b = opened(b if b is not None else (a if not isinstance(a, Checkpoint) else a.path), step_b)
+    notes = [*ck_a.warnings, *(w for w in ck_b.warnings if w not in ck_a.warnings)]
+    if rules.active:
+        from paramscope.compute.pairing import unused_rules
+
+        notes += unused_rules([p.path for p in ck_a.params], rules)
+    inv_a, inv_b = replace_views(ck_a.inventory), replace_views(ck_b.inventory)
+    if digest_only:
+        digests = []
+        for ck, inv in ((ck_a, inv_a), (ck_b, inv_b)):
+            budget = memory_budget
+            scanned = read_numbers(inv, ck.params, digest=True, memory_budget=budget, on_bytes=on_bytes)
+            digests.append({r.param.path: r.digest for r in scanned.params})
+        result = diff_digests(ck_a.params, digests[0], ck_b.params, digests[1], rules)
+    else:
+
+        def compare():
+            return diff_params(
+                ck_a.params,
+                ck_b.params,
+                rtol=rtol,
+                atol=atol,
+                values=not structure_only,
+                memory_budget=_budget(memory_budget),
+                on_bytes=on_bytes,
+                rules=rules,
+            )
+
+        result = unchanged_after(inv_a, lambda: unchanged_after(inv_b, compare))
+    values = not (structure_only or digest_only)
+    return Result(diff_report(inv_a, inv_b, result, values, show_all, sort, top), notes, result)
+
+
+def replace_views(inv: Inventory) -> Inventory:
+    """The inventory without its views: a diff reads each (layer) parameter by itself."""
+    from dataclasses import replace
+
+    return replace(inv, views=None)

@@ -123,3 +123,15 @@ def test_layers_is_the_commands_document_and_leaves_the_checkpoints_view_alone()
     _same(layers.to_dict(), _cli_json("layers", path, *_cli_options(options)))
     assert layers.rows() and [p.path for p in ck.params] == before
     assert ck.inventory.views is None  # norms after layers are still per array
+
+
+def test_diff_is_the_commands_document(manager_ckpt):
+    path = manager_ckpt.path
+    steps = ps.diff(path, step_a=100)  # step 100 against the latest
+    assert steps.value.differs
+    _same(steps.to_dict(), _cli_json("diff", path, "--step-a", "100"))
+    same = ps.diff(ps.open(path), path, digest_only=True)
+    assert not same.value.differs
+    _same(same.to_dict(), _cli_json("diff", path, path, "--digest-only"))
+    renamed = ps.diff(path, path, rename=["kernel$=weight"], structure_only=True)
+    _same(renamed.to_dict(), _cli_json("diff", path, path, "--rename", "kernel$=weight", "--structure-only"))
