@@ -359,3 +359,18 @@ def test_item_that_holds_no_arrays_says_what_it_is():
     assert "\\u001b" in result.stderr
     info = run("info", ITEMS_RUN)
     assert info.exit_code == 0 and "\x1b[31m" not in info.stdout and "dataset iterator" in info.stdout
+
+
+def test_verify_checks_iterator_items(tmp_path):
+    from test_cli import run
+
+    assert run_json("verify", ITEMS_RUN)["ok"]
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(ITEMS_RUN, copy)
+    (copy / "2" / "grain_iter" / "process_0-of-1.json").write_text('{"version": 2,')
+    result = run("verify", copy, "--format", "json")
+    report = json.loads(result.stdout)
+    assert result.exit_code != 0 and not report["ok"]
+    assert any("process_0-of-1.json" in str(p) for p in report["problems"])
