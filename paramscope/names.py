@@ -90,6 +90,22 @@ def split_path(path: str) -> list[str]:
     return parts
 
 
+def path_sort_key(path: str) -> tuple[tuple[int, int, str], ...]:
+    """The order of dotted paths everywhere rows are listed by path: component by component, a
+    sequence index (digits only) by its number, before any name, names as strings. So the 21
+    layers of a list read ``0, 1, 2, ..., 10``, not ``0, 1, 10, 11, ..., 2``.
+
+    >>> sorted(["10.w", "2.w", "b", "a", "2.b"], key=path_sort_key)
+    ['2.b', '2.w', '10.w', 'a', 'b']
+    >>> sorted(["layers.10", "layers.9", "layers_10", "layers_9"], key=path_sort_key)
+    ['layers.9', 'layers.10', 'layers_10', 'layers_9']
+    """
+    return tuple(
+        (0, int(part), part) if part.isascii() and part.isdigit() else (1, 0, part)
+        for part in split_path(path)
+    )
+
+
 def prefix_groups(path: str, depth: int) -> str:
     """The first `depth` components of a dotted path (depth 0 gives the empty string).
 

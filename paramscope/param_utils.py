@@ -22,7 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from paramscope._mask import mask_predicate
-from paramscope.names import dotted_path
+from paramscope.names import dotted_path, path_sort_key
 
 PyTree = Any
 
@@ -287,7 +287,7 @@ def tabulate_params(
     from rich.table import Table
 
     params = state.params if hasattr(state, "params") else state
-    rows = sorted(_leaves_with_paths(params), key=lambda row: row[0])
+    rows = sorted(_leaves_with_paths(params), key=lambda row: path_sort_key(row[0]))
     decide = mask_predicate(weight_decay_exclude, weight_decay_include) if show_weight_decay else None
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)

@@ -341,13 +341,18 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 @given(value=JSON_VALUES, limit=st.integers(10, 120))
 def test_metadata_is_shown_whole_or_cut_between_tokens(value, limit):
     """A note from metadata shows each number exactly, or not at all, and says where it is cut."""
-    full = json.dumps(value)
+
+    def printable(text):
+        return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+    full = printable(json.dumps(value, ensure_ascii=False))
     shown = R._short_json(value, limit)
     if len(full) <= limit:
         assert shown == full
         return
     assert shown.endswith("...") and len(shown) <= limit and full.startswith(shown[:-3])
-    boundaries = set(itertools.accumulate(len(t) for t in json.JSONEncoder().iterencode(value)))
+    tokens = json.JSONEncoder(ensure_ascii=False).iterencode(value)
+    boundaries = set(itertools.accumulate(len(printable(t)) for t in tokens))
     assert len(shown) - 3 in boundaries | {0}  # cut between whole tokens (numbers, strings)
 
 

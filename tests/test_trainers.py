@@ -254,3 +254,152 @@ def test_maxtext_unscanned_has_no_stacks():
     assert run_json("layers", path)["layers"] == []
     whole = {p["path"]: p["shape"] for p in run_json("table", path)["params"]}
     assert {p["path"]: p["shape"] for p in run_json("table", path, "--unstack")["params"]} == whole
+
+
+# Levanter -----------------------------------------------------------------------------------
+
+LEVANTER = expected("levanter")
+LEVANTER_RUN = os.path.join(DATA, "levanter", "run")
+
+
+@pytest.mark.parametrize("step", ["2", "4"])
+def test_levanter_steps_read_exactly(step):
+    want = LEVANTER["steps"][step]["leaves"]
+    table = assert_reads(LEVANTER_RUN, want, "--step", step)
+    assert table["step"] == int(step) and table["item"] == f"step-{step}"
+    # a step folder on its own reads the same
+    assert_reads(os.path.join(LEVANTER_RUN, f"step-{step}"), want)
+
+
+def test_levanter_root_is_a_run_never_one_merged_tree():
+    table = run_json("table", LEVANTER_RUN)
+    paths = [p["path"] for p in table["params"]]
+    assert table["step"] == 4 and len(paths) == len(LEVANTER["steps"]["4"]["leaves"])
+    assert not any(p.startswith("step-") for p in paths)
+    layers = [p for p in paths if p.startswith("model.layers.") and p.endswith(".weight")]
+    assert layers == [f"model.layers.{i}.weight" for i in range(11)]  # numeric order
+
+
+def test_levanter_info_lists_steps_with_their_timestamps():
+    info = run_json("info", LEVANTER_RUN)
+    assert info["layout"] == "root" and info["step"] == 4
+    steps = {s["step"]: s for s in info["steps"]}
+    assert {k: s["finished"] for k, s in steps.items()} == {2: True, 4: True, 6: False}
+    for number in ("2", "4"):
+        saved = LEVANTER["steps"][number]["metadata"]
+        assert steps[int(number)]["saved"] == saved["timestamp"]
+    assert "saved" not in steps[6]  # its metadata.json was never written
+    (item,) = info["items"]
+    assert item["kind"] == "tensorstore" and item["metadata"] == LEVANTER["steps"]["4"]["metadata"]
+    step_info = run_json("info", LEVANTER_RUN, "--step", "2")
+    assert step_info["step"] == 2 and step_info["items"][0]["name"] == "step-2"
+
+
+def test_levanter_unfinished_step_is_refused(tmp_path):
+    from test_cli import run
+
+    result = run("norms", LEVANTER_RUN, "--step", "6")
+    assert result.exit_code == 3 and "no finished step 6" in result.stderr and "2, 4" in result.stderr
+    only_unfinished = tmp_path / "run"
+    only_unfinished.mkdir()
+    os.symlink(os.path.join(LEVANTER_RUN, "step-6"), only_unfinished / "step-6")
+    result = run("norms", only_unfinished)
+    assert result.exit_code == 3 and "no finished step" in result.stderr and "metadata.json" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert run_json("info", only_unfinished)["steps"] == [{"step": 6, "name": "step-6", "finished": False}]
+
+
+def test_levanter_diff_and_history_across_steps():
+    diff = run_json("diff", LEVANTER_RUN, LEVANTER_RUN, "--step-a", "2", "--step-b", "4")
+    rows = {r["path"]: r for r in diff["params"]}
+    assert set(rows) == set(LEVANTER["steps"]["4"]["leaves"])
+    assert rows["model.head.weight"]["status"] == "changed"
+    history = run_json("history", LEVANTER_RUN, "--no-cache")
+    assert history["steps"] == [2, 4]
+    for number in ("2", "4"):
+        want = LEVANTER["steps"][number]["leaves"]
+        got = {
+            r["path"]: r["value"]
+            for r in history["series"]
+            if r["step"] == int(number) and r["metric"] == "norm"
+        }
+        assert got == {k: pytest.approx(v["norm"], rel=1e-6) for k, v in want.items()}
+
+
+def test_step_folders_beside_other_arrays_are_refused(tmp_path):
+    from test_cli import run
+
+    os.symlink(os.path.join(LEVANTER_RUN, "step-2"), tmp_path / "step-2")
+    os.symlink(os.path.join(LEVANTER_RUN, "step-4", "model"), tmp_path / "model")
+    result = run("norms", tmp_path)
+    assert result.exit_code == 3 and "step-2" in result.stderr and "model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# penzai -------------------------------------------------------------------------------------
+
+PENZAI = expected("penzai")
+
+
+def test_penzai_params_read_exactly_in_numeric_order():
+    path = os.path.join(DATA, "penzai", "params")
+    want = PENZAI["leaves"]
+    table = assert_reads(path, want)
+    order = [f"{i}.value.data_array" for i in range(22)]
+    assert [p["path"] for p in table["params"]] == order
+    assert [p["path"] for p in run_json("norms", path, "--per-param")["params"]] == order
+    assert [p["path"] for p in run_json("stats", path)["params"]] == order
+    assert [g["path"] for g in run_json("count", path, "--depth", "1")["groups"]] == [
+        str(i) for i in range(22)
+    ]
+    assert [p["path"] for p in run_json("diff", path, path, "--all")["params"]] == order
+
+
+# Items that are not arrays ------------------------------------------------------------------
+
+ITEMS = expected("manager_items")
+ITEMS_RUN = os.path.join(DATA, "manager_items", "run")
+
+
+@pytest.mark.parametrize("step", ["1", "2"])
+def test_info_lists_every_item_with_its_kind(step):
+    info = run_json("info", ITEMS_RUN, "--step", step)
+    want = ITEMS["steps"][step]
+    assert {i["name"]: i["kind"] for i in info["items"]} == want["kinds"]
+    items = {i["name"]: i for i in info["items"]}
+    for name, content in want["json"].items():
+        assert items[name]["content"] == content
+    assert items["grain_iter"]["content"] == want["iterator"]
+    assert "grain" in items["grain_iter"]["handler"].lower()
+    assert_reads(ITEMS_RUN, want["leaves"], "--step", step)
+
+
+def test_item_that_holds_no_arrays_says_what_it_is():
+    from test_cli import run
+
+    result = run("norms", ITEMS_RUN, "--item", "grain_iter")
+    assert (
+        result.exit_code == 3 and "dataset iterator" in result.stderr and "last_seen_indices" in result.stderr
+    )
+    result = run("table", ITEMS_RUN, "--item", "data_iter")
+    assert result.exit_code == 3 and "JSON item" in result.stderr and '"position": 6' in result.stderr
+    # the line break and the terminal escape in its content are escaped: one line, no escape
+    assert len(result.stderr.strip().splitlines()) == 1 and "\x1b" not in result.stderr
+    assert "\\u001b" in result.stderr
+    info = run("info", ITEMS_RUN)
+    assert info.exit_code == 0 and "\x1b[31m" not in info.stdout and "dataset iterator" in info.stdout
+
+
+def test_verify_checks_iterator_items(tmp_path):
+    from test_cli import run
+
+    assert run_json("verify", ITEMS_RUN)["ok"]
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(ITEMS_RUN, copy)
+    (copy / "2" / "grain_iter" / "process_0-of-1.json").write_text('{"version": 2,')
+    result = run("verify", copy, "--format", "json")
+    report = json.loads(result.stdout)
+    assert result.exit_code != 0 and not report["ok"]
+    assert any("process_0-of-1.json" in str(p) for p in report["problems"])

@@ -290,8 +290,10 @@ def test_plain_zarr_tree(plain_tree):
         name: pytest.approx(f64_norm(value), rel=1e-6) for name, value in values.items()
     }
     assert run_json("verify", path)["ok"]
-    info = run_json("info", path)["items"][0]
-    assert info["kind"] == "tensorstore" and info["storage"] == "zarr" and "metadata" not in info
+    info = run_json("info", path)
+    assert info["layout"] == "step" and info["step"] == 3  # Levanter's metadata.json at its top
+    item = info["items"][0]
+    assert item["kind"] == "tensorstore" and item["storage"] == "zarr" and item["metadata"] == {"step": 3}
     subtree = run_json("table", os.path.join(path, "opt_state", "mu", "embed"))
     assert [p["path"] for p in subtree["params"]] == ["embed"]
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from paramscope.errors import EXIT_USAGE, ParamscopeError, UsageError
 from paramscope.io.inventory import Inventory, ParamInfo, sharding_json
+from paramscope.names import path_sort_key
 
 SNAPSHOT_SCHEMA = "paramscope.snapshot/1"
 STAT_NAMES = ("norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nan", "inf")
@@ -412,7 +413,7 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
             violations += [
                 Violation(path, "new", "absent", "present") for path in actual if path not in expected
             ]
-        for path in sorted(set(actual) & set(expected)):
+        for path in sorted(set(actual) & set(expected), key=path_sort_key):
             row, param = expected[path], actual[path]
             for metric, value in (
                 ("shape", list(param.shape)),
@@ -424,7 +425,7 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
             if row.get("random_key") != param.random_key:  # a key where a weight was, or back
                 violations.append(Violation(path, "random_key", row.get("random_key"), param.random_key))
     if "counts" in chosen:
-        for path in sorted(set(actual) & set(expected)):
+        for path in sorted(set(actual) & set(expected), key=path_sort_key):
             if "count" in expected[path] and expected[path]["count"] != actual[path].count:
                 violations.append(Violation(path, "count", expected[path]["count"], actual[path].count))
         total = sum(p.count for p in actual.values())
@@ -433,7 +434,9 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
     for category, names in (("norms", ("norm",)), ("stats", STAT_NAMES[1:])):
         if category not in chosen or scan_result is None:
             continue
-        for path in sorted(set(actual) & set(expected) & set(numbers)):  # keys have no numbers
+        for path in sorted(
+            set(actual) & set(expected) & set(numbers), key=path_sort_key
+        ):  # keys have no numbers
             for name in names:
                 if name in expected[path] and not _close(
                     numbers[path][name], expected[path][name], options, exact=name in EXACT_STATS
@@ -448,7 +451,7 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
                 )
     if "digests" in chosen and scan_result is not None:
         digests = {r.param.path: r.digest for r in scan_result.params}
-        for path in sorted(set(actual) & set(expected)):
+        for path in sorted(set(actual) & set(expected), key=path_sort_key):
             wanted = expected[path].get("digest")
             if wanted and digests.get(path) is not None and digests[path] != wanted:
                 violations.append(Violation(path, "digest", wanted, digests[path]))

@@ -28,6 +28,7 @@ from paramscope.compute.plan import memory_budget_bytes, stream_regions
 from paramscope.errors import ParamscopeError
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo
+from paramscope.names import path_sort_key
 from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 
 STATUSES = ("identical", "close", "changed", "added", "removed")
@@ -253,7 +254,7 @@ def diff_params(
     diffs += [ParamDiff(b.path, "added", None, b) for b in params_b if b.path not in paired]
     if pairs:
         _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster)
-    return DiffResult(sorted(diffs, key=lambda d: d.path), rtol, atol, rules)
+    return DiffResult(sorted(diffs, key=lambda d: path_sort_key(d.path)), rtol, atol, rules)
 
 
 def _compare_values(pairs, rtol, atol, memory_budget, on_bytes, cluster: Cluster) -> None:
@@ -350,7 +351,7 @@ def diff_digests(
     by_path_a = {names[p.path]: p for p in params_a}
     by_path_b = {p.path: p for p in params_b}
     diffs = []
-    for path in sorted(by_path_a.keys() | by_path_b.keys()):
+    for path in sorted(by_path_a.keys() | by_path_b.keys(), key=path_sort_key):
         a, b = by_path_a.get(path), by_path_b.get(path)
         if a is None or b is None:
             diffs.append(ParamDiff(path, "added" if a is None else "removed", a, b))

@@ -36,7 +36,7 @@ from paramscope.compute.moments import BLOCK, Accumulator
 from paramscope.compute.plan import _boxes, memory_budget_bytes
 from paramscope.io import checkpoint
 from paramscope.io.inventory import Inventory, ParamInfo
-from paramscope.names import split_path
+from paramscope.names import path_sort_key, split_path
 
 CACHE_VERSION = 2  # 1 keyed steps by commit timestamp alone
 
@@ -60,7 +60,7 @@ class History:
 
     @property
     def paths(self) -> list[str]:
-        return sorted({p for s in self.steps for p in s.stats})
+        return sorted({p for s in self.steps for p in s.stats}, key=path_sort_key)
 
     def first_nonfinite(self) -> tuple[int, list[str]] | None:
         """The first step with a NaN or Inf, and the parameters that have one there."""
@@ -259,7 +259,7 @@ def read_steps(
     for k in range(1, len(results)):
         results[k].previous = results[k - 1].step
     by_path = [{p.path: p for p in step_params} for step_params in params]
-    paths = sorted(set().union(*by_path)) if by_path else []
+    paths = sorted(set().union(*by_path), key=path_sort_key) if by_path else []
     shared = cluster is not None and cluster.active
     if shared:
         paths = paths[cluster.process_id :: cluster.num_processes]
@@ -301,8 +301,8 @@ def _share(cluster, results: list[StepResult], bytes_read: int) -> int:
             result.stats.update(stats)
             result.change.update(change)
     for result in results:  # in path order, whichever process read them
-        result.stats = dict(sorted(result.stats.items()))
-        result.change = dict(sorted(result.change.items()))
+        result.stats = {p: result.stats[p] for p in sorted(result.stats, key=path_sort_key)}
+        result.change = {p: result.change[p] for p in sorted(result.change, key=path_sort_key)}
     return total
 
 
@@ -512,7 +512,7 @@ def series(result: History, depth: int | None = None) -> list[Series]:
     for path in result.paths:
         groups.setdefault(group_of(path), []).append(path)
     out = []
-    for name, members in sorted(groups.items()):
+    for name, members in sorted(groups.items(), key=lambda entry: path_sort_key(entry[0])):
         norms, changes, nonfinite = [], [], []
         for k, step in enumerate(result.steps):
             squares = [step.stats[p]["norm"] ** 2 for p in members if p in step.stats]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from paramscope.errors import UsageError
 from paramscope.io.inventory import ParamInfo
-from paramscope.names import split_path
+from paramscope.names import path_sort_key, split_path
 
 STACK_NAMES = ("layers", "layer", "scan", "scanned", "blocks", "stages", "stack", "repeat")
 MESH_LAYER_AXES = ("layers", "layer", "stage", "stages", "pipeline")
@@ -276,7 +276,9 @@ def layer_table(views: Sequence[LayerView], result) -> list[LayerRow]:
         nonfinite.append(stats.nonfinite)
     return [
         LayerRow(stack, layer, norms, math.sqrt(math.fsum(squares)), sum(nonfinite))
-        for (stack, layer), (norms, squares, nonfinite) in sorted(rows.items())
+        for (stack, layer), (norms, squares, nonfinite) in sorted(
+            rows.items(), key=lambda entry: (path_sort_key(entry[0][0]), entry[0][1])
+        )
     ]
 
 

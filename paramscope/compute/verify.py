@@ -91,6 +91,13 @@ def verify_checkpoint(
             except CorruptCheckpoint as err:
                 result.problems.append(Problem(chosen.name, None, err.message))
             continue
+        if chosen.kind == "iterator":  # grain's per-process state files must parse
+            for name, state in checkpoint.read_iterator_item(chosen).items():
+                if not isinstance(state, dict):
+                    result.problems.append(Problem(chosen.name, None, f"{name} is not a JSON object"))
+            continue
+        if chosen.kind == "unknown":
+            continue  # its handler's files are in a format paramscope does not read
         warnings: list[str] = []
         try:
             arrays = checkpoint.read_arrays(chosen, warnings)

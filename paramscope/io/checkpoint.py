@@ -15,7 +15,8 @@ A format module provides:
 
 - ``KIND``: the item kind it reads;
 - ``locate(tree, step) -> Location | None``: the checkpoint at ``tree`` (a folder, or a file
-  when ``tree.root_is_file()``), or None when it is not in this format;
+  when ``tree.root_is_file()``), or None when it is not in this format (with ``UNFINISHED_STEPS``
+  true, also ``allow_unfinished``: a run without a finished step resolves to no step);
 - ``read_arrays(item, problems, values) -> list[StoredArray]``: from metadata alone (leaves that
   are not arrays, strings, appended to ``values`` as (path, value));
 - ``audit_item(item, arrays) -> list[(name or None, problem)]``: what ``verify`` reports;
@@ -24,7 +25,9 @@ A format module provides:
   as warnings by the commands that read arrays, not problems for ``verify``): an Equinox file's
   leaves have no names, a shard read alone is one of several;
 - ``disk_usage(item) -> int | None`` (optional): bytes of the item's files, None where unknown;
-  without it, the bytes under the item's folder.
+  without it, the bytes under the item's folder;
+- ``witness_files(item) -> list[str]`` (optional): files (relative to ``item.tree``) that its
+  writer replaces whenever the item is saved again, beside Orbax's metadata files.
 
 Arrays are zarr arrays opened by TensorStore (``driver`` "zarr"/"zarr3"), raw C-order bytes
 in a file (``driver`` "bytes", read by byte range through the storage seam), a deflated zip
@@ -43,7 +46,7 @@ from typing import Any
 
 from paramscope.errors import CheckpointChanged, NotACheckpoint, ParamscopeError
 from paramscope.io import orbax
-from paramscope.io.orbax import finish_read, read_json_item, start_read
+from paramscope.io.orbax import finish_read, read_iterator_item, read_json_item, start_read
 from paramscope.io.records import (
     ArrayReadError,
     BytesArray,
@@ -80,6 +83,7 @@ __all__ = [
     "open_array",
     "open_arrays",
     "read_arrays",
+    "read_iterator_item",
     "read_json_item",
     "read_step_metadata",
     "start_read",
@@ -122,6 +126,7 @@ def witness(location: Location) -> tuple[tuple[str, bytes], ...]:
             rels.append(item.rel)
         else:
             rels += [_join(item.rel, "_METADATA"), _join(item.rel, "manifest.ocdbt")]
+        rels += getattr(_module(item.kind), "witness_files", lambda _: [])(item)
     rels = [rel for rel in dict.fromkeys(rels) if rel]
     return tuple(zip(rels, tree.stamps(rels))) if rels else ()
 
@@ -160,7 +165,10 @@ def locate(
         return orbax.locate(tree, step, allow_unfinished)
     except NotACheckpoint as not_orbax:
         for module in formats():
-            found = module.locate(tree, step)
+            if allow_unfinished and getattr(module, "UNFINISHED_STEPS", False):
+                found = module.locate(tree, step, allow_unfinished=True)
+            else:
+                found = module.locate(tree, step)
             if found is not None:
                 return found
         refusal = unsupported(tree)

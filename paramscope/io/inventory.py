@@ -17,7 +17,7 @@ from paramscope._mask import compile_patterns, mask_predicate
 from paramscope.errors import ItemNotFound, ParamscopeError, UsageError, few
 from paramscope.io import checkpoint
 from paramscope.io.storage import Tree
-from paramscope.names import prefix_groups, quote_key, split_path
+from paramscope.names import path_sort_key, prefix_groups, quote_key, split_path
 
 DEFAULT_ITEM = "params"
 
@@ -143,11 +143,11 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
         return chosen
     if item is not None:
         chosen = [i for i in readable if i.name == item]
-        json_items = [i for i in location.items if i.kind == "json" and i.name == item]
-        if json_items:
+        others = [i for i in location.items if i.name == item and not checkpoint.holds_arrays(i)]
+        if others:
             raise ItemNotFound(
-                f"item {item!r} is a JSON item, not arrays",
-                hint=f"`paramscope info {location.path}` shows its content",
+                f"item {item!r} is {item_kind_text(others[0])}, not arrays{_content_text(others[0])}",
+                hint=f"`paramscope info {location.path}` shows every item and its content",
             )
         if not chosen:
             names = few(i.name for i in readable)
@@ -165,6 +165,60 @@ def _select_items(location: checkpoint.Location, item: str | None) -> list[check
         f"{location.path} has no item that holds arrays",
         hint="`paramscope info` lists the items; the step may be empty or damaged",
     )
+
+
+def item_kind_text(item: checkpoint.Item) -> str:
+    """What an item that holds no arrays is, for people."""
+    if item.kind == "json":
+        return "a JSON item"
+    if item.kind == "iterator":
+        return "a dataset iterator's state (grain)"
+    return f"an item of a handler paramscope does not read ({item.handler or 'unnamed'})"
+
+
+MAX_SHOWN_CONTENT = 300  # characters of an item's content shown in a one-line message
+
+
+def shown_content(value: Any, limit: int = MAX_SHOWN_CONTENT) -> str:
+    r"""JSON content on one line, with every character that is not printable (control
+    characters, line breaks, terminal escapes) escaped; cut after ``limit`` characters between
+    whole values, marked ``...``: a number is shown exactly, or not at all.
+
+    >>> shown_content({"a": "x\x1b\x7f\u2028y"}), shown_content([1.25, 3.5], limit=9)
+    ('{"a": "x\\u001b\\u007f\\u2028y"}', '[1.25...')
+    """
+
+    def printable(text: str) -> str:
+        return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+    text = printable(json.dumps(value, ensure_ascii=False))
+    if len(text) <= limit:
+        return text
+    kept, size = [], 0
+    for chunk in json.JSONEncoder(ensure_ascii=False).iterencode(value):  # never splits a value
+        chunk = printable(chunk)
+        if size + len(chunk) > limit - 3:
+            break
+        kept.append(chunk)
+        size += len(chunk)
+    return "".join(kept) + "..."
+
+
+def item_content(item: checkpoint.Item) -> Any:
+    """The content of a JSON item, or an iterator item's state by file; None for other items."""
+    if item.kind == "json":
+        return checkpoint.read_json_item(item)
+    if item.kind == "iterator":
+        return checkpoint.read_iterator_item(item)
+    return None
+
+
+def _content_text(item: checkpoint.Item) -> str:
+    try:
+        content = item_content(item)
+    except ParamscopeError as err:
+        return f" ({str(err)[:120]})"
+    return "" if content is None else f": {shown_content(content)}"
 
 
 def _relative(path: str, subtree: str) -> str | None:
@@ -236,6 +290,7 @@ def open_checkpoint(
             params.append(
                 ParamInfo(name, array.shape, array.dtype, array.itemsize, spec_per_dim(array), array)
             )
+    params.sort(key=lambda p: path_sort_key(p.path))  # every format, every command: one order
     items = [chosen for chosen, _, _ in found]
     if subtree and not params:
         warnings.append(f"subtree {subtree!r} matches no parameter (paths are dotted, e.g. params.Dense_0)")
@@ -424,7 +479,7 @@ def count_params(params: Sequence[ParamInfo], depth: int = 1) -> CountResult:
         total_count=sum(p.count for p in params),
         total_bytes=sum(p.nbytes for p in params),
         by_dtype={k: (v[0], v[1]) for k, v in sorted(by_dtype.items())},
-        groups=[(k, *v) for k, v in sorted(groups.items())],
+        groups=[(k, *v) for k, v in sorted(groups.items(), key=lambda entry: path_sort_key(entry[0]))],
     )
 
 
@@ -481,8 +536,9 @@ class ItemSummary:
     arrays: int | None
     count: int | None
     bytes_on_disk: int | None  # None where the store cannot tell (buckets)
-    content: Any = None  # JSON items: their value
+    content: Any = None  # JSON items: their value; iterator items: their state, by file
     metadata: dict[str, Any] | None = None  # metadata the format keeps beside the arrays, by file
+    handler: str = ""  # the handler class the step's metadata names for it (Orbax), if any
 
 
 @dataclass
@@ -553,11 +609,19 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
             storage, metadata = described.get("storage"), described.get("metadata")
             arrays = len(stored)
             count = sum(_count(a.shape) for a in stored)
-        elif item.kind == "json":
-            content = checkpoint.read_json_item(item)
+        else:
+            content = item_content(item)
         summaries.append(
             ItemSummary(
-                item.name, item.kind, storage, arrays, count, checkpoint.disk_usage(item), content, metadata
+                item.name,
+                item.kind,
+                storage,
+                arrays,
+                count,
+                checkpoint.disk_usage(item),
+                content,
+                metadata,
+                handler=item.handler,
             )
         )
     problems += [

@@ -53,6 +53,10 @@ ARRAY_ITEM_NAME = "checkpoint"  # ArrayCheckpointHandler stores its one array un
 JSON_ITEM_FILE = "metadata"  # JsonCheckpointHandler's default file name
 
 _PYTREE_MARKERS = (OCDBT_MANIFEST, SHARDING_FILE, "ocdbt.process_0", "array_metadatas", "d")
+# grain's PyGrainCheckpointHandler: one JSON file of iterator state per process
+_ITERATOR_FILE = re.compile(r"^process_\d+-of-\d+\.json$")
+ITERATOR_KIND = "iterator"  # a dataset iterator's state (grain), not arrays
+MAX_SHOWN_FILES = 16  # an iterator item's files whose content is shown
 _STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
 _TMP_STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)\.orbax-checkpoint-tmp.*$")
 
@@ -157,6 +161,51 @@ def list_items(step_path: str) -> list[Item]:
     return _list_items(Tree(step_path), "")
 
 
+def _iterator_files(tree: Tree, rel: str) -> list[str]:
+    """The per-process state files of a grain iterator item, relative to the tree."""
+    prefix = rel + "/" if rel else ""
+    return sorted(k for k in tree.keys() if k.startswith(prefix) and _ITERATOR_FILE.match(k[len(prefix) :]))
+
+
+def _with_other_items(tree: Tree, step_rel: str, items: list[Item]) -> list[Item]:
+    """A step's items, those that hold no arrays or JSON included: a dataset iterator (grain's
+    per-process JSON files) and any item the step's metadata names with a handler paramscope does
+    not read (kind "unknown", its handler kept). Each item is listed with its handler."""
+    handlers: dict[str, str] = {}
+    try:
+        meta = read_json(tree, _join(step_rel, CHECKPOINT_METADATA))
+        named = meta.get("item_handlers") if isinstance(meta, dict) else None
+        if isinstance(named, dict):
+            handlers = {str(k): str(v) for k, v in named.items()}
+    except CorruptCheckpoint:
+        pass  # no or unreadable step metadata: the folders alone tell
+    listed = {item.name: item for item in items}
+    out = []
+    for name in tree.subdirs(step_rel):
+        rel, handler = _join(step_rel, name), handlers.get(name, "")
+        if name in listed:
+            item = listed[name]
+            out.append(Item(item.name, item.path, item.kind, tree, item.rel, handler))
+        elif _iterator_files(tree, rel):
+            out.append(Item(name, tree.path(rel), ITERATOR_KIND, tree, rel, handler))
+        elif handler:
+            out.append(Item(name, tree.path(rel), "unknown", tree, rel, handler))
+    return out
+
+
+def read_iterator_item(item: Item) -> dict[str, Any]:
+    """An iterator item's state, by file: each file's JSON (its text where it is not JSON)."""
+    files = _iterator_files(item.tree, item.rel)[:MAX_SHOWN_FILES]
+    out: dict[str, Any] = {}
+    for rel, raw in zip(files, item.tree.read_many(files)):
+        text = (raw or b"").decode("utf-8", "replace")
+        try:
+            out[rel.rsplit("/", 1)[-1]] = json.loads(text)
+        except ValueError:
+            out[rel.rsplit("/", 1)[-1]] = text
+    return out
+
+
 def locate(path: str | Tree, step: int | None = None, allow_unfinished: bool = False) -> Location:
     """Resolves a manager root, a step folder or an item folder to one step's items.
 
@@ -210,7 +259,7 @@ def locate(path: str | Tree, step: int | None = None, allow_unfinished: bool = F
             )
         match = _STEP_NAME.match(name)
         this = Step(name, path, int(match.group("step")) if match else None, _is_finished_step(tree, ""))
-        return Location(path, "step", this, items, tree=tree, step_rel="")
+        return Location(path, "step", this, _with_other_items(tree, "", items), tree=tree, step_rel="")
 
     listed = _list_steps(tree)
     steps = [s for s, _ in listed]
@@ -248,7 +297,7 @@ def _step_items(tree: Tree, step: Step, rel: str) -> list[Item]:
     kind = _item_kind(tree, rel)
     if kind not in ("unknown", "damaged"):
         return [Item(step.name, step.path, kind, tree, rel)]
-    return _list_items(tree, rel)
+    return _with_other_items(tree, rel, _list_items(tree, rel))
 
 
 def _checkpoints_below(tree: Tree, rel: str, depth: int = 2) -> list[str]:

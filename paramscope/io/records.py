@@ -105,6 +105,7 @@ class Item:
     kind: str
     tree: Tree = field(compare=False, repr=False)
     rel: str = ""  # the item's folder inside ``tree``
+    handler: str = ""  # Orbax: the handler class the step's metadata names for it, if any
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Step:
     path: str
     step: int | None
     finished: bool
+    timestamp: str | None = None  # when it was saved, as its writer recorded it (Levanter's ISO time)
 
 
 @dataclass

@@ -11,6 +11,12 @@ Two layouts, one item kind (``tensorstore``), arrays read by TensorStore as zarr
 - **Plain zarr trees** (Levanter, hand-written ``ts.open`` trees): every folder holding zarr
   metadata (``.zarray``, or a ``zarr.json`` of an array) is one array, named by its path with
   ``/`` read as ``.``.
+- **Levanter runs**: Levanter's ``Checkpointer`` saves each step as a zarr tree in ``step-<N>/``
+  and writes ``metadata.json`` (``{"step", "timestamp"}``) into it last, once every array is
+  stored. A folder of ``step-<N>`` trees is a root with steps, the latest finished one by default;
+  a ``step-<N>`` folder without ``metadata.json`` is an unfinished save, skipped. A tree whose
+  top-level folders look like steps is never read as one tree: two steps' arrays side by side
+  would be one checkpoint's. A tree with ``metadata.json`` at its top is one step.
 
 The layout comes from the one listing of the folder; nothing is imported or unpickled.
 """
@@ -21,22 +27,26 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound
 from paramscope.io import orbax
-from paramscope.io.records import Item, Location, StoredArray, dtype_info
+from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
 from paramscope.io.storage import Tree, load_json, regular_file
 from paramscope.names import join_keys
 
 KIND = "tensorstore"
+UNFINISHED_STEPS = True  # ``locate`` takes ``allow_unfinished``, as Orbax's does
 INDEX_FILE = "tensorstore_index.json"
 CHECKPOINT_METADATA_FILE = "checkpoint_metadata.json"
 CONFIG_FILE = "config.json"
 CONFIG_FIELDS = ("architectures", "model_type")  # what ``info`` shows of a model's config
 MAX_DEPTH = 64  # array folders deeper than this are not read
 ZARR2_FILE, ZARR3_FILE = ".zarray", "zarr.json"
+STEP_METADATA_FILE = "metadata.json"  # Levanter's, written once the step's arrays are stored
+_STEP_FOLDER = re.compile(r"^step-(?P<step>\d+)$")
 # Files only Orbax writes: a tree holding them is Orbax's to read (or to name as damaged).
 _ORBAX_FILES = frozenset(
     {
@@ -121,8 +131,10 @@ def _below(tree: Tree, name: str) -> list[str]:
     return sorted(k[: -len(name) - 1] + "/" for k in tree.keys() if k.endswith("/" + name))
 
 
-def locate(tree: Tree, step: int | None = None) -> Location | None:
-    """An EasyDeL checkpoint folder or a plain zarr tree as one item; None for anything else."""
+def locate(tree: Tree, step: int | None = None, allow_unfinished: bool = False) -> Location | None:
+    """An EasyDeL checkpoint folder, a Levanter run or step, or a plain zarr tree; None for
+    anything else. ``allow_unfinished``: a run whose steps are all unfinished resolves to no step
+    (for ``info``), rather than failing."""
     keys = tree.keys()
     if not keys:
         return None
@@ -135,7 +147,11 @@ def locate(tree: Tree, step: int | None = None) -> Location | None:
                 f"{tree.display} is not a checkpoint (no {INDEX_FILE})",
                 hint="found EasyDeL checkpoints under " + _few(nested),
             )
-        if not _zarr_folders(tree, "").arrays:
+        arrays = _zarr_folders(tree, "").arrays
+        run = _run(tree, arrays, step, allow_unfinished)
+        if run is not None:
+            return run
+        if not arrays:
             return None
     name = _base(tree.display.rstrip("/")) or tree.display
     if step is not None:
@@ -143,7 +159,74 @@ def locate(tree: Tree, step: int | None = None) -> Location | None:
             f"--step {step} given, but {tree.display} is a single checkpoint", hint="drop --step"
         )
     item = Item(name, tree.display, KIND, tree, "")
+    saved = None if INDEX_FILE in keys else step_metadata(tree, "")
+    if saved is not None:  # a Levanter step folder
+        this = Step(name, tree.display, saved["step"], True, _timestamp(saved))
+        return Location(tree.display, "step", this, [item], tree=tree, step_rel="")
     return Location(tree.display, "item", None, [item], selected_item=name, tree=tree)
+
+
+def step_metadata(tree: Tree, rel: str) -> dict[str, Any] | None:
+    """A Levanter step's ``metadata.json``: a JSON object with an integer ``step``; None where
+    there is none (or it is not whole: the step is then unfinished)."""
+    file = _join(rel, STEP_METADATA_FILE)
+    if not tree.is_file(file):
+        return None
+    try:
+        saved = json.loads(tree.read(file) or b"")
+    except ValueError:
+        return None
+    number = saved.get("step") if isinstance(saved, dict) else None
+    return saved if isinstance(number, int) and not isinstance(number, bool) else None
+
+
+def _timestamp(saved: dict[str, Any]) -> str | None:
+    stamp = saved.get("timestamp")
+    return stamp if isinstance(stamp, str) else None
+
+
+def _run(tree: Tree, arrays: dict[str, str], step: int | None, allow_unfinished: bool) -> Location | None:
+    """A folder of Levanter ``step-<N>`` trees as a root with steps; None when it has none."""
+    tops = {folder.split("/", 1)[0] for folder in arrays}
+    steps: list[Step] = []
+    for name in tree.subdirs(""):
+        match = _STEP_FOLDER.match(name)
+        saved = step_metadata(tree, name) if match else None
+        if match and (saved is not None or name in tops):  # begun: it holds arrays or metadata
+            number, finished = int(match["step"]), saved is not None
+            steps.append(Step(name, tree.path(name), number, finished, _timestamp(saved or {})))
+    if not steps:
+        return None
+    steps.sort(key=lambda s: (s.step, s.finished, s.name))
+    others = sorted(top or "." for top in tops if not _STEP_FOLDER.match(top))
+    if others:
+        raise NotACheckpoint(
+            f"{tree.display} holds step folders ({_few([s.name for s in steps])}) and other arrays "
+            f"({_few(others)}): not one checkpoint",
+            hint=f"pass one step folder, e.g. {tree.path(steps[-1].name)}",
+        )
+    finished = [s for s in steps if s.finished]
+    if step is None:
+        if not finished:
+            if allow_unfinished:
+                return Location(tree.display, "root", None, [], steps=steps, tree=tree)
+            raise StepNotFound(
+                f"{tree.display} has no finished step, only {len(steps)} unfinished: "
+                f"{_few([s.name for s in steps])}",
+                hint=f"a step is finished once Levanter writes its {STEP_METADATA_FILE}; "
+                "`paramscope info` lists the steps",
+            )
+        chosen = finished[-1]
+    else:
+        matches = [s for s in finished if s.step == step]
+        if not matches:
+            available = ", ".join(str(s.step) for s in finished) or "none"
+            raise StepNotFound(
+                f"no finished step {step} in {tree.display}", hint=f"finished steps: {available}"
+            )
+        chosen = matches[-1]
+    item = Item(chosen.name, chosen.path, KIND, tree, chosen.name)
+    return Location(tree.display, "root", chosen, [item], steps=steps, tree=tree, step_rel=chosen.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +395,11 @@ def _own_array(item: Item) -> list[StoredArray]:
     return orbax.zarr_arrays(kv, [((name,), name, "jax.Array")], None, f"array {name!r}")
 
 
+def witness_files(item: Item) -> list[str]:
+    """Levanter writes a step's ``metadata.json`` again whenever it saves the step."""
+    return [_join(item.rel, STEP_METADATA_FILE)]
+
+
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
     """Where ``tensorstore_index.json`` and the stored arrays disagree: shapes, dtypes, arrays
     stored but not listed, and unreadable ``checkpoint_metadata.json`` / ``config.json``."""
@@ -370,8 +458,9 @@ def _json_object(tree: Tree, rel: str) -> dict[str, Any] | None:
 
 
 def describe(item: Item) -> dict[str, Any]:
-    """``storage`` ("zarr" or "zarr3") and, for EasyDeL, ``metadata``: the model's architecture
-    and type from ``config.json`` and the content of ``checkpoint_metadata.json``."""
+    """``storage`` ("zarr" or "zarr3") and ``metadata``: for EasyDeL the model's architecture
+    and type from ``config.json`` and the content of ``checkpoint_metadata.json``, for a Levanter
+    step its ``metadata.json``."""
     tree = item.tree
     if _has_index(item):
         try:
@@ -383,7 +472,7 @@ def describe(item: Item) -> dict[str, Any]:
         kinds = set(_zarr_folders(tree, item.rel).arrays.values())
     storage = "zarr3" if kinds == {ZARR3_FILE} else "zarr"
     if not _has_index(item):
-        return {"storage": storage, "metadata": None}
+        return {"storage": storage, "metadata": step_metadata(tree, item.rel)}
     metadata: dict[str, Any] = {}
     config = _json_object(tree, _join(item.rel, CONFIG_FILE)) or {}
     metadata.update({k: config[k] for k in CONFIG_FIELDS if k in config})

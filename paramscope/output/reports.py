@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any
 
+from paramscope.names import path_sort_key
 from paramscope.output.render import Column, Report, listed
 
 
@@ -84,10 +85,13 @@ def sort_rows(rows: list[dict], key: str, top: int | None = None) -> list[dict]:
         v = row.get(key)
         missing = v is None or (isinstance(v, float) and math.isnan(v))
         if key in ASCENDING:
-            return (missing, v if not missing else 0, row["path"])
-        return (missing, -v if not missing else 0, row["path"])
+            return (missing, v if not missing else 0, path_sort_key(row["path"]))
+        return (missing, -v if not missing else 0, path_sort_key(row["path"]))
 
-    ordered = sorted(rows, key=lambda r: r["path"]) if key == "path" else sorted(rows, key=value)
+    if key == "path":
+        ordered = sorted(rows, key=lambda r: path_sort_key(r["path"]))
+    else:
+        ordered = sorted(rows, key=value)
     return ordered[:top] if top is not None else ordered
 
 
@@ -121,18 +125,11 @@ def _digest_note(result) -> list[str]:
 
 
 def _short_json(value, limit: int = 200) -> str:
-    """``value`` as JSON on one line, cut after ``limit`` characters between whole tokens (a
-    number is shown exactly, or not at all), with ``...`` where it was cut."""
-    text = json.dumps(value)
-    if len(text) <= limit:
-        return text
-    kept, size = [], 0
-    for chunk in json.JSONEncoder().iterencode(value):  # chunks never split a number or a string
-        if size + len(chunk) > limit - 3:
-            break
-        kept.append(chunk)
-        size += len(chunk)
-    return "".join(kept) + "..."
+    """``value`` as JSON on one line, cut between whole values (see
+    :func:`~paramscope.io.inventory.shown_content`)."""
+    from paramscope.io.inventory import shown_content
+
+    return shown_content(value, limit)
 
 
 def _metadata_note(metadata: dict[str, Any]) -> str:
@@ -161,7 +158,13 @@ def _metadata_notes(metadata: dict[str, Any]) -> list[str]:
 
 
 def info_report(result) -> Report:
-    steps = [{"step": s.step, "name": s.name, "finished": s.finished} for s in result.steps]
+    from paramscope.io.inventory import item_kind_text, shown_content
+
+    steps = [
+        {"step": s.step, "name": s.name, "finished": s.finished}
+        | ({"saved": s.timestamp} if s.timestamp else {})
+        for s in result.steps
+    ]
     items = [
         {
             "name": i.name,
@@ -182,7 +185,8 @@ def info_report(result) -> Report:
         "items": [
             {
                 **row,
-                **({"content": i.content} if i.kind == "json" else {}),
+                **({"content": i.content} if i.kind in ("json", "iterator") else {}),
+                **({"handler": i.handler} if i.handler else {}),
                 **({"metadata": i.metadata} if i.metadata is not None else {}),
             }
             for row, i in zip(items, result.items)
@@ -190,7 +194,12 @@ def info_report(result) -> Report:
     }
     if result.step_metadata:
         payload["step_metadata"] = result.step_metadata
-    notes = [f"{i.name}: {_short_json(i.content)}" for i in result.items if i.kind == "json"]
+    notes = [f"{i.name}: {shown_content(i.content, 200)}" for i in result.items if i.kind == "json"]
+    notes += [
+        f"{i.name}: {item_kind_text(i)}" + (f": {shown_content(i.content, 200)}" if i.content else "")
+        for i in result.items
+        if i.kind in ("iterator", "unknown")
+    ]
     meta = result.step_metadata
     if meta:
         saved = ", ".join(f"{k} {meta[k]}" for k in ("started", "committed") if k in meta)
@@ -243,6 +252,7 @@ def info_report(result) -> Report:
                     Column("step", "step", "int", priority=0),
                     Column("name", "folder", "path", priority=0),
                     Column("finished", "finished", "bool", priority=0),
+                    *([Column("saved", "saved", priority=1)] if any("saved" in s for s in steps) else []),
                 ],
             )
         )
@@ -610,8 +620,8 @@ def diff_report(
         "summary": result.counts(),
         "pairing": {
             **result.rules.as_json(),
-            "a_only": sorted(r["path_a"] for r in rows if r["status"] == "removed"),
-            "b_only": sorted(r["path"] for r in rows if r["status"] == "added"),
+            "a_only": sorted((r["path_a"] for r in rows if r["status"] == "removed"), key=path_sort_key),
+            "b_only": sorted((r["path"] for r in rows if r["status"] == "added"), key=path_sort_key),
         },
         "params": rows,
     }
@@ -825,7 +835,7 @@ def history_report(inv, result, series, full: bool, sort: str = "path", top: int
     and CSV in long form (step, path, metric, value)."""
     long_rows = []
     for step in result.steps:
-        for path, stats in sorted(step.stats.items()):
+        for path, stats in sorted(step.stats.items(), key=lambda entry: path_sort_key(entry[0])):
             for metric, value in stats.items():
                 long_rows.append({"step": step.step, "path": path, "metric": metric, "value": value})
             if path in step.change:
