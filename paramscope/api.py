@@ -516,6 +516,7 @@ def unchanged_after(inv: Inventory, read: Callable[[], Any]):
     (:class:`~paramscope.errors.CheckpointChanged`)."""
     from paramscope.errors import ParamscopeError
 
+    inv.begin_read()
     try:
         result = read()
     except ParamscopeError:

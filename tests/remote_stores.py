@@ -259,7 +259,8 @@ class FlakyProxy:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":  # an answer to a HEAD has no body, as a store's
+                        self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(proxy.target, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}

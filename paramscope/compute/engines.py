@@ -372,6 +372,7 @@ def compute_stats(params: Sequence[ParamInfo] | Inventory, **options) -> ScanRes
 def _checked_scan(params, full: bool, options) -> ScanResult:
     if not isinstance(params, Inventory):
         return scan(params, full=full, **options)
+    params.begin_read()
     try:
         result = scan(params.params, full=full, **options)
     except ParamscopeError:

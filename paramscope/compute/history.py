@@ -423,7 +423,8 @@ def history(
     module docstring). ``stamp_of(step)`` is what identifies the step's data (cheap: a few small
     metadata files); ``open_step(step)`` its inventory and selected parameters. With a joined
     ``cluster``, each process reads its share of the parameters and all end with every series."""
-    stamps = [stamp_of(s) for s in steps]
+    # what identifies each step's data, for the cache alone (reading every item's metadata for it)
+    stamps = [stamp_of(s) for s in steps] if cache is not None else [None] * len(steps)
     results: list[StepResult | None] = []
     for k, step in enumerate(steps):
         hit = cache.get(step, stamps[k], full) if cache else None
@@ -442,6 +443,8 @@ def history(
             end += 1
         run = list(range(start, end + 1))
         opened = [open_step(steps[i]) for i in run]
+        for inv, _ in opened:
+            inv.begin_read()
         try:
             read, nbytes = read_steps(
                 [o[0] for o in opened],

@@ -69,6 +69,7 @@ __all__ = [
     "StoredArray",
     "audit_item",
     "check_witness",
+    "first_witness",
     "commit_timestamp",
     "custom_metadata",
     "data_stamp",
@@ -131,6 +132,17 @@ def witness(location: Location) -> tuple[tuple[str, bytes], ...]:
     return tuple(zip(rels, tree.stamps(rels))) if rels else ()
 
 
+def first_witness(location: Location, shown: str) -> tuple[tuple[str, bytes], ...]:
+    """:func:`witness`, taken when reading begins, not when the step was opened (commands that
+    read only metadata make no request for it); a file the step's listing held that is gone by
+    then is a step deleted since it was opened."""
+    now = witness(location)
+    tree = location.tree
+    if tree is not None and any(not stamp and tree.is_file(rel) for rel, stamp in now):
+        _changed(location, shown, gone=True)
+    return now
+
+
 def check_witness(location: Location, before: tuple[tuple[str, bytes], ...], shown: str) -> None:
     """Raises :class:`CheckpointChanged` when the step's files were deleted or replaced since
     :func:`witness` gave ``before``: numbers read meanwhile may mix two saves, or fill what is
@@ -139,7 +151,10 @@ def check_witness(location: Location, before: tuple[tuple[str, bytes], ...], sho
     if now == before:
         return
     existed = dict(before)
-    gone = all(not stamp for rel, stamp in now if existed.get(rel))
+    _changed(location, shown, gone=all(not stamp for rel, stamp in now if existed.get(rel)))
+
+
+def _changed(location: Location, shown: str, gone: bool):
     what = f"step {location.step.step}" if location.step and location.step.step is not None else "it"
     raise CheckpointChanged(
         f"{shown}: {what} was {'deleted' if gone else 'saved again'} while it was read",
@@ -342,10 +357,15 @@ def _orbax_item_stamp(item: Item) -> list[str]:
         for k in tree.keys()
         if k.startswith(prefix) and (k == prefix + "_METADATA" or k.endswith("manifest.ocdbt"))
     )
+    # _METADATA by its bytes (read anyway to open the item); each manifest.ocdbt, which TensorStore
+    # reads itself, by its storage generation alone (a request for no bytes), not read twice
+    metadata = [n for n in names if not n.endswith("manifest.ocdbt")]
+    manifests = [n for n in names if n.endswith("manifest.ocdbt")]
     parts = [
         f"{name} {hashlib.sha256(data).hexdigest() if data is not None else '-'}"
-        for name, data in zip(names, tree.read_many(names))
+        for name, data in zip(metadata, tree.read_many(metadata))
     ]
+    parts += [f"{name} {stamp.hex() or '-'}" for name, stamp in zip(manifests, tree.stamps(manifests))]
     if not tree.remote:
         local = tree.path(item.rel) if item.rel else tree.path()
         parts += (

@@ -84,15 +84,22 @@ class Inventory:
     views: list | None = None  # with --unstack: where each shown parameter comes from (LayerView)
     # leaves that are not arrays (strings): {"path", "type", "value"}
     values: list[dict[str, Any]] = field(default_factory=list)
-    # what identified the step's data when it was opened (:func:`checkpoint.witness`)
+    # what identified the step's data when it was opened, or (in a bucket) when reading began
+    # (:func:`checkpoint.witness`, :func:`checkpoint.first_witness`)
     location: Any = field(default=None, repr=False, compare=False)
-    witness: tuple = field(default=(), repr=False, compare=False)
+    witness: tuple | None = field(default=None, repr=False, compare=False)
+
+    def begin_read(self) -> None:
+        """Notes what identifies the step's data before its arrays are read, where it was not
+        noted when the step was opened (a request for no bytes per metadata file in a bucket);
+        raises :class:`CheckpointChanged` if the step was deleted since it was opened."""
+        if self.location is not None and self.witness is None:
+            self.witness = checkpoint.first_witness(self.location, self.shown or self.checkpoint)
 
     def check_unchanged(self) -> None:
         """Raises :class:`CheckpointChanged` when the step's files were deleted or replaced
-        since it was opened: numbers read meanwhile may mix two saves, or fill what is gone.
-        Costs a request for no bytes per metadata file."""
-        if self.location is not None and self.witness:
+        since reading began: numbers read meanwhile may mix two saves, or fill what is gone."""
+        if self.location is not None and self.witness is not None:
             checkpoint.check_witness(self.location, self.witness, self.shown or self.checkpoint)
 
     @property
@@ -254,7 +261,10 @@ def open_checkpoint(
         ParamscopeError: The path is missing, not a checkpoint, or has no such step or item.
     """
     location = checkpoint.locate(tree if tree is not None else os.fspath(path), step)
-    witness = checkpoint.witness(location)
+    # on a disk what identifies the step is noted at once (no request); in a bucket when reading
+    # begins, so that commands reading only metadata make no request for it
+    local = location.tree is not None and not location.tree.remote
+    witness = checkpoint.witness(location) if local else None
     items = _select_items(location, item)
     warnings: list[str] = []
     found = []

@@ -227,6 +227,7 @@ class Tree:
     def __init__(self, location: str | os.PathLike):
         text = os.fspath(location)
         self._keys: frozenset[str] | None = None
+        self._root_is_file: bool | None = None
         self._children: dict[str, set[str]] | None = None
         self._files: dict[str, bytes | None] = {}  # small files read, the most recent last
         self._files_bytes = 0
@@ -373,11 +374,17 @@ class Tree:
 
     def root_is_file(self) -> bool:
         """Whether the tree's own path names a file rather than a folder: one request for no
-        bytes (a HEAD in a bucket), so a multi-gigabyte file is not read to find out."""
-        import tensorstore as ts
-
+        bytes (a HEAD in a bucket), so a multi-gigabyte file is not read to find out; made once
+        per tree, as its listing is."""
         if not self.remote:
             return regular_file(self.display)
+        if self._root_is_file is None:
+            self._root_is_file = self._ask_root_is_file()
+        return self._root_is_file
+
+    def _ask_root_is_file(self) -> bool:
+        import tensorstore as ts
+
         spec = self.spec()
         path = spec["path"].rstrip("/")
         parent, _, name = path.rpartition("/")
