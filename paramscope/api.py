@@ -686,6 +686,8 @@ def diff(
             return side
         return open(side, step=step, item=item, subtree=subtree, filter=filter, unstack=rules.unstack)
 
+    if b is None and step_a is None and step_b is None and not isinstance(a, Checkpoint):
+        step_a, step_b = last_two_steps(a)
     ck_a = opened(a, step_a)
     ck_b = opened(b if b is not None else (a if not isinstance(a, Checkpoint) else a.path), step_b)
     notes = [*ck_a.warnings, *(w for w in ck_b.warnings if w not in ck_a.warnings)]
@@ -725,3 +727,18 @@ def replace_views(inv: Inventory) -> Inventory:
     from dataclasses import replace
 
     return replace(inv, views=None)
+
+
+def last_two_steps(path: str | os.PathLike) -> tuple[int, int]:
+    """The two latest finished steps of a run: what ``diff RUN`` compares when no step is named
+    (a step compared with itself says nothing)."""
+    from paramscope.io import checkpoint
+
+    location = checkpoint.locate(os.fspath(path))
+    finished = sorted(s.step for s in location.steps if s.finished and s.step is not None)
+    if location.kind != "root" or len(finished) < 2:
+        raise UsageError(
+            f"diff of {os.fspath(path)} alone needs a run of two finished steps or more",
+            hint="name the other checkpoint (diff A B), or the steps (--step-a N, --step-b M)",
+        )
+    return finished[-2], finished[-1]

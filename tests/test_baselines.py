@@ -126,6 +126,17 @@ BAD_FIELDS = {
     ),
     "shape of strings": (lambda d: d["params"][0].__setitem__("shape", ["a"]), '"shape" of', "not a list"),
     "NaN global norm": (lambda d: d.__setitem__("global_norm", float("nan")), '"global_norm"', "is nan"),
+    "digest not hexadecimal": (
+        lambda d: d["params"][0].__setitem__("digest", "zz"),
+        '"digest" of',
+        "not a digest",
+    ),
+    # two rows of one path: which would be compared is a guess (a bogus copy first, the real one after)
+    "a parameter twice": (
+        lambda d: d["params"].insert(0, {**d["params"][0], "stats": {"norm": 999.0}}),
+        "lists parameter",
+        "twice",
+    ),
 }
 
 

@@ -157,6 +157,9 @@ def test_writes_into_the_checkpoint_or_to_urls_are_refused_up_front(evil, tmp_pa
     before = _tree(root)
     link = tmp_path / "link"
     os.symlink(os.path.join(root, "2"), link)
+    linked_run = tmp_path / "linked_run"
+    linked_run.mkdir()
+    os.symlink(os.path.join(root, "2"), linked_run / "2")
     refused = [
         ("stats", root, "--plot", os.path.join(root, "2", "params", "x.png")),
         ("stats", root, "--plot", link / "x.png"),  # through a symlink
@@ -164,6 +167,10 @@ def test_writes_into_the_checkpoint_or_to_urls_are_refused_up_front(evil, tmp_pa
         ("history", root, "--cache", os.path.join(root, "2")),
         ("history", root, "--cache", link / "cache"),
         ("snapshot", root, "-o", link / "baseline.json"),
+        # a run whose step is a link: the step's real folder is the checkpoint's too
+        ("snapshot", linked_run, "-o", os.path.join(root, "2", "baseline.json")),
+        ("stats", linked_run, "--plot", os.path.join(root, "2", "params", "x.png")),
+        ("history", linked_run, "--cache", os.path.join(root, "2", "c")),
         ("stats", single, "--plot", "s3://bucket/p.png"),
         ("history", root, "--plot", "gs://bucket/h.png"),
         ("history", root, "--cache", "s3://bucket/cache"),

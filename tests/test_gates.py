@@ -287,3 +287,15 @@ def test_snapshot_holds_structure_and_float64_exact_statistics(variants):
     assert rows["dense.kernel"]["stats"]["std"] == pytest.approx(kernel.std(), rel=1e-12)
     assert doc["total"]["count"] == sum(p["count"] for p in doc["params"])
     assert math.isclose(doc["global_norm"], math.sqrt(sum(p["stats"]["norm"] ** 2 for p in doc["params"])))
+
+
+def test_diff_of_a_run_alone_compares_its_two_latest_steps(manager_ckpt):
+    alone = run("diff", manager_ckpt.path, "--format", "json")
+    assert alone.exit_code == 0, alone.stderr
+    doc = json.loads(alone.stdout)
+    assert (doc["a"]["step"], doc["b"]["step"]) == (100, 200)
+    assert "comparing step 100 with step 200, the latest two" in alone.stderr
+    named = run_json("diff", manager_ckpt.path, "--step-a", "100", "--step-b", "200")
+    assert doc["params"] == named["params"]
+    one_step = run("diff", os.path.join(manager_ckpt.path, "checkpoint_200"))
+    assert one_step.exit_code == 2 and "needs a run of two finished steps" in one_step.stderr

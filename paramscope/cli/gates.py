@@ -191,6 +191,11 @@ def diff(
     from paramscope.output.reports import diff_report, diff_summary
 
     rules = _pairing_rules(pairing)
+    if ckpt_b is None and step_a is None and step_b is None:  # a run: its two latest steps
+        from paramscope.api import last_two_steps
+
+        step_a, step_b = last_two_steps(ckpt_a)
+        common.warn(f"comparing step {step_a} with step {step_b}, the latest two", out.quiet, "note")
     baseline = baseline_at(ckpt_b) if ckpt_b is not None else None  # by content: an index is JSON too
     against_baseline = baseline is not None
     if rules.transpose and (digest_only or against_baseline):

@@ -237,7 +237,10 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     },
     "shape": (lambda v: isinstance(v, list) and all(_is_count(d) for d in v), "a list of sizes"),
     "dtype": (lambda v: isinstance(v, str), "a dtype name"),
-    "digest": (lambda v: isinstance(v, str) and bool(v), "a digest (a string)"),
+    "digest": (
+        lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+        "a digest (64 hexadecimal digits)",
+    ),
     "random_key": (lambda v: isinstance(v, str), "a key implementation's name"),
     "sharding": (lambda v: isinstance(v, list) and all(_is_spec_entry(e) for e in v), "a partition spec"),
     "global_norm": _NUMBER,
@@ -296,6 +299,8 @@ def validate(path: str, document: Any) -> Baseline:
         entry = {k: v for k, v in row.items() if k != "stats"}
         entry.update(stats or {})
         check_fields(entry, f" of {row['path']}")
+        if row["path"] in params:  # which of the two would be compared is a guess: refuse
+            raise BaselineError(f"baseline {path} lists parameter {row['path']!r} twice", hint=REGENERATE)
         params[row["path"]] = entry
     total_count = (total or {}).get("count")
     if total_count is None and schema in NUMBERS_ONLY:

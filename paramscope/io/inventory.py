@@ -270,7 +270,11 @@ def open_checkpoint(
     found = []
     for chosen in items:
         values: list[tuple[str, Any]] = []
-        found.append((chosen, checkpoint.read_arrays(chosen, warnings, values), values))
+        try:
+            found.append((chosen, checkpoint.read_arrays(chosen, warnings, values), values))
+        except ParamscopeError:  # metadata that vanished under us: a step deleted, not damage
+            checkpoint.first_witness(location, os.fspath(path))
+            raise
         warnings += checkpoint.notes(chosen)
     if item is None and len(found) > 1:
         # several pytree items and none named `params`: those holding only strings (Keras'

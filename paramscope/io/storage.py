@@ -806,5 +806,32 @@ def inside(target: str, folder: str) -> bool:
     if tree.remote or is_url(target) and not str(target).startswith("file://"):
         return False
     resolved = os.path.realpath(Tree(target).display)
-    root = os.path.realpath(tree.display)
-    return resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep)
+    for root in (os.path.realpath(tree.display), *_linked_folders(tree.display)):
+        if resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _linked_folders(folder: str, depth: int = 3) -> list[str]:
+    """Where the symlinked folders in the top ``depth`` levels of ``folder`` (linked steps and
+    items, which paramscope reads as if they were there) really are."""
+    found: list[str] = []
+    level = [folder]
+    for _ in range(depth):
+        below = []
+        for path in level:
+            try:
+                entries = list(os.scandir(path))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if not entry.is_dir():
+                        continue
+                    if entry.is_symlink():
+                        found.append(os.path.realpath(entry.path))
+                    below.append(entry.path)
+                except OSError:
+                    continue
+        level = below
+    return found
