@@ -251,8 +251,9 @@ class Checkpoint:
         from paramscope.output.reports import norms_report
 
         scanned = self._scan(False, digest, memory_budget, engine, on_bytes)
-        report = norms_report(self.inventory, self.params, scanned, per_param, sort, top)
-        return Result(report, self.warnings + self._key_note(), scanned)
+        return self._numbers(
+            norms_report(self.inventory, self.params, scanned, per_param, sort, top), scanned
+        )
 
     def stats(
         self,
@@ -268,7 +269,9 @@ class Checkpoint:
         from paramscope.output.reports import stats_report
 
         scanned = self._scan(True, digest, memory_budget, engine, on_bytes)
-        report = stats_report(self.inventory, self.params, scanned, sort, top)
+        return self._numbers(stats_report(self.inventory, self.params, scanned, sort, top), scanned)
+
+    def _numbers(self, report: Report, scanned) -> Result:
         return Result(report, self.warnings + self._key_note(), scanned)
 
     def layers(

@@ -18,10 +18,10 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint, StepNotFound, StorageError
+from paramscope.errors import CorruptCheckpoint, StorageError
 from paramscope.io import npy
 from paramscope.io.msgpack import _FileTree
-from paramscope.io.records import Item, Location, StoredArray
+from paramscope.io.records import Item, Location, StoredArray, single_file_location
 from paramscope.io.storage import Tree
 
 KIND = "equinox"
@@ -78,12 +78,7 @@ def locate(tree: Tree, step: int | None) -> Location | None:
         head = single.read_range_or_none(name, 0, MAX_LINE_BYTES)
         if _first_record(head) is None:
             return None
-    if step is not None:
-        raise StepNotFound(
-            f"--step {step} given, but {tree.display} is a single file", hint="leave out --step"
-        )
-    item = Item(name, tree.display, KIND, single, name)
-    return Location(tree.display, "item", None, [item], selected_item=name, tree=single)
+    return single_file_location(tree, single, name, KIND, step)
 
 
 def _read(tree: Tree, rel: str, start: int, stop: int) -> bytes:

@@ -28,10 +28,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint, StepNotFound, StorageError
+from paramscope.errors import CorruptCheckpoint, StorageError
 from paramscope.io import npy
 from paramscope.io.msgpack import _FileTree
-from paramscope.io.records import BytesArray, Item, Location, StoredArray
+from paramscope.io.records import BytesArray, Item, Location, StoredArray, single_file_location
 from paramscope.io.storage import Tree, read_range
 
 KIND = "npz"
@@ -105,12 +105,7 @@ def locate(tree: Tree, step: int | None) -> Location | None:
     single = _FileTree(folder or "/", name)
     if not _looks_like_npz(single.read_range_or_none(name, 0, 512), name):
         return None
-    if step is not None:
-        raise StepNotFound(
-            f"--step {step} given, but {tree.display} is a single file", hint="leave out --step"
-        )
-    item = Item(name, tree.display, KIND, single, name)
-    return Location(tree.display, "item", None, [item], selected_item=name, tree=single)
+    return single_file_location(tree, single, name, KIND, step)
 
 
 def _keys(member: str) -> tuple[str, ...]:

@@ -259,3 +259,16 @@ def numpy_dtype(name: str):
         return np.dtype(name)
     except TypeError:
         return np.dtype(getattr(ml_dtypes, name))
+
+
+def single_file_location(tree: Tree, single: Tree, name: str, kind: str, step: int | None) -> Location:
+    """The location of a checkpoint that is one file ``name`` of ``single`` (its folder): one item,
+    no steps (``--step`` is refused)."""
+    from paramscope.errors import StepNotFound
+
+    if step is not None:
+        raise StepNotFound(
+            f"--step {step} given, but {tree.display} is a single file", hint="leave out --step"
+        )
+    item = Item(name, tree.display, kind, single, name)
+    return Location(tree.display, "item", None, [item], selected_item=name, tree=single)
