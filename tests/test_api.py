@@ -135,3 +135,20 @@ def test_diff_is_the_commands_document(manager_ckpt):
     _same(same.to_dict(), _cli_json("diff", path, path, "--digest-only"))
     renamed = ps.diff(path, path, rename=["kernel$=weight"], structure_only=True)
     _same(renamed.to_dict(), _cli_json("diff", path, path, "--rename", "kernel$=weight", "--structure-only"))
+
+
+def test_check_shows_its_values_at_80_columns_with_digests_shortened(manager_ckpt, tmp_path):
+    """Digest rows made the values 64 characters wide, so a narrow table dropped them."""
+    baseline = tmp_path / "b.json"
+    assert run("snapshot", manager_ckpt.path, "--step", "100", "-o", baseline).exit_code == 0
+    result = ps.open(manager_ckpt.path).check(baseline)  # step 200: digests and numbers differ
+    digests = [v for v in result.value if v.metric == "digest"]
+    assert digests
+    text = result.to_text(width=80)
+    header = next(line for line in text.splitlines() if line.startswith("path"))
+    assert "baseline" in header and "actual" in header, text
+    assert f"{digests[0].baseline[:16]}..." in text and digests[0].baseline not in text
+    table = text.splitlines()[text.splitlines().index(header) :]
+    assert all(len(line) <= 80 for line in table)  # the path folds at dots to make room
+    csv_text = run("check", manager_ckpt.path, "-b", baseline, "-f", "csv").stdout
+    assert digests[0].baseline in csv_text  # machines get the whole digest

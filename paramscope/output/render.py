@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -109,6 +110,8 @@ def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
 
     >>> cell(197504, "count", True), cell(197504, "count", False), cell(0.1 + 0.2, "float", False)
     ('197,504', '197504', '0.30000000000000004')
+    >>> cell("ab" * 32, "value", True), len(cell("ab" * 32, "value", False))
+    ('abababababababab...', 64)
     """
     if kind == "sharding":
         return printable(spec_text(value))
@@ -130,7 +133,12 @@ def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
         return f"{value:.6g}"
     if kind == "number":  # an int among floats (a count in a column of values)
         return f"{value:,}" if human else str(value)
+    if kind == "value" and human and not exact and _DIGEST.fullmatch(str(value)):  # people read its start
+        return f"{str(value)[:16]}..."
     return printable(str(value))
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def listed(items, limit: int = 5) -> str:

@@ -706,8 +706,8 @@ def check_report(inv, baseline_file: str, baseline, compared, options, violation
         columns=[
             Column("path", "path", "path", priority=0),
             Column("metric", "metric", priority=0),
-            Column("baseline", "baseline", priority=1),
-            Column("actual", "actual", priority=1),
+            Column("baseline", "baseline", "value", priority=0),  # what check is read for: kept,
+            Column("actual", "actual", "value", priority=0),  # the path folds at dots instead
             Column("rel_diff", "rel. diff", "float", priority=0),
         ],
         notes=[f"compared {', '.join(compared) or 'nothing'} of {plural(checked, 'parameter')}: {verdict}"],
