@@ -549,3 +549,12 @@ def test_columns_are_named_by_key_or_by_header_as_shown(manager_ckpt):
     assert by_key.stdout.splitlines()[0] == "path,max_abs,zero_fraction"
     unknown = run("stats", manager_ckpt.path, "--columns", "path,biggest")
     assert unknown.exit_code == 2 and "no column 'biggest'" in unknown.stderr
+
+
+def test_markdown_total_row_fills_only_what_the_text_total_fills(manager_ckpt):
+    markdown = run("table", manager_ckpt.path, "-f", "markdown").stdout
+    total = next(line for line in markdown.splitlines() if line.startswith("| total"))
+    assert "replicated" not in total and total.rstrip().endswith("|  |")
+    text = run("table", manager_ckpt.path, "-f", "table").stdout
+    text_total = next(line for line in text.splitlines() if line.startswith("total"))
+    assert "replicated" not in text_total

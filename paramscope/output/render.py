@@ -266,8 +266,15 @@ def to_markdown(report: Report, view: View) -> str:
             columns = _choose_columns(table, view.columns if table is report else None, hide_empty=True)
             lines.append("| " + " | ".join(markdown_escape(c.header) for c in columns) + " |")
             lines.append("|" + "|".join("---:" if c.numeric else "---" for c in columns) + "|")
-            for row in [*table.rows, *([table.footer] if table.footer else [])]:
+            for row in table.rows:
                 cells = [markdown_escape(cell(row.get(c.key), c.kind, True, view.exact)) for c in columns]
+                lines.append("| " + " | ".join(cells) + " |")
+            if table.footer:  # as in the text table: a column the footer does not fill stays empty
+                foot = table.footer
+                cells = [
+                    markdown_escape(cell(foot[c.key], c.kind, True, view.exact)) if c.key in foot else ""
+                    for c in columns
+                ]
                 lines.append("| " + " | ".join(cells) + " |")
         elif not table.notes:
             lines.append(markdown_escape(table.empty))
