@@ -112,14 +112,6 @@ def _section(report: Report, name: str | None) -> Report:
     raise UsageError(f"no table {name!r} in this result", hint=f"tables: {', '.join(names)}")
 
 
-def _budget(memory_budget: int | str | None) -> int | None:
-    from paramscope.compute.plan import parse_size
-
-    if memory_budget is None or isinstance(memory_budget, int):
-        return memory_budget
-    return parse_size(memory_budget)
-
-
 def open(
     path: str | os.PathLike,
     *,
@@ -399,7 +391,7 @@ class Checkpoint:
         from paramscope.compute.verify import verify_checkpoint
         from paramscope.output.reports import verify_report
 
-        result = verify_checkpoint(self.path, self.step, self._item, _budget(memory_budget))
+        result = verify_checkpoint(self.path, self.step, self._item, memory_budget)
         return Result(verify_report(result, self.path), list(self.warnings), result)
 
 
@@ -497,7 +489,7 @@ def read_numbers(
         engine=engine,
         mesh_axes=axes,
         saved_mesh=inv.saved_mesh,
-        memory_budget=_budget(memory_budget),
+        memory_budget=memory_budget,
         digest=digest,
         on_bytes=on_bytes,
     )
@@ -620,7 +612,7 @@ def history(
         }
         keeper = HistoryCache(folder, location.path, selection)
     found = read_history(
-        chosen, stamp_of, open_step, stats, _budget(memory_budget), keeper, on_bytes=on_bytes, cluster=cluster
+        chosen, stamp_of, open_step, stats, memory_budget, keeper, on_bytes=on_bytes, cluster=cluster
     )
     notes += found.warnings
     inv, latest = open_step(chosen[-1])
@@ -715,7 +707,7 @@ def diff(
                 rtol=rtol,
                 atol=atol,
                 values=not structure_only,
-                memory_budget=_budget(memory_budget),
+                memory_budget=memory_budget,
                 on_bytes=on_bytes,
                 rules=rules,
             )

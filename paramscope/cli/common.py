@@ -260,13 +260,6 @@ def memory_budget(reading: Reading) -> int | None:
     return parse_size(reading.memory_budget) if reading.memory_budget else None
 
 
-def scalar_values(params) -> list[dict]:
-    """The values of the Python numbers among ``params``, read for the table."""
-    from paramscope.api import scalar_values
-
-    return scalar_values(params)
-
-
 def scan(
     inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, digest: bool = False, histogram=None
 ):
@@ -290,13 +283,6 @@ def scan(
     return with_progress(
         total, quiet, lambda on_bytes: read_numbers(inv, params, **options, on_bytes=on_bytes)
     )
-
-
-def unchanged_after(inv, read):
-    """``read()``, then proof that the step was not deleted or saved again meanwhile."""
-    from paramscope.api import unchanged_after
-
-    return unchanged_after(inv, read)
 
 
 def with_progress(total: int, quiet: bool, run):

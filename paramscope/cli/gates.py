@@ -229,9 +229,11 @@ def diff(
         if digest_only:
             result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined, rules)
         else:
-            result = common.unchanged_after(
+            from paramscope.api import unchanged_after
+
+            result = unchanged_after(
                 inv_a,
-                lambda: common.unchanged_after(
+                lambda: unchanged_after(
                     inv_b,
                     lambda: _by_value(
                         params_a, params_b, rtol, atol, structure_only, reading, quiet, joined, rules

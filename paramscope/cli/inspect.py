@@ -114,7 +114,9 @@ def table(
     if wd_include or wd_exclude:
         mask = common.weight_decay_mask(params, wd_include, wd_exclude, quiet)
     result = common.scan(inv, params, stats, reading, quiet, joined, digest) if reads else None
-    inv.values = inv.values + common.scalar_values(params)
+    from paramscope.api import scalar_values
+
+    inv.values = inv.values + scalar_values(params)
     stacked = {v.info.path: f"axis {v.stack.axis}, {v.stack.rule}" for v in inv.views or () if v.stack}
     report = table_report(inv, params, mask, result, full=stats, sort=sort.value, top=top, stacked=stacked)
     common.emit(report, out)

@@ -58,7 +58,7 @@ from paramscope.io.records import (
     fill_problem,
     numpy_dtype,
 )
-from paramscope.io.storage import Tree, read_range
+from paramscope.io.storage import Tree, read_range, rel_path
 
 __all__ = [
     "ArrayReadError",
@@ -119,14 +119,14 @@ def witness(location: Location) -> tuple[tuple[str, bytes], ...]:
         return ()
     rels = []
     if location.step_rel is not None:
-        rels.append(_join(location.step_rel, "_CHECKPOINT_METADATA"))
+        rels.append(rel_path(location.step_rel, "_CHECKPOINT_METADATA"))
     for item in location.items:
         if item.tree is not tree:
             continue
         if item.rel and tree.is_file(item.rel):
             rels.append(item.rel)
         else:
-            rels += [_join(item.rel, "_METADATA"), _join(item.rel, "manifest.ocdbt")]
+            rels += [rel_path(item.rel, "_METADATA"), rel_path(item.rel, "manifest.ocdbt")]
         rels += getattr(_module(item.kind), "witness_files", lambda _: [])(item)
     rels = [rel for rel in dict.fromkeys(rels) if rel]
     return tuple(zip(rels, tree.stamps(rels))) if rels else ()
@@ -160,10 +160,6 @@ def _changed(location: Location, shown: str, gone: bool):
         f"{shown}: {what} was {'deleted' if gone else 'saved again'} while it was read",
         hint="a trainer removed or replaced it (e.g. max_to_keep); read it again, or a step that is kept",
     )
-
-
-def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}" if folder else name
 
 
 def locate(

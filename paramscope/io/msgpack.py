@@ -36,7 +36,7 @@ from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound, S
 from paramscope.io import orbax
 from paramscope.io.msgpack_walk import Leaf, Malformed, walk
 from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
-from paramscope.io.storage import Tree, read_range
+from paramscope.io.storage import Tree, read_range, rel_path
 from paramscope.names import join_keys
 
 KIND = "msgpack"
@@ -68,7 +68,7 @@ class _Document:
 
     @property
     def rel(self) -> str:
-        return _join(self.folder, self.name)
+        return rel_path(self.folder, self.name)
 
 
 class _FileTree(Tree):
@@ -87,10 +87,6 @@ class _FileTree(Tree):
 _DOCUMENTS_PER_TREE = 4
 
 
-def _join(*parts: str) -> str:
-    return "/".join(p for p in parts if p)
-
-
 def _file_of(item: Item) -> tuple[str, str, bool]:
     """(folder, file name, whether the item is an Orbax item folder) of an item's msgpack file."""
     if item.rel and item.tree.is_file(item.rel):
@@ -102,7 +98,7 @@ def _file_of(item: Item) -> tuple[str, str, bool]:
 def _document(item: Item) -> _Document:
     folder, name, _ = _file_of(item)
     cache: dict[str, _Document] = item.tree.derived.setdefault("msgpack documents", {})
-    rel = _join(folder, name)
+    rel = rel_path(folder, name)
     doc = cache.pop(rel, None)
     if doc is None:
         doc = _Document(item.tree, folder, name, _read_leaves(item.tree, folder, name))
@@ -113,7 +109,7 @@ def _document(item: Item) -> _Document:
 
 
 def _read_leaves(tree: Tree, folder: str, name: str) -> list[Leaf]:
-    rel = _join(folder, name)
+    rel = rel_path(folder, name)
     size = tree.file_size(rel)
     if size is None:
         raise CorruptCheckpoint(
@@ -232,7 +228,7 @@ def locate(tree: Tree, step: int | None) -> Location | None:
 
 def _strings(tree: Tree, folder: str, problems: list[str]) -> dict[str, Any]:
     """The string leaves an Orbax 0.4 item keeps in ``_strings.json``, by dotted name."""
-    rel = _join(folder, STRINGS_FILE)
+    rel = rel_path(folder, STRINGS_FILE)
     if not tree.is_file(rel):
         return {}
     try:
@@ -358,7 +354,9 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
         else:
             kv, prefix = _gda_store(doc)
             shardings = {}
-            entries = [(leaf.keys or root, _join(prefix, name), "jax.Array") for leaf, name in placeholders]
+            entries = [
+                (leaf.keys or root, rel_path(prefix, name), "jax.Array") for leaf, name in placeholders
+            ]
         box_of = {id(leaf): box for leaf, box in zip(doc.leaves, boxed)}
         placed = [box_of[id(leaf)] for leaf, _ in placeholders]
         stored = iter(orbax.zarr_arrays(kv, entries, shardings, where, placed))
@@ -382,7 +380,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
 def _metadata_leaves(tree: Tree, folder: str) -> set[str] | None:
     """Dotted names of the leaves an Orbax 0.4 ``_METADATA`` lists (None leaves left out);
     None when there is no ``_METADATA``; CorruptCheckpoint when it is unreadable."""
-    rel = _join(folder, orbax.TREE_METADATA)
+    rel = rel_path(folder, orbax.TREE_METADATA)
     if not tree.is_file(rel):
         return None
     meta = orbax.read_json(tree, rel)
@@ -429,10 +427,10 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
         if gda:
             prefix = doc.name + GDA_SUFFIX
             gda_tree = doc.tree if not isinstance(doc.tree, _FileTree) else Tree(doc.tree.path(prefix))
-            base = _join(doc.folder, prefix) if gda_tree is doc.tree else ""
+            base = rel_path(doc.folder, prefix) if gda_tree is doc.tree else ""
             for name in sorted(_stored_zarr_names(gda_tree, base) - set(gda)):
                 problems.append((name, f"stored in {prefix}/, but no placeholder in {doc.name} names it"))
-            if doc.tree.scheme == "gs" and not gda_tree.is_file(_join(base, orbax.COMMIT_MARKER)):
+            if doc.tree.scheme == "gs" and not gda_tree.is_file(rel_path(base, orbax.COMMIT_MARKER)):
                 problems.append(
                     (None, f"{prefix}/{orbax.COMMIT_MARKER} is missing: flax refuses to restore it from GCS")
                 )
@@ -472,7 +470,7 @@ def describe(item: Item) -> dict[str, Any]:
     beside = _placeholders(doc, orbax_item, _strings(doc.tree, doc.folder, []) if orbax_item else {})
     kinds = ["msgpack"] if inline or not beside else []
     if beside:
-        ocdbt = orbax_item and doc.tree.is_file(_join(doc.folder, orbax.OCDBT_MANIFEST))
+        ocdbt = orbax_item and doc.tree.is_file(rel_path(doc.folder, orbax.OCDBT_MANIFEST))
         kinds.append("ocdbt" if ocdbt else "zarr")
     return {"storage": "+".join(kinds), "metadata": None}
 
@@ -486,7 +484,7 @@ def notes(item: Item) -> list[str]:
         return []
     index = f"{match.group('base')}.msgpack.index.json"
     where = Tree(item.tree.display) if isinstance(item.tree, _FileTree) else item.tree
-    rel = index if isinstance(item.tree, _FileTree) else _join(folder, index)
+    rel = index if isinstance(item.tree, _FileTree) else rel_path(folder, index)
     beside = f"; its index {where.path(rel)} reads them all" if where.is_file(rel) else ""
     return [
         f"{name} is shard {int(match.group('index'))} of {int(match.group('count'))} of a sharded Flax "
@@ -501,8 +499,8 @@ def disk_usage(item: Item) -> int | None:
         return None
     if orbax_item:
         return item.tree.size(item.rel)
-    total = item.tree.file_size(_join(folder, name)) or 0
+    total = item.tree.file_size(rel_path(folder, name)) or 0
     if isinstance(item.tree, _FileTree):
         gda = item.tree.path(name + GDA_SUFFIX)
         return total + (Tree(gda).size() or 0 if os.path.isdir(gda) else 0)
-    return total + (item.tree.size(_join(folder, name + GDA_SUFFIX)) or 0)
+    return total + (item.tree.size(rel_path(folder, name + GDA_SUFFIX)) or 0)

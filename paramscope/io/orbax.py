@@ -37,7 +37,7 @@ from paramscope.io.records import (
     StoredArray,
     dtype_info,
 )
-from paramscope.io.storage import Tree, load_json, short_error
+from paramscope.io.storage import Tree, load_json, rel_path, short_error
 from paramscope.names import BOX_VALUE_KEY, join_keys
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -65,10 +65,6 @@ _TMP_STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)\.orbax-checkpoi
 # Layout
 
 
-def _join(*parts: str) -> str:
-    return "/".join(p for p in parts if p)
-
-
 def _parse_json(raw: bytes | None, where: str) -> Any:
     try:
         if raw is None:
@@ -86,9 +82,9 @@ def read_json(tree: Tree, rel: str) -> Any:
 
 
 def _is_finished_step(tree: Tree, rel: str) -> bool:
-    if tree.is_file(_join(rel, COMMIT_MARKER)):
+    if tree.is_file(rel_path(rel, COMMIT_MARKER)):
         return True
-    meta_path = _join(rel, CHECKPOINT_METADATA)
+    meta_path = rel_path(rel, CHECKPOINT_METADATA)
     if tree.is_file(meta_path):
         try:
             meta = load_json(tree.read(meta_path) or b"")
@@ -100,38 +96,38 @@ def _is_finished_step(tree: Tree, rel: str) -> bool:
     # renames the folder to its step's name once written).
     if _item_kind(tree, rel) == "msgpack":
         return True
-    kinds = {_item_kind(tree, _join(rel, name)) for name in tree.subdirs(rel)}
+    kinds = {_item_kind(tree, rel_path(rel, name)) for name in tree.subdirs(rel)}
     return bool(kinds - {"unknown", "damaged"})
 
 
 def _item_kind(tree: Tree, rel: str) -> str:
     # ArrayCheckpointHandler items hold one plain zarr array in `checkpoint/` (recent versions
     # add a _METADATA naming just that key), so they are recognised before pytrees.
-    array_dir = _join(rel, ARRAY_ITEM_NAME)
-    if tree.is_file(_join(array_dir, ".zarray")) or tree.is_file(_join(array_dir, "zarr.json")):
+    array_dir = rel_path(rel, ARRAY_ITEM_NAME)
+    if tree.is_file(rel_path(array_dir, ".zarray")) or tree.is_file(rel_path(array_dir, "zarr.json")):
         return "array"
     if tree.is_file(array_dir):
         return "msgpack"  # Orbax <= 0.4: the tree as one msgpack file (paramscope.io.msgpack)
-    if tree.is_file(_join(rel, TREE_METADATA)):
+    if tree.is_file(rel_path(rel, TREE_METADATA)):
         return "pytree"
     if _json_file(tree, rel) is not None:
         return "json"
-    if any(tree.exists(_join(rel, marker)) for marker in _PYTREE_MARKERS):
+    if any(tree.exists(rel_path(rel, marker)) for marker in _PYTREE_MARKERS):
         return "damaged"  # the files of a pytree item, without the _METADATA that describes them
     return "unknown"
 
 
 def _started_step(tree: Tree, rel: str) -> bool:
     """Whether an unfinished folder named like a step was begun by a checkpoint writer."""
-    if tree.is_file(_join(rel, CHECKPOINT_METADATA)):
+    if tree.is_file(rel_path(rel, CHECKPOINT_METADATA)):
         return True
-    return any(_item_kind(tree, _join(rel, name)) != "unknown" for name in tree.subdirs(rel))
+    return any(_item_kind(tree, rel_path(rel, name)) != "unknown" for name in tree.subdirs(rel))
 
 
 def _list_steps(tree: Tree, rel: str = "") -> list[tuple[Step, str]]:
     steps = []
     for name in tree.subdirs(rel):
-        step_rel = _join(rel, name)
+        step_rel = rel_path(rel, name)
         tmp = _TMP_STEP_NAME.match(name)
         if tmp:
             steps.append((Step(name, tree.path(step_rel), int(tmp.group("step")), finished=False), step_rel))
@@ -152,7 +148,7 @@ def list_steps(root: str) -> list[Step]:
 def _list_items(tree: Tree, step_rel: str) -> list[Item]:
     items = []
     for name in tree.subdirs(step_rel):
-        rel = _join(step_rel, name)
+        rel = rel_path(step_rel, name)
         items.append(Item(name, tree.path(rel), _item_kind(tree, rel), tree, rel))
     return [i for i in items if i.kind != "unknown"]
 
@@ -173,7 +169,7 @@ def _with_other_items(tree: Tree, step_rel: str, items: list[Item]) -> list[Item
     not read (kind "unknown", its handler kept). Each item is listed with its handler."""
     handlers: dict[str, str] = {}
     try:
-        meta = read_json(tree, _join(step_rel, CHECKPOINT_METADATA))
+        meta = read_json(tree, rel_path(step_rel, CHECKPOINT_METADATA))
         named = meta.get("item_handlers") if isinstance(meta, dict) else None
         if isinstance(named, dict):
             handlers = {str(k): str(v) for k, v in named.items()}
@@ -182,7 +178,7 @@ def _with_other_items(tree: Tree, step_rel: str, items: list[Item]) -> list[Item
     listed = {item.name: item for item in items}
     out = []
     for name in tree.subdirs(step_rel):
-        rel, handler = _join(step_rel, name), handlers.get(name, "")
+        rel, handler = rel_path(step_rel, name), handlers.get(name, "")
         if name in listed:
             item = listed[name]
             out.append(Item(item.name, item.path, item.kind, tree, item.rel, handler))
@@ -304,7 +300,7 @@ def _checkpoints_below(tree: Tree, rel: str, depth: int = 2) -> list[str]:
     """Folders up to ``depth`` levels below ``rel`` that hold a checkpoint (for a hint), relative."""
     found = []
     for name in tree.subdirs(rel):
-        below = _join(rel, name)
+        below = rel_path(rel, name)
         if _list_steps(tree, below) or _list_items(tree, below) or _item_kind(tree, below) != "unknown":
             found.append(name + "/")
         elif depth > 1:
@@ -317,7 +313,7 @@ def read_step_metadata(location: Location) -> Any:
     if location.tree is None:
         return None
     # an item folder written on its own (``PyTreeCheckpointer().save(path)``) has its own
-    rel = _join(location.step_rel or "", CHECKPOINT_METADATA)
+    rel = rel_path(location.step_rel or "", CHECKPOINT_METADATA)
     if location.step_rel is None and location.kind != "item":
         return None
     return read_json(location.tree, rel) if location.tree.is_file(rel) else None
@@ -327,14 +323,14 @@ def _json_file(tree: Tree, rel: str) -> str | None:
     """The file of a JsonCheckpointHandler item: ``metadata`` (its default) or the item's name."""
     own = (rel or tree.display).rstrip("/").rsplit("/", 1)[-1]
     for name in (JSON_ITEM_FILE, own):
-        candidate = _join(rel, name)
+        candidate = rel_path(rel, name)
         if tree.is_file(candidate):
             return candidate
     return None
 
 
 def read_json_item(item: Item) -> Any:
-    return read_json(item.tree, _json_file(item.tree, item.rel) or _join(item.rel, JSON_ITEM_FILE))
+    return read_json(item.tree, _json_file(item.tree, item.rel) or rel_path(item.rel, JSON_ITEM_FILE))
 
 
 def disk_usage(item: Item) -> int | None:
@@ -358,11 +354,11 @@ def step_bytes(path: str, step: int | None = None) -> int:
 
 def kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict[str, Any]:
     """The kvstore of an item's arrays: its OCDBT database, or plain zarr folders."""
-    if tree.is_file(_join(folder, OCDBT_MANIFEST)):
+    if tree.is_file(rel_path(folder, OCDBT_MANIFEST)):
         return {"driver": "ocdbt", "base": tree.spec(folder), "cache_pool": storage.INDEX_CACHE}
     if use_ocdbt or any(name.startswith("ocdbt.process_") for name in tree.subdirs(folder)):
         raise CorruptCheckpoint(
-            f"{tree.path(_join(folder, OCDBT_MANIFEST))} is missing",
+            f"{tree.path(rel_path(folder, OCDBT_MANIFEST))} is missing",
             hint="the root of the item's OCDBT database is gone; the item cannot be read",
         )
     return tree.spec(folder)
@@ -370,7 +366,7 @@ def kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict
 
 def storage_format(item: Item) -> str:
     """'ocdbt' or 'zarr' (plain folders), for an item that holds arrays."""
-    folder = item.rel if item.kind == "pytree" else _join(item.rel, ARRAY_ITEM_NAME)
+    folder = item.rel if item.kind == "pytree" else rel_path(item.rel, ARRAY_ITEM_NAME)
     return "ocdbt" if kvstore_spec(item.tree, folder)["driver"] == "ocdbt" else "zarr"
 
 
@@ -400,7 +396,7 @@ def read_shardings(
 ) -> dict[str, SavedSharding | None]:
     """Saved shardings by dotted name. A missing (when ``expected``) or damaged file leaves them
     unknown (the arrays are still readable) and adds a line to ``problems``."""
-    rel = _join(item_rel, SHARDING_FILE)
+    rel = rel_path(item_rel, SHARDING_FILE)
     path = tree.path(rel)
     if not tree.is_file(rel):
         if expected:
@@ -431,8 +427,8 @@ def _tree_entries(
     the arrays live in an OCDBT database; and whether it says every chunk was written
     (``store_array_data_equal_to_fill_value``, Orbax 0.7 on: older writers skipped chunks
     equal to the fill value, which then read as that value)."""
-    path = tree.path(_join(item_rel, TREE_METADATA))
-    meta = read_json(tree, _join(item_rel, TREE_METADATA))
+    path = tree.path(rel_path(item_rel, TREE_METADATA))
+    meta = read_json(tree, rel_path(item_rel, TREE_METADATA))
     tree = meta.get("tree_metadata") if isinstance(meta, dict) else None
     if not isinstance(tree, dict):
         raise CorruptCheckpoint(
@@ -666,7 +662,7 @@ def _read_strings(
     problems: list[str],
 ) -> list[tuple[str, Any]]:
     """The string leaves of an item, from its ``_strings.json`` (by Orbax's dotted names)."""
-    rel = _join(item.rel, STRINGS_FILE)
+    rel = rel_path(item.rel, STRINGS_FILE)
     raw = item.tree.read(rel)
     try:
         stored = load_json(raw) if raw is not None else None
@@ -689,7 +685,7 @@ def _read_strings(
 def _random_key_impls(item: Item) -> dict[str, str]:
     """The arrays that hold typed PRNG keys (``jax.random.key``), with their implementation, from
     ``array_metadatas/`` (Orbax stores a key array as its uint32 key data, and says so there)."""
-    folder = _join(item.rel, "array_metadatas")
+    folder = rel_path(item.rel, "array_metadatas")
     found: dict[str, str] = {}
     for name in sorted(k for k in item.tree.keys() if k.startswith(folder + "/process_")):
         try:

@@ -218,6 +218,15 @@ def credentials_hint(scheme: str) -> str:
 FILES_BYTES = 32 << 20  # small files a tree keeps once read
 
 
+def rel_path(*parts: str) -> str:
+    """Keys of a tree joined by ``/``, empty parts (the tree's own folder) left out.
+
+    >>> rel_path("", "3", "params", "_METADATA"), rel_path("")
+    ('3/params/_METADATA', '')
+    """
+    return "/".join(p for p in parts if p)
+
+
 class Tree:
     """A folder, local or in a bucket, listed once and read through one TensorStore kvstore.
 

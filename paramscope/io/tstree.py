@@ -34,7 +34,7 @@ from typing import Any
 from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound
 from paramscope.io import orbax
 from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
-from paramscope.io.storage import Tree, load_json, regular_file
+from paramscope.io.storage import Tree, load_json, regular_file, rel_path
 from paramscope.names import join_keys
 
 KIND = "tensorstore"
@@ -58,10 +58,6 @@ _ORBAX_FILES = frozenset(
     }
 )
 _INDEX_HINT = "the checkpoint's tensorstore_index.json is damaged; re-save or restore it from a copy"
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p for p in parts if p)
 
 
 def _base(rel: str) -> str:
@@ -117,7 +113,7 @@ def _drop_groups(tree: Tree, prefix: str, found: dict[str, str]) -> dict[str, st
         parents.update("/".join(parts[:i]) for i in range(len(parts)))
     groups = {f for f in v3 if f in parents}
     lone = [f for f in v3 if f not in groups and not tree.subdirs(prefix + f)]
-    for folder, raw in zip(lone, tree.read_many([prefix + _join(f, ZARR3_FILE) for f in lone])):
+    for folder, raw in zip(lone, tree.read_many([prefix + rel_path(f, ZARR3_FILE) for f in lone])):
         try:
             if load_json(raw or b"null").get("node_type") == "group":
                 groups.add(folder)
@@ -169,7 +165,7 @@ def locate(tree: Tree, step: int | None = None, allow_unfinished: bool = False) 
 def step_metadata(tree: Tree, rel: str) -> dict[str, Any] | None:
     """A Levanter step's ``metadata.json``: a JSON object with an integer ``step``; None where
     there is none (or it is not whole: the step is then unfinished)."""
-    file = _join(rel, STEP_METADATA_FILE)
+    file = rel_path(rel, STEP_METADATA_FILE)
     if not tree.is_file(file):
         return None
     try:
@@ -242,13 +238,13 @@ class _Entry:
 
 
 def _has_index(item: Item) -> bool:
-    return item.tree.is_file(_join(item.rel, INDEX_FILE))
+    return item.tree.is_file(rel_path(item.rel, INDEX_FILE))
 
 
 def _index_entries(item: Item) -> list[_Entry]:
     """The arrays ``tensorstore_index.json`` lists, named; :class:`CorruptCheckpoint` when it is
     unreadable or not of the expected structure."""
-    rel = _join(item.rel, INDEX_FILE)
+    rel = rel_path(item.rel, INDEX_FILE)
     where = item.tree.path(rel)
     index = orbax.read_json(item.tree, rel)
     prefixes = index.get("prefixes") if isinstance(index, dict) else None
@@ -282,9 +278,9 @@ def _index_entries(item: Item) -> list[_Entry]:
 
 
 def _stored_kind(tree: Tree, folder: str) -> str | None:
-    if tree.is_file(_join(folder, ZARR2_FILE)):
+    if tree.is_file(rel_path(folder, ZARR2_FILE)):
         return ZARR2_FILE
-    return ZARR3_FILE if tree.is_file(_join(folder, ZARR3_FILE)) else None
+    return ZARR3_FILE if tree.is_file(rel_path(folder, ZARR3_FILE)) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,10 +292,10 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
     tree = item.tree
     if _has_index(item):
         entries = _index_entries(item)
-        missing = [join_keys(e.keys) for e in entries if not _stored_kind(tree, _join(item.rel, e.folder))]
+        missing = [join_keys(e.keys) for e in entries if not _stored_kind(tree, rel_path(item.rel, e.folder))]
         if missing:
             raise CorruptCheckpoint(
-                f"{_arrays(len(missing))} listed in {tree.path(_join(item.rel, INDEX_FILE))} "
+                f"{_arrays(len(missing))} listed in {tree.path(rel_path(item.rel, INDEX_FILE))} "
                 f"{'is' if len(missing) == 1 else 'are'} not stored: {_few(missing)}",
                 hint="the checkpoint is incomplete: an array folder is missing",
             )
@@ -397,7 +393,7 @@ def _own_array(item: Item) -> list[StoredArray]:
 
 def witness_files(item: Item) -> list[str]:
     """Levanter writes a step's ``metadata.json`` again whenever it saves the step."""
-    return [_join(item.rel, STEP_METADATA_FILE)]
+    return [rel_path(item.rel, STEP_METADATA_FILE)]
 
 
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
@@ -430,7 +426,7 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
     for folder in sorted(set(_zarr_folders(item.tree, item.rel).arrays) - listed):
         problems.append((folder, f"stored, but not listed in {INDEX_FILE}"))
     for file in (CHECKPOINT_METADATA_FILE, CONFIG_FILE):
-        rel = _join(item.rel, file)
+        rel = rel_path(item.rel, file)
         if item.tree.is_file(rel) and not isinstance(_json_object(item.tree, rel), dict):
             problems.append((None, f"{item.tree.path(rel)} is not a JSON object"))
     return problems
@@ -464,7 +460,7 @@ def describe(item: Item) -> dict[str, Any]:
     tree = item.tree
     if _has_index(item):
         try:
-            folders = [_join(item.rel, e.folder) for e in _index_entries(item)]
+            folders = [rel_path(item.rel, e.folder) for e in _index_entries(item)]
         except CorruptCheckpoint:
             folders = []
         kinds = {_stored_kind(tree, f) for f in folders}
@@ -474,8 +470,8 @@ def describe(item: Item) -> dict[str, Any]:
     if not _has_index(item):
         return {"storage": storage, "metadata": step_metadata(tree, item.rel)}
     metadata: dict[str, Any] = {}
-    config = _json_object(tree, _join(item.rel, CONFIG_FILE)) or {}
+    config = _json_object(tree, rel_path(item.rel, CONFIG_FILE)) or {}
     metadata.update({k: config[k] for k in CONFIG_FIELDS if k in config})
-    saved = _json_object(tree, _join(item.rel, CHECKPOINT_METADATA_FILE)) or {}
+    saved = _json_object(tree, rel_path(item.rel, CHECKPOINT_METADATA_FILE)) or {}
     metadata.update({k: v for k, v in saved.items() if k not in metadata})
     return {"storage": storage, "metadata": metadata or None}
