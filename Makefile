@@ -2,12 +2,12 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,8 +23,11 @@ lint: install
 	$(VENV)/bin/ruff check paramscope tests scripts
 	$(VENV)/bin/ruff format --check paramscope tests scripts
 
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 format: install
 	$(VENV)/bin/ruff format paramscope tests scripts
 
 clean:
-	rm -rf $(VENV) demo_ckpt
+	rm -rf $(VENV) demo_ckpt site

@@ -1,4 +1,10 @@
-"""paramscope: inspect sharded Orbax checkpoints of JAX models.
+"""paramscope: inspect JAX checkpoints without the model code.
+
+It reads Orbax checkpoints (0.4 to v1, OCDBT or zarr, any mesh), flax msgpack files, safetensors,
+Hugging Face Flax folders, numpy ``.npz`` archives, Equinox files, EasyDeL checkpoints, plain zarr
+trees and Levanter runs, on disk or in ``gs://`` and ``s3://`` buckets. :func:`paramscope.open`
+is the front door of the Python API (:mod:`paramscope.api`); every command of the CLI is a view
+of it.
 
 The library half offers the parameter utilities of xLSTM-JAX's trainer for in-memory pytrees
 (:mod:`paramscope.param_utils`) and readers for checkpoints on disk

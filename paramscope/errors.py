@@ -26,7 +26,7 @@ class CheckpointNotFound(ParamscopeError):
 
 
 class NotACheckpoint(ParamscopeError):
-    """The path exists but holds no Orbax checkpoint paramscope can read."""
+    """The path exists but holds no checkpoint in a format paramscope reads."""
 
 
 class StepNotFound(ParamscopeError):

@@ -1,6 +1,7 @@
 """The command line, through typer's CliRunner and as a real process, on real checkpoints."""
 
 import csv
+import glob
 import io
 import json
 import math
@@ -221,8 +222,12 @@ def test_version_and_help():
     from paramscope import __version__
 
     assert run("--version").stdout.strip() == f"paramscope {__version__}"
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+    site = glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+    pages = [os.path.join(ROOT, "README.md"), *site]
+    manual = ""
+    for page in pages:
+        with open(page) as f:
+            manual += f.read()
     assert run("-V").stdout == run("--version").stdout
     listing = run("--help").stdout
     commands = re.findall(r"^│ ([a-z]+) ", listing, re.M)
@@ -230,7 +235,7 @@ def test_version_and_help():
     for command in commands:
         result = run(command, "--help")
         assert result.exit_code == 0 and "Examples:" in result.stdout
-        assert f"paramscope {command}" in readme
+        assert f"paramscope {command}" in manual
 
 
 def _process(*args, env=None):

@@ -13,7 +13,7 @@ from paramscope.compute import digest as D
 
 
 def reference_digest(x: np.ndarray) -> str:
-    """The README's reference implementation, verbatim."""
+    """The manual's reference implementation (docs/commands/snapshot-check.md), verbatim."""
     data = np.ascontiguousarray(x).astype(x.dtype.newbyteorder("<")).tobytes()
     leaves = b"".join(blake3(data[i : i + 2**20]).digest() for i in range(0, len(data), 2**20))
     header = json.dumps({"dtype": x.dtype.name, "shape": list(x.shape)}, separators=(",", ":"))
@@ -236,8 +236,9 @@ def test_the_readme_reference_implementation_gives_the_same_digests():
     import os
     import re
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-    code = re.search(r"```python\n(# reference digest of one array\n.*?)```", readme, re.S).group(1)
+    root = os.path.dirname(os.path.dirname(__file__))
+    page = open(os.path.join(root, "docs", "commands", "snapshot-check.md")).read()
+    code = re.search(r"```python\n(# reference digest of one array\n.*?)```", page, re.S).group(1)
     namespace = {}
     exec(code, namespace)
     for x in (np.arange(700_001, dtype=np.float32), np.ones((3, 5), ml_dtypes.bfloat16), np.zeros((0, 8))):

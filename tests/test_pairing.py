@@ -249,8 +249,8 @@ LAYERS, IN, OUT = 3, 8, 12
 
 
 def readme_map() -> str:
-    """The map file the README shows for a scanned linen model against per-layer HF tensors."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    """The map file the manual shows for a scanned linen model against per-layer HF tensors."""
+    with open(os.path.join(ROOT, "docs", "commands", "diff.md")) as f:
         text = f.read()
     return re.search(r"```toml\n# linen_to_hf\.toml\n(.*?)```", text, re.S).group(1)
 
@@ -306,7 +306,7 @@ def test_scanned_layers_pair_with_per_layer_tensors(scanned):
         assert row["a"]["shape"] == [IN, OUT] and row["b"]["shape"] == [OUT, IN]
         assert row["norm_a"] == pytest.approx(f64_norm(kernel[i]), rel=1e-12) and row["max_abs_diff"] == 0
     assert not rows["model.embed_tokens.weight"]["transposed"]
-    # the README's map file (unstack = true in it) says the same
+    # the manual's map file (unstack = true in it) says the same
     assert run_json("diff", a, b, "--map", toml) == doc
     # and without --unstack the stack pairs with nothing
     stacked = run_json("diff", a, b, *options[1:], "-q")

@@ -52,10 +52,10 @@ def _main(
         ),
     ] = False,
 ) -> None:
-    """Inspect sharded Orbax checkpoints of JAX models without the model code.
+    """Inspect JAX checkpoints (Orbax, flax, safetensors, ...) without the model code.
 
-    Start here: `paramscope table CKPT`, where CKPT is a CheckpointManager root, a step
-    folder or an item folder; then `paramscope norms CKPT --per-param`.
+    Start here: `paramscope table CKPT`, where CKPT is a checkpoint folder or file, such as
+    an Orbax CheckpointManager root, a step or an item folder; then `paramscope norms CKPT --per-param`.
 
     Data goes to stdout, messages to stderr. Exit codes: 0 ok, 1 a check failed, 2 usage error,
     3 checkpoint problem, 4 internal error.

@@ -240,9 +240,10 @@ def digest(tree) -> str | dict[str, str]:
     script can record them at save time, and CI check them later. Paths are dotted as the CLI
     shows them (flax boxes and NNX variables unboxed); leaves that are not arrays are left out.
 
-    >>> import numpy as np
-    >>> digest({"w": np.arange(4, dtype=np.int32)})["w"][:16]
-    '9bf1bd77d2e794f8'
+    Examples:
+        >>> import numpy as np
+        >>> digest({"w": np.arange(4, dtype=np.int32)})["w"][:16]
+        '9bf1bd77d2e794f8'
     """
     if hasattr(tree, "shape") and hasattr(tree, "dtype"):
         return digest_of(np.asarray(tree))
