@@ -412,7 +412,7 @@ def test_csv_numbers_are_machine_values(manager_ckpt):
     assert float(by_path["(global)"]["norm"]) == doc["global_norm"]  # full precision
     groups = run("count", manager_ckpt.path, "-f", "csv").stdout.splitlines()
     dtypes = run("count", manager_ckpt.path, "-f", "csv", "--show", "dtypes").stdout.splitlines()
-    assert groups[0] == "path,leaves,count,bytes" and dtypes[0] == "dtype,count,bytes"
+    assert groups[0] == "path,arrays,count,bytes" and dtypes[0] == "dtype,count,bytes"
     steps = run("info", manager_ckpt.path, "-f", "csv", "--show", "steps").stdout.splitlines()
     assert steps[0] == "step,name,finished" and steps[1].startswith("100,")
 

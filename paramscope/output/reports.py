@@ -629,11 +629,11 @@ def diff_report(
         payload=payload,
         title=f"A {where(inv_a)}\nB {where(inv_b)}",
         rows=shown,
-        # status and the change (structure, rel. diff) are what diff exists for: they stay longest;
+        # status and rel. diff are what diff exists for: they stay; the structure goes last of the rest;
         # A's path is shown only where it differs from the name the pair goes by; digests only
         # when they are what was compared (JSON: always)
         columns=[
-            *columns("path", "status", "changes", essential=("status", "changes")),
+            *columns("path", "status", "changes"),
             replace(field("path_a"), unless_equal="path"),
             *columns("norm_a", "norm_b", "diff_norm", "rel_diff", "cosine", "max_abs_diff"),
             *([] if values_compared else columns("digest_a", "digest_b")),
