@@ -297,7 +297,10 @@ def sharding_is_null_only_where_not_stored(out: Outputs):
     for row in table:
         spec = row["sharding"]
         assert spec is None or len(spec) == len(row["shape"]), row["path"]
-    lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    lines: dict[str, str] = {}
+    for line in text.splitlines():  # the arrays' rows come before the values section
+        if line.strip():
+            lines.setdefault(line.split()[0], line)
     for row in table:
         line = lines.get(row["path"])
         if line is None:
