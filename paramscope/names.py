@@ -115,3 +115,19 @@ def prefix_groups(path: str, depth: int) -> str:
     if depth <= 0:
         return ""
     return ".".join(split_path(path)[:depth])
+
+
+def spec_text(spec) -> str:
+    """A saved sharding as text: a partition spec the way JAX prints one, ``replicated`` where
+    no dimension is split, ``-`` where the format stores none (None).
+
+    >>> spec_text((None, "model")), spec_text([["data", "fsdp"], None]), spec_text([None, None])
+    ("P(None, 'model')", "P(('data', 'fsdp'), None)", 'replicated')
+    >>> spec_text(None)
+    '-'
+    """
+    if spec is None:
+        return "-"
+    if all(e is None for e in spec):
+        return "replicated"
+    return "P(" + ", ".join(repr(tuple(e)) if isinstance(e, (list, tuple)) else repr(e) for e in spec) + ")"

@@ -251,9 +251,9 @@ def get_param_mask_fn(
 
 
 def _sharding_label(leaf: Any) -> str:
-    if is_partitioned(leaf):
-        return str(tuple(leaf.names))
-    return "Replicated"
+    from paramscope.names import spec_text
+
+    return spec_text(tuple(leaf.names) if is_partitioned(leaf) else ())
 
 
 def tabulate_params(
@@ -265,9 +265,9 @@ def tabulate_params(
     """Summarizes the parameters as a text table.
 
     One row per parameter, sorted by path: name (dotted, unboxed), shape, count, dtype and
-    sharding (the Partitioned names, or ``Replicated``); with ``show_weight_decay`` a column
-    with the mask of :func:`get_param_mask_fn`. The table is preceded by the total number of
-    global parameters.
+    sharding (the Partitioned names as ``P('model', None)``, or ``replicated``); with
+    ``show_weight_decay`` a column with the mask of :func:`get_param_mask_fn`. The table is
+    preceded by the total number of global parameters.
 
     Args:
         state: A TrainState-like object (anything with ``.params``) or the parameters.

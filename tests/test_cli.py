@@ -18,6 +18,7 @@ from conftest import f64_norm, tree_snapshot
 from typer.testing import CliRunner
 
 from paramscope.cli.app import run as run_cli
+from paramscope.output import reports as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["info", "table", "count", "norms", "stats", "mask", "verify"]
@@ -53,7 +54,7 @@ def test_every_command_renders_every_format(manager_ckpt, command, fmt):
     out = result.stdout
     paths = manager_ckpt.values[200]["params"]
     if fmt == "json":
-        assert json.loads(out)["schema"] == f"paramscope.{command}/1"
+        assert json.loads(out)["schema"] == R.schema(command)
     elif fmt == "csv":
         rows = list(csv.reader(io.StringIO(out.split("\n\n")[0])))
         assert len(rows) >= (1 if command == "verify" else 2) and len({len(r) for r in rows}) == 1
@@ -175,8 +176,8 @@ def test_mask_json_and_warnings(manager_ckpt):
     doc = json.loads(result.stdout)
     kernels = [p for p in values if p.endswith("kernel")]
     assert {p["path"]: p["weight_decay"] for p in doc["params"]} == {p: p in kernels for p in values}
-    assert doc["decayed"] == {"count": sum(values[p].size for p in kernels), "leaves": len(kernels)}
-    assert doc["not_decayed"]["leaves"] == len(values) - len(kernels)
+    assert doc["decayed"] == {"count": sum(values[p].size for p in kernels), "arrays": len(kernels)}
+    assert doc["not_decayed"]["arrays"] == len(values) - len(kernels)
     assert doc["unmatched_patterns"] == ["nomatch"] and doc["include"] == ["kernel$", "nomatch"]
     assert doc["exclude"] is None
     assert result.stderr == "paramscope: warning: pattern 'nomatch' matches no parameter\n"
@@ -287,7 +288,7 @@ def test_metadata_commands_do_not_import_jax(manager_ckpt):
 def test_process_stdout_is_pure_json_and_stderr_quiet(manager_ckpt):
     result = _process("norms", manager_ckpt.path, "--per-param", "--format", "json")
     assert result.returncode == 0
-    assert json.loads(result.stdout)["schema"] == "paramscope.norms/1"
+    assert json.loads(result.stdout)["schema"] == "paramscope.norms/2"
     assert result.stderr == ""
     failed = _process("table", manager_ckpt.path, "--step", "999")
     assert failed.returncode == 3 and failed.stdout == "" and len(failed.stderr.strip().splitlines()) == 1

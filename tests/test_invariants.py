@@ -214,10 +214,12 @@ def digests_agree(out: Outputs):
 def csv_cell(value, key: str) -> str:
     """What CSV should hold for a JSON value: machine values, every digit."""
     if value is None:
-        return "replicated" if key == "sharding" else ""
+        return ""
     if key == "shape":
         return "x".join(map(str, value))
     if key == "sharding":
+        if all(e is None for e in value):
+            return "replicated"
         entries = (repr(tuple(e)) if isinstance(e, list) else repr(e) for e in value)
         return "P(" + ", ".join(entries) + ")"
     if isinstance(value, bool):
@@ -243,6 +245,74 @@ def csv_and_json_agree(out: Outputs):
                 assert text == csv_cell(row.get(key), key), (command, row["path"], key, text, row.get(key))
 
 
+def every_format_carries_the_same_fields(out: Outputs):
+    """CSV's columns are the JSON keys, with the JSON's values; the API's ``.to_dict()`` is the
+    JSON the command line prints."""
+    import paramscope as ps
+
+    norms, norms_csv = out.json("norms", "--per-param"), out.csv("norms", "--per-param")
+    assert [r["path"] for r in norms_csv] == [p["path"] for p in norms["params"]] + ["(global)"]
+    overall = norms_csv[-1]
+    assert overall["arrays"] == str(norms["arrays"]) == str(len(norms["params"]))
+    assert overall["count"] == str(norms["count"]) and isinstance(norms["bytes_read"], int)
+    assert norms["bytes_read"] == sum(norms["bytes_read_by_process"])
+    for row, line in zip(norms["params"], norms_csv):
+        assert set(line) - {"arrays"} <= set(row) | {"digest"}
+        assert all(text == csv_cell(row.get(key), key) for key, text in line.items() if key != "arrays")
+    count = out.json("count")
+    groups = out.csv("count")
+    assert [g["arrays"] for g in groups] == [str(g["arrays"]) for g in count["groups"]]
+    assert sum(g["arrays"] for g in count["groups"]) == len(out.json("table")["params"])
+    mask = out.json("mask")
+    assert mask["decayed"]["arrays"] + mask["not_decayed"]["arrays"] == len(mask["params"])
+    diff = run_diff(out)["params"]
+    diff_csv = out.csv("diff", out.path, "--all")
+    assert set(diff_csv[0]) <= {key for row in diff for key in row} if diff_csv else not diff
+    for row, line in zip(diff, diff_csv):
+        assert line["path_a"] == (row["path_a"] or "") and line["changes"] == "; ".join(row["changes"])
+    checkpoint = ps.open(out.path)
+    assert checkpoint.table().to_dict() == out.json("table")
+    assert checkpoint.count().to_dict() == out.json("count")
+
+
+def header_names_are_column_names(out: Outputs):
+    """--columns and --sort take a column's header as a table shows it, in any case."""
+    from paramscope.output.fields import FIELDS
+
+    stats = out.csv("stats")
+    if not stats:
+        return
+    keys = [k for k in stats[0] if k in FIELDS]
+    by_header = out.csv("stats", "--columns", ",".join(FIELDS[k].header.upper() for k in keys))
+    assert [{k: row[k] for k in keys} for row in stats] == by_header
+    by_key = [p["path"] for p in out.json("stats", "--sort", "max_abs")["params"]]
+    assert [p["path"] for p in out.json("stats", "--sort", "Max |X|")["params"]] == by_key
+
+
+def sharding_is_null_only_where_not_stored(out: Outputs):
+    """One structure: a list per dimension (all null: replicated) where the checkpoint stores
+    shardings, null where its format stores none; the table writes them P(...), replicated, -."""
+    table = out.json("table")["params"]
+    text = out.run("table").stdout
+    for row in table:
+        spec = row["sharding"]
+        assert spec is None or len(spec) == len(row["shape"]), row["path"]
+    lines: dict[str, str] = {}
+    for line in text.splitlines():  # the arrays' rows come before the values section
+        if line.strip():
+            lines.setdefault(line.split()[0], line)
+    for row in table:
+        line = lines.get(row["path"])
+        if line is None:
+            continue
+        if row["sharding"] is None:
+            assert line.rstrip().endswith(" -"), line
+        elif all(e is None for e in row["sharding"]):
+            assert line.rstrip().endswith(" replicated"), line
+        else:
+            assert " P(" in line, line
+
+
 def row_is_nonfinite(out: Outputs, path: str) -> bool:
     return any(p["path"] == path and p["nan"] + p["inf"] > 0 for p in out.json("stats")["params"])
 
@@ -256,6 +326,9 @@ INVARIANTS = [
     diff_with_itself_is_identical,
     digests_agree,
     csv_and_json_agree,
+    every_format_carries_the_same_fields,
+    header_names_are_column_names,
+    sharding_is_null_only_where_not_stored,
 ]
 
 

@@ -20,7 +20,7 @@ from paramscope import compute_stats, open_checkpoint
 from paramscope.compute.diff import diff_params
 from paramscope.output import layout
 from paramscope.output import reports as R
-from paramscope.output.render import View, cell, to_markdown, to_text
+from paramscope.output.render import Column, View, cell, shown, to_markdown, to_text
 
 WIDTHS = (40, 60, 80, 100, 120, 200)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -61,7 +61,6 @@ KNOWN_HEADERS = (
     {c.header for columns in (R.STAT_COLUMNS,) for c in columns}
     | {"path", "shape", "dtype", "count", "bytes", "sharding", "decay", "item", "kind", "storage", "arrays"}
     | {
-        "parameters",
         "on disk",
         "step",
         "folder",
@@ -72,7 +71,6 @@ KNOWN_HEADERS = (
         "norm A",
         "norm B",
         "||A-B||",
-        "||A-B||/||A||",
         "cosine",
         "max |A-B|",
         "metric",
@@ -90,6 +88,7 @@ KNOWN_HEADERS = (
         "||mu||",
         "||sqrt(nu)||",
         "max sqrt(nu)",
+        "step count",
         "||update||",
         "update/param",
         "norm over steps",
@@ -141,7 +140,7 @@ def check_fitted(report, width):
             if column.header not in present:
                 continue
             for row in table.rows:
-                value = cell(row.get(column.key), column.kind, True)
+                value = cell(shown(row, column), column.kind, True)
                 if column.kind == "path":
                     for piece in re.findall(r"[^.]*\.|[^.]+$", value):  # each piece whole
                         # below 60 columns the essential columns may leave a path less than a
@@ -154,7 +153,7 @@ def check_fitted(report, width):
                     assert layout.compact_count(row[column.key]) in text or value in text
                 else:
                     assert value in text, (column.header, value, width)
-        empty = {c.header for c in table.columns if all(r.get(c.key) in (None, "", []) for r in table.rows)}
+        empty = {c.header for c in table.columns if all(shown(r, c) in (None, "", []) for r in table.rows)}
         hidden = [h for h in headers if h not in present and h not in empty]
         if hidden:
             assert notes and all(h in notes[0] for h in hidden), (hidden, notes)
@@ -235,7 +234,7 @@ def test_empty_columns_are_not_shown(manager_ckpt):
     text = run("diff", manager_ckpt.path, "--step-a", "100", "--step-b", "200").stdout
     assert "structure" not in text and "cosine" in text
     csv_text = run("diff", manager_ckpt.path, "--step-a", "100", "--step-b", "200", "-f", "csv").stdout
-    assert "detail" in csv_text.splitlines()[0]  # CSV keeps every column
+    assert csv_text.splitlines()[0].split(",")[:5] == ["path", "status", "changes", "path_a", "norm_a"]
 
 
 def test_counts_abbreviate_only_to_fit_and_exact_shows_every_digit():
@@ -243,9 +242,9 @@ def test_counts_abbreviate_only_to_fit_and_exact_shows_every_digit():
     report = R.Report(
         payload={},
         columns=[
-            R.Column("path", "path", "path", priority=0),
-            R.Column("count", "count", "count", priority=0),
-            R.Column("bytes", "bytes", "bytes", priority=1),
+            Column("path", "path", "path", priority=0),
+            Column("count", "count", "count", priority=0),
+            Column("bytes", "bytes", "bytes", priority=1),
         ],
         rows=big,
     )
@@ -307,10 +306,10 @@ def test_layout_never_cuts_a_number(paths, numbers, width):
         for i, p in enumerate(paths)
     ]
     columns = [
-        R.Column("path", "path", "path", priority=0),
-        R.Column("x", "value x", "float", priority=0),
-        R.Column("y", "value y", "float", priority=2),
-        R.Column("n", "count", "count", priority=1),
+        Column("path", "path", "path", priority=0),
+        Column("x", "value x", "float", priority=0),
+        Column("y", "value y", "float", priority=2),
+        Column("n", "count", "count", priority=1),
     ]
     lines, notes = to_text(R.Report(payload={}, columns=columns, rows=rows), View(width=width))
     text = "\n".join(line for line, _ in lines)
@@ -384,7 +383,7 @@ def test_csv_loads_with_pandas_and_markdown_parses(manager_ckpt, baseline_file, 
     if len(rows) > 1:
         frame = pandas.read_csv(io.StringIO(result.stdout))
         assert list(frame.columns) == rows[0] and len(frame) == len(rows) - 1
-        for column in ("count", "bytes", "arrays", "leaves"):
+        for column in ("count", "bytes", "arrays"):
             if column in frame.columns:  # raw integers (empty where there is none), never "197,504"
                 values = frame[column].dropna()
                 assert frame[column].dtype.kind in "if" and (values == values.round()).all(), column
@@ -413,7 +412,7 @@ def test_csv_numbers_are_machine_values(manager_ckpt):
     assert float(by_path["(global)"]["norm"]) == doc["global_norm"]  # full precision
     groups = run("count", manager_ckpt.path, "-f", "csv").stdout.splitlines()
     dtypes = run("count", manager_ckpt.path, "-f", "csv", "--show", "dtypes").stdout.splitlines()
-    assert groups[0] == "path,leaves,count,bytes" and dtypes[0] == "dtype,count,bytes"
+    assert groups[0] == "path,arrays,count,bytes" and dtypes[0] == "dtype,count,bytes"
     steps = run("info", manager_ckpt.path, "-f", "csv", "--show", "steps").stdout.splitlines()
     assert steps[0] == "step,name,finished" and steps[1].startswith("100,")
 
@@ -558,3 +557,87 @@ def test_markdown_total_row_fills_only_what_the_text_total_fills(manager_ckpt):
     text = run("table", manager_ckpt.path, "-f", "table").stdout
     text_total = next(line for line in text.splitlines() if line.startswith("total"))
     assert "replicated" not in text_total
+
+
+# ----------------------------------------------------------------------------------------------
+# One vocabulary; the columns a command exists for
+
+
+@pytest.mark.parametrize("width", (80, 120))
+def test_the_columns_a_command_exists_for_stay(manager_ckpt, tmp_path, width):
+    def headers(*args):
+        result = run(*args, env=terminal(width))
+        assert result.exit_code in (0, 1), result.stderr
+        return shown_headers(ANSI.sub("", result.stdout)), result
+
+    stats, _ = headers("stats", manager_ckpt.path)
+    assert ("min" in stats) == ("max" in stats), stats  # a range, never half of one
+    history, _ = headers("history", manager_ckpt.path, "--no-cache")
+    assert "NaN/Inf" in history
+    table, result = headers("table", manager_ckpt.path, "--digest")
+    assert "digest" in table  # asked for: kept, by its first 16 digits
+    digests = json.loads(run("table", manager_ckpt.path, "--digest", "-f", "json").stdout)["params"]
+    assert all(
+        p["digest"][:16] + "..." in result.stdout and p["digest"] not in result.stdout for p in digests
+    )
+    diff, _ = headers("diff", manager_ckpt.path, "--step-a", "100", "--step-b", "200")
+    assert {"path", "status", "rel. diff"} <= set(diff)
+    baseline = tmp_path / "step100.json"
+    assert run("snapshot", manager_ckpt.path, "--step", "100", "-o", baseline).exit_code == 0
+    check, result = headers("check", manager_ckpt.path, "--baseline", baseline)
+    assert result.exit_code == 1 and {"baseline", "actual"} <= set(check)
+    picked, _ = headers("stats", manager_ckpt.path, "--columns", "path,dtype,count,norm,mean,std,min,max")
+    assert picked == ["path", "dtype", "count", "norm", "mean", "std", "min", "max"]
+
+
+def test_columns_and_sort_take_keys_or_headers(manager_ckpt):
+    by_key = run(
+        "stats", manager_ckpt.path, "--sort", "zero_fraction", "--columns", "path,max_abs", "-f", "csv"
+    )
+    by_header = run("stats", manager_ckpt.path, "--sort", "ZEROS", "--columns", "PATH,Max |x|", "-f", "csv")
+    assert by_key.exit_code == 0 and by_key.stdout == by_header.stdout
+    assert by_key.stdout.splitlines()[0] == "path,max_abs"
+    info = run("info", manager_ckpt.path, "--columns", "item,on disk", "-f", "csv")
+    assert info.exit_code == 0 and info.stdout.splitlines()[0] == "name,bytes_on_disk"
+    norms = run("norms", manager_ckpt.path, "--per-param", "--sort", "NaN/Inf", "-f", "json")
+    assert norms.exit_code == 0
+    for args in (("stats", "--sort", "colour"), ("stats", "--columns", "path,colour")):
+        bad = run(args[0], manager_ckpt.path, *args[1:])
+        assert bad.exit_code == 2 and "colour" in bad.stderr and "max_abs ('max |x|')" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) <= 2 and "Traceback" not in bad.stderr
+
+
+def test_one_name_for_one_quantity(manager_ckpt):
+    path = manager_ckpt.path
+    count = json.loads(run("count", path, "-f", "json").stdout)
+    assert all("arrays" in g and "leaves" not in g for g in count["groups"])
+    assert run("count", path, "-f", "csv").stdout.splitlines()[0] == "path,arrays,count,bytes"
+    mask = json.loads(run("mask", path, "-f", "json").stdout)
+    assert set(mask["decayed"]) == {"count", "arrays"}
+    for command in ("norms", "stats"):
+        doc = json.loads(run(command, path, "-f", "json").stdout)
+        assert isinstance(doc["bytes_read"], int) and doc["bytes_read"] == sum(doc["bytes_read_by_process"])
+    verify = json.loads(run("verify", path, "-f", "json").stdout)
+    assert isinstance(verify["bytes_read"], int)
+    stats = run("stats", path).stdout
+    norms = run("norms", path).stdout
+    assert any(line.startswith("(global) ") for line in stats.splitlines())
+    assert any(line.startswith("(global) ") for line in norms.splitlines())
+    optim = json.loads(run("optim", path, "-f", "json").stdout)["params"]
+    assert optim and all("step_count" in row and "count" not in row for row in optim)
+    assert "step count" in run("optim", path).stdout
+
+
+def test_sharding_reads_alike_everywhere(manager_ckpt, tmp_path):
+    """P(...) in every table, one JSON structure; diff's structure change in the same notation."""
+    table = json.loads(run("table", manager_ckpt.path, "-f", "json").stdout)["params"]
+    split = [p for p in table if p["sharding"] and any(e is not None for e in p["sharding"])]
+    assert split
+    text = run("table", manager_ckpt.path).stdout
+    for row in split:
+        entries = ", ".join(repr(tuple(e)) if isinstance(e, list) else repr(e) for e in row["sharding"])
+        assert f"P({entries})" in text
+    baseline = tmp_path / "snap.json"
+    assert run("snapshot", manager_ckpt.path, "-o", baseline).exit_code == 0
+    snap = {p["path"]: p["sharding"] for p in json.loads(baseline.read_text())["params"]}
+    assert snap == {p["path"]: p["sharding"] for p in table if p["path"] in snap}

@@ -194,7 +194,7 @@ def test_tabulate_params_lists_every_path_total_and_decay_column(params):
         assert f"{value.size:_}" in line
         assert str(value.dtype) in line
         assert line.rstrip().endswith("False" if path.endswith("bias") else "True")
-    assert "('model', 'data')" in text and "Replicated" in text
+    assert "P('model', 'data')" in text and "replicated" in text
     assert "Weight Decay" not in tabulate_params(params)
 
 

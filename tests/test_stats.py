@@ -148,7 +148,7 @@ def test_stats_of_every_dtype_with_nan_and_inf(special_ckpt):
     result = run("stats", special_ckpt.path, "--format", "json", "--memory-budget", "4KiB")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "paramscope.stats/1" and doc["nonfinite"] == 2
+    assert doc["schema"] == "paramscope.stats/2" and doc["nonfinite"] == 2
     rows = {p["path"]: p for p in doc["params"]}
     assert set(rows) == set(special_ckpt.values)
     for path, value in special_ckpt.values.items():

@@ -29,12 +29,10 @@ from paramscope.cli.options import (
     StepOpt,
     SubtreeOpt,
     TopOpt,
-    choices,
+    sort_option,
     with_options,
 )
 from paramscope.output.reports import DIFF_SORT_KEYS
-
-DiffSort = choices("DiffSort", DIFF_SORT_KEYS)
 
 
 @with_options(out=Output)
@@ -165,13 +163,8 @@ def diff(
         bool, typer.Option("--all", help="List identical parameters too.", rich_help_panel=OUTPUT)
     ] = False,
     sort: Annotated[
-        DiffSort,
-        typer.Option(
-            "--sort",
-            help="Row order (path, cosine: smallest first; others largest first).",
-            rich_help_panel=OUTPUT,
-        ),
-    ] = DiffSort.path,
+        str, sort_option(DIFF_SORT_KEYS, "path, cosine: smallest first; others largest first")
+    ] = "path",
     top: TopOpt = None,
     layering: Layering = None,
     pairing: Pairing = None,
@@ -241,7 +234,7 @@ def diff(
                 ),
             )
     values = not (structure_only or digest_only or against_baseline)
-    common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort.value, top), out)
+    common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort, top), out)
     if fail_on_change and result.differs:
         raise common.fail(
             f"the checkpoints differ: {diff_summary(result)}",

@@ -19,12 +19,10 @@ from paramscope.cli.options import (
     Selection,
     StepOpt,
     TopOpt,
-    choices,
+    sort_option,
     with_options,
 )
 from paramscope.output.reports import TABLE_SORT_KEYS
-
-TableSort = choices("TableSort", TABLE_SORT_KEYS)
 
 
 class InfoTable(str, Enum):
@@ -84,10 +82,7 @@ def table(
             "--wd-exclude", metavar="REGEX", help="Weight decay for all but paths matching (repeatable)."
         ),
     ] = None,
-    sort: Annotated[
-        TableSort,
-        typer.Option("--sort", help="Row order (count, bytes, norm: largest first).", rich_help_panel=OUTPUT),
-    ] = TableSort.path,
+    sort: Annotated[str, sort_option(TABLE_SORT_KEYS, "count, bytes, norm: largest first")] = "path",
     top: TopOpt = None,
     digest: DigestOpt = False,
     layering: Layering = None,
@@ -106,7 +101,7 @@ def table(
     """
     from paramscope.output.reports import table_report
 
-    reads = norms or stats or digest or sort == TableSort.norm
+    reads = norms or stats or digest or sort == "norm"
     joined = common.join(cluster) if reads else None
     quiet = out.quiet or (joined is not None and not joined.primary)
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
@@ -118,7 +113,7 @@ def table(
 
     inv.values = inv.values + scalar_values(params)
     stacked = {v.info.path: f"axis {v.stack.axis}, {v.stack.rule}" for v in inv.views or () if v.stack}
-    report = table_report(inv, params, mask, result, full=stats, sort=sort.value, top=top, stacked=stacked)
+    report = table_report(inv, params, mask, result, full=stats, sort=sort, top=top, stacked=stacked)
     common.emit(report, out)
 
 

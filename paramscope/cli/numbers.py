@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated
 
 import typer
@@ -10,7 +9,6 @@ import typer
 from paramscope import errors
 from paramscope.cli import common
 from paramscope.cli.options import (
-    OUTPUT,
     SELECTION,
     CkptArg,
     Cluster,
@@ -23,13 +21,16 @@ from paramscope.cli.options import (
     Selection,
     StepOpt,
     TopOpt,
-    choices,
+    sort_option,
     with_options,
 )
-from paramscope.output.reports import NORMS_SORT_KEYS, OPTIM_SORT_KEYS, STATS_SORT_KEYS, optim_report
-
-NormsSort = choices("NormsSort", NORMS_SORT_KEYS)
-StatsSort = choices("StatsSort", STATS_SORT_KEYS)
+from paramscope.output.reports import (
+    LAYERS_SORT_KEYS,
+    NORMS_SORT_KEYS,
+    OPTIM_SORT_KEYS,
+    STATS_SORT_KEYS,
+    optim_report,
+)
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
@@ -37,12 +38,7 @@ def norms(
     ckpt: CkptArg,
     per_param: Annotated[bool, typer.Option("--per-param", help="One row per parameter.")] = False,
     fail_on_nonfinite: FailOpt = False,
-    sort: Annotated[
-        NormsSort,
-        typer.Option(
-            "--sort", help="Row order of --per-param (path; others largest first).", rich_help_panel=OUTPUT
-        ),
-    ] = NormsSort.path,
+    sort: Annotated[str, sort_option(NORMS_SORT_KEYS, "of --per-param; path, others largest first")] = "path",
     top: TopOpt = None,
     digest: DigestOpt = False,
     layering: Layering = None,
@@ -64,7 +60,7 @@ def norms(
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
     result = common.scan(inv, params, False, reading, quiet, joined, digest)
-    common.emit(norms_report(inv, params, result, per_param, sort.value, top), out)
+    common.emit(norms_report(inv, params, result, per_param, sort, top), out)
     common.report_nonfinite(result, fail_on_nonfinite, quiet)
 
 
@@ -72,10 +68,7 @@ def norms(
 def stats(
     ckpt: CkptArg,
     fail_on_nonfinite: FailOpt = False,
-    sort: Annotated[
-        StatsSort,
-        typer.Option("--sort", help="Row order (path; others largest first).", rich_help_panel=OUTPUT),
-    ] = StatsSort.path,
+    sort: Annotated[str, sort_option(STATS_SORT_KEYS, "path, others largest first")] = "path",
     top: TopOpt = None,
     digest: DigestOpt = False,
     plot: Annotated[
@@ -120,7 +113,7 @@ def stats(
             f"--hist {hist!r} is not a parameter here", hint="give a path `paramscope table` shows"
         )
     result = common.scan(inv, params, True, reading, quiet, joined, digest, histogram=hist)
-    report = stats_report(inv, params, result, sort.value, top)
+    report = stats_report(inv, params, result, sort, top)
     if result.histogram is not None:
         report.payload["histogram"] = {
             "path": hist,
@@ -138,18 +131,10 @@ def stats(
     common.report_nonfinite(result, fail_on_nonfinite, quiet)
 
 
-class LayersSort(str, Enum):
-    layer = "layer"
-    norm = "norm"
-
-
 @with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
 def layers(
     ckpt: CkptArg,
-    sort: Annotated[
-        LayersSort,
-        typer.Option("--sort", help="Row order (norm: largest first).", rich_help_panel=OUTPUT),
-    ] = LayersSort.layer,
+    sort: Annotated[str, sort_option(LAYERS_SORT_KEYS, "norm: largest first")] = "layer",
     top: TopOpt = None,
     sel: Selection = None,
     out: Output = None,
@@ -174,10 +159,7 @@ def layers(
     inv.views = [v for v in inv.views if v.stack is not None]
     params = [v.info for v in inv.views]
     result = common.scan(inv, params, False, reading, quiet, joined)
-    common.emit(layers_report(inv, layer_table(inv.views, result), sort.value, top), out)
-
-
-OptimSort = choices("OptimSort", OPTIM_SORT_KEYS)
+    common.emit(layers_report(inv, layer_table(inv.views, result), sort, top), out)
 
 
 @with_options(out=Output, reading=Reading, layering=Layering)
@@ -207,10 +189,7 @@ def optim(
         float | None,
         typer.Option("--lr", metavar="X", help="Learning rate: the ratio becomes lr*||update||/||param||."),
     ] = None,
-    sort: Annotated[
-        OptimSort,
-        typer.Option("--sort", help="Row order (path; others largest first).", rich_help_panel=OUTPUT),
-    ] = OptimSort.path,
+    sort: Annotated[str, sort_option(OPTIM_SORT_KEYS, "path, others largest first")] = "path",
     top: TopOpt = None,
     layering: Layering = None,
     out: Output = None,
@@ -265,4 +244,4 @@ def optim(
         ),
     )
     hyper = {"b1": b1, "b2": b2, "eps": eps, "lr": lr, "convention": alignment.convention}
-    common.emit(optim_report(inv, alignment, hyper, sort.value, top), out)
+    common.emit(optim_report(inv, alignment, hyper, sort, top), out)

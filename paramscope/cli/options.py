@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from paramscope.errors import UsageError
 from paramscope.output.render import Format
 
 SELECTION = "Selection"
@@ -143,10 +144,25 @@ AtolOpt = Annotated[
 ]
 
 
-def choices(name: str, keys: tuple[str, ...]) -> type[Enum]:
-    """A str Enum of ``keys`` (what Typer lists as an option's choices), e.g. the sort keys a
-    report builder accepts, so the choices are declared where the sorting happens."""
-    return Enum(name, {key: key for key in keys}, type=str)
+def sort_option(keys: tuple[str, ...], order: str):
+    """``--sort COLUMN``: one of ``keys``, named by its key or its header as a table shows it (in
+    any case); ``order`` says which way rows go. The command gets the key."""
+    from paramscope.output.fields import field, resolve
+    from paramscope.output.render import column_names
+
+    def to_key(value: str) -> str:
+        try:
+            return resolve(value, keys)
+        except UsageError as err:
+            raise typer.BadParameter(f"{value!r}: {err.hint}") from None
+
+    return typer.Option(
+        "--sort",
+        metavar="COLUMN",
+        callback=to_key,
+        help=f"Row order ({order}): {column_names([field(k) for k in keys])}.",
+        rich_help_panel=OUTPUT,
+    )
 
 
 class Engine(str, Enum):
@@ -182,7 +198,7 @@ class Output:
         typer.Option(
             "--columns",
             metavar="COL,COL...",
-            help="Show these columns, in this order (names as in --format csv).",
+            help="Show these columns, in this order (names as in --format csv, or headers as shown).",
             rich_help_panel=OUTPUT,
         ),
     ] = None

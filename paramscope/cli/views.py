@@ -8,7 +8,6 @@ import typer
 
 from paramscope.cli import common
 from paramscope.cli.options import (
-    OUTPUT,
     SELECTION,
     CkptArg,
     Cluster,
@@ -17,12 +16,10 @@ from paramscope.cli.options import (
     Reading,
     Selection,
     TopOpt,
-    choices,
+    sort_option,
     with_options,
 )
 from paramscope.output.reports import HISTORY_SORT_KEYS
-
-HistorySort = choices("HistorySort", HISTORY_SORT_KEYS)
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, layering=Layering, cluster=Cluster)
@@ -68,12 +65,7 @@ def history(
         ),
     ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Read every step, keep nothing.")] = False,
-    sort: Annotated[
-        HistorySort,
-        typer.Option(
-            "--sort", help="Row order (drift, change, norm: largest first).", rich_help_panel=OUTPUT
-        ),
-    ] = HistorySort.path,
+    sort: Annotated[str, sort_option(HISTORY_SORT_KEYS, "drift, change, norm: largest first")] = "path",
     top: TopOpt = None,
     sel: Selection = None,
     out: Output = None,
@@ -107,7 +99,7 @@ def history(
         layer_axis=layering.layer_axis,
         depth=depth,
         stats=stats,
-        sort=sort.value,
+        sort=sort,
         top=top,
         memory_budget=common.memory_budget(reading),
         cache=False if no_cache else (cache or True),

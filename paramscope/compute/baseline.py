@@ -1,6 +1,6 @@
 """Baselines for CI: pin a checkpoint's structure and numbers, then check others against them.
 
-A baseline is the JSON of ``paramscope snapshot`` (``paramscope.snapshot/1``): every parameter's
+A baseline is the JSON of ``paramscope snapshot`` (``paramscope.snapshot/2``): every parameter's
 path, shape, dtype, count, sharding and statistics. The JSON of ``table``, ``norms`` and ``stats``
 is accepted too, for what it holds.
 """
@@ -16,22 +16,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paramscope.errors import EXIT_USAGE, ParamscopeError, UsageError
-from paramscope.io.inventory import Inventory, ParamInfo, sharding_json
+from paramscope.io.inventory import Inventory, ParamInfo, param_sharding_json, sharding_json
 from paramscope.names import path_sort_key
 
-SNAPSHOT_SCHEMA = "paramscope.snapshot/1"
+SNAPSHOT_SCHEMA = "paramscope.snapshot/2"
 STAT_NAMES = ("norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nan", "inf")
 EXACT_STATS = ("nan", "inf")
 CATEGORIES = ("structure", "counts", "norms", "stats", "digests")
 # What each accepted document can hold (per-parameter values only where its rows carry them).
+# Version 2 of each writes a replicated array's sharding as [null, ...] (null: not stored); the
+# fields a baseline is read for are otherwise the same, so both versions are read alike.
 _ACCEPTED = {
-    SNAPSHOT_SCHEMA: set(CATEGORIES),
-    "paramscope.table/1": set(CATEGORIES),
-    "paramscope.stats/1": set(CATEGORIES),
-    "paramscope.norms/1": {"structure", "counts", "norms", "digests"},
+    f"paramscope.{name}/{version}": categories
+    for name, categories in (
+        ("snapshot", set(CATEGORIES)),
+        ("table", set(CATEGORIES)),
+        ("stats", set(CATEGORIES)),
+        ("norms", {"structure", "counts", "norms", "digests"}),
+    )
+    for version in (1, 2)
 }
 # Documents of numbers only: they list no typed PRNG keys (nor count them), so keys are not compared.
-NUMBERS_ONLY = ("paramscope.norms/1", "paramscope.stats/1")
+NUMBERS_ONLY = tuple(f"paramscope.{name}/{version}" for name in ("norms", "stats") for version in (1, 2))
 REGENERATE = "regenerate it with `paramscope snapshot`"
 NO_COMMON = "(none in common)"  # the violation of a checkpoint that shares no parameter with the baseline
 
@@ -62,7 +68,9 @@ class Baseline:
             count = row.get("count") or 0
             itemsize = (row.get("bytes") or 0) // count if count else 0
             spec = row.get("sharding")
-            sharding = tuple(tuple(e) if isinstance(e, list) else e for e in spec) if spec else None
+            sharding = (
+                tuple(tuple(e) if isinstance(e, list) else e for e in spec) if partition(spec) else None
+            )
             out.append(ParamInfo(path, shape, str(row.get("dtype")), itemsize, sharding, None))
         return out
 
@@ -104,7 +112,7 @@ def _jsonable(value: Any) -> Any:
 def snapshot(
     inventory: Inventory, scan_result, version: str, params: Sequence[ParamInfo] = ()
 ) -> dict[str, Any]:
-    """The ``paramscope.snapshot/1`` document of a checkpoint: its full statistics and, when the
+    """The ``paramscope.snapshot/2`` document of a checkpoint: its full statistics and, when the
     scan computed them, its content digests. ``params`` (default: those scanned) are the rows; a
     typed PRNG key among them has its structure recorded, marked ``random_key``, but no numbers
     (random bits are not weights: ``check`` compares keys by structure alone, the same way)."""
@@ -120,7 +128,7 @@ def snapshot(
             "dtype": param.dtype,
             "count": param.count,
             "bytes": param.nbytes,
-            "sharding": sharding_json(param.sharding),
+            "sharding": param_sharding_json(param),
         }
         if entry is None:
             row["random_key"] = param.random_key
@@ -425,7 +433,11 @@ def check(baseline: Baseline, inventory: Inventory, scan_result, options: CheckO
                 ("dtype", param.dtype),
                 ("sharding", sharding_json(param.sharding)),
             ):
-                if metric in row and row[metric] != value:
+                # replicated ([null, ...]) and unknown (null) both split nothing: no violation
+                if (
+                    metric in row
+                    and (partition(row[metric]) if metric == "sharding" else row[metric]) != value
+                ):
                     violations.append(Violation(path, metric, row[metric], value))
             if row.get("random_key") != param.random_key:  # a key where a weight was, or back
                 violations.append(Violation(path, "random_key", row.get("random_key"), param.random_key))
@@ -475,3 +487,12 @@ def needs_data(baseline: Baseline, options: CheckOptions) -> str | None:
 
 def needs_digests(baseline: Baseline, options: CheckOptions) -> bool:
     return "digests" in categories(baseline, options)
+
+
+def partition(spec: list | None) -> list | None:
+    """A saved sharding as JSON with replicated (every entry null) and unknown (null) alike: None.
+
+    >>> partition([None, None]), partition(None), partition(["model", None])
+    (None, None, ['model', None])
+    """
+    return spec if spec and any(e is not None for e in spec) else None

@@ -27,8 +27,8 @@ from paramscope.compute.pairing import NO_RULES, PairingRules, renamed_paths
 from paramscope.compute.plan import memory_budget_bytes, stream_regions
 from paramscope.errors import ParamscopeError
 from paramscope.io import checkpoint
-from paramscope.io.inventory import ParamInfo
-from paramscope.names import path_sort_key
+from paramscope.io.inventory import ParamInfo, param_sharding_json, sharding_json
+from paramscope.names import path_sort_key, spec_text
 from paramscope.parallel.cluster import LOCAL, Cluster, agree_on_failure, gather_float64, share
 
 STATUSES = ("identical", "close", "changed", "added", "removed")
@@ -193,8 +193,13 @@ def _structure_changes(a: ParamInfo, b: ParamInfo, transposed: bool = False) -> 
     if a.dtype != b.dtype:
         changes.append(f"dtype {a.dtype} -> {b.dtype}")
     if sharding != b.sharding:
-        changes.append(f"sharding {seen}{sharding} -> {b.sharding}")
+        changes.append(f"sharding {seen}{_sharding_text(a, sharding)} -> {_sharding_text(b, b.sharding)}")
     return changes
+
+
+def _sharding_text(param: ParamInfo, spec) -> str:
+    """``spec`` (the param's, or its transpose) as every table writes a sharding."""
+    return spec_text(sharding_json(spec) if spec is not None else param_sharding_json(param))
 
 
 def _reversed(index: tuple[slice, ...] | None) -> tuple[slice, ...] | None:

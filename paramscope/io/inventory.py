@@ -32,7 +32,8 @@ class ParamInfo:
         dtype: dtype name (``float32``, ``bfloat16``, ...).
         itemsize: Bytes per element.
         sharding: The saved partition spec, one entry per dimension (None, an axis name, or a
-            tuple of axis names), or None when replicated, single-device or unknown.
+            tuple of axis names), or None when replicated, single-device or unknown (see
+            :attr:`sharding_stored`).
         stored: Where the array lives (for reading its data).
     """
 
@@ -52,6 +53,14 @@ class ParamInfo:
         axis, position = self.layer
         index = tuple(slice(0, d) for d in self.shape) if index is None else tuple(index)
         return (*index[:axis], position, *index[axis:])
+
+    @property
+    def sharding_stored(self) -> bool:
+        """Whether the checkpoint records this array's sharding (Orbax does; safetensors,
+        msgpack, npz and the like do not): without it ``sharding`` None is unknown, not replicated."""
+        if self.stored is None:  # a baseline's record: what the document said
+            return self.sharding is not None
+        return bool(getattr(self.stored, "sharding_saved", False))
 
     @property
     def random_key(self) -> str | None:
@@ -120,6 +129,16 @@ def sharding_json(spec) -> list | None:
     if spec is None:
         return None
     return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def param_sharding_json(param: ParamInfo) -> list | None:
+    """A parameter's saved sharding as JSON: one entry per dimension (all null: replicated), or
+    None where the checkpoint stores no sharding."""
+    if not param.sharding_stored:
+        return None
+    if param.sharding is None:
+        return [None] * len(param.shape)
+    return sharding_json(param.sharding)
 
 
 def spec_per_dim(array: checkpoint.StoredArray) -> tuple[Any, ...] | None:

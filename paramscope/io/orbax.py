@@ -761,6 +761,7 @@ def zarr_arrays(
                 store=store,
                 name=name,
                 sharding=shardings.get(".".join(keys)),
+                sharding_saved=".".join(keys) in shardings,
                 value_type=value_type,
                 metadata_template=template,
                 boxed=box,

@@ -61,6 +61,10 @@ class StoredArray:
     # The dtype as the file stores it, where paramscope reads it as another (``.npy`` records
     # store bfloat16 as the 2-byte void ``<V2``); empty where they are the same.
     stored_dtype: str = ""
+    # Whether the checkpoint records how this array was sharded (Orbax's ``_sharding`` holds an
+    # entry for it; ``sharding`` None then means replicated or on one device). Formats that
+    # store no sharding (safetensors, msgpack, npz, ...) leave it False: unknown, not replicated.
+    sharding_saved: bool = False
 
     @property
     def path(self) -> str:

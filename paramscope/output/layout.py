@@ -31,6 +31,7 @@ class TextColumn:
     fold: str | None = None  # "path" (fold at dots), "text" (at spaces) or None (never)
     priority: int = 1  # 0: always shown; larger numbers are hidden first
     compact: tuple[list[str], str] | None = None  # shorter cells and footer, for when it does not fit
+    group: str = ""  # columns of one group are hidden together
 
     def natural(self) -> int:
         return max([len(self.header), len(self.footer), *map(len, self.cells)])
@@ -91,11 +92,11 @@ class Fitted:
 def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
     """The columns to show and their widths, so the table fits ``width`` (None: no limit).
 
-    In order, until the table fits: folding columns fold (a path keeps a comfortable width
-    while columns can be hidden); counts are abbreviated if that alone suffices; whole columns
-    are hidden, lowest priority first; folding columns shrink to their longest piece; counts
-    are abbreviated; folding columns break inside names. Spare room goes back to the first
-    folding column (the path).
+    In order, until the table fits: counts are abbreviated if that and folding alone suffice;
+    folding columns fold, down to their longest piece (a path at dots); whole columns are
+    hidden, lowest priority first (a group, such as min and max, together); counts are
+    abbreviated; folding columns break inside names. Spare room goes back to the first folding
+    column (the path).
     """
     shown = list(columns)
     if width is None:
@@ -128,12 +129,15 @@ def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
             abbreviate()
             abbreviated = True
     hidden: list[str] = []
-    while needed(widths_for(comfortable)) > width:
+    # the path folds at dots (to its longest piece) before any column is hidden
+    while needed(widths_for(tightest)) > width:
         droppable = [i for i, c in enumerate(shown) if c.priority > 0]
         if not droppable:
             break
-        victim = max(droppable, key=lambda i: (shown[i].priority, i))
-        hidden.append(shown.pop(victim).header)
+        victim = shown[max(droppable, key=lambda i: (shown[i].priority, i))]
+        for column in [c for c in shown if c is victim or (victim.group and c.group == victim.group)]:
+            hidden.append(column.header)
+            shown.remove(column)
     if needed(widths_for(tightest)) > width and not abbreviated and any(c.compact for c in shown):
         abbreviate()
         abbreviated = True

@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any
 
 from paramscope.errors import UsageError, printable
+from paramscope.names import spec_text
 from paramscope.output import layout
 
 
@@ -32,8 +33,12 @@ class Format(str, Enum):
 
 
 # Column kinds: path (folds at dots), note (free text, folds at spaces), text, dtype, shape,
-# sharding, bool, int, count (an int that may be abbreviated), bytes, float.
+# sharding, bool, int, count (an int that may be abbreviated), bytes, float, number (float or
+# int), value (a number or a digest), digest. Every field is declared in paramscope.output.fields.
 NUMERIC_KINDS = ("int", "count", "bytes", "float", "number")
+# Tables show a digest by its first digits (64 bits: enough to tell two apart by eye); --exact,
+# JSON and CSV show it whole.
+DIGEST_PREFIX = 16
 
 
 @dataclass
@@ -42,6 +47,9 @@ class Column:
     header: str
     kind: str = "text"
     priority: int = 1  # 0: always shown; on a narrow terminal larger numbers are hidden first
+    # a table shows the cell empty where it equals this key's (path_a beside path)
+    unless_equal: str | None = None
+    group: str = ""  # columns of one group (min and max) are shown or hidden together
 
     @property
     def numeric(self) -> bool:
@@ -93,30 +101,21 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def spec_text(spec: Any) -> str:
-    """A partition spec the way JAX prints one; None is replicated.
-
-    >>> spec_text((None, "model")), spec_text((("data", "fsdp"), None)), spec_text(None)
-    ("P(None, 'model')", "P(('data', 'fsdp'), None)", 'replicated')
-    """
-    if spec is None:
-        return "replicated"
-    return "P(" + ", ".join(repr(tuple(e)) if isinstance(e, (list, tuple)) else repr(e) for e in spec) + ")"
-
-
 def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
     """One cell: for people (``human``) or as a machine value (CSV); text with its control
     characters escaped.
 
     >>> cell(197504, "count", True), cell(197504, "count", False), cell(0.1 + 0.2, "float", False)
     ('197,504', '197504', '0.30000000000000004')
-    >>> cell("ab" * 32, "value", True), len(cell("ab" * 32, "value", False))
+    >>> cell("ab" * 32, "digest", True), len(cell("ab" * 32, "digest", False))
     ('abababababababab...', 64)
     """
     if kind == "sharding":
-        return printable(spec_text(value))
+        return printable(spec_text(value)) if human or value is not None else ""
     if value is None:
         return ""
+    if isinstance(value, list) and kind == "note":  # diff's changes
+        return printable("; ".join(map(str, value)))
     if kind == "shape":
         if not human:
             return "x".join(map(str, value))
@@ -133,12 +132,21 @@ def cell(value: Any, kind: str, human: bool, exact: bool = False) -> str:
         return f"{value:.6g}"
     if kind == "number":  # an int among floats (a count in a column of values)
         return f"{value:,}" if human else str(value)
-    if kind == "value" and human and not exact and _DIGEST.fullmatch(str(value)):  # people read its start
-        return f"{str(value)[:16]}..."
+    if kind in ("digest", "value") and human and not exact and _DIGEST.fullmatch(str(value)):
+        return f"{str(value)[:DIGEST_PREFIX]}..."  # people read its start
     return printable(str(value))
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def shown(row: dict[str, Any], column: Column) -> Any:
+    """The value a table (text or Markdown) shows in a column: the row's, but nothing where it
+    repeats the column named by ``unless_equal``."""
+    value = row.get(column.key)
+    if column.unless_equal is not None and value == row.get(column.unless_equal):
+        return None
+    return value
 
 
 def listed(items, limit: int = 5) -> str:
@@ -151,8 +159,19 @@ def listed(items, limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
 
 
+def column_names(columns: Sequence[Column]) -> str:
+    """The names a user may type for ``columns``: each key, and its header where that differs.
+
+    >>> column_names([Column("path", "path"), Column("max_abs", "max |x|")])
+    "path, max_abs ('max |x|')"
+    """
+    return ", ".join(
+        c.key if c.header.lower() == c.key.lower() else f"{c.key} ({c.header!r})" for c in columns
+    )
+
+
 def _empty_column(column: Column, report: Report) -> bool:
-    values = [row.get(column.key) for row in report.rows]
+    values = [shown(row, column) for row in report.rows]
     if report.footer:
         values.append(report.footer.get(column.key))
     return column.kind != "sharding" and all(v is None or v == "" or v == [] for v in values)
@@ -160,16 +179,16 @@ def _empty_column(column: Column, report: Report) -> bool:
 
 def _choose_columns(report: Report, keys: Sequence[str] | None, hide_empty: bool) -> list[Column]:
     if keys:
-        # a column is named by its key (as in JSON and CSV) or by its header as shown
-        by_key = {c.header.lower(): c for c in report.columns}
-        by_key.update({c.key: c for c in report.columns})
-        unknown = [k for k in keys if k not in by_key and k.lower() not in by_key]
+        # a column is named by its key (as in JSON and CSV) or by its header as shown, in any case
+        by_name = {c.header.lower(): c for c in report.columns}
+        by_name.update({c.key.lower(): c for c in report.columns})
+        unknown = [k for k in keys if k.strip().lower() not in by_name]
         if unknown:
             raise UsageError(
-                f"no column {unknown[0]!r} in this table",
-                hint="columns: " + ", ".join(c.key for c in report.columns),
+                f"no column {unknown[0]!r} in this table", hint="columns: " + column_names(report.columns)
             )
-        return [replace(by_key.get(k) or by_key[k.lower()], priority=0) for k in keys]
+        # a column asked for stays however narrow the terminal
+        return [replace(by_name[k.strip().lower()], priority=0, group="") for k in keys]
     if not hide_empty or not report.rows:
         return list(report.columns)
     return [c for c in report.columns if not _empty_column(c, report)]
@@ -267,7 +286,7 @@ def to_markdown(report: Report, view: View) -> str:
             lines.append("| " + " | ".join(markdown_escape(c.header) for c in columns) + " |")
             lines.append("|" + "|".join("---:" if c.numeric else "---" for c in columns) + "|")
             for row in table.rows:
-                cells = [markdown_escape(cell(row.get(c.key), c.kind, True, view.exact)) for c in columns]
+                cells = [markdown_escape(cell(shown(row, c), c.kind, True, view.exact)) for c in columns]
                 lines.append("| " + " | ".join(cells) + " |")
             if table.footer:  # as in the text table: a column the footer does not fill stays empty
                 foot = table.footer
@@ -292,7 +311,7 @@ def _text_columns(table: Report, columns: list[Column], view: View) -> list[layo
     out = []
     footer = table.footer or {}
     for column in columns:
-        cells = [cell(row.get(column.key), column.kind, True, view.exact) for row in table.rows]
+        cells = [cell(shown(row, column), column.kind, True, view.exact) for row in table.rows]
         foot = cell(footer[column.key], column.kind, True, view.exact) if column.key in footer else ""
         compact = None
         if column.kind == "count" and not view.exact:
@@ -305,7 +324,14 @@ def _text_columns(table: Report, columns: list[Column], view: View) -> list[layo
         fold = "path" if column.kind == "path" else "text" if column.kind == "note" else None
         out.append(
             layout.TextColumn(
-                column.header, cells, foot, column.numeric, fold, column.priority, compact=compact
+                column.header,
+                cells,
+                foot,
+                column.numeric,
+                fold,
+                column.priority,
+                compact=compact,
+                group=column.group,
             )
         )
     return out

@@ -9,31 +9,23 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 from paramscope.names import path_sort_key
-from paramscope.output.render import Column, Report, listed
+from paramscope.output.fields import columns, field, resolve
+from paramscope.output.render import Report, listed
 
 
-def sharding_json(spec) -> list | None:
-    """:func:`paramscope.io.inventory.sharding_json`, imported when used: ``--help`` needs none
-    of the checkpoint code."""
-    from paramscope.io.inventory import sharding_json
+def sharding_json(param) -> list | None:
+    """:func:`paramscope.io.inventory.param_sharding_json`, imported when used: ``--help`` needs
+    none of the checkpoint code."""
+    from paramscope.io.inventory import param_sharding_json
 
-    return sharding_json(spec)
+    return param_sharding_json(param)
 
 
-STAT_COLUMNS = [
-    Column("norm", "norm", "float", priority=0),
-    Column("mean", "mean", "float", priority=2),
-    Column("std", "std", "float", priority=2),
-    Column("min", "min", "float", priority=3),
-    Column("max", "max", "float", priority=3),
-    Column("max_abs", "max |x|", "float", priority=2),
-    Column("zero_fraction", "zeros", "float", priority=4),
-    Column("nan", "NaN", "int", priority=1),
-    Column("inf", "Inf", "int", priority=1),
-]
+STAT_COLUMNS = columns("norm", "mean", "std", "min", "max", "max_abs", "zero_fraction", "nan", "inf")
 STAT_KEYS = tuple(c.key for c in STAT_COLUMNS)
 # Sort keys of the commands that sort: largest first, but for path (and cosine: smallest first).
 TABLE_SORT_KEYS = ("path", "count", "bytes", "norm")
@@ -41,6 +33,32 @@ NORMS_SORT_KEYS = ("path", "count", "norm", "nonfinite")
 STATS_SORT_KEYS = ("path", "count", *STAT_KEYS)
 DIFF_SORT_KEYS = ("path", "rel_diff", "diff_norm", "max_abs_diff", "cosine", "norm_a", "norm_b")
 ASCENDING = ("path", "cosine")
+
+
+# Each document's schema version: raised when a field of it changes name, type or meaning.
+SCHEMA_VERSIONS = {
+    "info": 1,
+    "table": 2,  # 2: a replicated array's sharding is [null, ...], null where the format stores none
+    "count": 2,  # 2: "leaves" are "arrays"
+    "mask": 2,  # 2: "leaves" are "arrays"
+    "norms": 2,  # 2: "bytes_read" an integer ("bytes_read_by_process" the list), "arrays"
+    "stats": 2,  # 2: as norms; the global row is "(global)"
+    "verify": 1,
+    "diff": 2,  # 2: sharding as in table
+    "check": 1,
+    "layers": 1,
+    "optim": 2,  # 2: the optimizer's step is "step_count" (was "count")
+    "history": 1,
+}
+
+
+def schema(command: str) -> str:
+    """The ``schema`` field of a command's JSON document.
+
+    >>> schema("count")
+    'paramscope.count/2'
+    """
+    return f"paramscope.{command}/{SCHEMA_VERSIONS[command]}"
 
 
 def plural(n: int, noun: str) -> str:
@@ -78,8 +96,13 @@ def _title(inv, arrays: int) -> str:
     return f"{where(inv)}  {plural(arrays, 'array')}"
 
 
-def sort_rows(rows: list[dict], key: str, top: int | None = None) -> list[dict]:
-    """Rows by ``key`` (largest first, but path and cosine ascending), missing values last."""
+def sort_rows(
+    rows: list[dict], key: str, top: int | None = None, choices: tuple[str, ...] | None = None
+) -> list[dict]:
+    """Rows by ``key`` (largest first, but path and cosine ascending), missing values last;
+    ``key`` may be named by its header too where ``choices`` lists the keys allowed."""
+    if choices is not None:
+        key = resolve(key, choices)
 
     def value(row):
         v = row.get(key)
@@ -101,17 +124,20 @@ def _engine_text(result) -> str:
     return "engine mesh " + ",".join(f"{n}={s}" for n, s in result.mesh)
 
 
-DIGEST_COLUMN = Column("digest", "digest", priority=5)
+# --digest asks for the column: it stays however narrow the terminal (shown by its first digits)
+DIGEST_COLUMN = field("digest", priority=0)
 
 
 def _scan_header(result) -> dict[str, Any]:
     header = {
         "global_norm": result.global_norm,
         "nonfinite": result.nonfinite,
+        "arrays": len(result.params),
         "count": sum(r.param.count for r in result.params),
         "engine": result.engine,
         "mesh": dict(result.mesh) if result.mesh is not None else None,
-        "bytes_read": result.bytes_read,
+        "bytes_read": sum(result.bytes_read),
+        "bytes_read_by_process": list(result.bytes_read),
     }
     if result.digest is not None:
         header["digest"] = result.digest
@@ -177,7 +203,7 @@ def info_report(result) -> Report:
         for i in result.items
     ]
     payload = {
-        "schema": "paramscope.info/1",
+        "schema": schema("info"),
         "checkpoint": result.checkpoint,
         "layout": result.layout,
         "step": result.step,
@@ -229,14 +255,7 @@ def info_report(result) -> Report:
         payload=payload,
         name="items",
         title=f"{result.shown or result.checkpoint}  ({result.layout}, {step_text})",
-        columns=[
-            Column("name", "item", "path", priority=0),
-            Column("kind", "kind", priority=2),
-            Column("storage", "storage", priority=3),
-            Column("arrays", "arrays", "count", priority=1),
-            Column("count", "parameters", "count", priority=0),
-            Column("bytes_on_disk", "on disk", "bytes", priority=1),
-        ],
+        columns=columns("name", "kind", "storage", "arrays", "count", "bytes_on_disk"),
         rows=items,
         notes=notes,
         empty="no items in this step",
@@ -249,10 +268,10 @@ def info_report(result) -> Report:
                 title="steps",
                 rows=steps,
                 columns=[
-                    Column("step", "step", "int", priority=0),
-                    Column("name", "folder", "path", priority=0),
-                    Column("finished", "finished", "bool", priority=0),
-                    *([Column("saved", "saved", priority=1)] if any("saved" in s for s in steps) else []),
+                    field("step"),
+                    field("name", header="folder"),
+                    field("finished"),
+                    *([field("saved")] if any("saved" in s for s in steps) else []),
                 ],
             )
         )
@@ -278,29 +297,22 @@ def table_report(
             "dtype": p.dtype,
             "count": p.count,
             "bytes": p.nbytes,
-            "sharding": sharding_json(p.sharding),
+            "sharding": sharding_json(p),
             **({"random_key": p.random_key} if p.random_key else {}),
             **({"stored_dtype": p.stored.stored_dtype} if getattr(p.stored, "stored_dtype", "") else {}),
         }
         for p in params
     }
-    columns = [
-        Column("path", "path", "path", priority=0),
-        Column("shape", "shape", "shape", priority=1),
-        Column("dtype", "dtype", priority=1),
-        Column("count", "count", "count", priority=0),
-        Column("bytes", "bytes", "bytes", priority=3),
-        Column("sharding", "sharding", "sharding", priority=4),
-    ]
+    table_columns = columns("path", "shape", "dtype", "count", "bytes", "sharding")
     if mask is not None:
         for param, decayed in mask.decisions:
             rows[param.path]["weight_decay"] = decayed
-        columns.append(Column("weight_decay", "decay", "bool", priority=0))
+        table_columns.append(field("weight_decay"))
     if stacked:
         for path, rule in stacked.items():
             if path in rows:
                 rows[path]["stacked"] = rule
-        columns.append(Column("stacked", "stacked", priority=3))
+        table_columns.append(field("stacked"))
     if scan is not None:
         for entry in scan.params:
             row = rows[entry.param.path]
@@ -310,12 +322,12 @@ def table_report(
             row["nonfinite"] = entry.nonfinite
             if entry.digest is not None:
                 row["digest"] = entry.digest
-        columns += STAT_COLUMNS if full else STAT_COLUMNS[:1]
+        table_columns += STAT_COLUMNS if full else STAT_COLUMNS[:1]
         if scan.digest is not None:
-            columns.append(DIGEST_COLUMN)
-    ordered = sort_rows(list(rows.values()), sort, top)
+            table_columns.append(DIGEST_COLUMN)
+    ordered = sort_rows(list(rows.values()), sort, top, TABLE_SORT_KEYS)
     total = {"count": sum(p.count for p in params), "bytes": sum(p.nbytes for p in params)}
-    payload = {"schema": "paramscope.table/1", **header(inv), "params": ordered, "total": total}
+    payload = {"schema": schema("table"), **header(inv), "params": ordered, "total": total}
     if scan is not None and scan.digest is not None:
         payload["digest"] = scan.digest
     # shown: a dtype read as another than the file stores says so (``bfloat16 (from <V2)``)
@@ -325,7 +337,7 @@ def table_report(
     ]
     report = Report(
         payload=payload,
-        columns=columns,
+        columns=table_columns,
         rows=shown,
         title=_title(inv, len(params)),
         footer={"path": f"total ({plural(len(params), 'array')})", **total},
@@ -346,11 +358,7 @@ def values_section(values: list[dict]) -> Report:
         payload={},
         name="values",
         title="values (strings; Python numbers, also counted above as 0-d arrays)",
-        columns=[
-            Column("path", "path", "path", priority=0),
-            Column("type", "type", priority=1),
-            Column("value", "value", "note", priority=0),
-        ],
+        columns=columns("path", "type", "value"),
         rows=[{**v, "value": _clip(v["value"])} for v in values],
     )
 
@@ -363,12 +371,12 @@ def _clip(value, limit: int = 80) -> str:
 
 def count_report(inv, result, depth: int) -> Report:
     total = {"count": result.total_count, "bytes": result.total_bytes}
-    groups = [{"path": g, "count": c, "bytes": b, "leaves": n} for g, c, b, n in result.groups]
+    groups = [{"path": g, "count": c, "bytes": b, "arrays": n} for g, c, b, n in result.groups]
     by_dtype = {d: {"count": c, "bytes": b} for d, (c, b) in result.by_dtype.items()}
-    leaves = sum(g["leaves"] for g in groups)
+    arrays = sum(g["arrays"] for g in groups)
     return Report(
         payload={
-            "schema": "paramscope.count/1",
+            "schema": schema("count"),
             **header(inv),
             "depth": depth,
             "total": total,
@@ -376,26 +384,20 @@ def count_report(inv, result, depth: int) -> Report:
             "groups": groups,
         },
         name="groups",
-        title=_title(inv, leaves),
+        title=_title(inv, arrays),
         columns=[
-            Column("path", f"group (depth {depth})", "path", priority=0),
-            Column("leaves", "arrays", "count", priority=1),
-            Column("count", "count", "count", priority=0),
-            Column("bytes", "bytes", "bytes", priority=1),
+            field("path", header=f"group (depth {depth})"),
+            *columns("arrays", "count", "bytes", bytes=1),
         ],
         rows=[{**g, "path": g["path"] or "(all)"} for g in groups],
-        footer={"path": "total", "leaves": leaves, **total},
+        footer={"path": "total", "arrays": arrays, **total},
         empty="no parameters match",
         sections=[
             Report(
                 payload={},
                 name="dtypes",
                 title="by dtype",
-                columns=[
-                    Column("dtype", "dtype", priority=0),
-                    Column("count", "count", "count", priority=0),
-                    Column("bytes", "bytes", "bytes", priority=1),
-                ],
+                columns=columns("dtype", "count", "bytes", dtype=0, bytes=1),
                 rows=[{"dtype": d, **v} for d, v in by_dtype.items()],
                 empty="no parameters match",
             )
@@ -408,10 +410,10 @@ GLOBAL_ROW = "(global)"
 
 def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: int | None = None) -> Report:
     """The global norm as a row of its own (path ``(global)``), after the parameters when asked."""
-    payload = {"schema": "paramscope.norms/1", **header(inv), **_scan_header(result)}
+    payload = {"schema": schema("norms"), **header(inv), **_scan_header(result)}
     overall = {
         "path": GLOBAL_ROW,
-        "arrays": len(params),
+        "arrays": payload["arrays"],
         "count": payload["count"],
         "norm": result.global_norm,
         "nonfinite": result.nonfinite,
@@ -433,6 +435,7 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
             ],
             sort,
             top,
+            NORMS_SORT_KEYS,
         )
         payload["params"] = rows
     return Report(
@@ -440,12 +443,7 @@ def norms_report(inv, params, result, per_param: bool, sort: str = "path", top: 
         title=f"{_title(inv, len(params))}  {_engine_text(result)}",
         rows=[*rows, overall],
         columns=[
-            Column("path", "path", "path", priority=0),
-            Column("dtype", "dtype", priority=3),
-            Column("arrays", "arrays", "count", priority=2),
-            Column("count", "count", "count", priority=1),
-            Column("norm", "norm", "float", priority=0),
-            Column("nonfinite", "NaN/Inf", "int", priority=0),
+            *columns("path", "dtype", "arrays", "count", "norm", "nonfinite", dtype=3, arrays=2, nonfinite=0),
             *([DIGEST_COLUMN] if result.digest is not None else []),
         ],
     )
@@ -466,22 +464,21 @@ def stats_report(inv, params, result, sort: str = "path", top: int | None = None
         ],
         sort,
         top,
+        STATS_SORT_KEYS,
     )
-    payload = {"schema": "paramscope.stats/1", **header(inv), **_scan_header(result), "params": rows}
+    payload = {"schema": schema("stats"), **header(inv), **_scan_header(result), "params": rows}
     return Report(
         payload=payload,
         title=f"{_title(inv, len(params))}  {_engine_text(result)}",
         rows=rows,
         columns=[
-            Column("path", "path", "path", priority=0),
-            Column("dtype", "dtype", priority=3),
-            Column("count", "count", "count", priority=2),
+            *columns("path", "dtype", "count", dtype=3, count=2),
             *STAT_COLUMNS,
             *([DIGEST_COLUMN] if result.digest is not None else []),
         ],
         notes=_digest_note(result) + _complex_note(r.param for r in result.params),
         footer={
-            "path": "global",
+            "path": GLOBAL_ROW,
             "count": payload["count"],
             "norm": result.global_norm,
             "nan": sum(r.moments.nan for r in result.params),
@@ -509,22 +506,18 @@ def mask_report(inv, result) -> Report:
     decayed, not_decayed = result.totals(True), result.totals(False)
     return Report(
         payload={
-            "schema": "paramscope.mask/1",
+            "schema": schema("mask"),
             **header(inv),
             "include": result.include,
             "exclude": result.exclude,
             "params": rows,
-            "decayed": {"count": decayed[0], "leaves": decayed[1]},
-            "not_decayed": {"count": not_decayed[0], "leaves": not_decayed[1]},
+            "decayed": {"count": decayed[0], "arrays": decayed[1]},
+            "not_decayed": {"count": not_decayed[0], "arrays": not_decayed[1]},
             "unmatched_patterns": result.unmatched_patterns,
         },
         title=_title(inv, len(rows)),
         rows=rows,
-        columns=[
-            Column("path", "path", "path", priority=0),
-            Column("count", "count", "count", priority=1),
-            Column("weight_decay", "decay", "bool", priority=0),
-        ],
+        columns=columns("path", "count", "weight_decay", count=1),
         notes=[
             f"decayed: {decayed[0]:,} parameters in {plural(decayed[1], 'array')}; "
             f"not decayed: {not_decayed[0]:,} parameters in {plural(not_decayed[1], 'array')}"
@@ -539,7 +532,7 @@ def verify_report(result, shown: str | None = None) -> Report:
     items = ("item " if len(result.items) == 1 else "items ") + ",".join(result.items)
     return Report(
         payload={
-            "schema": "paramscope.verify/1",
+            "schema": schema("verify"),
             "checkpoint": result.checkpoint,
             "step": result.step,
             "items": result.items,
@@ -550,11 +543,7 @@ def verify_report(result, shown: str | None = None) -> Report:
             "problems": rows,
         },
         title=f"{shown or result.checkpoint}{step_text}  {items}",
-        columns=[
-            Column("item", "item", priority=2),
-            Column("path", "array", "path", priority=0),
-            Column("problem", "problem", "note", priority=0),
-        ],
+        columns=[field("item"), field("path", header="array"), field("problem")],
         rows=rows,
         notes=[
             f"verified {plural(result.arrays, 'array')}, decoded {result.bytes_read:,} bytes"
@@ -567,7 +556,7 @@ def verify_report(result, shown: str | None = None) -> Report:
 def _diff_side(param) -> dict | None:
     if param is None:
         return None
-    return {"shape": list(param.shape), "dtype": param.dtype, "sharding": sharding_json(param.sharding)}
+    return {"shape": list(param.shape), "dtype": param.dtype, "sharding": sharding_json(param)}
 
 
 def diff_summary(result) -> str:
@@ -609,9 +598,9 @@ def diff_report(
                 identical=v.identical,
             )
         rows.append(row)
-    rows = sort_rows(rows, sort)
+    rows = sort_rows(rows, sort, choices=DIFF_SORT_KEYS)
     payload = {
-        "schema": "paramscope.diff/1",
+        "schema": schema("diff"),
         "a": header(inv_a),
         "b": header(inv_b),
         "rtol": result.rtol,
@@ -625,16 +614,7 @@ def diff_report(
         },
         "params": rows,
     }
-    shown = [
-        {
-            **r,
-            # the table names A's own path only where it differs from the name it is paired under
-            "renamed_from": r["path_a"] if r["path_a"] not in (None, r["path"]) else None,
-            "detail": "; ".join(r["changes"]),
-        }
-        for r in rows
-        if show_all or r["status"] != "identical"
-    ]
+    shown = [r for r in rows if show_all or r["status"] != "identical"]
     if top is not None:
         shown = shown[:top]
     notes = [diff_summary(result)]
@@ -649,24 +629,14 @@ def diff_report(
         payload=payload,
         title=f"A {where(inv_a)}\nB {where(inv_b)}",
         rows=shown,
+        # status and rel. diff are what diff exists for: they stay; the structure goes last of the rest;
+        # A's path is shown only where it differs from the name the pair goes by; digests only
+        # when they are what was compared (JSON: always)
         columns=[
-            Column("path", "path", "path", priority=0),
-            Column("status", "status", priority=0),
-            Column("detail", "structure", "note", priority=1),
-            # after the structure: on a narrow terminal the reason a pair differs stays longest
-            Column("renamed_from", "A path", "path", priority=1),
-            Column("norm_a", "norm A", "float", priority=3),
-            Column("norm_b", "norm B", "float", priority=3),
-            Column("diff_norm", "||A-B||", "float", priority=2),
-            Column("rel_diff", "||A-B||/||A||", "float", priority=0),
-            Column("cosine", "cosine", "float", priority=1),
-            Column("max_abs_diff", "max |A-B|", "float", priority=2),
-            # digests in the table only when they are what was compared (JSON: always)
-            *(
-                []
-                if values_compared
-                else [Column("digest_a", "digest A", priority=6), Column("digest_b", "digest B", priority=6)]
-            ),
+            *columns("path", "status", "changes"),
+            replace(field("path_a"), unless_equal="path"),
+            *columns("norm_a", "norm_b", "diff_norm", "rel_diff", "cosine", "max_abs_diff"),
+            *([] if values_compared else columns("digest_a", "digest_b")),
         ],
         notes=notes,
         empty="no differences",
@@ -691,7 +661,7 @@ def check_report(inv, baseline_file: str, baseline, compared, options, violation
     verdict = "pass" if not violations else plural(len(violations), "violation")
     return Report(
         payload={
-            "schema": "paramscope.check/1",
+            "schema": schema("check"),
             **header(inv),
             "baseline": os.path.abspath(baseline_file),
             "baseline_schema": baseline.schema,
@@ -703,19 +673,18 @@ def check_report(inv, baseline_file: str, baseline, compared, options, violation
         },
         title=f"{where(inv)}  vs  {baseline_file}",
         rows=[{**r, "baseline": _text(r["baseline"]), "actual": _text(r["actual"])} for r in rows],
-        columns=[
-            Column("path", "path", "path", priority=0),
-            Column("metric", "metric", priority=0),
-            Column("baseline", "baseline", "value", priority=0),  # what check is read for: kept,
-            Column("actual", "actual", "value", priority=0),  # the path folds at dots instead
-            Column("rel_diff", "rel. diff", "float", priority=0),
-        ],
+        # every column is what check is read for: kept, the path folds at dots instead
+        columns=columns("path", "metric", "baseline", "actual", "rel_diff"),
         notes=[f"compared {', '.join(compared) or 'nothing'} of {plural(checked, 'parameter')}: {verdict}"],
     )
 
 
+LAYERS_SORT_KEYS = ("layer", "norm")
+
+
 def layers_report(inv, rows, sort: str = "layer", top: int | None = None) -> Report:
     """One row per layer of each stack: the layer's norm and the norm of each of its arrays."""
+    sort = resolve(sort, LAYERS_SORT_KEYS)
     kinds = sorted({kind for row in rows for kind in row.norms})
     table = [
         {"stack": r.stack, "layer": r.layer, "norm": r.norm, "nonfinite": r.nonfinite, **r.norms}
@@ -726,7 +695,7 @@ def layers_report(inv, rows, sort: str = "layer", top: int | None = None) -> Rep
     if top is not None:
         table = table[:top]
     payload = {
-        "schema": "paramscope.layers/1",
+        "schema": schema("layers"),
         **header(inv),
         "layers": [
             {
@@ -744,34 +713,30 @@ def layers_report(inv, rows, sort: str = "layer", top: int | None = None) -> Rep
         payload=payload,
         title=f"{where(inv)}  {plural(len({r.stack for r in rows}), 'stack')}, {plural(len(rows), 'layer')}",
         columns=[
-            Column("stack", "stack", "path", priority=1),
-            Column("layer", "layer", "int", priority=0),
-            Column("norm", "norm", "float", priority=0),
-            Column("nonfinite", "NaN/Inf", "int", priority=1),
-            *[Column(k, k, "float", priority=2 if k.split(".")[-1] in weights else 3) for k in kinds],
+            *columns("stack", "layer", "norm", "nonfinite"),
+            *[field(k, priority=2 if k.split(".")[-1] in weights else 3) for k in kinds],
         ],
         rows=table,
         empty="no stacked arrays (see --layer-axis)",
     )
 
 
-OPTIM_COLUMNS = [
-    Column("path", "path", "path", priority=0),
-    Column("norm", "norm", "float", priority=1),
-    Column("mu_norm", "||mu||", "float", priority=2),
-    Column("sqrt_nu_norm", "||sqrt(nu)||", "float", priority=2),
-    Column("max_sqrt_nu", "max sqrt(nu)", "float", priority=3),
-    Column("count", "step", "int", priority=3),
-    Column("update_norm", "||update||", "float", priority=1),
-    Column("ratio", "update/param", "float", priority=0),
-]
+OPTIM_COLUMNS = columns(
+    "path", "norm", "mu_norm", "sqrt_nu_norm", "max_sqrt_nu", "step_count", "update_norm", "ratio", norm=1
+)
+OPTIM_ATTRIBUTES = {"step_count": "count"}  # fields named otherwise on the core's records
 OPTIM_SORT_KEYS = ("path", "ratio", "update_norm", "norm", "mu_norm", "sqrt_nu_norm", "max_sqrt_nu")
 
 
 def optim_report(inv, alignment, hyper: dict, sort: str = "path", top: int | None = None) -> Report:
     """Each parameter beside its optimizer state: moments, step, the update and its ratio."""
     stateful = [e for e in alignment.entries if e.mu or e.nu or e.factored]
-    rows = sort_rows([{c.key: getattr(e, c.key) for c in OPTIM_COLUMNS} for e in stateful], sort, top)
+    rows = sort_rows(
+        [{c.key: getattr(e, OPTIM_ATTRIBUTES.get(c.key, c.key)) for c in OPTIM_COLUMNS} for e in stateful],
+        sort,
+        top,
+        OPTIM_SORT_KEYS,
+    )
     notes = []
     if alignment.stateless:
         notes.append(
@@ -787,7 +752,7 @@ def optim_report(inv, alignment, hyper: dict, sort: str = "path", top: int | Non
         notes.append(f"shape differs, left out: {problem}")
     return Report(
         payload={
-            "schema": "paramscope.optim/1",
+            "schema": schema("optim"),
             **header(inv),
             **hyper,
             "params": rows,
@@ -853,7 +818,7 @@ def history_report(inv, result, series, full: bool, sort: str = "path", top: int
         }
         for s in series
     ]
-    rows = sort_rows(rows, sort, top)
+    rows = sort_rows(rows, sort, top, HISTORY_SORT_KEYS)
     steps = [r.step for r in result.steps]
     notes = [
         f"steps {', '.join(map(str, steps))}"
@@ -864,7 +829,7 @@ def history_report(inv, result, series, full: bool, sort: str = "path", top: int
     if first_bad is not None:
         notes.append(f"first NaN/Inf at step {first_bad[0]}: {', '.join(first_bad[1][:5])}")
     payload = {
-        "schema": "paramscope.history/1",
+        "schema": schema("history"),
         **header(inv),
         "step": None,
         "steps": steps,
@@ -876,26 +841,14 @@ def history_report(inv, result, series, full: bool, sort: str = "path", top: int
     return Report(
         payload=payload,
         title=f"{inv.shown or inv.checkpoint}  {plural(len(steps), 'step')}  {len(series):,} series",
-        columns=[
-            Column("path", "path", "path", priority=0),
-            Column("norm", "norm", "float", priority=0),
-            Column("trend", "norm over steps", priority=1),
-            Column("drift", "drift", "float", priority=1),
-            Column("change", "last change", "float", priority=0),
-            Column("nonfinite", "NaN/Inf", "int", priority=1),
-        ],
+        columns=columns("path", "norm", "trend", "drift", "change", "nonfinite", essential=("nonfinite",)),
         rows=rows,
         notes=notes,
         sections=[
             Report(
                 payload={},
                 name="long",
-                columns=[
-                    Column("step", "step", "int", priority=0),
-                    Column("path", "path", "path", priority=0),
-                    Column("metric", "metric", priority=0),
-                    Column("value", "value", "number", priority=0),
-                ],
+                columns=[*columns("step", "path", "metric"), field("value", kind="number")],
                 rows=long_rows,
                 title="long form",
                 hidden=True,
