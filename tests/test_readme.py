@@ -6,6 +6,7 @@ commands run in order in a folder holding ``demo_ckpt``, as piped output (no ter
 change of output, ``python tests/test_readme.py --write`` rewrites the README's blocks.
 """
 
+import glob
 import os
 import re
 import shlex
@@ -16,6 +17,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+# pages of the documentation whose examples are run the same way
+PAGES = [README, *sorted(glob.glob(os.path.join(ROOT, "docs", "commands", "*.md")))]
 BLOCK = re.compile(r"```\n(\$ paramscope .*?)```", re.S)
 SIZE_ON_DISK = re.compile(r"\d+(\.\d)? (B|KiB|MiB)$", re.M)  # OCDBT file sizes vary from run to run
 WHEN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")  # so do the times a step was saved
@@ -92,14 +95,26 @@ def test_readme_examples_are_what_the_commands_print(demo_folder):
     } <= commands
 
 
+@pytest.mark.parametrize("page", PAGES[1:], ids=os.path.basename)
+def test_doc_page_examples_are_what_the_commands_print(demo_folder, page):
+    with open(page) as f:
+        blocks = examples(f.read())
+    assert blocks, page
+    for _, pairs in blocks:
+        for command, expected in pairs:
+            actual = run_example(command, demo_folder)
+            assert normalise(command, actual) == normalise(command, expected), command
+
+
 def write(folder: str) -> None:
-    with open(README) as f:
-        text = f.read()
-    for block, pairs in examples(text):
-        new = "".join(f"$ {command}\n{run_example(command, folder)}" for command, _ in pairs)
-        text = text.replace(block, new, 1)
-    with open(README, "w") as f:
-        f.write(text)
+    for page in PAGES:
+        with open(page) as f:
+            text = f.read()
+        for block, pairs in examples(text):
+            new = "".join(f"$ {command}\n{run_example(command, folder)}" for command, _ in pairs)
+            text = text.replace(block, new, 1)
+        with open(page, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
