@@ -4,7 +4,6 @@ bucket); written files round-trip bit-exact; bad input is one line and exit 2 be
 
 import json
 import os
-import shutil
 
 import ml_dtypes
 import numpy as np
