@@ -20,6 +20,7 @@ _EXPORTS = {
     "open": "paramscope.api",
     "Checkpoint": "paramscope.api",
     "Result": "paramscope.api",
+    "Array": "paramscope.api",
     "history": "paramscope.api",
     "diff": "paramscope.api",
     "is_partitioned": "paramscope.param_utils",

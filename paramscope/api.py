@@ -28,7 +28,7 @@ from paramscope.errors import UsageError
 from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.output.render import Report
 
-__all__ = ["Checkpoint", "Result", "diff", "history", "open"]
+__all__ = ["Array", "Checkpoint", "Result", "diff", "history", "open"]
 
 
 @dataclass
@@ -386,6 +386,182 @@ class Checkpoint:
         )
         return Result(report, notes, violations, other_step)
 
+    # -- one array -------------------------------------------------------------------------------
+
+    def array(self, path: str) -> Array:
+        """One parameter's values, read lazily: ``ck.array("params.embed.embedding")[0, :8]`` is
+        a numpy array, and only the chunks that slice touches are read.
+
+        Raises:
+            UsageError: No parameter has this path.
+        """
+        return Array(self, find_param(self.inventory, self.params, path, None))
+
+    def show(
+        self,
+        path: str | None = None,
+        *,
+        index: str | tuple | None = None,
+        filter: str | None = None,
+        nonfinite: int | None = None,
+        top: int | None = None,
+        axis: Sequence[int] = (),
+        exact: bool = False,
+        out: str | os.PathLike | None = None,
+        force: bool = False,
+        memory_budget: int | str | None = None,
+        on_bytes: Callable[[int], Any] | None = None,
+    ) -> Result:
+        """One parameter (``paramscope show``): where and how it is stored, its statistics (the
+        numbers of ``stats``), its values as numpy prints them, and on request where its NaN/Inf
+        are (the first ``nonfinite``), its ``top`` largest |x|, and per index of ``axis`` its
+        norm, max |x|, mean and NaN/Inf count; all in one streaming pass.
+
+        Args:
+            path: The parameter's path, a slice may follow (``'params.w[0, :8]'``); or None and
+                a ``filter`` (or the checkpoint's) that matches one parameter.
+            index: A slice as text (``'[0, :8]'``) or a numpy index tuple.
+            out: Also write the array or slice to this ``.npy``, ``.npz`` or ``.safetensors``
+                file (``force``: over an existing one).
+        """
+        from paramscope.compute import values as core
+        from paramscope.compute.plan import memory_budget_bytes
+        from paramscope.output.reports import show_report
+
+        param, selection, axes, plan_text = self.plan_show(path, index, filter, axis, out, force)
+        limit = memory_budget_bytes(memory_budget)
+        array = Array(self, param)
+        writer = None
+
+        def read_piece(piece):
+            values = array.read(piece)
+            if writer is not None:
+                from paramscope.compute.digest import logical_bytes
+
+                writer.write(logical_bytes(values))
+            if on_bytes is not None:
+                on_bytes(piece.box_count() * param.itemsize)
+            return values
+
+        def run():
+            nonlocal writer
+            if out is not None:
+                from paramscope.io.writers import Entry, Writer
+
+                writer = Writer(os.fspath(out), [Entry(param.path, param.dtype, selection.out_shape)], force)
+                writer.begin(writer.entries[0])
+            try:
+                found = core.inspect(
+                    read_piece,
+                    selection,
+                    param.itemsize,
+                    limit,
+                    param.stored.chunks if param.stored else (),
+                    nonfinite=nonfinite,
+                    top=top,
+                    axes=axes,
+                )
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+            if writer is not None:
+                writer.close()
+            shown = np_corner(array, selection)
+            return found, shown
+
+        found, shown = unchanged_after(self.inventory, run)
+        text = core.summary(shown, selection.count, exact)
+        small = shown if selection.count <= core.SUMMARY_THRESHOLD else None
+        value = Shown(param, selection, found, text, small, plan_text)
+        notes = list(self.warnings)
+        if out is not None:
+            notes.append(f"wrote {os.fspath(out)}" + _dtype_note(os.fspath(out), param.dtype))
+        return Result(show_report(self.inventory, value, exact), notes, value)
+
+    def plan_show(self, path, index, filter, axis, out=None, force=False):
+        """The parameter, selection and axes of :meth:`show`, checked before any data is read."""
+        from paramscope.compute import values as core
+
+        written = None
+        if path is not None:
+            path, written = (
+                core.split_path(path) if find_exact(self.inventory, path) is None else (path, None)
+            )
+        if written is not None and index is not None:
+            raise UsageError("a slice is given twice (after the path and as --slice)", hint="give it once")
+        index = written if index is None else index
+        param = find_param(self.inventory, self.params, path, filter)
+        parsed = core.parse_index(index) if isinstance(index, str) else index
+        selection = core.select(param.shape, parsed, index if isinstance(index, str) else "")
+        axes = core.check_axes(list(axis), selection)
+        if out is not None:
+            from paramscope.io.writers import Entry, check_entries, file_format
+
+            target = os.fspath(out)
+            check_entries(file_format(target), [Entry(param.path, param.dtype, selection.out_shape)])
+            if os.path.exists(target) and not force:
+                raise UsageError(f"{target} exists", hint="pass --force to write over it")
+        return param, selection, axes, (core.index_text(parsed) if parsed is not None else None)
+
+    def export(
+        self,
+        out: str | os.PathLike,
+        *,
+        force: bool = False,
+        memory_budget: int | str | None = None,
+        on_bytes: Callable[[int], Any] | None = None,
+    ) -> Result:
+        """Writes the selected parameters to one ``.safetensors`` or ``.npz`` file (names as
+        paramscope shows them), streaming within the memory budget, then reads the file back and
+        checks that every array's content digest equals the source's.
+
+        Raises:
+            UsageError: The file exists (without ``force``), or cannot hold these arrays.
+            CorruptCheckpoint: The file read back differs from what was read.
+        """
+        from paramscope.compute.plan import memory_budget_bytes
+
+        params = self.plan_export(out, force)
+        digests = unchanged_after(
+            self.inventory,
+            lambda: write_arrays(params, os.fspath(out), force, memory_budget_bytes(memory_budget), on_bytes),
+        )
+        written = open(out)
+        scanned = read_numbers(written.inventory, written.params, digest=True, memory_budget=memory_budget)
+        found = {r.param.path: r.digest for r in scanned.params}
+        bad = [path for path, digest in digests.items() if found.get(path) != digest]
+        if bad:
+            from paramscope.errors import CorruptCheckpoint
+
+            raise CorruptCheckpoint(
+                f"{os.fspath(out)} does not hold what was read: {', '.join(bad[:3])} differ",
+                hint="the disk may be failing; write it again",
+            )
+        from paramscope.output.reports import export_report
+
+        rows = [(p, digests[p.path]) for p in params]
+        notes = [*self.warnings, *self._key_note()]
+        return Result(export_report(self.inventory, os.fspath(out), rows), notes, digests)
+
+    def plan_export(self, out, force: bool = False) -> list[ParamInfo]:
+        """The parameters :meth:`export` writes, checked before any data is read."""
+        from paramscope.io.writers import Entry, check_entries, file_format
+
+        target = os.fspath(out)
+        fmt = file_format(target)
+        if fmt == "npy":
+            raise UsageError(
+                "export writes many arrays: a .npy file holds one", hint="name a .safetensors or .npz file"
+            )
+        params = [p for p in self.params if not p.random_key]
+        if not params:
+            raise UsageError("no parameter to export", hint="check --filter, --subtree and --item")
+        check_entries(fmt, [Entry(p.path, p.dtype, p.shape) for p in params])
+        if os.path.exists(target) and not force:
+            raise UsageError(f"{target} exists", hint="pass --force to write over it")
+        return params
+
     def verify(self, *, memory_budget: int | str | None = None) -> Result:
         """Decodes every chunk of every array of the step; checks the metadata files agree."""
         from paramscope.compute.verify import verify_checkpoint
@@ -393,6 +569,191 @@ class Checkpoint:
 
         result = verify_checkpoint(self.path, self.step, self._item, memory_budget)
         return Result(verify_report(result, self.path), list(self.warnings), result)
+
+
+class Array:
+    """One parameter's values, read lazily (:meth:`Checkpoint.array`): indexing it with
+    integers, slices and ``...`` returns a numpy array and reads only the box of the array that
+    index spans (for zarr arrays through TensorStore's own indexing: only the chunks it touches).
+
+    >>> import paramscope as ps
+    >>> w = ps.open(demo_ckpt).array("Embed_0.embedding")
+    >>> w.shape, w[0, :3].shape, w[-1].dtype.name
+    ((1024, 64), (3,), 'float32')
+    """
+
+    def __init__(self, ck: Checkpoint, param: ParamInfo):
+        self.param = param
+        self._inventory = ck.inventory
+        self._handle = None
+
+    def __repr__(self) -> str:
+        return f"paramscope.Array({self.path!r}, shape={self.shape}, dtype={self.dtype})"
+
+    @property
+    def path(self) -> str:
+        return self.param.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.param.shape
+
+    @property
+    def dtype(self):
+        from paramscope.io.records import numpy_dtype
+
+        return numpy_dtype(self.param.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d array")
+        return self.shape[0]
+
+    def _opened(self):
+        if self._handle is None:
+            from paramscope.io import checkpoint
+
+            self._handle = checkpoint.open_array(self.param.stored)
+        return self._handle
+
+    def read(self, selection):
+        """The values of a :class:`~paramscope.compute.values.Selection` of this array."""
+        from paramscope.compute.values import read
+
+        return read(self._opened(), selection, self.path, self.param.index_in_store)
+
+    def __getitem__(self, index):
+        from paramscope.compute.values import select
+
+        selection = select(self.shape, index if isinstance(index, tuple) else (index,))
+        return unchanged_after(self._inventory, lambda: self.read(selection))
+
+    def __array__(self, dtype=None, copy=None):
+        values = self[...]
+        return values if dtype is None else values.astype(dtype)
+
+
+@dataclass
+class Shown:
+    """What :meth:`Checkpoint.show` found: the parameter, the selection, the
+    :class:`~paramscope.compute.values.Inspection`, the values as numpy prints them, and the
+    values themselves when there are at most 1,000 of them."""
+
+    param: ParamInfo
+    selection: Any
+    inspection: Any
+    text: str
+    values: Any = None
+    slice_text: str | None = None  # the slice as numpy writes it; None for the whole array
+
+    def values_json(self) -> Any:
+        """The values as nested lists of numbers (None beyond 1,000 values, or complex)."""
+        import numpy as np
+
+        if self.values is None or np.iscomplexobj(self.values):
+            return None
+        values = np.asarray(self.values)
+        return values.astype(np.float64).tolist() if values.dtype.kind not in "iub" else values.tolist()
+
+
+def np_corner(array: Array, selection):
+    """The part of a selection a numpy summary shows (all of it, up to 1,000 elements)."""
+    import numpy as np
+
+    from paramscope.compute.values import corner, corner_shape
+
+    out = np.empty(corner_shape(selection), dtype=array.dtype)
+    for piece, where in corner(selection):
+        out[where] = array.read(piece)
+    return out
+
+
+def find_exact(inv: Inventory, path: str) -> ParamInfo | None:
+    return next((p for p in inv.params if p.path == path), None)
+
+
+def find_param(
+    inv: Inventory, params: Sequence[ParamInfo], path: str | None, filter: str | None
+) -> ParamInfo:
+    """The one parameter a path names, or that ``filter`` (else the selection ``params``) holds."""
+    from paramscope.io.inventory import filter_params
+
+    if path is not None:
+        found = find_exact(inv, path)
+        if found is not None:
+            return found
+        import difflib
+
+        close = difflib.get_close_matches(path, [p.path for p in inv.params], n=3)
+        raise UsageError(
+            f"no parameter {path!r} here",
+            hint=f"did you mean {', '.join(close)}?" if close else "see the paths with paramscope table",
+        )
+    candidates = filter_params(inv.params, filter) if filter is not None else list(params)
+    what = f"--filter {filter!r}" if filter is not None else "the selection"
+    if not candidates:
+        raise UsageError(f"{what} matches no parameter", hint="see the paths with paramscope table")
+    if len(candidates) > 1:
+        from paramscope.output.render import listed
+
+        raise UsageError(
+            f"{what} matches {len(candidates)} parameters: {listed([p.path for p in candidates], 3)}",
+            hint="show takes one: name its path, or narrow the regex",
+        )
+    return candidates[0]
+
+
+def _dtype_note(out: str, dtype: str) -> str:
+    from paramscope.io.records import numpy_dtype
+
+    if out.lower().endswith((".npy", ".npz")) and numpy_dtype(dtype).type.__module__.startswith("ml_dtypes"):
+        size = numpy_dtype(dtype).itemsize
+        return (
+            f" ({dtype} stored as |V{size}: numpy has no name for it; .view(ml_dtypes.{dtype}) after loading)"
+        )
+    return ""
+
+
+def write_arrays(
+    params: Sequence[ParamInfo], out: str, force: bool, limit: int, on_bytes=None
+) -> dict[str, str]:
+    """Writes whole arrays to ``out`` in pieces that fit ``limit``; returns their digests, of
+    the bytes read (and written)."""
+    from paramscope.compute.digest import DigestState, logical_bytes
+    from paramscope.compute.values import pieces, select
+    from paramscope.io import checkpoint
+    from paramscope.io.writers import Entry, Writer
+
+    entries = [Entry(p.path, p.dtype, p.shape) for p in params]
+    writer = Writer(out, entries, force)
+    digests = {}
+    try:
+        for param, entry in zip(params, entries):
+            writer.begin(entry)
+            handle = checkpoint.open_array(param.stored)
+            state = DigestState(param.dtype, param.shape, param.itemsize)
+            offset = 0
+            whole = select(param.shape, None)
+            chunks = param.stored.chunks if param.stored else ()
+            for piece in pieces(whole, param.itemsize, max(param.itemsize, limit // 2), chunks):
+                from paramscope.compute.values import read
+
+                data = logical_bytes(read(handle, piece, param.path, param.index_in_store))
+                writer.write(data)
+                state.feed(offset, data)
+                offset += len(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
+            digests[param.path] = state.hexdigest()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return digests
 
 
 def scalar_values(params: Sequence[ParamInfo]) -> list[dict]:

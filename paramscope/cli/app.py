@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from paramscope import errors
-from paramscope.cli import gates, inspect, numbers, views
+from paramscope.cli import arrays, gates, inspect, numbers, views
 from paramscope.cli.common import handle_errors, silence_stdout
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app = typer.Typer(
 for family, commands in (
     ("Inspect", (inspect.info, inspect.table, inspect.count, inspect.mask)),
     ("Numbers", (numbers.norms, numbers.stats, numbers.layers, numbers.optim)),
+    ("Arrays", (arrays.show, arrays.export)),
     ("Gates", (gates.verify, gates.diff, gates.snapshot, gates.check)),
     ("Runs", (views.history,)),
 ):

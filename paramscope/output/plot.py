@@ -138,3 +138,31 @@ def plot_layer_heatmap(
     figure.savefig(path)
     plt.close(figure)
     return {name: stacks[name] for name in names}
+
+
+def plot_axis(table, dims: Sequence[int], path: str, title: str = ""):
+    """The norm per index of one axis of an array (bars), or of two (a heatmap: the first axis
+    down, the second across); ``table`` is an :class:`~paramscope.compute.values.AxisTable`.
+    Returns the values drawn."""
+    if not path.lower().endswith((".png", ".svg")):
+        raise UsageError(f"cannot tell the picture format of {path!r}", hint="name a .png or .svg file")
+    plt = _pyplot()
+    norms = table.norm
+    if norms.ndim == 1:
+        figure, axis = plt.subplots(figsize=(9, 3.5), constrained_layout=True)
+        axis.bar(table.labels[0], norms, width=1.0 if len(norms) > 64 else 0.8, color="tab:blue")
+        axis.set_xlabel(f"index along axis {dims[0]}")
+        axis.set_ylabel("L2 norm")
+        if _spans_decades(list(norms)):
+            axis.set_yscale("log")
+        axis.grid(True, axis="y", alpha=0.3)
+    else:
+        figure, axis = plt.subplots(figsize=(9, 6), constrained_layout=True)
+        image = axis.imshow(norms, aspect="auto", interpolation="nearest", cmap="viridis")
+        axis.set_ylabel(f"index along axis {dims[0]}")
+        axis.set_xlabel(f"index along axis {dims[1]}")
+        figure.colorbar(image, ax=axis, label="L2 norm")
+    axis.set_title(printable(title) or "norm per index")
+    figure.savefig(path)
+    plt.close(figure)
+    return norms.tolist()

@@ -855,3 +855,201 @@ def history_report(inv, result, series, full: bool, sort: str = "path", top: int
             )
         ],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# One array: show and export
+
+
+def _index_text(index) -> str:
+    return "[" + ", ".join(str(i) for i in index) + "]"
+
+
+def _number(value) -> float | int | None:
+    return None if value is None else value
+
+
+def show_report(inv, shown, exact: bool = False) -> Report:
+    """``paramscope show``: one parameter (or a slice of it), its statistics, its values, and
+    the views asked for (NaN/Inf, largest |x|, per-axis reductions) as sections."""
+    from paramscope.compute.values import chunks_touched
+    from paramscope.output.render import human_bytes, spec_text
+
+    param, selection, found = shown.param, shown.selection, shown.inspection
+    stored = param.stored
+    chunks = tuple(stored.chunks) if stored is not None else ()
+    touched, total = chunks_touched(selection, chunks)
+    sliced = shown.slice_text
+    stats = found.moments.stats()
+    row = {
+        "path": param.path + (sliced or ""),
+        "shape": selection.out_shape,
+        "dtype": param.dtype,
+        "count": selection.count,
+        **stats,
+    }
+    payload: dict[str, Any] = {
+        "schema": "paramscope.show/1",
+        **header(inv),
+        "path": param.path,
+        "slice": sliced,
+        "shape": list(param.shape),
+        "dtype": param.dtype,
+        "sharding": sharding_json(param.sharding),
+        "mesh": dict(inv.saved_mesh) if inv.saved_mesh else None,
+        "chunks": list(chunks) if chunks else None,
+        "selected_shape": list(selection.out_shape),
+        "count": selection.count,
+        "chunks_read": touched,
+        "chunks_total": total,
+        "bytes_read": found.bytes_read,
+        "stats": stats,
+        "values": shown.values_json(),
+        "values_text": shown.text,
+    }
+    described = [
+        param.path,
+        param.dtype,
+        "(" + ", ".join(map(str, param.shape)) + ("," if len(param.shape) == 1 else "") + ")",
+        f"sharding {spec_text(param.sharding)}",
+    ]
+    if chunks:
+        described.append("chunks (" + ", ".join(map(str, chunks)) + ("," if len(chunks) == 1 else "") + ")")
+    read_line = f"read {human_bytes(found.bytes_read)}"
+    if total > 1:
+        read_line += f", {plural(touched, 'chunk')} of {total:,}"
+    report = Report(
+        payload=payload,
+        name="stats",
+        title=f"{where(inv)}\n{'  '.join(described)}",
+        columns=[
+            Column("path", "path", "path", priority=0),
+            Column("shape", "shape", "shape", priority=2),
+            Column("dtype", "dtype", priority=3),
+            Column("count", "count", "count", priority=2),
+            *STAT_COLUMNS,
+        ],
+        rows=[row],
+        notes=[read_line] + _complex_note([param]),
+    )
+    report.sections.append(
+        Report(
+            payload={},
+            columns=[],
+            rows=[],
+            name="values",
+            title=f"values{sliced or ''}",
+            notes=shown.text.splitlines(),
+        )
+    )
+    if found.requested_nonfinite is not None:
+        count = found.moments.nonfinite
+        first = [{"index": list(i), "value": v} for i, v in found.nonfinite]
+        payload["nonfinite"] = {
+            "count": count,
+            "nan": found.moments.nan,
+            "inf": found.moments.inf,
+            "first": first,
+        }
+        shown_count = f"first {len(first)} of " if len(first) < count else ""
+        report.sections.append(
+            Report(
+                payload={},
+                name="nonfinite",
+                title=f"NaN/Inf: {count:,} ({found.moments.nan:,} NaN, {found.moments.inf:,} Inf)"
+                + (f", {shown_count}{count:,} shown" if shown_count else ""),
+                columns=[Column("index", "index", priority=0), Column("value", "value", "float", priority=0)],
+                rows=[{"index": _index_text(i), "value": v} for i, v in found.nonfinite],
+                empty="no NaN or Inf",
+            )
+        )
+    if found.requested_top is not None:
+        payload["top"] = [{"index": list(i), "value": v, "abs": abs(v)} for i, v in found.top]
+        report.sections.append(
+            Report(
+                payload={},
+                name="top",
+                title=f"largest |x| (finite values), top {found.requested_top}",
+                columns=[
+                    Column("rank", "rank", "int", priority=0),
+                    Column("index", "index", priority=0),
+                    Column("value", "value", "float", priority=0),
+                ],
+                rows=[
+                    {"rank": k + 1, "index": _index_text(i), "value": v} for k, (i, v) in enumerate(found.top)
+                ],
+                empty="no finite values",
+            )
+        )
+    if found.axis is not None:
+        table = found.axis
+        dims = [selection.kept[a] for a in table.axes]
+        keys = [f"axis{d}" for d in dims]
+        rows = [{**dict(zip(keys, label)), **values} for label, values in table.rows()]
+        payload["axis"] = {
+            "axes": table.axes,
+            "array_axes": dims,
+            "rows": [{"index": [r[k] for k in keys], **{c: r[c] for c in _AXIS_KEYS}} for r in rows],
+        }
+        report.sections.append(
+            Report(
+                payload={},
+                name="axis",
+                title="per index of " + ", ".join(f"axis {d}" for d in dims) + " (array axes)",
+                columns=[
+                    *(Column(k, k.replace("axis", "axis "), "int", priority=0) for k in keys),
+                    Column("norm", "norm", "float", priority=0),
+                    Column("max_abs", "max |x|", "float", priority=1),
+                    Column("mean", "mean", "float", priority=1),
+                    Column("nan", "NaN", "int", priority=1),
+                    Column("inf", "Inf", "int", priority=1),
+                ],
+                rows=rows,
+            )
+        )
+    return report
+
+
+_AXIS_KEYS = ("norm", "max_abs", "mean", "nan", "inf")
+
+
+def export_report(inv, out: str, rows) -> Report:
+    """``paramscope export``: the arrays written, each with its digest (checked on the file)."""
+    from paramscope.output.render import human_bytes
+
+    table = [
+        {
+            "path": p.path,
+            "dtype": p.dtype,
+            "shape": p.shape,
+            "bytes": p.nbytes,
+            "digest": digest,
+        }
+        for p, digest in rows
+    ]
+    total = sum(r["bytes"] for r in table)
+    payload = {
+        "schema": "paramscope.export/1",
+        **header(inv),
+        "file": out,
+        "format": out.rsplit(".", 1)[-1].lower(),
+        "bytes": total,
+        "digests_checked": True,
+        "arrays": [{**r, "shape": list(r["shape"])} for r in table],
+    }
+    return Report(
+        payload=payload,
+        name="arrays",
+        title=f"{where(inv)}\nwrote {out}: {plural(len(table), 'array')}, {human_bytes(total)}",
+        columns=[
+            Column("path", "path", "path", priority=0),
+            Column("dtype", "dtype", priority=2),
+            Column("shape", "shape", "shape", priority=1),
+            Column("bytes", "bytes", "bytes", priority=1),
+            DIGEST_COLUMN,
+        ],
+        rows=table,
+        notes=["digests of the file read back equal those of the arrays read"],
+        footer={"path": "total", "bytes": total},
+        empty="no arrays written",
+    )

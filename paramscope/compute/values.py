@@ -1,0 +1,553 @@
+"""One array's values: a numpy-style slice of it, read lazily, and what is in it.
+
+A slice (``[0, :8]``, ``[..., -1]``) is parsed from text without evaluating anything
+(:func:`parse_index`), checked against the array's shape before any data is read
+(:func:`select`), and read as the box of the array it spans, through the format's own array
+handle (TensorStore's indexing for zarr arrays: only the chunks the box touches are decoded).
+
+:func:`inspect` streams a selection in pieces that fit a memory budget, in C order, and finds in
+one pass: its statistics (the same :class:`~paramscope.compute.moments.Accumulator` that
+``stats`` uses, so the numbers are the same), where its NaN and Inf are, its largest |x|, and per
+index of chosen axes the norm, max |x|, mean and NaN/Inf count. Reductions are in float64;
+max |x|, mean and the largest |x| are over the finite values, as in ``stats``.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramscope.compute.moments import Accumulator, Moments
+from paramscope.errors import UsageError
+
+EDGE_ITEMS = 3  # numpy's: the leading and trailing items of each axis a summary shows
+SUMMARY_THRESHOLD = 1000  # numpy's: more elements than this are summarised
+
+
+# ----------------------------------------------------------------------------------------------
+# Slices as text
+
+
+def parse_index(text: str) -> tuple:
+    """A numpy index from its text (``[0, :8]``): integers, slices and ``...`` only, never
+    evaluated.
+
+    >>> parse_index("[0, :8]"), parse_index("[..., -1]"), parse_index("[::2]")
+    ((0, slice(None, 8, None)), (Ellipsis, -1), (slice(None, None, 2),))
+    """
+    source = text.strip()
+    if not (source.startswith("[") and source.endswith("]")):
+        raise UsageError(f"malformed slice {text!r}", hint="write it as numpy does, e.g. '[0, :8]'")
+    try:
+        tree = ast.parse("a" + source, mode="eval").body
+    except SyntaxError:
+        raise UsageError(f"malformed slice {text!r}", hint="write it as numpy does, e.g. '[0, :8]'") from None
+    if not isinstance(tree, ast.Subscript):
+        raise UsageError(f"malformed slice {text!r}", hint="write it as numpy does, e.g. '[0, :8]'")
+    parts = tree.slice.elts if isinstance(tree.slice, ast.Tuple) else [tree.slice]
+    return tuple(_index_part(part, text) for part in parts)
+
+
+def _index_part(node: ast.AST, text: str):
+    if isinstance(node, ast.Slice):
+        return slice(*(None if n is None else _integer(n, text) for n in (node.lower, node.upper, node.step)))
+    if isinstance(node, ast.Constant) and node.value is Ellipsis:
+        return Ellipsis
+    return _integer(node, text)
+
+
+def _integer(node: ast.AST, text: str) -> int:
+    sign = 1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -1 if isinstance(node.op, ast.USub) else 1
+        node = node.operand
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return sign * node.value
+    raise UsageError(
+        f"slice {text!r} holds {ast.unparse(node)!r}",
+        hint="a slice takes integers, start:stop:step and ... only",
+    )
+
+
+def split_path(text: str) -> tuple[str, str | None]:
+    """A parameter path and the slice written after it, if any.
+
+    >>> split_path("params.embed.embedding[0, :8]"), split_path("params.embed.embedding")
+    (('params.embed.embedding', '[0, :8]'), ('params.embed.embedding', None))
+    """
+    text = text.strip()
+    if text.endswith("]") and "[" in text:
+        at = text.rfind("[")
+        return text[:at], text[at:]
+    return text, None
+
+
+def index_text(index: tuple) -> str:
+    """An index as numpy syntax.
+
+    >>> index_text((0, slice(None, 8), Ellipsis, slice(1, None, 2)))
+    '[0, :8, ..., 1::2]'
+    """
+
+    def part(entry) -> str:
+        if entry is Ellipsis:
+            return "..."
+        if isinstance(entry, slice):
+            out = ("" if entry.start is None else str(entry.start)) + ":"
+            out += "" if entry.stop is None else str(entry.stop)
+            return out + (f":{entry.step}" if entry.step is not None else "")
+        return str(entry)
+
+    return "[" + ", ".join(part(e) for e in index) + "]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Selections
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What an index picks of an array of ``shape``: per dimension one position (an int: the
+    dimension is dropped) or a range of positions (kept)."""
+
+    shape: tuple[int, ...]
+    entries: tuple[int | range, ...]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(len(e) for e in self.entries if isinstance(e, range))
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def kept(self) -> list[int]:
+        """The array's dimensions the selection keeps, in order."""
+        return [d for d, e in enumerate(self.entries) if isinstance(e, range)]
+
+    @property
+    def whole(self) -> bool:
+        return all(isinstance(e, range) and e == range(n) for e, n in zip(self.entries, self.shape))
+
+    def box(self) -> tuple[slice, ...]:
+        """The box of the array the selection lies in (contiguous slices, what handles read)."""
+        return tuple(slice(*_extent(e)) for e in self.entries)
+
+    def box_count(self) -> int:
+        return math.prod(hi - lo for lo, hi in map(_extent, self.entries))
+
+    def within_box(self) -> tuple:
+        """The numpy index that takes the selection out of its box."""
+        out: list[Any] = []
+        for entry in self.entries:
+            lo, _ = _extent(entry)
+            if isinstance(entry, int):
+                out.append(0)
+            elif not entry:
+                out.append(slice(0, 0))
+            else:
+                stop = entry.stop - lo
+                out.append(slice(entry.start - lo, stop if stop >= 0 else None, entry.step))
+        return tuple(out)
+
+    def positions(self, local: Sequence[np.ndarray]) -> np.ndarray:
+        """Array indices (one row per element, a column per dimension) of elements given by
+        their indices into the selection's result (one array per kept dimension)."""
+        columns = []
+        kept = iter(local)
+        for entry in self.entries:
+            if isinstance(entry, int):
+                columns.append(np.full(len(local[0]) if local else 1, entry, dtype=np.int64))
+            else:
+                columns.append(entry.start + np.asarray(next(kept), dtype=np.int64) * entry.step)
+        if not columns:
+            return np.zeros((1, 0), dtype=np.int64)
+        return np.stack(columns, axis=1)
+
+    def with_entry(self, dim: int, entry: int | range) -> Selection:
+        entries = list(self.entries)
+        entries[dim] = entry
+        return Selection(self.shape, tuple(entries))
+
+
+def _extent(entry: int | range) -> tuple[int, int]:
+    if isinstance(entry, int):
+        return entry, entry + 1
+    if not entry:
+        return 0, 0
+    return min(entry[0], entry[-1]), max(entry[0], entry[-1]) + 1
+
+
+def select(shape: Sequence[int], index: tuple | None, shown: str = "") -> Selection:
+    """The selection ``index`` makes of an array of ``shape`` (None: all of it). Stricter than
+    numpy where numpy would silently return less: an integer or a slice bound outside the
+    dimension is refused, as is an index of more dimensions than the array has.
+
+    >>> select((4, 6), (1, slice(None, None, 2))).entries
+    (1, range(0, 6, 2))
+    >>> select((4, 6), (Ellipsis, -1)).out_shape
+    (4,)
+    """
+    shape = tuple(int(d) for d in shape)
+    shown = shown or index_text(index or ())
+    index = tuple(index or ())
+    if sum(1 for e in index if e is Ellipsis) > 1:
+        raise UsageError(f"slice {shown} has more than one '...'", hint="an index takes at most one")
+    given = sum(1 for e in index if e is not Ellipsis)
+    if given > len(shape):
+        raise UsageError(
+            f"slice {shown} has {given} indices, the array {len(shape)} dimension(s) {tuple(shape)}",
+            hint="index each dimension at most once",
+        )
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - given) + index[at + 1 :]
+    index = index + (slice(None),) * (len(shape) - len(index))
+    entries: list[int | range] = []
+    for dim, (entry, size) in enumerate(zip(index, shape)):
+        if isinstance(entry, slice):
+            if entry.step == 0:
+                raise UsageError(f"slice {shown}: a step of 0 in dimension {dim}", hint="steps are nonzero")
+            for bound in (entry.start, entry.stop):
+                if bound is not None and not -size <= bound <= size:
+                    raise UsageError(
+                        f"slice {shown} is out of range: {bound} in dimension {dim} of size {size}",
+                        hint=f"the array's shape is {tuple(shape)}",
+                    )
+            entries.append(range(*entry.indices(size)))
+        else:
+            try:
+                entry = operator.index(entry)
+            except TypeError:
+                raise UsageError(
+                    f"slice {shown} holds {entry!r}", hint="an index takes integers, slices and ... only"
+                ) from None
+            if not -size <= entry < size:
+                raise UsageError(
+                    f"slice {shown} is out of range: index {entry} in dimension {dim} of size {size}",
+                    hint=f"the array's shape is {tuple(shape)}",
+                )
+            entries.append(entry + size if entry < 0 else entry)
+    return Selection(shape, tuple(entries))
+
+
+def check_axes(axes: Sequence[int], selection: Selection) -> list[int]:
+    """Axes of the selection's result (negative from the end), checked; refused before reading."""
+    rank = len(selection.out_shape)
+    out = []
+    for axis in axes:
+        if not -rank <= axis < rank:
+            raise UsageError(
+                f"--axis {axis} is out of range for shape {selection.out_shape}",
+                hint=f"give an axis from 0 to {rank - 1}" if rank else "a scalar has no axes",
+            )
+        axis = axis + rank if axis < 0 else axis
+        if axis in out:
+            raise UsageError(f"--axis {axis} given twice", hint="give each axis once")
+        out.append(axis)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read(handle, selection: Selection, path: str, index_in_store: Callable | None = None) -> np.ndarray:
+    """The values of a selection, through an array handle (``handle[box].read().result()``):
+    only its box is read."""
+    from paramscope.io import checkpoint
+
+    box = selection.box()
+    if index_in_store is not None:
+        box = index_in_store(box)
+    if not selection.entries:
+        values = checkpoint.finish_read(checkpoint.start_read(handle, None, path), path)
+        return np.asarray(values)
+    values = checkpoint.finish_read(checkpoint.start_read(handle, box, path), path)
+    return np.asarray(values)[selection.within_box()]
+
+
+def pieces(
+    selection: Selection, itemsize: int, limit: int, chunks: Sequence[int] = ()
+) -> Iterator[Selection]:
+    """The selection cut into selections whose boxes hold at most ``limit`` bytes where a row
+    allows it, in C order of its elements (so their values, flattened one after the other, are
+    the selection's). Bands along the leading kept axis are whole multiples of the chunk size
+    there when a band of chunks fits, so each chunk is decoded once."""
+    yield from _pieces(selection, selection.kept, itemsize, limit, tuple(chunks))
+
+
+def _pieces(selection: Selection, kept: list[int], itemsize: int, limit: int, chunks) -> Iterator[Selection]:
+    if selection.box_count() * itemsize <= limit or not kept or selection.count == 0:
+        yield selection
+        return
+    dim = kept[0]
+    entry = selection.entries[dim]
+    assert isinstance(entry, range)
+    row = selection.with_entry(dim, entry[:1]).box_count() * itemsize
+    if row <= limit:
+        step = max(1, limit // row // max(1, abs(entry.step)))
+        chunk = chunks[dim] if dim < len(chunks) and chunks[dim] > 0 else 1
+        if step >= chunk and abs(entry.step) == 1:
+            step -= step % chunk
+        for start in range(0, len(entry), step):
+            yield selection.with_entry(dim, entry[start : start + step])
+        return
+    for k in range(len(entry)):
+        yield from _pieces(selection.with_entry(dim, entry[k : k + 1]), kept[1:], itemsize, limit, chunks)
+
+
+def chunks_touched(selection: Selection, chunks: Sequence[int]) -> tuple[int, int]:
+    """(chunks the selection's box touches, chunks of the array), from the stored chunk shape."""
+    if len(chunks) != len(selection.shape) or not selection.shape:
+        return 1, 1
+    touched = total = 1
+    for (lo, hi), size, chunk in zip(map(_extent, selection.entries), selection.shape, chunks):
+        chunk = max(1, chunk)
+        total *= -(-size // chunk)
+        touched *= (-(-hi // chunk) - lo // chunk) if hi > lo else 0
+    return touched, total
+
+
+# ----------------------------------------------------------------------------------------------
+# What is in a selection, in one streaming pass
+
+
+@dataclass
+class AxisTable:
+    """Per index of the chosen axes (of the selection's result): norm, max |x|, mean, NaN, Inf."""
+
+    axes: list[int]
+    labels: list[list[int]]  # per chosen axis: the array index of each position
+    sum_sq: np.ndarray
+    max_abs: np.ndarray
+    sums: np.ndarray
+    finite: np.ndarray
+    nan: np.ndarray
+    inf: np.ndarray
+
+    @property
+    def norm(self) -> np.ndarray:
+        return np.sqrt(self.sum_sq)
+
+    @property
+    def mean(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.finite > 0, self.sums / np.maximum(self.finite, 1), np.nan)
+
+    def rows(self) -> Iterator[tuple[tuple[int, ...], dict[str, Any]]]:
+        norm, mean = self.norm, self.mean
+        for position in np.ndindex(*self.sum_sq.shape):
+            label = tuple(self.labels[k][p] for k, p in enumerate(position))
+            yield (
+                label,
+                {
+                    "norm": float(norm[position]),
+                    "max_abs": float(self.max_abs[position]) if self.finite[position] else math.nan,
+                    "mean": float(mean[position]),
+                    "nan": int(self.nan[position]),
+                    "inf": int(self.inf[position]),
+                },
+            )
+
+
+@dataclass
+class Inspection:
+    """What :func:`inspect` found in a selection."""
+
+    selection: Selection
+    moments: Moments
+    nonfinite: list[tuple[tuple[int, ...], float]] = field(default_factory=list)  # first K: index, value
+    top: list[tuple[tuple[int, ...], float]] = field(default_factory=list)  # largest |x| first
+    axis: AxisTable | None = None
+    bytes_read: int = 0
+    requested_nonfinite: int | None = None  # the K asked for, None when not asked
+    requested_top: int | None = None
+
+
+def _wide(values: np.ndarray) -> np.ndarray:
+    if np.iscomplexobj(values):
+        return np.abs(values).astype(np.float64)
+    return values.astype(np.float64)
+
+
+def inspect(
+    read_piece: Callable[[Selection], np.ndarray],
+    selection: Selection,
+    itemsize: int,
+    limit: int,
+    chunks: Sequence[int] = (),
+    nonfinite: int | None = None,
+    top: int | None = None,
+    axes: Sequence[int] = (),
+) -> Inspection:
+    """Streams a selection (``read_piece`` reads one piece) and reduces it in float64.
+
+    ``nonfinite``: keep the first K NaN/Inf (in C order) with their indices; ``top``: the K
+    largest finite |x| (ties: the first in C order); ``axes``: per index of these axes of the
+    result, the reductions of :class:`AxisTable`. Pieces hold at most about ``limit`` bytes, the
+    float64 copies made of them included."""
+    accumulator = Accumulator(True, size=selection.count)
+    found = Inspection(selection, Moments(0, 0.0, 0, 0), requested_nonfinite=nonfinite, requested_top=top)
+    sel_kept = selection.kept
+    out_shape = selection.out_shape
+    table = None
+    if axes:
+        grid = tuple(out_shape[a] for a in axes)
+        table = AxisTable(
+            list(axes),
+            [list(selection.entries[sel_kept[a]]) for a in axes],
+            np.zeros(grid),
+            np.zeros(grid),
+            np.zeros(grid),
+            np.zeros(grid, dtype=np.int64),
+            np.zeros(grid, dtype=np.int64),
+            np.zeros(grid, dtype=np.int64),
+        )
+    best: list[tuple[float, int, tuple[int, ...], float]] = []  # (-|x|, flat position, index, value)
+    # a piece is held as read and as a float64 copy (and a few temporaries of the reductions)
+    piece_limit = max(itemsize, limit * itemsize // (itemsize + 3 * 8))
+    for piece in pieces(selection, itemsize, piece_limit, chunks):
+        values = read_piece(piece)
+        found.bytes_read += piece.box_count() * itemsize
+        accumulator.feed(values)
+        if values.size == 0:
+            continue
+        local_start = [
+            (piece.entries[d].start - selection.entries[d].start) // selection.entries[d].step
+            if len(piece.entries[d])
+            else 0
+            for d in sel_kept
+        ]
+        want_wide = nonfinite is not None or top is not None or table is not None
+        if not want_wide:
+            continue
+        wide = _wide(values)
+        flat = wide.reshape(-1)
+        bad = None
+        if nonfinite is not None or table is not None or top is not None:
+            finite_mask = np.isfinite(flat)
+            bad = None if finite_mask.all() else ~finite_mask
+        if nonfinite is not None and bad is not None and len(found.nonfinite) < nonfinite:
+            where = np.flatnonzero(bad)[: nonfinite - len(found.nonfinite)]
+            for index, value in zip(_array_indices(piece, values.shape, where), flat[where]):
+                found.nonfinite.append((index, float(value)))
+        if top is not None:
+            magnitude = np.abs(flat)
+            if bad is not None:
+                magnitude[bad] = -1.0
+            k = min(top, magnitude.size)
+            kth = magnitude[np.argpartition(magnitude, magnitude.size - k)[magnitude.size - k]]
+            # the K largest, ties at the K-th broken by position (C order) whatever the pieces
+            above = np.flatnonzero(magnitude > kth)
+            tied = np.flatnonzero(magnitude == kth)[: k - above.size]
+            picked = np.concatenate([above, tied])
+            picked = picked[magnitude[picked] >= 0]
+            if picked.size:
+                if out_shape:
+                    local = np.unravel_index(picked, values.shape)
+                    position = np.ravel_multi_index(
+                        tuple(lo + np.asarray(c) for lo, c in zip(local_start, local)), out_shape
+                    )
+                else:
+                    position = np.zeros(picked.size, dtype=np.int64)
+                indices = _array_indices(piece, values.shape, picked)
+                for m, p, index, v in zip(magnitude[picked], np.atleast_1d(position), indices, flat[picked]):
+                    best.append((-float(m), int(p), index, float(v)))
+                best.sort(key=lambda entry: entry[:2])
+                del best[top:]
+        if table is not None:
+            _reduce_axes(table, wide, bad, axes, local_start)
+    found.moments = accumulator.result()
+    found.top = [(index, value) for _, _, index, value in best]
+    found.axis = table
+    return found
+
+
+def _array_indices(piece: Selection, piece_shape: tuple[int, ...], flat: np.ndarray) -> list[tuple[int, ...]]:
+    local = np.unravel_index(flat, piece_shape) if piece_shape else []
+    rows = piece.positions([np.atleast_1d(c) for c in local]) if piece_shape else piece.positions([])
+    if not piece_shape:
+        rows = np.repeat(rows, len(np.atleast_1d(flat)), axis=0)
+    return [tuple(int(v) for v in row) for row in rows]
+
+
+def _reduce_axes(
+    table: AxisTable, wide: np.ndarray, bad, axes: Sequence[int], local_start: list[int]
+) -> None:
+    others = tuple(d for d in range(wide.ndim) if d not in axes)
+    order = (*axes, *others)
+    moved = np.transpose(wide, order) if order != tuple(range(wide.ndim)) else wide
+    span = tuple(slice(local_start[a], local_start[a] + wide.shape[a]) for a in axes)
+    last = tuple(range(len(axes), wide.ndim))
+    sum_sq = np.sum(moved * moved, axis=last)
+    if bad is None:
+        table.sum_sq[span] += sum_sq
+        table.sums[span] += np.sum(moved, axis=last)
+        table.finite[span] += math.prod(moved.shape[len(axes) :])
+        table.max_abs[span] = np.maximum(table.max_abs[span], np.max(np.abs(moved), axis=last, initial=0.0))
+        return
+    bad = np.transpose(bad.reshape(wide.shape), order)
+    nan = np.isnan(moved)
+    finite = ~bad
+    clean = np.where(finite, moved, 0.0)
+    table.sum_sq[span] += sum_sq
+    table.sums[span] += np.sum(clean, axis=last)
+    table.finite[span] += np.sum(finite, axis=last)
+    table.nan[span] += np.sum(nan, axis=last)
+    table.inf[span] += np.sum(bad & ~nan, axis=last)
+    table.max_abs[span] = np.maximum(table.max_abs[span], np.max(np.abs(clean), axis=last, initial=0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Values as numpy prints them
+
+
+def corner(selection: Selection, edge: int = EDGE_ITEMS) -> list[tuple[Selection, tuple[slice, ...]]]:
+    """The pieces of a selection that a numpy summary shows (``edge`` leading and trailing items
+    of each long axis, and one between that the summary elides), with where each goes in the
+    array :func:`summary` prints."""
+    summarised = selection.count > SUMMARY_THRESHOLD
+    runs_per_dim = []
+    for d in selection.kept:
+        entry = selection.entries[d]
+        assert isinstance(entry, range)
+        n = len(entry)
+        if summarised and n > 2 * edge:
+            runs_per_dim.append([(entry[: edge + 1], 0), (entry[n - edge :], edge + 1)])
+        else:
+            runs_per_dim.append([(entry, 0)])
+    out = []
+    for combination in np.ndindex(*[len(r) for r in runs_per_dim]) if runs_per_dim else [()]:
+        sub = selection
+        where = []
+        for d, k in zip(selection.kept, combination):
+            run, at = runs_per_dim[selection.kept.index(d)][k]
+            sub = sub.with_entry(d, run)
+            where.append(slice(at, at + len(run)))
+        out.append((sub, tuple(where)))
+    return out
+
+
+def corner_shape(selection: Selection, edge: int = EDGE_ITEMS) -> tuple[int, ...]:
+    summarised = selection.count > SUMMARY_THRESHOLD
+    return tuple(2 * edge + 1 if summarised and n > 2 * edge else n for n in selection.out_shape)
+
+
+def summary(values: np.ndarray, count: int, exact: bool = False, edge: int = EDGE_ITEMS) -> str:
+    """The values as numpy prints an array of ``count`` elements (``values``: all of them, or
+    the corner :func:`corner` reads); ``exact``: every float to its shortest exact digits."""
+    threshold = 0 if count > SUMMARY_THRESHOLD else sys.maxsize
+    options = dict(edgeitems=edge, threshold=threshold, linewidth=100)
+    if exact:
+        options.update(floatmode="unique", precision=17)
+    with np.printoptions(**options):
+        return np.array2string(values, separator=" ")

@@ -1,0 +1,155 @@
+"""Benchmark: looking inside one large array, and exporting a checkpoint.
+
+Writes (or takes, with --path) a float32 checkpoint of about --gib GiB (default 2) sharded on 8
+simulated CPU devices, half of it one array ``big``, then measures wall time and peak RSS of each
+of these as a separate process:
+
+  (f)  the floor: TensorStore decoding ``big`` alone (slabs within the budget, discarded)
+  (a)  paramscope show CKPT big --axis 0      (per-row norm, max |x|, mean, NaN/Inf)
+  (t)  paramscope show CKPT big --top 100
+  (n)  paramscope show CKPT big --nonfinite
+  (s)  paramscope show CKPT 'big[7]'          (one row; beside (s0), a tiny array: start-up)
+  (F)  the floor of the whole checkpoint: TensorStore decoding every array
+  (e)  paramscope export CKPT OUT.safetensors (write, read back, compare digests)
+
+Targets (issue 25): (a), (t), (n) each <= 1.15x (f), peak RSS <= budget + 300 MiB; (s) - (s0)
+<= 0.3 s, reading only the chunks row 7 touches (printed); (e) <= 1.5x (F), peak RSS bounded
+by the budget. Each command runs --repeats times (median wall, largest RSS).
+
+Usage: python scripts/bench_show.py [--path DIR] [--gib 2.0] [--budget 256MiB] [--repeats 3] [--keep]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench import PYTHON, machine, median_of, report  # noqa: E402
+
+WRITE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+path, gib = sys.argv[1], float(sys.argv[2])
+mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def normal(key, shape, spec):
+    sharding = NamedSharding(mesh, spec)
+    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32) * 0.02, out_shardings=sharding)(key)
+key = jax.random.key(0)
+rows = max(8, int(gib / 2 * 2**30 / (8192 * 4)) // 8 * 8)
+tree = {"big": normal(key, (rows, 8192), P("data", "model")), "tiny": normal(key, (8,), P())}
+layers = max(1, round((gib * 2**30 - rows * 8192 * 4) / (64 * 2**20)))
+for i in range(layers):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+    tree[f"layer_{i:02d}"] = {
+        "w_in": normal(k1, (2048, 4096), P("data", "model")),
+        "w_out": normal(k2, (4096, 2048), P("model", "data")),
+    }
+ckpt = ocp.StandardCheckpointer()
+ckpt.save(path, tree)
+ckpt.wait_until_finished()
+"""
+
+# TensorStore decoding arrays through the handles paramscope opens, in slabs of the budget, discarded
+DECODE = """
+import sys
+import paramscope as ps
+from paramscope.compute.plan import parse_size
+from paramscope.compute.values import pieces, select
+from paramscope.io import checkpoint
+path, budget, only = sys.argv[1], parse_size(sys.argv[2]), sys.argv[3:]
+ck = ps.open(path)
+params = [p for p in ck.params if not only or p.path in only]
+for param in params:
+    handle = checkpoint.open_array(param.stored)
+    for piece in pieces(select(param.shape, None), param.itemsize, budget, param.stored.chunks):
+        handle[piece.box()].read().result()
+"""
+
+
+def paramscope(*args):
+    return [PYTHON, "-m", "paramscope", *args]
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--path")
+    parser.add_argument("--gib", type=float, default=2.0)
+    parser.add_argument("--budget", default="256MiB")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench_show_")
+    path = args.path or os.path.join(work, "ckpt")
+    try:
+        if not args.path:
+            subprocess.run([PYTHON, "-c", WRITE, path, str(args.gib)], check=True)
+        out = os.path.join(work, "out.safetensors")
+        budget = ["--memory-budget", args.budget]
+        info = json.loads(
+            subprocess.run(
+                paramscope("show", path, "big[7]", "-f", "json", "-q"), check=True, capture_output=True
+            ).stdout
+        )
+        shape = info["shape"]
+        print(f"machine: {machine()}")
+        print(f"checkpoint: big {shape} float32, budget {args.budget}")
+        print(
+            f"one-row slice big[7]: read {info['bytes_read']:,} bytes, "
+            f"{info['chunks_read']} of {info['chunks_total']} chunks (chunks {info['chunks']})"
+        )
+        commands = {
+            "(f) decode big": [PYTHON, "-c", DECODE, path, args.budget, "big"],
+            "(a) show big --axis 0": paramscope("show", path, "big", "--axis", "0", *budget, "-q"),
+            "(t) show big --top 100": paramscope("show", path, "big", "--top", "100", *budget, "-q"),
+            "(n) show big --nonfinite": paramscope("show", path, "big", "--nonfinite", *budget, "-q"),
+            "(s0) show tiny": paramscope("show", path, "tiny", "-q"),
+            "(s) show big[7]": paramscope("show", path, "big[7]", "-q"),
+            "(F) decode all": [PYTHON, "-c", DECODE, path, args.budget],
+            "(e) export": paramscope("export", path, out, "--force", *budget, "-q"),
+        }
+        measured = {name: median_of(command, args.repeats) for name, command in commands.items()}
+        limit_mib = (
+            int(args.budget.lower().replace("mib", "")) if args.budget.lower().endswith("mib") else None
+        )
+        rows = [(name, wall, rss) for name, (wall, rss) in measured.items()]
+        floor, whole = measured["(f) decode big"][0], measured["(F) decode all"][0]
+        ratios = [
+            ("(a) / (f) wall", measured["(a) show big --axis 0"][0] / floor, 1.15),
+            ("(t) / (f) wall", measured["(t) show big --top 100"][0] / floor, 1.15),
+            ("(n) / (f) wall", measured["(n) show big --nonfinite"][0] / floor, 1.15),
+            ("(s) - (s0) seconds", measured["(s) show big[7]"][0] - measured["(s0) show tiny"][0], 0.3),
+            ("(e) / (F) wall", measured["(e) export"][0] / whole, 1.5),
+        ]
+        if limit_mib is not None:
+            for name in (
+                "(a) show big --axis 0",
+                "(t) show big --top 100",
+                "(n) show big --nonfinite",
+                "(e) export",
+            ):
+                ratios.append(
+                    (
+                        f"{name[:3]} peak RSS / (budget + 300 MiB)",
+                        measured[name][1] / ((limit_mib + 300) << 20),
+                        1.0,
+                    )
+                )
+        ok = report(rows, ratios)
+        return 0 if ok else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
