@@ -53,6 +53,9 @@ _DECLARED = [
     # values that are not arrays
     ("type", "type", "text", 1),
     ("value", "value", "note", 0),
+    # show
+    ("index", "index", "text", 0),
+    ("rank", "rank", "int", 0),
     # verify
     ("item", "item", "text", 2),
     ("problem", "problem", "note", 0),

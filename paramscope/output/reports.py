@@ -895,7 +895,7 @@ def show_report(inv, shown, exact: bool = False) -> Report:
         "slice": sliced,
         "shape": list(param.shape),
         "dtype": param.dtype,
-        "sharding": sharding_json(param.sharding),
+        "sharding": sharding_json(param),
         "mesh": dict(inv.saved_mesh) if inv.saved_mesh else None,
         "chunks": list(chunks) if chunks else None,
         "selected_shape": list(selection.out_shape),
@@ -911,7 +911,7 @@ def show_report(inv, shown, exact: bool = False) -> Report:
         param.path,
         param.dtype,
         "(" + ", ".join(map(str, param.shape)) + ("," if len(param.shape) == 1 else "") + ")",
-        f"sharding {spec_text(param.sharding)}",
+        f"sharding {spec_text(sharding_json(param))}",
     ]
     if chunks:
         described.append("chunks (" + ", ".join(map(str, chunks)) + ("," if len(chunks) == 1 else "") + ")")
@@ -923,10 +923,7 @@ def show_report(inv, shown, exact: bool = False) -> Report:
         name="stats",
         title=f"{where(inv)}\n{'  '.join(described)}",
         columns=[
-            Column("path", "path", "path", priority=0),
-            Column("shape", "shape", "shape", priority=2),
-            Column("dtype", "dtype", priority=3),
-            Column("count", "count", "count", priority=2),
+            *columns("path", "shape", "dtype", "count", shape=2, dtype=3, count=2),
             *STAT_COLUMNS,
         ],
         rows=[row],
@@ -958,7 +955,7 @@ def show_report(inv, shown, exact: bool = False) -> Report:
                 name="nonfinite",
                 title=f"NaN/Inf: {count:,} ({found.moments.nan:,} NaN, {found.moments.inf:,} Inf)"
                 + (f", {shown_count}{count:,} shown" if shown_count else ""),
-                columns=[Column("index", "index", priority=0), Column("value", "value", "float", priority=0)],
+                columns=[field("index"), field("value", kind="float")],
                 rows=[{"index": _index_text(i), "value": v} for i, v in found.nonfinite],
                 empty="no NaN or Inf",
             )
@@ -971,9 +968,8 @@ def show_report(inv, shown, exact: bool = False) -> Report:
                 name="top",
                 title=f"largest |x| (finite values), top {found.requested_top}",
                 columns=[
-                    Column("rank", "rank", "int", priority=0),
-                    Column("index", "index", priority=0),
-                    Column("value", "value", "float", priority=0),
+                    *columns("rank", "index"),
+                    field("value", kind="float"),
                 ],
                 rows=[
                     {"rank": k + 1, "index": _index_text(i), "value": v} for k, (i, v) in enumerate(found.top)
@@ -997,12 +993,8 @@ def show_report(inv, shown, exact: bool = False) -> Report:
                 name="axis",
                 title="per index of " + ", ".join(f"axis {d}" for d in dims) + " (array axes)",
                 columns=[
-                    *(Column(k, k.replace("axis", "axis "), "int", priority=0) for k in keys),
-                    Column("norm", "norm", "float", priority=0),
-                    Column("max_abs", "max |x|", "float", priority=1),
-                    Column("mean", "mean", "float", priority=1),
-                    Column("nan", "NaN", "int", priority=1),
-                    Column("inf", "Inf", "int", priority=1),
+                    *(field(k, header=k.replace("axis", "axis "), kind="int", priority=0) for k in keys),
+                    *columns("norm", "max_abs", "mean", "nan", "inf", max_abs=1, mean=1),
                 ],
                 rows=rows,
             )
@@ -1042,10 +1034,7 @@ def export_report(inv, out: str, rows) -> Report:
         name="arrays",
         title=f"{where(inv)}\nwrote {out}: {plural(len(table), 'array')}, {human_bytes(total)}",
         columns=[
-            Column("path", "path", "path", priority=0),
-            Column("dtype", "dtype", priority=2),
-            Column("shape", "shape", "shape", priority=1),
-            Column("bytes", "bytes", "bytes", priority=1),
+            *columns("path", "dtype", "shape", "bytes", dtype=2, bytes=1),
             DIGEST_COLUMN,
         ],
         rows=table,
