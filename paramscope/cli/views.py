@@ -10,11 +10,11 @@ from paramscope.cli import common
 from paramscope.cli.options import (
     OUTPUT,
     SELECTION,
-    CkptArg,
     Cluster,
     Layering,
     Output,
     Reading,
+    RunArg,
     Selection,
     TopOpt,
     choices,
@@ -27,7 +27,7 @@ HistorySort = choices("HistorySort", HISTORY_SORT_KEYS)
 
 @with_options(sel=Selection, out=Output, reading=Reading, layering=Layering, cluster=Cluster)
 def history(
-    ckpt: CkptArg,
+    ckpt: RunArg,
     steps: Annotated[
         str | None,
         typer.Option(
