@@ -327,18 +327,21 @@ def with_progress(total: int, quiet: bool, run):
 
 
 def _binary_speed_column():
-    """The reading speed in the units of the amounts beside it (MiB/s beside MiB): rich's own
-    speed column counts in decimal units (MB/s)."""
+    """The reading speed in the unit of the amounts beside it (``384.0/512.0 MiB 159.9 MiB/s``):
+    rich's own speed column counts in decimal units (MB/s) and picks its own unit."""
+    from rich.filesize import pick_unit_and_suffix
     from rich.progress import ProgressColumn
     from rich.text import Text
 
-    from paramscope.output.render import human_bytes
+    suffixes = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"]  # DownloadColumn's
 
     class BinarySpeedColumn(ProgressColumn):
         def render(self, task) -> Text:
             speed = task.finished_speed or task.speed
-            shown = "?" if speed is None else f"{human_bytes(int(speed))}/s"
-            return Text(shown, style="progress.data.speed")
+            if speed is None or not task.total:
+                return Text("?", style="progress.data.speed")
+            unit, suffix = pick_unit_and_suffix(int(task.total), suffixes, 1024)
+            return Text(f"{speed / unit:,.1f} {suffix}/s", style="progress.data.speed")
 
     return BinarySpeedColumn()
 
