@@ -193,7 +193,8 @@ class Output:
         typer.Option(
             "--columns",
             metavar="COL,COL...",
-            help="Show these columns, in this order (names as in --format csv).",
+            help="Show these columns, in this order (names as in --format csv); on a narrow terminal the "
+            "path folds first, then the last named are hidden.",
             rich_help_panel=OUTPUT,
         ),
     ] = None

@@ -37,7 +37,7 @@ class TextColumn:
         return max([len(self.header), len(self.footer), *map(len, self.cells)])
 
     def unbreakable(self) -> int:
-        """The width below which a cell must break inside a name (or a word)."""
+        """The narrowest the column can be: its longest name (path) or word (text), or its header."""
         if self.fold is None:
             return self.natural()
         pieces = [len(p) for cell in self.cells for p in _pieces(cell, self.fold)]
