@@ -20,9 +20,11 @@ import sys
 import termios
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_cli import run
 
-from paramscope.output.layout import compact_count
+from paramscope.output.layout import compact_count, wrap
 
 WIDTHS = (60, 80, 100, 120, 200)
 MAXTEXT = os.path.join(os.path.dirname(__file__), "data", "maxtext", "scan", "checkpoints")
@@ -268,6 +270,29 @@ def test_counts_are_called_abbreviated_only_when_one_was():
     assert "trainable_variables.tiny." in text
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.lists(st.text("abc/.:-_0123456789", min_size=1, max_size=30), min_size=1, max_size=12),
+    gaps=st.lists(st.sampled_from([" ", "  "]), min_size=12, max_size=12),
+    width=st.integers(10, 120),
+)
+def test_prose_folds_between_words_or_after_a_slash(words, gaps, width):
+    """Lines fit or are one piece that cannot break; read back in order they give the words."""
+    text = "".join(word + gap for word, gap in zip(words, gaps)).rstrip()
+    lines = wrap(text, width)
+    for line in lines:
+        assert line == line.strip() and line
+        assert len(line) <= width or (" " not in line and "/" not in line.rstrip("/")), (line, width)
+    pieces = iter(piece for line in lines for piece in line.split())
+    for word in words:  # in order, each whole, or (longer than a line) in parts that end in "/"
+        parts = [next(pieces)]
+        while "".join(parts) != word:
+            assert word.startswith("".join(parts)), (word, parts)
+            parts.append(next(pieces))
+        assert len(parts) == 1 or (len(word) > width and all(p.endswith("/") for p in parts[:-1])), parts
+    assert next(pieces, None) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # Help and progress
 
@@ -278,8 +303,8 @@ def test_help_reads_right():
         assert kind in top, kind
     for command in ("table", "stats", "diff", "history", "check", "norms"):
         text = run(command, "--help").stdout
-        assert "<bool>" not in text and "{" not in text.split("\n\n")[0] + text, command
         usage = next(line for line in text.splitlines() if "Usage:" in line)
+        assert "<bool>" not in text and "{" not in usage and "[[" not in usage, command
         expected = {"diff": "A [B]", "history": "ROOT"}.get(command, "CKPT")
         assert usage.split("[OPTIONS]")[1].split() == expected.split(), usage
     assert "gs://" in run("table", "--help").stdout and "s3://" in run("table", "--help").stdout
