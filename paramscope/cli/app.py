@@ -11,13 +11,41 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from paramscope import errors
 from paramscope.cli import arrays, gates, inspect, numbers, views
-from paramscope.cli.common import handle_errors, silence_stdout
+from paramscope.cli.common import handle_errors, say, silence_stdout
+
+
+class _PlainHelp:
+    """Help in words: arguments in the usage line as the help lists them (``CKPT``, ``A [B]``;
+    Typer writes a required one as ``{CKPT}``), and flags without a value type (Typer shows
+    ``--norms <bool>``, though ``--norms`` takes no value)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in pieces]
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class PlainHelpCommand(_PlainHelp, TyperCommand):
+    pass
+
+
+class PlainHelpGroup(_PlainHelp, TyperGroup):
+    pass
+
 
 app = typer.Typer(
     name="paramscope",
+    cls=PlainHelpGroup,
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -33,7 +61,7 @@ for family, commands in (
     ("Runs", (views.history,)),
 ):
     for command in commands:
-        app.command(rich_help_panel=family)(handle_errors(command))
+        app.command(rich_help_panel=family, cls=PlainHelpCommand)(handle_errors(command))
 
 
 def _version_callback(value: bool) -> None:
@@ -55,8 +83,13 @@ def _main(
 ) -> None:
     """Inspect JAX checkpoints (Orbax, flax, safetensors, ...) without the model code.
 
-    Start here: `paramscope table CKPT`, where CKPT is a checkpoint folder or file, such as
-    an Orbax CheckpointManager root, a step or an item folder; then `paramscope norms CKPT --per-param`.
+    Start here: `paramscope table CKPT`, then `paramscope norms CKPT --per-param`.
+
+    CKPT is a local folder or file, or a gs:// or s3:// URL, holding: an Orbax checkpoint (a
+    CheckpointManager root of step folders, one step folder, or one item folder; Orbax v1 and
+    0.4 too); flax msgpack (flax.training.checkpoints files, a Hugging Face flax_model.msgpack);
+    safetensors (a .safetensors file, a sharded set or its index.json, a folder of them); a
+    numpy .npz archive; an Equinox file; an EasyDeL checkpoint; a zarr tree or a Levanter run.
 
     Data goes to stdout, messages to stderr. Exit codes: 0 ok, 1 a check failed, 2 usage error,
     3 checkpoint problem, 4 internal error.
@@ -91,7 +124,7 @@ def run(args: list[str] | None = None) -> int:
             return 0
         command = getattr(getattr(err, "ctx", None), "command_path", "paramscope")
         message = err.format_message().replace("Value error, ", "").strip().rstrip(".")
-        print(errors.error_line(message, f"see {command} --help"), file=sys.stderr)
+        say(errors.error_line(message, f"see {command} --help"))
         return err.exit_code
     return code if isinstance(code, int) else 0
 

@@ -30,7 +30,7 @@ def show(
     path: Annotated[
         str | None,
         typer.Argument(
-            metavar="[PATH]",
+            metavar="PATH",
             help="The parameter, as `paramscope table` shows it; a numpy slice may follow: 'w[0, :8]'. "
             "Without it, --filter must match one parameter.",
             show_default=False,

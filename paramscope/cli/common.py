@@ -13,6 +13,7 @@ import typer
 
 from paramscope import errors
 from paramscope.cli.options import Cluster, Layering, Output, Reading, Selection
+from paramscope.output.layout import wrap
 from paramscope.output.render import Format, Report, View, listed, render
 
 PROGRESS_MIN_BYTES = 64 << 20  # less data than this reads in a moment: no progress bar
@@ -22,13 +23,33 @@ def debugging() -> bool:
     return os.environ.get("PARAMSCOPE_DEBUG", "") not in ("", "0")
 
 
+def stderr_width() -> int | None:
+    """The width of the terminal stderr shows on (``COLUMNS`` first, as for tables); None when
+    stderr is not a terminal."""
+    try:
+        if not sys.stderr.isatty():
+            return None
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() else os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return None
+    return width if width > 0 else None
+
+
+def say(line: str) -> None:
+    """One message on stderr; on a terminal folded at spaces to its width, never inside a word
+    (a terminal would cut it anywhere)."""
+    for part in wrap(line, stderr_width()):
+        print(part, file=sys.stderr)
+
+
 def warn(message: str, quiet: bool = False, kind: str = "warning") -> None:
     if not quiet:
-        print(errors.message_line(kind, message), file=sys.stderr)
+        say(errors.message_line(kind, message))
 
 
 def fail(message: str, hint: str | None, code: int) -> typer.Exit:
-    print(errors.error_line(message, hint), file=sys.stderr)
+    say(errors.error_line(message, hint))
     return typer.Exit(code)
 
 
@@ -290,19 +311,39 @@ def with_progress(total: int, quiet: bool, run):
     if quiet or not sys.stderr.isatty() or total < PROGRESS_MIN_BYTES:
         return run(None)
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
+        _binary_speed_column(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=True,
     ) as progress:
         task = progress.add_task("reading", total=total)
         return run(lambda n: progress.advance(task, n))
+
+
+def _binary_speed_column():
+    """The reading speed in the unit of the amounts beside it (``384.0/512.0 MiB 159.9 MiB/s``):
+    rich's own speed column counts in decimal units (MB/s) and picks its own unit."""
+    from rich.filesize import pick_unit_and_suffix
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    suffixes = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"]  # DownloadColumn's
+
+    class BinarySpeedColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            if speed is None or not task.total:
+                return Text("?", style="progress.data.speed")
+            unit, suffix = pick_unit_and_suffix(int(task.total), suffixes, 1024)
+            return Text(f"{speed / unit:,.1f} {suffix}/s", style="progress.data.speed")
+
+    return BinarySpeedColumn()
 
 
 def report_nonfinite(result, fail_on_it: bool, quiet: bool) -> None:

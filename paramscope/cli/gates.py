@@ -113,7 +113,7 @@ def diff(
     ckpt_b: Annotated[
         str | None,
         typer.Argument(
-            metavar="[B]",
+            metavar="B",
             help="The checkpoint compared with it (default: A, at another step).",
             show_default=False,
         ),

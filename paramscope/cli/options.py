@@ -68,7 +68,18 @@ CkptArg = Annotated[
     str,
     typer.Argument(
         metavar="CKPT",
-        help="Checkpoint: a CheckpointManager root, a step folder or an item folder.",
+        help="Checkpoint: a local folder or file, or a gs:// or s3:// URL: a CheckpointManager root, a "
+        "step or item folder, a .safetensors file or set, a flax .msgpack file, an .npz or Equinox file, "
+        "a zarr tree (paramscope --help lists every kind).",
+        show_default=False,
+    ),
+]
+RunArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="ROOT",
+        help="A run: a folder of steps, local or a gs:// or s3:// URL (a CheckpointManager root, a "
+        "folder of flax checkpoint_N files, a Levanter run); not one step or item folder.",
         show_default=False,
     ),
 ]
@@ -198,7 +209,8 @@ class Output:
         typer.Option(
             "--columns",
             metavar="COL,COL...",
-            help="Show these columns, in this order (names as in --format csv, or headers as shown).",
+            help="Show these columns, in this order (names as in --format csv, or headers as shown); on a "
+            "narrow terminal the path folds first, then the last named are hidden.",
             rich_help_panel=OUTPUT,
         ),
     ] = None

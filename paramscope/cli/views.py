@@ -9,11 +9,11 @@ import typer
 from paramscope.cli import common
 from paramscope.cli.options import (
     SELECTION,
-    CkptArg,
     Cluster,
     Layering,
     Output,
     Reading,
+    RunArg,
     Selection,
     TopOpt,
     sort_option,
@@ -24,7 +24,7 @@ from paramscope.output.reports import HISTORY_SORT_KEYS
 
 @with_options(sel=Selection, out=Output, reading=Reading, layering=Layering, cluster=Cluster)
 def history(
-    ckpt: CkptArg,
+    ckpt: RunArg,
     steps: Annotated[
         str | None,
         typer.Option(

@@ -1,11 +1,13 @@
 """Text tables that never cut a number: column widths for a terminal, folding, dropped columns.
 
 A table is laid out from whole cells. Numbers, dtypes, shapes, shardings and headers are never
-cut or wrapped. When the table is wider than the terminal, in this order: the folding columns
-(paths fold at dots, free text at spaces) shrink to their longest unbreakable piece; large
-counts are abbreviated (``277M``, unless exact digits are asked for); whole columns are hidden,
-lowest priority first; only then does a path fold inside a name. Off a terminal (``width`` None)
-nothing is folded or hidden.
+cut or wrapped, and no name or word is ever split: paths fold at dots, free text at spaces (a
+word longer than the terminal at path separators), and a piece that still does not fit
+overflows whole. When the table is wider than the terminal, in this order: the folding columns
+(paths, free text) shrink to their longest unbreakable piece; large counts are abbreviated
+(``277M``, unless exact digits are asked for); whole columns are hidden, lowest priority first.
+Off a terminal (``width`` None) nothing is folded or hidden. Lines of prose (titles, notes,
+messages) are wrapped the same way by :func:`wrap`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 
 GAP = 2  # spaces between columns
 RULE = "─"
-_MIN_FOLD = 8  # a folding column never gets narrower than this (or its header)
 COMFORTABLE = 28  # columns are hidden before a path column gets narrower than this
 
 
@@ -37,7 +38,7 @@ class TextColumn:
         return max([len(self.header), len(self.footer), *map(len, self.cells)])
 
     def unbreakable(self) -> int:
-        """The width below which a cell must break inside a name (or a word)."""
+        """The narrowest the column can be: its longest name (path) or word (text), or its header."""
         if self.fold is None:
             return self.natural()
         pieces = [len(p) for cell in self.cells for p in _pieces(cell, self.fold)]
@@ -52,33 +53,66 @@ def _pieces(text: str, fold: str) -> list[str]:
     return re.findall(r"\S+\s*", text) or [text]
 
 
+def _prose_pieces(text: str, width: int) -> list[str]:
+    """The parts a line of prose may break between: groups of words set apart by two spaces
+    (``step 200  item params``) while a group fits a line; words; and in a word longer than a
+    line, the places after its path separators (``/tmp/run/ckpt`` -> ``/tmp/``, ``run/``, ``ckpt``)."""
+    pieces = []
+    for group in re.findall(r"\S.*?(?:\s{2,}|\s*$)", text):
+        if len(group.rstrip()) <= width:
+            pieces.append(group)
+            continue
+        for word in re.findall(r"\S+\s*", group):
+            fits = len(word.rstrip()) <= width
+            pieces += [word] if fits else re.findall(r"[^/]*/+|[^/]+\s*$", word) or [word]
+    return pieces or [text]
+
+
 def fold_cell(text: str, width: int, fold: str | None) -> list[str]:
-    """Lines of at most ``width`` characters, broken between pieces, inside one only if it is longer.
+    """Lines of at most ``width`` characters, broken between pieces; a piece is never split, and
+    one longer than ``width`` has a line of its own (free text: broken after path separators
+    first).
 
     >>> fold_cell("block_0.LayerNorm_0.scale", 12, "path")
     ['block_0.', 'LayerNorm_0.', 'scale']
     >>> fold_cell("encoder.layers_10.attention", 20, "path")
     ['encoder.layers_10.', 'attention']
-    >>> fold_cell("averyveryverylongname", 8, "path")
-    ['averyver', 'yverylon', 'gname']
+    >>> fold_cell("averyveryverylongname.x", 8, "path")
+    ['averyveryverylongname.', 'x']
+    >>> fold_cell("wrote /tmp/some/picture.png", 12, "text")
+    ['wrote /tmp/', 'some/', 'picture.png']
     """
     if fold is None or len(text) <= width:
         return [text]
+    pieces = _prose_pieces(text, width) if fold == "text" else _pieces(text, fold)
     lines: list[str] = []
     line = ""
-    for piece in _pieces(text, fold):
-        if len(line) + len(piece.rstrip()) <= width:
+    for piece in pieces:
+        if not line or len(line) + len(piece.rstrip()) <= width:
             line += piece
             continue
-        if line:
-            lines.append(line.rstrip())
-        while len(piece.rstrip()) > width:  # the last resort: inside a name
-            lines.append(piece[:width])
-            piece = piece[width:]
+        lines.append(line.rstrip())
         line = piece
     if line.strip() or not lines:
         lines.append(line.rstrip())
     return lines
+
+
+def wrap(text: str, width: int | None) -> list[str]:
+    """A line of prose as lines of at most ``width`` characters, broken at spaces (a word longer
+    than that after its path separators); a word is never split, and one that is longer than
+    ``width`` overflows whole. ``width`` None: the line as it is.
+
+    >>> wrap("committed 2026-11-25T16:41:37Z", 20)
+    ['committed', '2026-11-25T16:41:37Z']
+    >>> wrap("run  step 200  item params", 16)
+    ['run  step 200', 'item params']
+    >>> wrap("digest " + "ab" * 12, 10)
+    ['digest', 'abababababababababababab']
+    """
+    if width is None:
+        return [text]
+    return fold_cell(text, width, "text")
 
 
 @dataclass
@@ -95,7 +129,8 @@ def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
     In order, until the table fits: counts are abbreviated if that and folding alone suffice;
     folding columns fold, down to their longest piece (a path at dots); whole columns are
     hidden, lowest priority first (a group, such as min and max, together); counts are
-    abbreviated; folding columns break inside names. Spare room goes back to the first folding
+    abbreviated. A name is never broken: a table of columns that cannot be hidden and pieces
+    that cannot break may stay wider than ``width``. Spare room goes back to the first folding
     column (the path).
     """
     shown = list(columns)
@@ -114,10 +149,15 @@ def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
     def tightest(c):
         return c.unbreakable()
 
-    def abbreviate():
+    def abbreviate() -> bool:
+        """Swaps in the compact cells; whether any of them is shorter (else nothing was)."""
+        changed = False
         for column in shown:
             if column.compact is not None:
-                (column.cells, column.footer), column.compact = column.compact, None
+                cells, footer = column.compact
+                changed = changed or cells != column.cells or footer != column.footer
+                column.cells, column.footer, column.compact = cells, footer, None
+        return changed
 
     abbreviated = False
     if needed(widths_for(TextColumn.natural)) > width:
@@ -125,9 +165,8 @@ def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
         saving = sum(
             c.natural() - max(len(c.header), len(c.compact[1]), *map(len, c.compact[0])) for c in compact
         )
-        if compact and needed(widths_for(comfortable)) - saving <= width:
-            abbreviate()
-            abbreviated = True
+        if saving and needed(widths_for(comfortable)) - saving <= width:
+            abbreviated = abbreviate()
     hidden: list[str] = []
     # the path folds at dots (to its longest piece) before any column is hidden
     while needed(widths_for(tightest)) > width:
@@ -138,23 +177,14 @@ def fit(columns: Sequence[TextColumn], width: int | None) -> Fitted:
         for column in [c for c in shown if c is victim or (victim.group and c.group == victim.group)]:
             hidden.append(column.header)
             shown.remove(column)
-    if needed(widths_for(tightest)) > width and not abbreviated and any(c.compact for c in shown):
-        abbreviate()
-        abbreviated = True
+    if needed(widths_for(tightest)) > width and any(c.compact for c in shown):
+        abbreviated = abbreviate() or abbreviated
     widths = widths_for(tightest)
     spare = width - needed(widths)
-    folding = [i for i, c in enumerate(shown) if c.fold]
-    if spare > 0:  # give the room back to the folding columns, the first (the path) first
-        for i in folding:
-            extra = min(spare, shown[i].natural() - widths[i])
-            widths[i] += extra
-            spare -= extra
-    elif spare < 0:  # the last resort: folding columns break inside names
-        for i in folding:
-            floor = max(len(shown[i].header), _MIN_FOLD)
-            give = min(-spare, max(0, widths[i] - floor))
-            widths[i] -= give
-            spare += give
+    for i in [i for i, c in enumerate(shown) if c.fold]:  # room back to the path first
+        extra = max(0, min(spare, shown[i].natural() - widths[i]))
+        widths[i] += extra
+        spare -= extra
     return Fitted(shown, widths, hidden, abbreviated)
 
 

@@ -187,8 +187,10 @@ def _choose_columns(report: Report, keys: Sequence[str] | None, hide_empty: bool
             raise UsageError(
                 f"no column {unknown[0]!r} in this table", hint="columns: " + column_names(report.columns)
             )
-        # a column asked for stays however narrow the terminal
-        return [replace(by_name[k.strip().lower()], priority=0, group="") for k in keys]
+        chosen = [by_name[k.strip().lower()] for k in keys]
+        # on a narrow terminal the path folds first, then the columns named last go first
+        kept = next((c for c in chosen if c.kind == "path"), chosen[0])
+        return [replace(c, priority=0 if c is kept else 1 + i, group="") for i, c in enumerate(chosen)]
     if not hide_empty or not report.rows:
         return list(report.columns)
     return [c for c in report.columns if not _empty_column(c, report)]
@@ -342,22 +344,32 @@ def to_text(report: Report, view: View) -> tuple[list[tuple[str, bool]], list[st
     out: list[tuple[str, bool]] = []
     hidden: list[str] = []
     abbreviated = False
+
+    def prose(line: str, bold: bool = False) -> list[tuple[str, bool]]:  # folded at spaces, never mid-word
+        return [(part, bold) for part in layout.wrap(printable(line), view.width)]
+
     for table in _tables(report, view, one=False):
         if out:
             out.append(("", False))
         if table.title:
-            out += [(line, True) for line in table.title.splitlines()] + [("", False)]
+            out += [part for line in table.title.splitlines() for part in prose(line, True)]
+            out.append(("", False))
         if table.rows:
-            columns = _choose_columns(table, view.columns if table is report else None, hide_empty=True)
+            picked = view.columns if table is report else None
+            columns = _choose_columns(table, picked, hide_empty=True)
             fitted = layout.fit(_text_columns(table, columns, view), view.width)
             hidden += fitted.hidden
             abbreviated = abbreviated or fitted.abbreviated
             table_lines = layout.lines(fitted.columns, fitted.widths)
-            out += [(table_lines[0], True)] + [(line, False) for line in table_lines[1:]]
+            out += [(printable(table_lines[0]), True)] + [
+                (printable(line), False) for line in table_lines[1:]
+            ]
         elif not table.notes:
-            out.append((table.empty, False))
+            out += prose(table.empty)
         if table.notes:
-            out += ([("", False)] if table.rows else []) + [(note, False) for note in table.notes]
+            out += ([("", False)] if table.rows else []) + [
+                line for note in table.notes for line in prose(note, False)
+            ]
     messages = []
     if hidden:
         messages.append(
@@ -366,7 +378,7 @@ def to_text(report: Report, view: View) -> tuple[list[tuple[str, bool]], list[st
         )
     if abbreviated:
         messages.append("counts abbreviated to fit (--exact shows every digit)")
-    return [(printable(line), bold) for line, bold in out], messages
+    return out, messages
 
 
 def render(report: Report, fmt: Format, file=None, view: View | None = None) -> list[str]:
