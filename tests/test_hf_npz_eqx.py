@@ -197,3 +197,32 @@ def test_npz_object_members_are_refused_unread(tmp_path):
     with zipfile.ZipFile(path) as archive:
         assert sorted(archive.namelist()) == ["meta.npy", "params/w.npy"]
     assert not os.path.exists(marker)
+
+
+def test_npz_voids_other_than_two_bytes_are_named_never_guessed(tmp_path):
+    """Only 2-byte voids are bfloat16 (big_vision's convention); any other void, a structured
+    dtype or strings are named with their dtype and left out, the other members read."""
+    path = str(tmp_path / "voids.npz")
+    weights = np.arange(6.0).reshape(2, 3)
+    np.savez(
+        path,
+        **{
+            "params/w": weights,
+            "v4": np.zeros(3, dtype="V4"),
+            "rec": np.zeros(2, dtype=[("a", "<f4"), ("b", "<i4")]),
+            "names": np.array(["ab", "c"]),
+        },
+    )
+    result = run("norms", path, "--per-param", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)["params"]
+    assert row["path"] == "params.w"
+    assert row["norm"] == pytest.approx(float(np.linalg.norm(weights)), rel=1e-12)
+    assert "'v4.npy' is of dtype |V4 (4-byte void; only 2-byte voids are known: bfloat16): not read" in (
+        result.stderr
+    )
+    assert "'rec.npy' is of dtype [('a', '<f4'), ('b', '<i4')] (structured" in result.stderr
+    assert "'names.npy' is of dtype <U2 (not numbers): not read" in result.stderr
+    report = run("verify", path, "--format", "json")
+    assert report.exit_code == 3
+    assert len(json.loads(report.stdout)["problems"]) == 3

@@ -211,6 +211,7 @@ FAMILIES = {
     "paxml": ("paxml/v1_2/checkpoints", "", ()),
     "paxml step 100": ("paxml/v1_2/checkpoints", "", ("--step", "100")),
     "paxml 1.1": ("paxml/v1_1/checkpoints", "", ()),
+    "manager with JSON and grain items": ("manager_items/run", "", ()),
 }
 
 
