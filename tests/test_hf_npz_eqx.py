@@ -14,7 +14,7 @@ import pytest
 from conftest import tree_snapshot
 from test_cli import run, run_json
 from test_refusals import _Trap
-from test_trainers import DATA, assert_reads, expected
+from test_trainers import DATA, assert_reads, expected, unboxed
 
 HF = expected("hf_flax")["folders"]
 BIG_VISION = expected("big_vision")["arrays"]
@@ -37,6 +37,16 @@ WAYS = {
     "npz compressed": (os.path.join(DATA, "big_vision", "checkpoint_compressed.npz"), (), BIG_VISION),
     "eqx": (os.path.join(DATA, "equinox", "model.eqx"), (), EQUINOX["leaves"]),
     "eqx hyperparameters": (os.path.join(DATA, "equinox", "with_hyperparameters.eqx"), (), EQUINOX["leaves"]),
+    # flax NNX quantized by qwix and Paxml's two layouts (tests/test_trainers.py has more)
+    "qwix": (os.path.join(DATA, "qwix", "state"), (), unboxed(expected("qwix")["leaves"])),
+    **{
+        f"paxml {run_name}": (
+            os.path.join(DATA, "paxml", run_name, "checkpoints"),
+            ("--step", "100"),
+            expected("paxml")["runs"][run_name]["steps"]["100"]["leaves"],
+        )
+        for run_name in ("v1_2", "v1_1")
+    },
 }
 
 
@@ -45,6 +55,8 @@ def test_every_command_reads_the_saved_values(way, tmp_path):
     path, options, wanted = WAYS[way]
     before = tree_snapshot(os.path.dirname(path))
     assert_reads(path, wanted, *options)
+    for command in ("mask", "layers"):
+        assert run(command, path, *options).exit_code == 0, command
     stats = run_json("stats", path, *options)
     assert {p["path"] for p in stats["params"]} == set(wanted)
     for row in stats["params"]:
@@ -53,7 +65,12 @@ def test_every_command_reads_the_saved_values(way, tmp_path):
     doc = run_json("verify", path, *options, "--memory-budget", "1KiB")
     items = 2 if way == "hf both, default" else 1  # verify checks every item: both weights
     assert doc["ok"] and doc["arrays"] == items * len(wanted) and doc["bytes_read"] > 0
-    diff = run_json("diff", path, path, *options)
+    sides = (
+        [o.replace("--step", f"--step-{side}") for side in "ab" for o in options]
+        if "--step" in options
+        else options
+    )
+    diff = run_json("diff", path, path, *sides)
     assert diff["summary"]["identical"] == len(wanted) and diff["summary"]["changed"] == 0
     baseline = str(tmp_path / "baseline.json")
     assert run("snapshot", path, *options, "-o", baseline, "-q").exit_code == 0
@@ -197,3 +214,32 @@ def test_npz_object_members_are_refused_unread(tmp_path):
     with zipfile.ZipFile(path) as archive:
         assert sorted(archive.namelist()) == ["meta.npy", "params/w.npy"]
     assert not os.path.exists(marker)
+
+
+def test_npz_voids_other_than_two_bytes_are_named_never_guessed(tmp_path):
+    """Only 2-byte voids are bfloat16 (big_vision's convention); any other void, a structured
+    dtype or strings are named with their dtype and left out, the other members read."""
+    path = str(tmp_path / "voids.npz")
+    weights = np.arange(6.0).reshape(2, 3)
+    np.savez(
+        path,
+        **{
+            "params/w": weights,
+            "v4": np.zeros(3, dtype="V4"),
+            "rec": np.zeros(2, dtype=[("a", "<f4"), ("b", "<i4")]),
+            "names": np.array(["ab", "c"]),
+        },
+    )
+    result = run("norms", path, "--per-param", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)["params"]
+    assert row["path"] == "params.w"
+    assert row["norm"] == pytest.approx(float(np.linalg.norm(weights)), rel=1e-12)
+    assert "'v4.npy' is of dtype |V4 (4-byte void; only 2-byte voids are known: bfloat16): not read" in (
+        result.stderr
+    )
+    assert "'rec.npy' is of dtype [('a', '<f4'), ('b', '<i4')] (structured" in result.stderr
+    assert "'names.npy' is of dtype <U2 (not numbers): not read" in result.stderr
+    report = run("verify", path, "--format", "json")
+    assert report.exit_code == 3
+    assert len(json.loads(report.stdout)["problems"]) == 3

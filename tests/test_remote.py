@@ -192,6 +192,65 @@ def test_msgpack_checkpoints(stores, uploaded, scheme):
     assert server.objects() == before
 
 
+DATA = os.path.join(os.path.dirname(__file__), "data")
+# (folder uploaded, what is read inside it, options): the checkpoint families written by their
+# frameworks' own save code (tests/data), each read in a bucket as on disk
+FAMILIES = {
+    "npz": ("big_vision", "checkpoint.npz", ()),
+    "npz compressed": ("big_vision", "checkpoint_compressed.npz", ()),
+    "eqx": ("equinox", "with_hyperparameters.eqx", ()),
+    "hf folder": ("hf_flax/bert", "", ()),
+    "hf sharded folder": ("hf_flax/gpt2_sharded", "", ()),
+    "hf index file": ("hf_flax/gpt2_sharded", "flax_model.msgpack.index.json", ()),
+    "hf shard": ("hf_flax/gpt2_sharded", "flax_model-00002-of-00007.msgpack", ()),
+    "levanter run": ("levanter/run", "", ()),
+    "levanter step 2": ("levanter/run", "", ("--step", "2")),
+    "levanter step folder": ("levanter/run", "step-2", ()),
+    "penzai": ("penzai/params", "", ()),
+    "qwix": ("qwix/state", "", ()),
+    "paxml": ("paxml/v1_2/checkpoints", "", ()),
+    "paxml step 100": ("paxml/v1_2/checkpoints", "", ("--step", "100")),
+    "paxml 1.1": ("paxml/v1_1/checkpoints", "", ()),
+    "manager with JSON and grain items": ("manager_items/run", "", ()),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_checkpoint_families_read_in_buckets_as_on_disk(stores, uploaded, scheme, family, tmp_path):
+    server = stores[scheme]
+    folder, inside, options = FAMILIES[family]
+    local_folder = os.path.join(DATA, folder)
+    local = os.path.join(local_folder, inside) if inside else local_folder
+    base = uploaded(scheme, local_folder)
+    url = base + (f"/{inside}" if inside else "")
+    before, start = server.objects(), len(server.requests())
+    for command in (("info",), ("table",), ("count",), ("norms", "--per-param"), ("stats",), ("verify",)):
+        remote = run(command[0], url, *command[1:], *options, "--format", "json")
+        at_home = run(command[0], local, *command[1:], *options, "--format", "json")
+        assert remote.exit_code == at_home.exit_code == 0, (command, remote.stderr)
+        assert same(json.loads(remote.stdout)) == same(json.loads(at_home.stdout)), command
+        assert remote.stderr.replace(base, local_folder) == at_home.stderr, command
+    baseline = str(tmp_path / "baseline.json")
+    assert run("snapshot", local, *options, "-o", baseline, "-q").exit_code == 0
+    assert run_json("check", url, *options, "--baseline", baseline)["passed"]
+    pick = [o.replace("--step", "--step-a") for o in options] + [
+        o.replace("--step", "--step-b") for o in options
+    ]
+    diff = run_json("diff", local, url, *pick)
+    assert diff["params"] and {row["status"] for row in diff["params"]} == {"identical"}
+    assert writes_since(server, start) == []
+    assert server.objects() == before
+
+
+def test_levanter_and_paxml_history_in_buckets(stores, uploaded):
+    for folder in ("levanter/run", "paxml/v1_2/checkpoints"):
+        local = os.path.join(DATA, folder)
+        url = uploaded("s3", local)
+        remote, at_home = (run_json("history", where, "--no-cache") for where in (url, local))
+        assert same(remote) == same(at_home) and len(at_home["steps"]) == 2, folder
+
+
 def test_file_urls_read_like_paths(manager_ckpt):
     local = run_json("table", manager_ckpt.path)
     assert run_json("table", "file://" + manager_ckpt.path) == local

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 import pytest
 from test_cli import run, run_json
@@ -403,3 +404,173 @@ def test_verify_checks_iterator_items(tmp_path):
     report = json.loads(result.stdout)
     assert result.exit_code != 0 and not report["ok"]
     assert any("process_0-of-1.json" in str(p) for p in report["problems"])
+
+
+# flax NNX with qwix-quantized parameters -----------------------------------------------------
+
+QWIX = expected("qwix")
+QWIX_STATE = os.path.join(DATA, "qwix", "state")
+
+
+def unboxed(leaves):
+    """expected.json keeps Orbax's keys; NNX's trailing ``value`` is dropped in what is shown."""
+    return {k.removesuffix(".value"): v for k, v in leaves.items()}
+
+
+def test_qwix_int8_int4_float8_read_exactly():
+    want = unboxed(QWIX["leaves"])
+    table = assert_reads(QWIX_STATE, want)
+    dtypes = {p["path"]: p["dtype"] for p in table["params"]}
+    assert {dtypes[f"{layer}.kernel.array.qvalue"] for layer in QWIX["rules"]} == set(QWIX["rules"].values())
+    assert {dtypes[f"{layer}.kernel.array.scale"] for layer in QWIX["rules"]} == {"float32"}
+    stats = {p["path"]: p for p in run_json("stats", QWIX_STATE)["params"]}
+    for path, entry in want.items():
+        row = stats[path]
+        # quantized values (int4 included) are small integers or float8 values: exact in float64
+        assert (row["min"], row["max"]) == (entry["min"], entry["max"]), path
+        count = math.prod(entry["shape"])
+        assert row["mean"] == pytest.approx(entry["sum"] / count, rel=1e-9, abs=1e-12), path
+    int4 = want["int4_proj.kernel.array.qvalue"]
+    assert -8 <= int4["min"] < 0 < int4["max"] <= 7
+    assert run_json("verify", QWIX_STATE)["ok"]
+
+
+# Paxml --------------------------------------------------------------------------------------
+
+PAXML = expected("paxml")
+
+
+def paxml_root(run_name):
+    return os.path.join(DATA, "paxml", run_name, "checkpoints")
+
+
+@pytest.mark.parametrize("step", ["100", "200"])
+@pytest.mark.parametrize("run_name", ["v1_2", "v1_1"])
+def test_paxml_steps_read_exactly(run_name, step):
+    want = PAXML["runs"][run_name]["steps"][step]
+    table = assert_reads(paxml_root(run_name), want["leaves"], "--step", step)
+    assert table["step"] == int(step) and table["item"] == "state"
+    folder = os.path.join(paxml_root(run_name), f"checkpoint_{int(step):08d}")
+    assert_reads(folder, want["leaves"])  # the step folder on its own
+
+
+@pytest.mark.parametrize("run_name", ["v1_2", "v1_1"])
+def test_paxml_info_steps_and_history(run_name):
+    runs = PAXML["runs"][run_name]
+    info = run_json("info", paxml_root(run_name))
+    assert info["layout"] == "root" and info["step"] == 200
+    assert [(s["step"], s["name"], s["finished"]) for s in info["steps"]] == [
+        (100, "checkpoint_00000100", True),
+        (200, "checkpoint_00000200", True),
+    ]
+    items = {i["name"]: i for i in info["items"]}
+    assert {k: i["kind"] for k, i in items.items()} == {
+        "metadata": "json",
+        "state": "pytree" if runs["ocdbt"] else "paxml",
+    }
+    assert items["metadata"]["content"] == runs["steps"]["200"]["metadata"]
+    assert items["state"]["storage"] == ("ocdbt" if runs["ocdbt"] else "zarr")
+    history = run_json("history", paxml_root(run_name), "--no-cache")
+    assert history["steps"] == [100, 200]
+    for step in ("100", "200"):
+        want = runs["steps"][step]["leaves"]
+        rows = [r for r in history["series"] if r["step"] == int(step) and r["metric"] == "norm"]
+        assert {r["path"]: r["value"] for r in rows} == {
+            k: pytest.approx(v["norm"], rel=1e-6) for k, v in want.items()
+        }
+    diff = run_json("diff", paxml_root(run_name), paxml_root(run_name), "--step-a", "100", "--step-b", "200")
+    assert {r["path"] for r in diff["params"]} == set(runs["steps"]["200"]["leaves"])
+
+
+def test_paxml_both_versions_read_alike():
+    """Version 1.1 names each array by its dotted path; 1.2 stores the same tree: same rows."""
+    tables = [run_json("norms", paxml_root(r), "--per-param")["params"] for r in ("v1_2", "v1_1")]
+    assert tables[0] == tables[1]
+
+
+# verify on every family: 0 intact, 3 damaged, nothing in the folder changed ------------------
+
+
+def _data_files(folder, *parts):
+    """The files of array data: OCDBT data files (``d/``), zarr chunks and msgpack files."""
+    return [
+        os.path.join(dirpath, name)
+        for dirpath, _, names in os.walk(os.path.join(folder, *parts))
+        for name in names
+        if os.path.basename(dirpath) == "d" or name[0].isdigit() or name.endswith(".msgpack")
+    ]
+
+
+# (fixture folder, where data files are cut to half their size, inside the copy)
+DAMAGE = {
+    "levanter": ("levanter/run", ("step-4", "model")),
+    "penzai": ("penzai/params", ()),
+    "qwix": ("qwix/state", ()),
+    "paxml 1.2": ("paxml/v1_2/checkpoints", ("checkpoint_00000200", "state")),
+    "paxml 1.1": ("paxml/v1_1/checkpoints", ("checkpoint_00000200", "state")),
+    "hf flax": ("hf_flax/bert", ()),
+}
+
+
+@pytest.mark.parametrize("family", list(DAMAGE))
+def test_verify_intact_then_damaged_copies(family, tmp_path):
+    from conftest import tree_snapshot
+
+    folder, inside = DAMAGE[family]
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(DATA, folder), copy)
+    before = tree_snapshot(copy)
+    intact = run("verify", copy, "--format", "json")
+    assert intact.exit_code == 0 and json.loads(intact.stdout)["ok"], intact.stdout
+    assert tree_snapshot(copy) == before
+    # a second copy: within one process TensorStore may keep what it read of the first
+    copy = str(tmp_path / "damaged")
+    shutil.copytree(os.path.join(DATA, folder), copy)
+    for victim in _data_files(copy, *inside):  # an OCDBT folder holds files no longer read
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    damaged = tree_snapshot(copy)
+    result = run("verify", copy, "--format", "json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 3 and not report["ok"] and report["problems"], result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert tree_snapshot(copy) == damaged
+
+
+# verify's note on writers that skip chunks equal to the fill value ---------------------------
+
+
+def test_verify_notes_items_whose_missing_chunks_read_as_fill_value():
+    old = run_json("verify", os.path.join(DATA, "orbax_0_6_1", "checkpoints"))
+    assert old["ok"] and len(old["notes"]) == 1
+    assert old["notes"][0].startswith("items 'opt_state', 'params', 'rng', 'step': the writer may skip")
+    text = run("verify", os.path.join(DATA, "orbax_0_6_1", "checkpoints")).stdout
+    assert "note: items 'opt_state', 'params', 'rng', 'step'" in text
+    # Orbax 0.7 on stores every chunk (a missing one is damage), and so do these zarr trees
+    for path in (QWIX_STATE, os.path.join(DATA, "penzai", "params"), LEVANTER_RUN):
+        assert run_json("verify", path)["notes"] == [], path
+
+
+def test_verify_notes_zarr_arrays_that_lack_chunks(tmp_path):
+    import numpy as np
+    import tensorstore as ts
+
+    folder = tmp_path / "tree"
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "file", "path": str(folder / "w")},
+        "metadata": {"shape": [4, 4], "chunks": [2, 4], "dtype": "<f4", "fill_value": 0},
+        "create": True,
+    }
+    array = ts.open(spec).result()
+    value = np.zeros((4, 4), np.float32)
+    value[:2] = 1.5  # the second chunk equals the fill value: TensorStore does not store it
+    array.write(value).result()
+    assert sorted(os.listdir(folder / "w")) == [".zarray", "0.0"]
+    doc = run_json("verify", folder)
+    assert doc["ok"] and doc["notes"] == [
+        "1 array (w) lacks chunks, which read as the fill value: the writer skips chunks equal to it, "
+        "so a lost chunk cannot be told from one never written"
+    ]
+    norms = run_json("norms", folder, "--per-param")["params"]
+    assert norms[0]["norm"] == pytest.approx(float(np.linalg.norm(value.astype(np.float64))), rel=1e-12)

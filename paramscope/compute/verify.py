@@ -18,6 +18,7 @@ from paramscope.compute.plan import memory_budget_bytes, stream_regions
 from paramscope.errors import CorruptCheckpoint, ItemNotFound, few
 from paramscope.io import checkpoint
 from paramscope.io.inventory import ParamInfo, spec_per_dim
+from paramscope.io.records import chunk_grid, skips_fill_chunks
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,41 @@ class VerifyResult:
     bytes_read: int
     problems: list[Problem] = field(default_factory=list)
     digests_checked: int = 0  # arrays whose content was compared with a baseline's digest
+    # What verify cannot prove, by item (e.g. chunks that read as the fill value)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def fill_notes(arrays_by_item: dict[str, list]) -> list[str]:
+    """What verify cannot tell about items whose writer skips chunks equal to the fill value
+    (Orbax before 0.7, plain zarr trees): a chunk that is not there reads as that value, as the
+    writer's own restore reads it, so a lost chunk looks like one never written. Nothing for
+    writers that store every chunk (a missing one is then damage, reported as such)."""
+    unknown, sparse = [], []
+    for item, arrays in arrays_by_item.items():
+        skipping = [a for a in arrays if skips_fill_chunks(a)]
+        if any(a.stored_chunks < 0 for a in skipping):
+            unknown.append(repr(item))
+        else:
+            sparse += [a for a in skipping if a.shape and a.stored_chunks < chunk_grid(a)[0]]
+    notes = []
+    if unknown:
+        notes.append(
+            f"{'item' if len(unknown) == 1 else 'items'} {', '.join(unknown)}: the writer may skip chunks "
+            "equal to the fill value (Orbax before 0.7 does, and the metadata does not say otherwise): a "
+            "missing chunk reads as that value, so a lost chunk cannot be told from one never written"
+        )
+    if sparse:
+        notes.append(
+            f"{len(sparse)} array{'s' if len(sparse) > 1 else ''} ({sparse[0].path}"
+            f"{', ...' if len(sparse) > 1 else ''}) lack{'' if len(sparse) > 1 else 's'} chunks, which "
+            "read as the fill value: the writer skips chunks equal to it, so a lost chunk cannot be told "
+            "from one never written"
+        )
+    return notes
 
 
 def _chosen_items(location: checkpoint.Location, item: str | None) -> list[checkpoint.Item]:
@@ -83,6 +115,7 @@ def verify_checkpoint(
         result.problems.append(Problem(None, None, err.message))
     params: list[ParamInfo] = []
     owners: list[str] = []
+    arrays_by_item: dict[str, list] = {}
     for chosen in _chosen_items(location, item):
         result.items.append(chosen.name)
         if chosen.kind == "json":
@@ -107,12 +140,14 @@ def verify_checkpoint(
             continue
         result.problems += [Problem(chosen.name, None, w) for w in warnings]
         result.problems += [Problem(chosen.name, name, problem) for name, problem in audit]
+        arrays_by_item[chosen.name] = arrays
         for array in arrays:
             params.append(
                 ParamInfo(array.path, array.shape, array.dtype, array.itemsize, spec_per_dim(array), array)
             )
             owners.append(chosen.name)
     result.arrays = len(params)
+    result.notes = fill_notes(arrays_by_item)
 
     failed: set[int] = set()
 

@@ -405,7 +405,7 @@ def notes(item: Item) -> list[str]:
 def holds_arrays(item: Item) -> bool:
     """Whether an item is one whose arrays can be listed (a damaged Orbax item counts: reading it
     fails loudly)."""
-    return item.kind in ("pytree", "array", "damaged") or _module(item.kind) is not None
+    return item.kind in ("pytree", "array", "damaged", orbax.PAXML_KIND) or _module(item.kind) is not None
 
 
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
@@ -425,7 +425,8 @@ def describe(item: Item) -> dict[str, Any]:
     module = _module(item.kind)
     if module:
         return module.describe(item)
-    return {"storage": orbax.storage_format(item)} if item.kind in ("pytree", "array") else {}
+    arrays = item.kind in ("pytree", "array", orbax.PAXML_KIND)
+    return {"storage": orbax.storage_format(item)} if arrays else {}
 
 
 def step_bytes(path: str, step: int | None = None) -> int:

@@ -56,6 +56,11 @@ _PYTREE_MARKERS = (OCDBT_MANIFEST, SHARDING_FILE, "ocdbt.process_0", "array_meta
 # grain's PyGrainCheckpointHandler: one JSON file of iterator state per process
 _ITERATOR_FILE = re.compile(r"^process_\d+-of-\d+\.json$")
 ITERATOR_KIND = "iterator"  # a dataset iterator's state (grain), not arrays
+# Paxml's state item of checkpoint versions 1.0 and 1.1 (no OCDBT): PaxCheckpointHandler names
+# each array by its dotted prefix name (``mdl_vars.params.lm.final_ln.scale``), one zarr folder
+# each, and writes no _METADATA; the step's ``metadata`` JSON item holds ``{"version": 1.1}``.
+PAXML_KIND = "paxml"
+_PAXML_OCDBT_VERSION = 1.2  # from this version on, Paxml's state is an ordinary OCDBT pytree item
 MAX_SHOWN_FILES = 16  # an iterator item's files whose content is shown
 _STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
 _TMP_STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)\.orbax-checkpoint-tmp.*$")
@@ -150,7 +155,45 @@ def _list_items(tree: Tree, step_rel: str) -> list[Item]:
     for name in tree.subdirs(step_rel):
         rel = rel_path(step_rel, name)
         items.append(Item(name, tree.path(rel), _item_kind(tree, rel), tree, rel))
+    if any(i.kind in ("unknown", "damaged") for i in items) and _paxml_version(tree, items) is not None:
+        items = [Item(i.name, i.path, PAXML_KIND, tree, i.rel) if _paxml_state(tree, i) else i for i in items]
     return [i for i in items if i.kind != "unknown"]
+
+
+def _paxml_version(tree: Tree, items: list[Item]) -> float | None:
+    """The checkpoint version a Paxml step records in its ``metadata`` JSON item, where it is one
+    without OCDBT (below 1.2); None for other steps."""
+    meta = next((i for i in items if i.name == JSON_ITEM_FILE and i.kind == "json"), None)
+    if meta is None:
+        return None
+    try:
+        content = read_json_item(meta)
+    except CorruptCheckpoint:
+        return None  # named as damage when the item itself is read
+    version = content.get("version") if isinstance(content, dict) else None
+    if isinstance(version, (int, float)) and not isinstance(version, bool) and version < _PAXML_OCDBT_VERSION:
+        return float(version)
+    return None
+
+
+def _paxml_arrays(tree: Tree, rel: str) -> list[str]:
+    """The zarr array folders directly inside an item folder, by name."""
+    return [
+        name
+        for name in tree.subdirs(rel)
+        if tree.is_file(rel_path(rel_path(rel, name), ".zarray"))
+        or tree.is_file(rel_path(rel_path(rel, name), "zarr.json"))
+    ]
+
+
+def _paxml_state(tree: Tree, item: Item) -> bool:
+    """Whether an item of a Paxml step without OCDBT is its state: zarr folders of arrays named by
+    their dotted paths, without _METADATA or an OCDBT database."""
+    return (
+        item.kind in ("unknown", "damaged")
+        and not tree.exists(rel_path(item.rel, OCDBT_MANIFEST))
+        and bool(_paxml_arrays(tree, item.rel))
+    )
 
 
 def list_items(step_path: str) -> list[Item]:
@@ -366,7 +409,7 @@ def kvstore_spec(tree: Tree, folder: str, use_ocdbt: bool | None = None) -> dict
 
 def storage_format(item: Item) -> str:
     """'ocdbt' or 'zarr' (plain folders), for an item that holds arrays."""
-    folder = item.rel if item.kind == "pytree" else rel_path(item.rel, ARRAY_ITEM_NAME)
+    folder = item.rel if item.kind in ("pytree", PAXML_KIND) else rel_path(item.rel, ARRAY_ITEM_NAME)
     return "ocdbt" if kvstore_spec(item.tree, folder)["driver"] == "ocdbt" else "zarr"
 
 
@@ -631,6 +674,11 @@ def read_arrays(
         boxed = boxed_leaves([keys for keys, _ in entries] + strings)[: len(entries)]
         jax_arrays = any(value_type == "jax.Array" for _, value_type in entries)
         shardings = read_shardings(item.tree, item.rel, problems, expected=jax_arrays)
+    elif item.kind == PAXML_KIND:
+        names = sorted(_paxml_arrays(item.tree, item.rel))
+        entries = [(tuple(name.split(".")), "jax.Array") for name in names]
+        kv = item.tree.spec(item.rel)
+        shardings = read_shardings(item.tree, item.rel, problems, expected=False)
     elif item.kind == "damaged":
         raise CorruptCheckpoint(
             f"item {item.name!r} ({item.path}) has no {TREE_METADATA}",
@@ -650,7 +698,7 @@ def read_arrays(
         ],
         shardings,
         f"item {item.name!r}",
-        boxed if item.kind == "pytree" else [False],
+        boxed if item.kind == "pytree" else [False] * len(entries),
         every_chunk_written=complete,
     )
 

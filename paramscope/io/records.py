@@ -78,13 +78,25 @@ MAX_FILL_ELEMENTS = 1 << 27
 MAX_MISSING_CHUNKS = 1 << 16
 
 
+def chunk_grid(array: StoredArray) -> tuple[int, list[int]]:
+    """How many chunks an array has, and the shape of one."""
+    chunks = [max(1, c) for c in array.chunks] if len(array.chunks) == len(array.shape) else array.shape
+    return _product(-(-d // max(1, c)) for d, c in zip(array.shape, chunks)), list(chunks)
+
+
+def skips_fill_chunks(array: StoredArray) -> bool:
+    """Whether the array's writer may have left out chunks equal to the fill value (zarr arrays
+    of Orbax before 0.7 and of plain zarr trees), which then read as that value: a lost chunk
+    and one never written look alike."""
+    return array.driver in ("zarr", "zarr3") and not array.every_chunk_written
+
+
 def fill_problem(array: StoredArray) -> str | None:
     """Why an array with chunks that are not stored is not read, or None: more than
     :data:`MAX_FILL_ELEMENTS` elements or :data:`MAX_MISSING_CHUNKS` chunks missing."""
     if array.stored_chunks < 0 or not array.shape:
         return None
-    chunks = [max(1, c) for c in array.chunks] if len(array.chunks) == len(array.shape) else array.shape
-    grid = _product(-(-d // max(1, c)) for d, c in zip(array.shape, chunks))
+    grid, chunks = chunk_grid(array)
     missing = grid - array.stored_chunks
     filled = _product(array.shape) - array.stored_chunks * _product(chunks)
     if missing > MAX_MISSING_CHUNKS:

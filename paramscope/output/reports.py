@@ -541,6 +541,7 @@ def verify_report(result, shown: str | None = None) -> Report:
             "bytes_read": result.bytes_read,
             "digests_checked": result.digests_checked,
             "problems": rows,
+            "notes": result.notes,
         },
         title=f"{shown or result.checkpoint}{step_text}  {items}",
         columns=[field("item"), field("path", header="array"), field("problem")],
@@ -548,7 +549,8 @@ def verify_report(result, shown: str | None = None) -> Report:
         notes=[
             f"verified {plural(result.arrays, 'array')}, decoded {result.bytes_read:,} bytes"
             + (f", compared {result.digests_checked:,} digests" if result.digests_checked else "")
-            + f": {verdict}"
+            + f": {verdict}",
+            *(f"note: {note}" for note in result.notes),
         ],
     )
 
