@@ -76,7 +76,9 @@ def test_table_json(manager_ckpt):
         assert row["shape"] == list(value.shape) and row["dtype"] == str(value.dtype)
         assert row["count"] == value.size and row["bytes"] == value.nbytes
         expected = (
-            None if specs[path] is None else [list(e) if isinstance(e, tuple) else e for e in specs[path]]
+            [None] * value.ndim  # replicated: no dimension split
+            if specs[path] is None
+            else [list(e) if isinstance(e, tuple) else e for e in specs[path]]
         )
         assert row["sharding"] == expected
         assert "norm" not in row and "weight_decay" not in row

@@ -90,10 +90,12 @@ def show(
 
     Examples:
 
-    - `paramscope show ckpt embed.embedding`
-    - `paramscope show ckpt 'embed.embedding[0, :8]' --exact`
-    - `paramscope show ckpt --filter 'layers.*kernel' --axis 0 --top 5`
-    - `paramscope show ckpt head.kernel --out head.safetensors`
+    - `paramscope show ckpt head.kernel`
+    - `paramscope show ckpt 'w[0, :8]'` (a slice)
+    - `paramscope show ckpt w --top 5` (largest |x|)
+    - `paramscope show ckpt w --axis 0` (per row)
+    - `paramscope show ckpt w --nonfinite`
+    - `paramscope show ckpt w --out w.npy`
     """
     from paramscope.compute.values import SUMMARY_THRESHOLD  # noqa: F401 - fails early without numpy
 
@@ -160,8 +162,10 @@ def export(
 
     Examples:
 
-    - `paramscope export ckpt params.safetensors`
-    - `paramscope export ckpt head.npz --filter '^head\\.'`
+    - `paramscope export ckpt w.npz`
+
+    OUT ends in `.npz` or `.safetensors`; `--filter REGEX` exports only the arrays whose path
+    matches.
     """
     common.writable("OUT", target, [ckpt])
     budget = _budget(memory_budget)

@@ -63,8 +63,13 @@ def _prose_pieces(text: str, width: int) -> list[str]:
             pieces.append(group)
             continue
         for word in re.findall(r"\S+\s*", group):
-            fits = len(word.rstrip()) <= width
-            pieces += [word] if fits else re.findall(r"[^/]*/+|[^/]+\s*$", word) or [word]
+            bare = word.rstrip()
+            if len(bare) <= width:
+                pieces.append(word)
+                continue
+            parts = re.findall(r"[^/]*/+|[^/]+$", bare) or [bare]
+            parts[-1] += word[len(bare) :]  # the space after the word stays after its last part
+            pieces += parts
     return pieces or [text]
 
 
