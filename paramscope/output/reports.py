@@ -14,7 +14,7 @@ from typing import Any
 
 from paramscope.names import path_sort_key
 from paramscope.output.fields import columns, field, resolve
-from paramscope.output.render import Report, listed
+from paramscope.output.render import Column, Report, listed
 
 
 def sharding_json(param) -> list | None:
@@ -895,7 +895,7 @@ def show_report(inv, shown, exact: bool = False) -> Report:
         "slice": sliced,
         "shape": list(param.shape),
         "dtype": param.dtype,
-        "sharding": sharding_json(param.sharding),
+        "sharding": sharding_json(param),
         "mesh": dict(inv.saved_mesh) if inv.saved_mesh else None,
         "chunks": list(chunks) if chunks else None,
         "selected_shape": list(selection.out_shape),
