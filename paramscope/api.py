@@ -433,14 +433,19 @@ class Checkpoint:
         array = Array(self, param)
         writer = None
 
-        def read_piece(piece):
-            values = array.read(piece)
-            if writer is not None:
-                from paramscope.compute.digest import logical_bytes
+        def start_piece(piece):
+            finish = array.start_read(piece)
 
-                writer.write(logical_bytes(values))
-            if on_bytes is not None:
-                on_bytes(piece.box_count() * param.itemsize)
+            def values():
+                out = finish()
+                if writer is not None:
+                    from paramscope.compute.digest import logical_bytes
+
+                    writer.write(logical_bytes(out))
+                if on_bytes is not None:
+                    on_bytes(piece.box_count() * param.itemsize)
+                return out
+
             return values
 
         def run():
@@ -452,7 +457,7 @@ class Checkpoint:
                 writer.begin(writer.entries[0])
             try:
                 found = core.inspect(
-                    read_piece,
+                    start_piece,
                     selection,
                     param.itemsize,
                     limit,
@@ -460,6 +465,7 @@ class Checkpoint:
                     nonfinite=nonfinite,
                     top=top,
                     axes=axes,
+                    dtype=array.dtype,
                 )
             except BaseException:
                 if writer is not None:
@@ -467,8 +473,7 @@ class Checkpoint:
                 raise
             if writer is not None:
                 writer.close()
-            shown = np_corner(array, selection)
-            return found, shown
+            return found, found.corner
 
         found, shown = unchanged_after(self.inventory, run)
         text = core.summary(shown, selection.count, exact)
@@ -622,9 +627,14 @@ class Array:
 
     def read(self, selection):
         """The values of a :class:`~paramscope.compute.values.Selection` of this array."""
-        from paramscope.compute.values import read
+        return self.start_read(selection)()
 
-        return read(self._opened(), selection, self.path, self.param.index_in_store)
+    def start_read(self, selection):
+        """Starts reading a :class:`~paramscope.compute.values.Selection` of this array; returns
+        the function that waits for its values."""
+        from paramscope.compute.values import start_read
+
+        return start_read(self._opened(), selection, self.path, self.param.index_in_store)
 
     def __getitem__(self, index):
         from paramscope.compute.values import select
@@ -658,18 +668,6 @@ class Shown:
             return None
         values = np.asarray(self.values)
         return values.astype(np.float64).tolist() if values.dtype.kind not in "iub" else values.tolist()
-
-
-def np_corner(array: Array, selection):
-    """The part of a selection a numpy summary shows (all of it, up to 1,000 elements)."""
-    import numpy as np
-
-    from paramscope.compute.values import corner, corner_shape
-
-    out = np.empty(corner_shape(selection), dtype=array.dtype)
-    for piece, where in corner(selection):
-        out[where] = array.read(piece)
-    return out
 
 
 def find_exact(inv: Inventory, path: str) -> ParamInfo | None:

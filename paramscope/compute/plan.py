@@ -12,9 +12,9 @@ import operator
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from paramscope.errors import CorruptCheckpoint, UsageError
 from paramscope.io import checkpoint
@@ -25,6 +25,7 @@ GiB = 1 << 30
 # Arrays per group, whatever their bytes: a group's arrays are opened and read together, so this
 # bounds the handles and futures held at once, while amortising each round trip over many arrays.
 GROUP_ARRAYS = 4096
+T = TypeVar("T")
 
 
 MIN_MEMORY_BUDGET = 1 << 10  # 1 KiB: any less and a read would not hold a row of most arrays
@@ -235,12 +236,33 @@ def stream_regions(
                 on_error(region, err)
         return started
 
-    upcoming = begin(groups[0]) if groups else []
-    for k in range(len(groups)):
-        current = upcoming
-        upcoming = begin(groups[k + 1]) if k + 1 < len(groups) else []
+    for _, current in one_ahead(groups, begin):
         for region, started in current:
             yield region, started
             remaining[region.param] -= 1
             if not remaining[region.param]:
                 handles.pop(region.param, None)
+
+
+def one_ahead(items: Iterable[T], start: Callable[[T], Any], ahead: bool = True) -> Iterator[tuple[T, Any]]:
+    """Yields ``(item, start(item))`` in order, the next item started before the current one is
+    handed out (``ahead``), so its reading overlaps whatever the caller does with the current.
+
+    >>> [(item, started) for item, started in one_ahead([1, 2], lambda n: n * 10)]
+    [(1, 10), (2, 20)]
+    """
+    items = iter(items)
+    if not ahead:
+        for item in items:
+            yield item, start(item)
+        return
+    upcoming = next(items, _END)
+    started = start(upcoming) if upcoming is not _END else None
+    while upcoming is not _END:
+        current, current_started = upcoming, started
+        upcoming = next(items, _END)
+        started = start(upcoming) if upcoming is not _END else None
+        yield current, current_started
+
+
+_END = object()
