@@ -719,39 +719,48 @@ def _dtype_note(out: str, dtype: str) -> str:
 def write_arrays(
     params: Sequence[ParamInfo], out: str, force: bool, limit: int, on_bytes=None
 ) -> dict[str, str]:
-    """Writes whole arrays to ``out`` in pieces that fit ``limit``; returns their digests, of
-    the bytes read (and written)."""
+    """Writes whole arrays to ``out`` within ``limit`` bytes, read in bands of whole chunks
+    (:func:`~paramscope.compute.plan.stream_regions`, the next read while one is written);
+    returns their digests, of the bytes read (and written)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
     from paramscope.compute.digest import DigestState, logical_bytes
-    from paramscope.compute.values import pieces, select
+    from paramscope.compute.plan import decode_once_limit, stream_regions
     from paramscope.io import checkpoint
     from paramscope.io.writers import Entry, Writer
 
     entries = [Entry(p.path, p.dtype, p.shape) for p in params]
-    writer = Writer(out, entries, force)
-    digests = {}
-    try:
-        for param, entry in zip(params, entries):
-            writer.begin(entry)
-            handle = checkpoint.open_array(param.stored)
-            state = DigestState(param.dtype, param.shape, param.itemsize)
-            offset = 0
-            whole = select(param.shape, None)
-            chunks = param.stored.chunks if param.stored else ()
-            for piece in pieces(whole, param.itemsize, max(param.itemsize, limit // 2), chunks):
-                from paramscope.compute.values import read
+    states = [DigestState(p.dtype, p.shape, p.itemsize) for p in params]
+    offsets = [0] * len(params)
+    group_limit, ahead = decode_once_limit(params, limit)
 
-                data = logical_bytes(read(handle, piece, param.path, param.index_in_store))
-                writer.write(data)
-                state.feed(offset, data)
-                offset += len(data)
-                if on_bytes is not None:
-                    on_bytes(len(data))
-            digests[param.path] = state.hexdigest()
+    def start(param, handle, region):
+        return checkpoint.start_read(handle, param.index_in_store(region.read_index), param.path)
+
+    writer = Writer(out, entries, force)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    current = None
+    try:
+        for region, pending in stream_regions(params, group_limit, start, ahead=ahead):
+            i = region.param
+            if i != current:
+                writer.begin(entries[i])
+                current = i
+            data = logical_bytes(np.asarray(checkpoint.finish_read(pending, params[i].path)))
+            writer.write(data)
+            states[i].feed(offsets[i], data, pool)
+            offsets[i] += len(data)
+            if on_bytes is not None:
+                on_bytes(len(data))
     except BaseException:
         writer.abort()
         raise
+    finally:
+        pool.shutdown(wait=False)
     writer.close()
-    return digests
+    return {p.path: state.hexdigest() for p, state in zip(params, states)}
 
 
 def scalar_values(params: Sequence[ParamInfo]) -> list[dict]:

@@ -179,6 +179,25 @@ def plan_reads(
     return groups
 
 
+def decode_once_limit(params: Sequence[ParamInfo], budget: int) -> tuple[int, bool]:
+    """The group limit of :func:`stream_regions` within ``budget``, and whether to read ahead.
+
+    Reading ahead holds two groups, so each is half the budget; where half would cut an array
+    through its stored chunks (each then decoded twice) and one band of whole chunks fits the
+    budget, groups are the whole budget, read one at a time: decoding costs more than waiting.
+    """
+    half = budget // 2
+    for param in params:
+        if not param.shape or math.prod(param.shape) * param.itemsize <= half:
+            continue
+        chunks = param.stored.chunks if param.stored else ()
+        chunk = chunks[0] if chunks and chunks[0] > 0 else 1
+        band = math.prod(param.shape[1:]) * param.itemsize * min(chunk, param.shape[0])
+        if half < band <= budget:
+            return budget, False
+    return max(1, half), True
+
+
 def stream_regions(
     params: Sequence[ParamInfo],
     limit: int,
@@ -186,6 +205,7 @@ def stream_regions(
     on_error: Callable[[Region, Exception], None] | None = None,
     select: Callable[[list[Region]], list[bool]] | None = None,
     partners: Sequence[ParamInfo] | None = None,
+    ahead: bool = True,
 ) -> Iterator[tuple[Region, Any]]:
     """Yields ``(region, start(param, handle, region))`` in plan order, one group ahead.
 
@@ -196,7 +216,8 @@ def stream_regions(
     ``partners`` (one per param, e.g. the other checkpoint of a diff) each param's partner is
     opened with it and ``handle`` is the pair of handles. With ``on_error``, a
     :class:`CorruptCheckpoint` from opening or starting a read is passed to it and that array's
-    remaining regions are skipped; without, it propagates.
+    remaining regions are skipped; without, it propagates. Without ``ahead``, each group is
+    read when its turn comes (one group held, not two).
     """
     groups = plan_reads(params, limit, select)
     remaining = Counter(region.param for group in groups for region in group)
@@ -236,7 +257,7 @@ def stream_regions(
                 on_error(region, err)
         return started
 
-    for _, current in one_ahead(groups, begin):
+    for _, current in one_ahead(groups, begin, ahead):
         for region, started in current:
             yield region, started
             remaining[region.param] -= 1
