@@ -433,14 +433,19 @@ class Checkpoint:
         array = Array(self, param)
         writer = None
 
-        def read_piece(piece):
-            values = array.read(piece)
-            if writer is not None:
-                from paramscope.compute.digest import logical_bytes
+        def start_piece(piece):
+            finish = array.start_read(piece)
 
-                writer.write(logical_bytes(values))
-            if on_bytes is not None:
-                on_bytes(piece.box_count() * param.itemsize)
+            def values():
+                out = finish()
+                if writer is not None:
+                    from paramscope.compute.digest import logical_bytes
+
+                    writer.write(logical_bytes(out))
+                if on_bytes is not None:
+                    on_bytes(piece.box_count() * param.itemsize)
+                return out
+
             return values
 
         def run():
@@ -452,7 +457,7 @@ class Checkpoint:
                 writer.begin(writer.entries[0])
             try:
                 found = core.inspect(
-                    read_piece,
+                    start_piece,
                     selection,
                     param.itemsize,
                     limit,
@@ -460,6 +465,7 @@ class Checkpoint:
                     nonfinite=nonfinite,
                     top=top,
                     axes=axes,
+                    dtype=array.dtype,
                 )
             except BaseException:
                 if writer is not None:
@@ -467,8 +473,7 @@ class Checkpoint:
                 raise
             if writer is not None:
                 writer.close()
-            shown = np_corner(array, selection)
-            return found, shown
+            return found, found.corner
 
         found, shown = unchanged_after(self.inventory, run)
         text = core.summary(shown, selection.count, exact)
@@ -622,9 +627,14 @@ class Array:
 
     def read(self, selection):
         """The values of a :class:`~paramscope.compute.values.Selection` of this array."""
-        from paramscope.compute.values import read
+        return self.start_read(selection)()
 
-        return read(self._opened(), selection, self.path, self.param.index_in_store)
+    def start_read(self, selection):
+        """Starts reading a :class:`~paramscope.compute.values.Selection` of this array; returns
+        the function that waits for its values."""
+        from paramscope.compute.values import start_read
+
+        return start_read(self._opened(), selection, self.path, self.param.index_in_store)
 
     def __getitem__(self, index):
         from paramscope.compute.values import select
@@ -658,18 +668,6 @@ class Shown:
             return None
         values = np.asarray(self.values)
         return values.astype(np.float64).tolist() if values.dtype.kind not in "iub" else values.tolist()
-
-
-def np_corner(array: Array, selection):
-    """The part of a selection a numpy summary shows (all of it, up to 1,000 elements)."""
-    import numpy as np
-
-    from paramscope.compute.values import corner, corner_shape
-
-    out = np.empty(corner_shape(selection), dtype=array.dtype)
-    for piece, where in corner(selection):
-        out[where] = array.read(piece)
-    return out
 
 
 def find_exact(inv: Inventory, path: str) -> ParamInfo | None:
@@ -721,39 +719,48 @@ def _dtype_note(out: str, dtype: str) -> str:
 def write_arrays(
     params: Sequence[ParamInfo], out: str, force: bool, limit: int, on_bytes=None
 ) -> dict[str, str]:
-    """Writes whole arrays to ``out`` in pieces that fit ``limit``; returns their digests, of
-    the bytes read (and written)."""
+    """Writes whole arrays to ``out`` within ``limit`` bytes, read in bands of whole chunks
+    (:func:`~paramscope.compute.plan.stream_regions`, the next read while one is written);
+    returns their digests, of the bytes read (and written)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
     from paramscope.compute.digest import DigestState, logical_bytes
-    from paramscope.compute.values import pieces, select
+    from paramscope.compute.plan import decode_once_limit, stream_regions
     from paramscope.io import checkpoint
     from paramscope.io.writers import Entry, Writer
 
     entries = [Entry(p.path, p.dtype, p.shape) for p in params]
-    writer = Writer(out, entries, force)
-    digests = {}
-    try:
-        for param, entry in zip(params, entries):
-            writer.begin(entry)
-            handle = checkpoint.open_array(param.stored)
-            state = DigestState(param.dtype, param.shape, param.itemsize)
-            offset = 0
-            whole = select(param.shape, None)
-            chunks = param.stored.chunks if param.stored else ()
-            for piece in pieces(whole, param.itemsize, max(param.itemsize, limit // 2), chunks):
-                from paramscope.compute.values import read
+    states = [DigestState(p.dtype, p.shape, p.itemsize) for p in params]
+    offsets = [0] * len(params)
+    group_limit, ahead = decode_once_limit(params, limit)
 
-                data = logical_bytes(read(handle, piece, param.path, param.index_in_store))
-                writer.write(data)
-                state.feed(offset, data)
-                offset += len(data)
-                if on_bytes is not None:
-                    on_bytes(len(data))
-            digests[param.path] = state.hexdigest()
+    def start(param, handle, region):
+        return checkpoint.start_read(handle, param.index_in_store(region.read_index), param.path)
+
+    writer = Writer(out, entries, force)
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    current = None
+    try:
+        for region, pending in stream_regions(params, group_limit, start, ahead=ahead):
+            i = region.param
+            if i != current:
+                writer.begin(entries[i])
+                current = i
+            data = logical_bytes(np.asarray(checkpoint.finish_read(pending, params[i].path)))
+            writer.write(data)
+            states[i].feed(offsets[i], data, pool)
+            offsets[i] += len(data)
+            if on_bytes is not None:
+                on_bytes(len(data))
     except BaseException:
         writer.abort()
         raise
+    finally:
+        pool.shutdown(wait=False)
     writer.close()
-    return digests
+    return {p.path: state.hexdigest() for p, state in zip(params, states)}
 
 
 def scalar_values(params: Sequence[ParamInfo]) -> list[dict]:

@@ -323,3 +323,38 @@ def test_show_in_a_bucket(special_ckpt, tmp_path_factory):
             p: digest_of(special_ckpt.values[p]) for p in ("bf16", "fp16")
         }
     assert json.loads(json.dumps(remote))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.npz", "checkpoint_compressed.npz"])
+def test_show_on_npz_equals_numpy(name):
+    """big_vision's .npz (stored, and deflated): a 3-d per-head kernel, reduced per head and per
+    (head, input) pair in either axis order, within a budget that cuts it into single rows."""
+    path = os.path.join(os.path.dirname(__file__), "data", "big_vision", name)
+    member = "params/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/key/kernel"
+    with np.load(path) as loaded:
+        value = loaded[member]
+    param = member.replace("/", ".")
+    for budget in ("1KiB", "64MiB"):
+        doc = run_json(
+            "show", path, param, "--top", "4", "--nonfinite", "--axis", "1", "--memory-budget", budget
+        )
+        assert [[t["index"], t["value"]] for t in doc["top"]] == [list(t) for t in numpy_top(value, 4)]
+        assert doc["nonfinite"]["count"] == 0
+        rows = doc["axis"]["rows"]
+        want = numpy_axis(value, (1,))
+        assert [r["index"] for r in rows] == [[h] for h in range(value.shape[1])]
+        for key in ("norm", "max_abs", "mean"):
+            np.testing.assert_allclose([r[key] for r in rows], want[key], rtol=1e-12, atol=1e-15)
+        with np.printoptions(threshold=1000, edgeitems=3, linewidth=100):
+            assert doc["values_text"] == np.array2string(value, separator=" ")
+    doc = run_json("show", path, param, "--axis", "2", "--axis", "0")
+    want = numpy_axis(value, (2, 0))
+    rows = {tuple(r["index"]): r for r in doc["axis"]["rows"]}
+    for i in np.ndindex(want["norm"].shape):
+        np.testing.assert_allclose(rows[i]["norm"], want["norm"][i], rtol=1e-12)
+        np.testing.assert_allclose(rows[i]["mean"], want["mean"][i], rtol=1e-12, atol=1e-15)
+        assert rows[i]["max_abs"] == want["max_abs"][i]
+    sliced = run_json("show", path, param + "[::-3, 1, 2:]")
+    np.testing.assert_array_equal(
+        np.asarray(sliced["values"], dtype=np.float64), value[::-3, 1, 2:].astype(np.float64)
+    )

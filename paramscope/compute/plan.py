@@ -12,9 +12,9 @@ import operator
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from paramscope.errors import CorruptCheckpoint, UsageError
 from paramscope.io import checkpoint
@@ -25,6 +25,7 @@ GiB = 1 << 30
 # Arrays per group, whatever their bytes: a group's arrays are opened and read together, so this
 # bounds the handles and futures held at once, while amortising each round trip over many arrays.
 GROUP_ARRAYS = 4096
+T = TypeVar("T")
 
 
 MIN_MEMORY_BUDGET = 1 << 10  # 1 KiB: any less and a read would not hold a row of most arrays
@@ -178,6 +179,25 @@ def plan_reads(
     return groups
 
 
+def decode_once_limit(params: Sequence[ParamInfo], budget: int) -> tuple[int, bool]:
+    """The group limit of :func:`stream_regions` within ``budget``, and whether to read ahead.
+
+    Reading ahead holds two groups, so each is half the budget; where half would cut an array
+    through its stored chunks (each then decoded twice) and one band of whole chunks fits the
+    budget, groups are the whole budget, read one at a time: decoding costs more than waiting.
+    """
+    half = budget // 2
+    for param in params:
+        if not param.shape or math.prod(param.shape) * param.itemsize <= half:
+            continue
+        chunks = param.stored.chunks if param.stored else ()
+        chunk = chunks[0] if chunks and chunks[0] > 0 else 1
+        band = math.prod(param.shape[1:]) * param.itemsize * min(chunk, param.shape[0])
+        if half < band <= budget:
+            return budget, False
+    return max(1, half), True
+
+
 def stream_regions(
     params: Sequence[ParamInfo],
     limit: int,
@@ -185,6 +205,7 @@ def stream_regions(
     on_error: Callable[[Region, Exception], None] | None = None,
     select: Callable[[list[Region]], list[bool]] | None = None,
     partners: Sequence[ParamInfo] | None = None,
+    ahead: bool = True,
 ) -> Iterator[tuple[Region, Any]]:
     """Yields ``(region, start(param, handle, region))`` in plan order, one group ahead.
 
@@ -195,7 +216,8 @@ def stream_regions(
     ``partners`` (one per param, e.g. the other checkpoint of a diff) each param's partner is
     opened with it and ``handle`` is the pair of handles. With ``on_error``, a
     :class:`CorruptCheckpoint` from opening or starting a read is passed to it and that array's
-    remaining regions are skipped; without, it propagates.
+    remaining regions are skipped; without, it propagates. Without ``ahead``, each group is
+    read when its turn comes (one group held, not two).
     """
     groups = plan_reads(params, limit, select)
     remaining = Counter(region.param for group in groups for region in group)
@@ -235,12 +257,33 @@ def stream_regions(
                 on_error(region, err)
         return started
 
-    upcoming = begin(groups[0]) if groups else []
-    for k in range(len(groups)):
-        current = upcoming
-        upcoming = begin(groups[k + 1]) if k + 1 < len(groups) else []
+    for _, current in one_ahead(groups, begin, ahead):
         for region, started in current:
             yield region, started
             remaining[region.param] -= 1
             if not remaining[region.param]:
                 handles.pop(region.param, None)
+
+
+def one_ahead(items: Iterable[T], start: Callable[[T], Any], ahead: bool = True) -> Iterator[tuple[T, Any]]:
+    """Yields ``(item, start(item))`` in order, the next item started before the current one is
+    handed out (``ahead``), so its reading overlaps whatever the caller does with the current.
+
+    >>> [(item, started) for item, started in one_ahead([1, 2], lambda n: n * 10)]
+    [(1, 10), (2, 20)]
+    """
+    items = iter(items)
+    if not ahead:
+        for item in items:
+            yield item, start(item)
+        return
+    upcoming = next(items, _END)
+    started = start(upcoming) if upcoming is not _END else None
+    while upcoming is not _END:
+        current, current_started = upcoming, started
+        upcoming = next(items, _END)
+        started = start(upcoming) if upcoming is not _END else None
+        yield current, current_started
+
+
+_END = object()

@@ -17,8 +17,10 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,19 +262,29 @@ def check_axes(axes: Sequence[int], selection: Selection) -> list[int]:
 # Reading
 
 
-def read(handle, selection: Selection, path: str, index_in_store: Callable | None = None) -> np.ndarray:
-    """The values of a selection, through an array handle (``handle[box].read().result()``):
-    only its box is read."""
+def start_read(
+    handle, selection: Selection, path: str, index_in_store: Callable | None = None
+) -> Callable[[], np.ndarray]:
+    """Starts reading a selection's box through an array handle (``handle[box].read()``);
+    returns the function that waits for it and gives the selection's values."""
     from paramscope.io import checkpoint
 
-    box = selection.box()
-    if index_in_store is not None:
+    box = selection.box() if selection.entries else None
+    if box is not None and index_in_store is not None:
         box = index_in_store(box)
-    if not selection.entries:
-        values = checkpoint.finish_read(checkpoint.start_read(handle, None, path), path)
-        return np.asarray(values)
-    values = checkpoint.finish_read(checkpoint.start_read(handle, box, path), path)
-    return np.asarray(values)[selection.within_box()]
+    pending = checkpoint.start_read(handle, box, path)
+    within = selection.within_box() if selection.entries else None
+
+    def finish() -> np.ndarray:
+        values = np.asarray(checkpoint.finish_read(pending, path))
+        return values if within is None else values[within]
+
+    return finish
+
+
+def read(handle, selection: Selection, path: str, index_in_store: Callable | None = None) -> np.ndarray:
+    """The values of a selection, through an array handle: only its box is read."""
+    return start_read(handle, selection, path, index_in_store)()
 
 
 def pieces(
@@ -298,11 +310,44 @@ def _pieces(selection: Selection, kept: list[int], itemsize: int, limit: int, ch
         chunk = chunks[dim] if dim < len(chunks) and chunks[dim] > 0 else 1
         if step >= chunk and abs(entry.step) == 1:
             step -= step % chunk
+            if entry.step == 1:  # bands end on the chunk grid, wherever the selection starts
+                start = 0
+                while start < len(entry):
+                    end = (entry.start + start) // chunk * chunk + step - entry.start
+                    yield selection.with_entry(dim, entry[start:end])
+                    start = end
+                return
         for start in range(0, len(entry), step):
             yield selection.with_entry(dim, entry[start : start + step])
         return
     for k in range(len(entry)):
         yield from _pieces(selection.with_entry(dim, entry[k : k + 1]), kept[1:], itemsize, limit, chunks)
+
+
+def band_limit(
+    selection: Selection, itemsize: int, limit: int, chunks: Sequence[int] = ()
+) -> tuple[int, bool]:
+    """The bytes of the pieces a selection is streamed in within ``limit``, and whether the next
+    piece is read while one is reduced (two pieces held). Reading ahead halves the pieces; where
+    that would cut through stored chunks (each then decoded twice) and one band of whole chunks
+    fits the limit, the pieces are those bands, read one at a time: decoding dominates.
+
+    >>> band_limit(select((4096, 8192), None), 4, 64 << 20, (2048, 2048))  # one band: 64 MiB
+    (67108864, False)
+    >>> band_limit(select((4096, 8192), None), 4, 256 << 20, (2048, 2048))
+    (134217728, True)
+    """
+    kept = selection.kept
+    if not kept or selection.box_count() * itemsize <= limit // 2:
+        return limit // 2, True
+    dim = kept[0]
+    entry = selection.entries[dim]
+    assert isinstance(entry, range)
+    chunk = chunks[dim] if dim < len(chunks) and chunks[dim] > 0 else 1
+    band = selection.with_entry(dim, entry[: min(chunk, len(entry))]).box_count() * itemsize
+    if band > limit // 2 and band <= limit and abs(entry.step) == 1:
+        return limit, False
+    return max(itemsize, limit // 2), True
 
 
 def chunks_touched(selection: Selection, chunks: Sequence[int]) -> tuple[int, int]:
@@ -371,16 +416,105 @@ class Inspection:
     bytes_read: int = 0
     requested_nonfinite: int | None = None  # the K asked for, None when not asked
     requested_top: int | None = None
+    corner: Any = None  # the values a numpy summary of the selection shows (see corner())
 
 
-def _wide(values: np.ndarray) -> np.ndarray:
+SUB_BLOCK = 1 << 17  # elements reduced at once: their float64 copies stay small (1 MiB)
+
+
+def _comparable(values: np.ndarray) -> np.ndarray:
+    """The values as float32 or float64 numbers equal to their float64 values (no copy for
+    float32 and float64): |x|, NaN and Inf tests and comparisons on them are exact. Complex
+    values become their magnitudes."""
     if np.iscomplexobj(values):
         return np.abs(values).astype(np.float64)
+    if values.dtype in (np.float32, np.float64):
+        return values
+    if values.dtype.kind == "f" or _ml_float(values.dtype):
+        return values.astype(np.float32)  # every float of 16 bits or fewer is a float32 exactly
     return values.astype(np.float64)
 
 
+def _ml_float(dtype: np.dtype) -> bool:
+    if dtype.kind != "V":
+        return False
+    import ml_dtypes
+
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def _sub_blocks(shape: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], tuple[int, ...]]]:
+    """Boxes of an array of ``shape`` of about :data:`SUB_BLOCK` elements, in C order, with where
+    each starts: along the first axis whose trailing axes hold fewer, one index at a time
+    along the axes before it."""
+    if not shape:
+        yield (), ()
+        return
+    axis = 0
+    while axis < len(shape) - 1 and math.prod(shape[axis + 1 :]) > SUB_BLOCK:
+        axis += 1
+    step = max(1, SUB_BLOCK // max(1, math.prod(shape[axis + 1 :])))
+    rest = tuple(slice(None) for _ in shape[axis + 1 :])
+    for lead in np.ndindex(*shape[:axis]):
+        for start in range(0, shape[axis], step):
+            box = tuple(slice(i, i + 1) for i in lead) + (slice(start, start + step),) + rest
+            yield box, (*lead, start) + (0,) * len(rest)
+
+
+class _Top:
+    """The K largest |x| seen so far, ties to the first in C order, values fed in C order."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.magnitude = np.empty(0)
+        self.position = np.empty(0, dtype=np.int64)
+        self.value = np.empty(0)
+        self.indices: list[tuple[int, ...]] = []
+
+    def feed(self, comparable: np.ndarray, flat_start: Callable, array_indices: Callable) -> None:
+        magnitude = np.abs(comparable).reshape(-1)
+        if not np.isfinite(magnitude.max(initial=0.0)):  # NaN or Inf: never among the largest
+            magnitude = np.where(np.isfinite(magnitude), magnitude, -1)
+        full = len(self.indices) == self.k
+        if full:  # a later value enters only above the K-th: equal ones lose the tie
+            candidates = np.flatnonzero(magnitude > self.magnitude[-1])
+            if not candidates.size:
+                return
+            picked = candidates[_largest(magnitude[candidates], self.k)]
+        else:
+            picked = _largest(magnitude, self.k)
+            picked = picked[magnitude[picked] >= 0]
+        if not picked.size:
+            return
+        flat_values = comparable.reshape(-1)
+        magnitude = np.concatenate([self.magnitude, magnitude[picked].astype(np.float64)])
+        position = np.concatenate([self.position, flat_start(picked)])
+        value = np.concatenate([self.value, flat_values[picked].astype(np.float64)])
+        indices = self.indices + array_indices(picked)
+        order = np.lexsort((position, -magnitude))[: self.k]
+        self.magnitude, self.position, self.value = magnitude[order], position[order], value[order]
+        self.indices = [indices[i] for i in order]
+
+    def result(self) -> list[tuple[tuple[int, ...], float]]:
+        return [(index, float(v)) for index, v in zip(self.indices, self.value)]
+
+
+def _largest(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest (ties at the K-th: the first ones), in no order."""
+    if magnitude.size <= k:
+        return np.arange(magnitude.size)
+    kth = magnitude[np.argpartition(magnitude, magnitude.size - k)[magnitude.size - k]]
+    above = np.flatnonzero(magnitude > kth)
+    tied = np.flatnonzero(magnitude == kth)[: k - above.size]
+    return np.concatenate([above, tied])
+
+
 def inspect(
-    read_piece: Callable[[Selection], np.ndarray],
+    start_piece: Callable[[Selection], Callable[[], np.ndarray]],
     selection: Selection,
     itemsize: int,
     limit: int,
@@ -388,13 +522,18 @@ def inspect(
     nonfinite: int | None = None,
     top: int | None = None,
     axes: Sequence[int] = (),
+    dtype: Any = None,
 ) -> Inspection:
-    """Streams a selection (``read_piece`` reads one piece) and reduces it in float64.
+    """Streams a selection and reduces it: ``start_piece(piece)`` starts reading one piece and
+    returns the function that waits for its values.
 
+    Pieces are bands of whole stored chunks where they fit ``limit`` (see :func:`band_limit`),
+    the next read while one is reduced; each piece is reduced in sub-blocks of
+    :data:`SUB_BLOCK` elements, so the float64 copies the sums need stay a few MiB.
     ``nonfinite``: keep the first K NaN/Inf (in C order) with their indices; ``top``: the K
     largest finite |x| (ties: the first in C order); ``axes``: per index of these axes of the
-    result, the reductions of :class:`AxisTable`. Pieces hold at most about ``limit`` bytes, the
-    float64 copies made of them included."""
+    result, the reductions of :class:`AxisTable`. The values a numpy summary shows
+    (:func:`corner`) are kept as they stream by (``Inspection.corner``, of ``dtype``)."""
     accumulator = Accumulator(True, size=selection.count)
     found = Inspection(selection, Moments(0, 0.0, 0, 0), requested_nonfinite=nonfinite, requested_top=top)
     sel_kept = selection.kept
@@ -412,99 +551,149 @@ def inspect(
             np.zeros(grid, dtype=np.int64),
             np.zeros(grid, dtype=np.int64),
         )
-    best: list[tuple[float, int, tuple[int, ...], float]] = []  # (-|x|, flat position, index, value)
-    # a piece is held as read and as a float64 copy (and a few temporaries of the reductions)
-    piece_limit = max(itemsize, limit * itemsize // (itemsize + 3 * 8))
-    for piece in pieces(selection, itemsize, piece_limit, chunks):
-        values = read_piece(piece)
-        found.bytes_read += piece.box_count() * itemsize
-        accumulator.feed(values)
-        if values.size == 0:
-            continue
-        local_start = [
-            (piece.entries[d].start - selection.entries[d].start) // selection.entries[d].step
-            if len(piece.entries[d])
-            else 0
-            for d in sel_kept
-        ]
-        want_wide = nonfinite is not None or top is not None or table is not None
-        if not want_wide:
-            continue
-        wide = _wide(values)
-        flat = wide.reshape(-1)
-        bad = None
-        if nonfinite is not None or table is not None or top is not None:
-            finite_mask = np.isfinite(flat)
-            bad = None if finite_mask.all() else ~finite_mask
-        if nonfinite is not None and bad is not None and len(found.nonfinite) < nonfinite:
-            where = np.flatnonzero(bad)[: nonfinite - len(found.nonfinite)]
-            for index, value in zip(_array_indices(piece, values.shape, where), flat[where]):
-                found.nonfinite.append((index, float(value)))
-        if top is not None:
-            magnitude = np.abs(flat)
-            if bad is not None:
-                magnitude[bad] = -1.0
-            k = min(top, magnitude.size)
-            kth = magnitude[np.argpartition(magnitude, magnitude.size - k)[magnitude.size - k]]
-            # the K largest, ties at the K-th broken by position (C order) whatever the pieces
-            above = np.flatnonzero(magnitude > kth)
-            tied = np.flatnonzero(magnitude == kth)[: k - above.size]
-            picked = np.concatenate([above, tied])
-            picked = picked[magnitude[picked] >= 0]
-            if picked.size:
-                if out_shape:
-                    local = np.unravel_index(picked, values.shape)
-                    position = np.ravel_multi_index(
-                        tuple(lo + np.asarray(c) for lo, c in zip(local_start, local)), out_shape
-                    )
-                else:
-                    position = np.zeros(picked.size, dtype=np.int64)
-                indices = _array_indices(piece, values.shape, picked)
-                for m, p, index, v in zip(magnitude[picked], np.atleast_1d(position), indices, flat[picked]):
-                    best.append((-float(m), int(p), index, float(v)))
-                best.sort(key=lambda entry: entry[:2])
-                del best[top:]
-        if table is not None:
-            _reduce_axes(table, wide, bad, axes, local_start)
+    best = _Top(top) if top else None
+    shown = [(_local_box(selection, sub), where) for sub, where in corner(selection)]
+    found.corner = np.empty(corner_shape(selection), dtype=dtype) if dtype is not None else None
+    piece_limit, ahead = band_limit(selection, itemsize, limit, chunks)
+    want = nonfinite is not None or best is not None or table is not None
+    from paramscope.compute.plan import one_ahead
+
+    # the statistics of a piece are reduced on other threads while this one finds the rest
+    feeder, workers = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        for piece, finish in one_ahead(pieces(selection, itemsize, piece_limit, chunks), start_piece, ahead):
+            values = finish()
+            found.bytes_read += piece.box_count() * itemsize
+            feeding = feeder.submit(accumulator.feed, values, workers)
+            try:
+                _reduce_piece(found, piece, values, selection, shown, want, nonfinite, best, table)
+            finally:
+                feeding.result()
+    finally:
+        feeder.shutdown(wait=False)
+        workers.shutdown(wait=False)
     found.moments = accumulator.result()
-    found.top = [(index, value) for _, _, index, value in best]
+    found.top = best.result() if best is not None else []
     found.axis = table
+    if found.corner is None:
+        found.corner = np.empty(corner_shape(selection), dtype=dtype)
     return found
 
 
-def _array_indices(piece: Selection, piece_shape: tuple[int, ...], flat: np.ndarray) -> list[tuple[int, ...]]:
-    local = np.unravel_index(flat, piece_shape) if piece_shape else []
-    rows = piece.positions([np.atleast_1d(c) for c in local]) if piece_shape else piece.positions([])
-    if not piece_shape:
-        rows = np.repeat(rows, len(np.atleast_1d(flat)), axis=0)
+def _reduce_piece(found, piece, values, selection, shown, want, nonfinite, best, table) -> None:
+    """One piece: what it holds of the summary's values, then its sub-blocks."""
+    if values.size == 0:
+        return
+    sel_kept = selection.kept
+    local_start = [
+        (piece.entries[d].start - selection.entries[d].start) // selection.entries[d].step
+        if len(piece.entries[d])
+        else 0
+        for d in sel_kept
+    ]
+    if found.corner is None:
+        found.corner = np.empty(corner_shape(selection), dtype=values.dtype)
+    _copy_corner(found.corner, shown, values, local_start)
+    if not want:
+        return
+    for box, offset in _sub_blocks(values.shape):
+        block = values[box]
+        start = [lo + o for lo, o in zip(local_start, offset)]
+        _reduce_block(found, block, start, selection, nonfinite, best, table)
+
+
+def _reduce_block(found, block, start, selection, nonfinite, best, table) -> None:
+    """One sub-block of the selection's values (starting at ``start`` in the result)."""
+    comparable = _comparable(block)
+    exact_int = block.dtype.kind in "iub"
+    bad = None
+    if not exact_int and (table is not None or (nonfinite is not None and len(found.nonfinite) < nonfinite)):
+        finite = np.isfinite(comparable)
+        bad = None if finite.all() else ~finite
+    if nonfinite is not None and bad is not None and len(found.nonfinite) < nonfinite:
+        where = np.flatnonzero(bad)[: nonfinite - len(found.nonfinite)]
+        flat = comparable.reshape(-1)
+        for index, value in zip(_indices(selection, start, block.shape, where), flat[where]):
+            found.nonfinite.append((index, float(value)))
+    if best is not None:
+        out_shape = selection.out_shape
+
+        def flat_start(picked):
+            if not out_shape:
+                return np.zeros(picked.size, dtype=np.int64)
+            local = np.unravel_index(picked, block.shape)
+            return np.ravel_multi_index(tuple(lo + np.asarray(c) for lo, c in zip(start, local)), out_shape)
+
+        best.feed(comparable, flat_start, lambda picked: _indices(selection, start, block.shape, picked))
+    if table is not None:
+        _reduce_axes(table, comparable, bad, table.axes, start)
+
+
+def _indices(selection: Selection, start, shape, flat: np.ndarray) -> list[tuple[int, ...]]:
+    """Array indices of elements of a box of the selection's result (``flat``: their positions
+    in the box, which starts at ``start``)."""
+    flat = np.atleast_1d(flat)
+    if not shape:
+        rows = np.repeat(selection.positions([]), flat.size, axis=0)
+    else:
+        local = np.unravel_index(flat, shape)
+        rows = selection.positions([lo + np.asarray(c) for lo, c in zip(start, local)])
     return [tuple(int(v) for v in row) for row in rows]
 
 
-def _reduce_axes(
-    table: AxisTable, wide: np.ndarray, bad, axes: Sequence[int], local_start: list[int]
-) -> None:
-    others = tuple(d for d in range(wide.ndim) if d not in axes)
-    order = (*axes, *others)
-    moved = np.transpose(wide, order) if order != tuple(range(wide.ndim)) else wide
-    span = tuple(slice(local_start[a], local_start[a] + wide.shape[a]) for a in axes)
-    last = tuple(range(len(axes), wide.ndim))
-    sum_sq = np.sum(moved * moved, axis=last)
-    if bad is None:
-        table.sum_sq[span] += sum_sq
-        table.sums[span] += np.sum(moved, axis=last)
-        table.finite[span] += math.prod(moved.shape[len(axes) :])
-        table.max_abs[span] = np.maximum(table.max_abs[span], np.max(np.abs(moved), axis=last, initial=0.0))
+def _local_box(selection: Selection, sub: Selection) -> list[tuple[int, int]]:
+    """The box a sub-selection (with the same steps) spans in the selection's result."""
+    out = []
+    for d in selection.kept:
+        entry, part = selection.entries[d], sub.entries[d]
+        assert isinstance(entry, range) and isinstance(part, range)
+        lo = (part.start - entry.start) // entry.step if len(part) else 0
+        out.append((lo, lo + len(part)))
+    return out
+
+
+def _copy_corner(out: np.ndarray, shown, values: np.ndarray, local_start: list[int]) -> None:
+    """Copies what a piece holds of the summary's pieces into ``out``."""
+    if not local_start:
+        out[...] = values
         return
-    bad = np.transpose(bad.reshape(wide.shape), order)
-    nan = np.isnan(moved)
-    finite = ~bad
-    clean = np.where(finite, moved, 0.0)
-    table.sum_sq[span] += sum_sq
-    table.sums[span] += np.sum(clean, axis=last)
-    table.finite[span] += np.sum(finite, axis=last)
-    table.nan[span] += np.sum(nan, axis=last)
-    table.inf[span] += np.sum(bad & ~nan, axis=last)
-    table.max_abs[span] = np.maximum(table.max_abs[span], np.max(np.abs(clean), axis=last, initial=0.0))
+    for box, where in shown:
+        source, target = [], []
+        for (lo, hi), at, start, n in zip(box, where, local_start, values.shape):
+            a, b = max(lo, start), min(hi, start + n)
+            if a >= b:
+                break
+            source.append(slice(a - start, b - start))
+            target.append(slice(at.start + a - lo, at.start + b - lo))
+        else:
+            out[tuple(target)] = values[tuple(source)]
+
+
+def _reduce_axes(table: AxisTable, comparable: np.ndarray, bad, axes: Sequence[int], start) -> None:
+    dims = list(range(comparable.ndim))
+    others = tuple(d for d in dims if d not in axes)
+    span = tuple(slice(start[a], start[a] + comparable.shape[a]) for a in axes)
+    order = [sorted(axes).index(a) for a in axes]  # reductions keep the axes in array order
+
+    def arranged(result: np.ndarray) -> np.ndarray:
+        return np.transpose(result, order) if order != sorted(order) else result
+
+    wide = comparable if comparable.dtype == np.float64 else comparable.astype(np.float64)
+    table.sum_sq[span] += np.einsum(wide, dims, wide, dims, list(axes))
+    if bad is None:
+        table.sums[span] += np.einsum(wide, dims, list(axes))
+        table.finite[span] += math.prod(wide.shape[d] for d in others)
+        magnitude = np.abs(comparable)
+    else:
+        finite = ~bad
+        nan = np.isnan(comparable)
+        clean = np.where(finite, wide, 0.0)
+        table.sums[span] += np.einsum(clean, dims, list(axes))
+        table.finite[span] += arranged(np.sum(finite, axis=others))
+        table.nan[span] += arranged(np.sum(nan, axis=others))
+        table.inf[span] += arranged(np.sum(bad & ~nan, axis=others))
+        magnitude = np.abs(clean)
+    table.max_abs[span] = np.maximum(table.max_abs[span], arranged(np.max(magnitude, axis=others, initial=0)))
 
 
 # ----------------------------------------------------------------------------------------------
