@@ -14,7 +14,7 @@ from typing import Any
 
 from paramscope.names import path_sort_key
 from paramscope.output.fields import columns, field, resolve
-from paramscope.output.render import Column, Report, listed
+from paramscope.output.render import Report, listed
 
 
 def sharding_json(param) -> list | None:
