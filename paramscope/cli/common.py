@@ -12,6 +12,7 @@ import sys
 import typer
 
 from paramscope import errors
+from paramscope.cli import interrupt
 from paramscope.cli.options import Cluster, Layering, Output, Reading, Selection
 from paramscope.output.render import Format, Report, View, listed, render
 
@@ -61,16 +62,20 @@ def _run(command, *args, **kwargs):
         return command(*args, **kwargs)
     except typer.Exit:
         raise
-    except BrokenPipeError:  # a reader that went away (`| head`): not an error
-        silence_stdout()
-        raise typer.Exit(0) from None
-    except errors.ParamscopeError as err:
-        show_traceback()
-        raise fail(err.message, err.hint, err.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", None, 130) from None
-    except Exception as err:  # a bug: say so in one line, traceback on request
-        show_traceback()
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or interrupt.interrupted():
+            # Ctrl-C, or what it became on its way up (an import that failed half-way)
+            interrupt.say()
+            raise typer.Exit(interrupt.EXIT_INTERRUPTED) from None
+        if isinstance(err, BrokenPipeError):  # a reader that went away (`| head`): not an error
+            silence_stdout()
+            raise typer.Exit(0) from None
+        if isinstance(err, errors.ParamscopeError):
+            show_traceback()
+            raise fail(err.message, err.hint, err.exit_code) from None
+        if not isinstance(err, Exception):
+            raise
+        show_traceback()  # a bug: say so in one line, traceback on request
         raise fail(
             f"unexpected {type(err).__name__}: {err}",
             "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
