@@ -115,7 +115,7 @@ def test_the_cache_reads_only_new_steps_and_never_the_checkpoint(run_root, tmp_p
     assert json.loads(result.stdout)["cached_steps"] == []
 
 
-@pytest.mark.parametrize("suffix", ["png", "svg"])
+@pytest.mark.parametrize("suffix", ["png", "svg", "pdf"])
 def test_plots_are_drawn_from_the_same_numbers(run_root, tmp_path, suffix):
     from paramscope.compute.history import history, series
     from paramscope.io import orbax
@@ -132,14 +132,29 @@ def test_plots_are_drawn_from_the_same_numbers(run_root, tmp_path, suffix):
     picture = str(tmp_path / f"history.{suffix}")
     drawn = plot_history(runs, picture, top=2)
     data = open(picture, "rb").read()
-    assert data.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in data[:400]
+    magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}[suffix]
+    assert data.startswith(magic) and (suffix != "svg" or b"<svg" in data[:400])
     assert set(drawn) == {"bad", "blocks.grow"}  # the top 2 by drift get a line each
     grow = next(s for s in runs if s.path == "blocks.grow")
     assert drawn["blocks.grow"] == pytest.approx(grow.norms)
     if suffix == "svg":
         assert b"blocks.grow" in data and b"others (range)" in data
-    result = run("history", run_root, "--no-cache", "--plot", tmp_path / "plot.gif")
-    assert result.exit_code == 2 and "png or .svg" in result.stderr
+    result = run("history", run_root, "--no-cache", "--plot", tmp_path / "plot.xyz")
+    assert result.exit_code == 2 and "picture format" in result.stderr and ".pdf" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["history", "stats"])
+def test_a_picture_that_cannot_be_written_is_refused_before_reading(tmp_path, command):
+    missing = tmp_path / "checkpoint"  # nothing there: a refusal naming the picture came first
+    for target, words in (
+        (tmp_path / "no" / "such" / "folder" / "x.png", "no folder"),
+        (tmp_path / "x.doc", "picture format"),
+        *([("/proc/x.pdf", "not writable")] if os.path.isdir("/proc/self") else []),
+    ):
+        result = run(command, missing, "--plot", target)
+        assert result.exit_code == 2 and result.stdout == "", (target, result.stderr)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("paramscope: error: ") and words in line, line
 
 
 def test_without_matplotlib_the_error_names_the_extra(run_root, tmp_path):

@@ -83,7 +83,8 @@ def stats(
         typer.Option(
             "--plot",
             metavar="FILE",
-            help="Draw each parameter's norm (a .png or .svg; paramscope[plot]); "
+            help="Draw each parameter's norm (.png, .svg, .pdf or any format matplotlib writes; "
+            "paramscope[plot]); "
             "a local file outside the checkpoint.",
         ),
     ] = None,

@@ -55,7 +55,8 @@ def history(
         typer.Option(
             "--plot",
             metavar="FILE",
-            help="Draw the series to a .png or .svg (needs paramscope[plot]); "
+            help="Draw the series (.png, .svg, .pdf or any format matplotlib writes; needs "
+            "paramscope[plot]); "
             "a local file outside the checkpoint.",
         ),
     ] = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from paramscope.errors import UsageError, printable
+from paramscope.errors import UsageError, few, printable
 
 MAX_LINES = 8  # more lines than this, nobody reads: the rest are summarised as one band
 
@@ -24,20 +24,50 @@ def _pyplot():
     return plt
 
 
+def picture_formats() -> list[str]:
+    """The file name extensions matplotlib can write here (png, svg, pdf, jpg, ...): its
+    canvas's own list, less PGF where no TeX is installed to measure its text."""
+    import shutil
+
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = list(FigureCanvasBase.get_supported_filetypes())
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        formats.remove("pgf")
+    return formats
+
+
+def check_format(path: str) -> str:
+    """The picture format ``path`` names by its extension; a ``UsageError`` when matplotlib
+    cannot write it."""
+    _pyplot()
+    extension = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    formats = picture_formats()
+    if extension not in formats:
+        usual = [f for f in ("png", "svg", "pdf", "jpg") if f in formats]
+        shown = few([f".{f}" for f in usual + [f for f in formats if f not in usual]], 4)
+        raise UsageError(
+            f"cannot tell the picture format of {path!r}",
+            hint=f"end the name with one of the formats matplotlib writes: {shown}",
+        )
+    return extension
+
+
 def _spans_decades(values: Sequence[float]) -> bool:
     positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
     return bool(positive) and max(positive) / min(positive) >= 100
 
 
 def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> dict[str, list[float]]:
-    """Norm per parameter (or group) over steps, and the relative change per step, to PNG/SVG.
+    """Norm per parameter (or group) over steps, and the relative change per step, to any picture format
+    matplotlib writes (PNG, SVG, PDF...).
 
     The ``top`` series by drift get a line each; the others are summarised as a grey band (their
     range at each step). Returns the names drawn as lines.
     """
-    if not path.lower().endswith((".png", ".svg")):
-        raise UsageError(f"cannot tell the picture format of {path!r}", hint="name a .png or .svg file")
     plt = _pyplot()
+    check_format(path)
     ranked = sorted(series, key=lambda s: -s.drift if math.isfinite(s.drift) else -math.inf)
     shown, rest = ranked[:top], ranked[top:]
     figure, (norms, changes) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)
@@ -76,9 +106,8 @@ def plot_stats(
 ):
     """Bars of each parameter's (or layer's) norm for one step; with ``histogram`` (binned by
     power of two) a second panel of one parameter's values. Returns the bar heights drawn."""
-    if not path.lower().endswith((".png", ".svg")):
-        raise UsageError(f"cannot tell the picture format of {path!r}", hint="name a .png or .svg file")
     plt = _pyplot()
+    check_format(path)
     panels = 2 if histogram is not None else 1
     height = max(3.0, 0.22 * len(rows) + 1.5)
     figure, axes = plt.subplots(
@@ -119,9 +148,8 @@ def plot_layer_heatmap(
 ):
     """One heatmap per stack: the norm of each layer (rows) at each step (columns). ``stacks``
     maps a stack's name to its rows (one list of norms per layer, one value per step)."""
-    if not path.lower().endswith((".png", ".svg")):
-        raise UsageError(f"cannot tell the picture format of {path!r}", hint="name a .png or .svg file")
     plt = _pyplot()
+    check_format(path)
     names = list(stacks)[:4]  # more stacks than this do not fit one picture
     figure, axes = plt.subplots(
         len(names), 1, figsize=(9, 2.5 + 2.5 * len(names)), squeeze=False, constrained_layout=True
