@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from paramscope import errors
-from paramscope.cli import gates, inspect, interrupt, numbers, views
+from paramscope.cli import gates, inspect, interrupt, native_logs, numbers, views
 from paramscope.cli.common import handle_errors, silence_stdout
 
 app = typer.Typer(
@@ -108,6 +108,7 @@ def _shell_named(args: list[str]) -> None:
 def main() -> None:
     """Runs the command line and exits with its code; Ctrl-C at any moment is one line and 130."""
     interrupt.catch()
+    native_logs.filter_stderr()
     try:
         code = run()
     except BaseException:
@@ -120,4 +121,6 @@ def main() -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
+    interrupt.finishing()
+    native_logs.restore()
     sys.exit(code)

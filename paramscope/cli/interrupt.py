@@ -13,10 +13,12 @@ import os
 import signal
 import sys
 
+from paramscope.cli import native_logs
+
 EXIT_INTERRUPTED = 130
 LINE = b"paramscope: error: interrupted\n"
 
-_state = {"interrupted": False, "said": False, "stderr": 2}
+_state = {"interrupted": False, "said": False, "stderr": None}
 
 
 def catch() -> None:
@@ -42,12 +44,24 @@ def _mute_stderr() -> None:
         return
     try:
         sys.stderr.flush()
-        _state["stderr"] = os.dup(2)
+        terminal = native_logs.terminal_fd()
+        _state["stderr"] = os.dup(terminal)
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
+        for fd in {2, terminal}:
+            os.dup2(devnull, fd)
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+def finishing() -> None:
+    """The command is done: Ctrl-C while Python waits for threads to end is the one line and
+    130 at once, and once it tears itself down (when it would restore the default handler, and
+    the signal would kill the process without a word) Ctrl-C is ignored."""
+    import atexit
+
+    signal.signal(signal.SIGINT, lambda signum, frame: leave(flush=False))
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
 def interrupted() -> bool:
@@ -61,7 +75,9 @@ def say() -> None:
     if not _state["said"]:
         _state["said"] = True
         try:
-            os.write(_state["stderr"], LINE)
+            sys.stderr.flush()
+            fd = _state["stderr"]
+            os.write(native_logs.terminal_fd() if fd is None else fd, LINE)
         except (OSError, ValueError):
             pass
 
