@@ -615,7 +615,8 @@ def history(
         chosen, stamp_of, open_step, stats, memory_budget, keeper, on_bytes=on_bytes, cluster=cluster
     )
     notes += found.warnings
-    inv, latest = open_step(chosen[-1])
+    notes += [f"step {step} left out: {why}" for step, why in found.damaged.items()]
+    inv, latest = open_step(found.steps[-1].step)
     runs = series(found, depth)
     first_bad = found.first_nonfinite()
     if first_bad is not None:

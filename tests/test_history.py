@@ -86,6 +86,30 @@ def test_norms_changes_drift_and_the_first_nan(run_root, tmp_path):
     assert csv_lines[0] == "step,path,metric,value" and csv_lines[1].startswith("50,")
 
 
+def test_a_damaged_step_is_left_out_and_every_other_step_kept(run_root, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(run_root, root)
+    for folder, _, names in os.walk(root / "30" / "params"):  # step 30's arrays cut short
+        for name in names:
+            if name.startswith("manifest") or folder.endswith("d"):
+                os.truncate(os.path.join(folder, name), 10)
+    result = run("history", root, "--no-cache", "-f", "json")
+    assert result.exit_code == 3, result.stderr
+    doc = json.loads(result.stdout)
+    values = long_form(doc)
+    kept = [s for s in STEPS if s != 30]
+    assert doc["steps"] == kept
+    for k, step in enumerate(STEPS):
+        if step != 30:
+            grow = f64(tree_at(k)["blocks"]["grow"])
+            assert values[(step, "blocks.grow", "norm")] == pytest.approx(grow, rel=1e-12)
+    # the step after the damaged one changed from the step before it: 1.5^2 - 1
+    assert values[(40, "blocks.grow", "change")] == pytest.approx(1.25, rel=1e-6)
+    lines = result.stderr.strip().splitlines()
+    assert any(line.startswith("paramscope: warning: step 30 left out: ") for line in lines), lines
+    assert lines[-1].startswith("paramscope: error: 1 damaged step(s) left out of the history: 30")
+
+
 def test_the_cache_reads_only_new_steps_and_never_the_checkpoint(run_root, tmp_path):
     root = str(tmp_path / "copy")
     shutil.copytree(run_root, root)

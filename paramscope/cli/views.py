@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from paramscope import errors
 from paramscope.cli import common
 from paramscope.cli.options import (
     OUTPUT,
@@ -130,3 +131,10 @@ def history(
         common.warn(f"wrote {plot}", out.quiet, kind="note")
     table = "long" if out.fmt.value == "csv" else None
     common.emit(result.report, out, table)
+    damaged = sorted(run.result.damaged)
+    if damaged:  # every other step's numbers are above; the run still has a checkpoint problem
+        raise common.fail(
+            f"{len(damaged)} damaged step(s) left out of the history: {errors.few(damaged)}",
+            "the warnings above say why; the other steps' numbers are complete",
+            errors.EXIT_CHECKPOINT,
+        )
