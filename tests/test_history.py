@@ -110,6 +110,36 @@ def test_a_damaged_step_is_left_out_and_every_other_step_kept(run_root, tmp_path
     assert lines[-1].startswith("paramscope: error: 1 damaged step(s) left out of the history: 30")
 
 
+def test_nan_series_top_sort_and_options_that_would_do_nothing(run_root, manager_ckpt):
+    text = run("history", run_root, "--no-cache", "--sort", "drift")
+    bad_row = next(line for line in text.stdout.splitlines() if line.startswith("bad "))
+    assert " nan " in bad_row and " inf " not in bad_row  # the drift of a norm that became NaN
+    failing = run("history", run_root, "--no-cache", "--fail-on-nonfinite", "-f", "json")
+    assert failing.exit_code == 1 and json.loads(failing.stdout)["steps"] == STEPS
+    assert failing.stderr.splitlines()[-1].startswith(
+        "paramscope: error: NaN/Inf in the run, first at step 40: bad"
+    )
+    assert run("history", run_root, "--no-cache", "--steps", ":30", "--fail-on-nonfinite").exit_code == 0
+    every = long_form(run_json("history", run_root, "--no-cache"))
+    last_norms = {path: v for (st, path, metric), v in every.items() if st == STEPS[-1] and metric == "norm"}
+    largest = sorted(last_norms, key=lambda path: -(last_norms[path] or -1))[:2]  # NaN (null) last
+    for fmt in ("json", "csv"):  # --top and --sort hold in every format
+        result = run("history", run_root, "--no-cache", "--sort", "norm", "--top", "2", "-f", fmt)
+        assert result.exit_code == 0, result.stderr
+        if fmt == "json":
+            rows = json.loads(result.stdout)["series"]
+        else:
+            header, *lines = result.stdout.splitlines()
+            rows = [dict(zip(header.split(","), line.split(","))) for line in lines]
+        paths = list(dict.fromkeys(row["path"] for row in rows))
+        assert paths == largest, (fmt, paths)  # the largest norms at the last step, largest first
+        assert {int(row["step"]) for row in rows} == set(STEPS)
+    step = run("history", run_root, "--step", "20")
+    assert step.exit_code == 2 and "--step 20 picks one" in step.stderr and step.stdout == ""
+    hist = run("stats", manager_ckpt.path, "--hist", "head.kernel")
+    assert hist.exit_code == 2 and "--hist draws its histogram with --plot" in hist.stderr
+
+
 def test_the_cache_reads_only_new_steps_and_never_the_checkpoint(run_root, tmp_path):
     root = str(tmp_path / "copy")
     shutil.copytree(run_root, root)

@@ -113,6 +113,11 @@ def stats(
 
     if plot is not None:
         common.picture("--plot", plot, [ckpt])
+    if hist is not None and plot is None and out.fmt.value != "json":  # it would do nothing
+        raise errors.UsageError(
+            "--hist draws its histogram with --plot (or lists its bins in JSON)",
+            hint="add --plot FILE, or -f json",
+        )
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)

@@ -13,6 +13,7 @@ from paramscope.cli.options import (
     SELECTION,
     CkptArg,
     Cluster,
+    FailOpt,
     Layering,
     Output,
     Reading,
@@ -77,6 +78,7 @@ def history(
         ),
     ] = HistorySort.path,
     top: TopOpt = None,
+    fail_on_nonfinite: FailOpt = False,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -93,6 +95,11 @@ def history(
     """
     from paramscope.api import history as run_history
 
+    if sel.step is not None:  # it would do nothing: history reads every step
+        raise errors.UsageError(
+            f"history reads a run of steps; --step {sel.step} picks one",
+            hint=f"use --steps {sel.step}:{sel.step} or --last K; for one step, norms or stats",
+        )
     if plot is not None:
         common.picture("--plot", plot, [ckpt])
     if cache is not None and not no_cache:
@@ -137,4 +144,11 @@ def history(
             f"{len(damaged)} damaged step(s) left out of the history: {errors.few(damaged)}",
             "the warnings above say why; the other steps' numbers are complete",
             errors.EXIT_CHECKPOINT,
+        )
+    first_bad = run.result.first_nonfinite()
+    if fail_on_nonfinite and first_bad is not None:
+        raise common.fail(
+            f"NaN/Inf in the run, first at step {first_bad[0]}: {errors.few(first_bad[1])}",
+            "see the NaN/Inf column and the long form's nonfinite counts",
+            errors.EXIT_CHECK_FAILED,
         )

@@ -561,7 +561,9 @@ class Series:
     def drift(self) -> float:
         """How far the norm moved from the first step to the last, relative to the first."""
         first, last = self.norms[0], self.norms[-1]
-        if not (math.isfinite(first) and math.isfinite(last)):
+        if math.isnan(first) or math.isnan(last):
+            return math.nan  # a norm that became NaN has no distance to measure
+        if math.isinf(first) or math.isinf(last):
             return math.inf
         return abs(last - first) / first if first else (0.0 if not last else math.inf)
 
