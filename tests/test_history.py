@@ -191,8 +191,14 @@ def test_plots_are_drawn_from_the_same_numbers(run_root, tmp_path, suffix):
     assert set(drawn) == {"bad", "blocks.grow"}  # the top 2 by drift get a line each
     grow = next(s for s in runs if s.path == "blocks.grow")
     assert drawn["blocks.grow"] == pytest.approx(grow.norms)
+    assert drawn.xlim[0] < STEPS[0] and drawn.xlim[1] > STEPS[-1]  # NaN steps do not cut the axis
+    assert drawn.first_nonfinite == 40
+    assert len(drawn["bad"]) == len(STEPS) and [math.isnan(v) for v in drawn["bad"]] == [
+        k >= 3 for k in range(6)
+    ]
     if suffix == "svg":
         assert b"blocks.grow" in data and b"others (range)" in data
+        assert b"first NaN/Inf: step 40" in data and b"NaN/Inf (at the top edge)" in data
     result = run("history", run_root, "--no-cache", "--plot", tmp_path / "plot.xyz")
     assert result.exit_code == 2 and "picture format" in result.stderr and ".pdf" in result.stderr
 

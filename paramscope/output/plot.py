@@ -59,44 +59,114 @@ def _spans_decades(values: Sequence[float]) -> bool:
     return bool(positive) and max(positive) / min(positive) >= 100
 
 
-def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> dict[str, list[float]]:
-    """Norm per parameter (or group) over steps, and the relative change per step, to any picture format
-    matplotlib writes (PNG, SVG, PDF...).
+# tab10 without its grey, which would read as the grey band of the other series
+COLOURS = [
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+]
+NONFINITE = "crimson"
 
-    The ``top`` series by drift get a line each; the others are summarised as a grey band (their
-    range at each step). Returns the names drawn as lines.
+
+class Drawn(dict):
+    """The norms drawn, by line name; ``xlim``: the x-axis range (every step), ``first_nonfinite``:
+    the step marked as the first with a NaN or Inf (None when there is none)."""
+
+    xlim: tuple[float, float] = (0.0, 1.0)
+    first_nonfinite: int | None = None
+
+
+def _at_top_edge(axis, steps, values, colour, label=None) -> None:
+    """Markers at the top edge of ``axis`` at the steps whose value is NaN or Inf: they have no
+    height to draw, and without them the line would just stop."""
+    bad = [st for st, v in zip(steps, values) if v is not None and not math.isfinite(v)]
+    if bad:
+        axis.plot(
+            bad,
+            [1.0] * len(bad),
+            linestyle="none",
+            marker="X",
+            markersize=7,
+            color=colour,
+            clip_on=False,
+            transform=axis.get_xaxis_transform(),  # x in steps, y in axis fractions
+            label=label,
+        )
+
+
+def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> Drawn:
+    """Norm per parameter (or group) over steps, and the relative change per step, to any picture
+    format matplotlib writes (PNG, SVG, PDF...).
+
+    The ``top`` series by drift get a line each (a series that became NaN first); the others are
+    summarised as a grey band (their range at each step). The x-axis spans every step: a NaN or
+    Inf is a marker at the top edge, and the first step with one is marked on both panels.
+    Returns the norms drawn, by line name (see :class:`Drawn`).
     """
     plt = _pyplot()
     check_format(path)
-    ranked = sorted(series, key=lambda s: -s.drift if math.isfinite(s.drift) else -math.inf)
+    ranked = sorted(series, key=lambda s: -s.drift if not math.isnan(s.drift) else -math.inf)
     shown, rest = ranked[:top], ranked[top:]
-    figure, (norms, changes) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)
-    for s in shown:
-        norms.plot(s.steps, s.norms, marker="o", markersize=3, label=printable(s.path))
+    figure, (norms, changes) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, constrained_layout=True)
+    drawn = Drawn()
+    for s, colour in zip(shown, COLOURS * (top // len(COLOURS) + 1)):
+        label = printable(s.path)
+        norms.plot(s.steps, s.norms, marker="o", markersize=3, label=label, color=colour)
+        drawn[label] = [float(v) for v in s.norms]
+        _at_top_edge(norms, s.steps, s.norms, colour)
         points = [(st, c) for st, c in zip(s.steps, s.changes) if c is not None]
         if points:
-            changes.plot(*zip(*points), marker="o", markersize=3, label=printable(s.path))
+            changes.plot(*zip(*points), marker="o", markersize=3, color=colour)
+            _at_top_edge(changes, *zip(*points), colour)
     if rest:
         steps = rest[0].steps
         low = [min(s.norms[k] for s in rest) for k in range(len(steps))]
         high = [max(s.norms[k] for s in rest) for k in range(len(steps))]
-        norms.fill_between(steps, low, high, color="0.8", label=f"{len(rest)} others (range)")
-    every = [v for s in series for v in s.norms]
-    if _spans_decades(every):
+        norms.fill_between(steps, low, high, color="0.85", label=f"{len(rest)} others (range)")
+    every_step = sorted({st for s in series for st in s.steps})
+    bad_steps = [st for s in series for st, n in zip(s.steps, s.nonfinite) if n]
+    bad_steps += [st for s in series for st, v in zip(s.steps, s.norms) if not math.isfinite(v)]
+    if every_step:
+        pad = max((every_step[-1] - every_step[0]) * 0.03, 0.5)
+        drawn.xlim = (every_step[0] - pad, every_step[-1] + pad)
+        norms.set_xlim(*drawn.xlim)
+    if bad_steps:
+        drawn.first_nonfinite = min(bad_steps)
+        for axis in (norms, changes):
+            axis.axvline(drawn.first_nonfinite, color=NONFINITE, linestyle="--", linewidth=1.2)
+        norms.plot(
+            [], [], color=NONFINITE, linestyle="--", label=f"first NaN/Inf: step {drawn.first_nonfinite}"
+        )
+        norms.plot([], [], color="0.3", linestyle="none", marker="X", label="NaN/Inf (at the top edge)")
+        changes.annotate(
+            f"first NaN/Inf: step {drawn.first_nonfinite}",
+            (drawn.first_nonfinite, 1.0),
+            xycoords=changes.get_xaxis_transform(),
+            xytext=(4, -24),
+            textcoords="offset points",
+            color=NONFINITE,
+            fontsize="small",
+        )
+    finite = [v for s in series for v in s.norms if math.isfinite(v)]
+    if _spans_decades(finite):
         norms.set_yscale("log")
     moved = [v for s in shown for v in s.changes if v is not None]
     if _spans_decades(moved):
         changes.set_yscale("log")
     norms.set_ylabel("L2 norm")
     norms.set_title(printable(title) or "norms over steps")
-    norms.legend(fontsize="small", loc="best")
+    norms.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     changes.set_ylabel("||W_t - W_t-1|| / ||W_t-1||")
     changes.set_xlabel("step")
     changes.set_title("relative change from the step before")
     for axis in (norms, changes):
         axis.grid(True, alpha=0.3)
     figure.savefig(path)
-    drawn = {line.get_label(): [float(y) for y in line.get_ydata()] for line in norms.get_lines()}
     plt.close(figure)
     return drawn
 
