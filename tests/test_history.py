@@ -217,6 +217,17 @@ def test_a_picture_that_cannot_be_written_is_refused_before_reading(tmp_path, co
         assert line.startswith("paramscope: error: ") and words in line, line
 
 
+def test_heatmap_nan_cells_have_their_own_colour_and_legend(tmp_path):
+    from paramscope.output.plot import plot_layer_heatmap
+
+    picture = tmp_path / "layers.svg"
+    plot_layer_heatmap({"blocks": [[1.0, 2.0, 3.0], [1.0, math.nan, math.nan]]}, [10, 20, 30], str(picture))
+    assert b"NaN/Inf" in picture.read_bytes()
+    clean = tmp_path / "clean.svg"
+    plot_layer_heatmap({"blocks": [[1.0, 2.0, 3.0], [1.0, 2.0, 2.5]]}, [10, 20, 30], str(clean))
+    assert b"NaN/Inf" not in clean.read_bytes()
+
+
 def test_without_matplotlib_the_error_names_the_extra(run_root, tmp_path):
     import subprocess
     import sys

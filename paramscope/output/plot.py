@@ -171,6 +171,30 @@ def plot_history(series, path: str, top: int = MAX_LINES, title: str = "") -> Dr
     return drawn
 
 
+def every_bin(bins: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """``bins`` (sign and power-of-two bins, the empty ones left out) with the empty ones between
+    put back, so that the axis is even: each step along it is one power of two.
+
+    >>> every_bin([(-4.0, -2.0, 1), (1.0, 2.0, 5), (4.0, 8.0, 2)])
+    [(-4.0, -2.0, 1), (0.0, 0.0, 0), (1.0, 2.0, 5), (2.0, 4.0, 0), (4.0, 8.0, 2)]
+    """
+    counts = {(low, high): n for low, high, n in bins}
+    negative = [int(math.log2(-low)) for low, _, _ in bins if low < 0]
+    positive = [int(math.log2(high)) for low, high, _ in bins if low > 0]
+    out = []
+    if negative:  # from the largest magnitude down
+        for e in range(max(negative), min(negative) - 1, -1):
+            key = (-(2.0**e), -(2.0 ** (e - 1)))
+            out.append((*key, counts.get(key, 0)))
+    if (0.0, 0.0) in counts or (negative and positive):
+        out.append((0.0, 0.0, counts.get((0.0, 0.0), 0)))
+    if positive:
+        for e in range(min(positive), max(positive) + 1):
+            key = (2.0 ** (e - 1), 2.0**e)
+            out.append((*key, counts.get(key, 0)))
+    return out
+
+
 def plot_stats(
     rows: Sequence[tuple[str, float]], path: str, histogram=None, hist_name: str = "", title: str = ""
 ):
@@ -195,7 +219,7 @@ def plot_stats(
     bars.grid(True, axis="x", alpha=0.3)
     if histogram is not None:
         hist = axes[1]
-        bins = histogram.bins()
+        bins = every_bin(histogram.bins())
         labels = [
             "0" if low == high else f"{'-' if low < 0 else ''}2^{int(math.log2(max(abs(low), abs(high))))}"
             for low, high, _ in bins
@@ -224,15 +248,31 @@ def plot_layer_heatmap(
     figure, axes = plt.subplots(
         len(names), 1, figsize=(9, 2.5 + 2.5 * len(names)), squeeze=False, constrained_layout=True
     )
+    import matplotlib
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    colours = matplotlib.colormaps["viridis"].with_extremes(bad=NONFINITE)  # NaN/Inf cells: their own
+    nonfinite = False
     for axis, name in zip(axes[:, 0], names):
         rows = stacks[name]
-        image = axis.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis")
+        values = np.ma.masked_invalid(np.asarray(rows, dtype=np.float64))
+        nonfinite = nonfinite or bool(np.ma.count_masked(values))
+        image = axis.imshow(values, aspect="auto", interpolation="nearest", cmap=colours)
         axis.set_yticks(range(len(rows)))
         axis.set_ylabel(f"{printable(name)}: layer")
         axis.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45, fontsize="small")
         axis.set_xlabel("step")
         figure.colorbar(image, ax=axis, label="L2 norm of the layer")
     axes[0, 0].set_title(printable(title) or "norms of each layer over steps")
+    if nonfinite:
+        axes[0, 0].legend(
+            handles=[Patch(color=NONFINITE, label="NaN/Inf")],
+            loc="lower left",
+            bbox_to_anchor=(0.0, 1.08),
+            fontsize="small",
+            frameon=False,
+        )
     figure.savefig(path)
     plt.close(figure)
     return {name: stacks[name] for name in names}
