@@ -3,8 +3,8 @@ import sys
 
 try:
     from paramscope.cli import main
-except KeyboardInterrupt:  # Ctrl-C while the command line loads: the same one line as later
-    print("paramscope: error: interrupted", file=sys.stderr)
+except KeyboardInterrupt:  # Ctrl-C before the command line could heed it: the same one line
+    sys.stderr.write("paramscope: error: interrupted\n")
     sys.stderr.flush()
     os._exit(130)
 

@@ -339,6 +339,7 @@ class Checkpoint:
             load_baseline,
             needs_data,
             needs_digests,
+            other_step_note,
         )
         from paramscope.compute.baseline import check as run_check
         from paramscope.output.reports import check_report
@@ -355,11 +356,8 @@ class Checkpoint:
         shown_file = os.fspath(baseline)
         recorded = load_baseline(shown_file)
         notes = list(self.warnings)
-        other_step = []
-        if recorded.step is not None and self.step is not None and recorded.step != self.step:
-            other_step.append(
-                f"{shown_file} is a baseline of step {recorded.step}; step {self.step} is compared with it"
-            )
+        note = other_step_note(shown_file, recorded.step, self.step)
+        other_step = [note] if note else []
         for pattern in options.compiled:
             if not any(pattern.search(p.path) for p in self.params):
                 notes.append(f"--ignore {pattern.pattern!r} matches no parameter")
@@ -983,11 +981,12 @@ def history(
         chosen, stamp_of, open_step, stats, memory_budget, keeper, on_bytes=on_bytes, cluster=cluster
     )
     notes += found.warnings
-    inv, latest = open_step(chosen[-1])
+    notes += [f"step {step} left out: {why}" for step, why in found.damaged.items()]
+    inv, latest = open_step(found.steps[-1].step)
     runs = series(found, depth)
     first_bad = found.first_nonfinite()
     if first_bad is not None:
-        notes.append(f"NaN/Inf first at step {first_bad[0]}: {', '.join(first_bad[1][:5])}")
+        notes.append(f"NaN/Inf first at step {first_bad[0]}: {few(first_bad[1])}")
     report = history_report(inv, found, runs, stats, sort, top)
     unstacked = [p for p in latest if p.layer is not None]
     return Result(report, notes, HistoryRun(found, runs, unstacked))

@@ -108,7 +108,9 @@ def test_snapshot_check_and_history_are_the_commands_documents(manager_ckpt, tmp
     _same(passed.to_dict(), _cli_json("check", path, "--step", "100", "-b", baseline))
     latest = ps.open(path).check(baseline, only=["norms"])  # step 200 against step 100's numbers
     assert latest.value and latest.to_dict()["passed"] is False
-    assert latest.notes == [f"{baseline} is a baseline of step 100; step 200 is compared with it"]
+    assert latest.notes == [
+        f"baseline is of step 100, checkpoint step 200 ({baseline}): values training changed differ from it"
+    ]
     _same(latest.to_dict(), _cli_json("check", path, "-b", baseline, "--only", "norms"))
     run_history = ps.history(path, cache=False, depth=1)
     _same(run_history.to_dict(), _cli_json("history", path, "--no-cache", "--depth", "1"))

@@ -199,14 +199,22 @@ def test_diff_decides_a_baseline_by_content_not_by_name(tmp_path):
 
 
 def test_a_baseline_of_another_step_is_named(manager_ckpt, snapshot_file):
-    note = f"paramscope: note: {snapshot_file} is a baseline of step 100; step 200 is compared with it"
+    note = (
+        f"paramscope: note: baseline is of step 100, checkpoint step 200 ({snapshot_file}): "
+        "values training changed differ from it"
+    )
     checked = run("check", manager_ckpt.path, "-b", snapshot_file)
     assert checked.exit_code == 1 and checked.stderr.splitlines()[0] == note
+    assert checked.stderr.splitlines()[-1].endswith("the baseline is of step 100, not 200)")
     verified = run("verify", manager_ckpt.path, "-b", snapshot_file)
     assert verified.exit_code == 3 and verified.stderr.splitlines()[0] == note
+    assert verified.stderr.splitlines()[-1].endswith("the baseline is of step 100, not 200)")
+    problems = json.loads(run("verify", manager_ckpt.path, "-b", snapshot_file, "-f", "json").stdout)
+    for problem in problems["problems"]:  # each content problem says the steps differ
+        assert problem["problem"].endswith("(baseline is of step 100, checkpoint step 200)"), problem
     same = run("check", manager_ckpt.path, "--step", "100", "-b", snapshot_file)
-    assert same.exit_code == 0 and "baseline of step" not in same.stderr
+    assert same.exit_code == 0 and "baseline is of step" not in same.stderr
     assert (
-        "baseline of step"
+        "baseline is of step"
         not in run("verify", manager_ckpt.path, "--step", "100", "-b", snapshot_file).stderr
     )

@@ -220,6 +220,22 @@ def test_a_step_deleted_while_history_reads_the_run_is_named(tmp_path):
             shutil.rmtree(os.path.join(root, "3"))
             deleted.append(3)
 
-    with pytest.raises(CheckpointChanged, match="step 3 was deleted"):
-        paramscope.history(root, cache=False, on_bytes=delete_the_last_step)
+    result = paramscope.history(root, cache=False, on_bytes=delete_the_last_step)
     assert deleted
+    # the deleted step is left out and named; the steps before it keep their numbers
+    assert [s.step for s in result.value.result.steps] == [1, 2]
+    assert any(n.startswith("step 3 left out: ") and "step 3 was deleted" in n for n in result.warnings), (
+        result.warnings
+    )
+    for step in result.value.result.steps:
+        assert math.sqrt(sum(v["norm"] ** 2 for v in step.stats.values())) == pytest.approx(
+            _reference_norm(step.step), rel=1e-6
+        )
+    only = str(tmp_path / "only")
+    _manager_save(only, 1)
+
+    def delete_it(_):
+        shutil.rmtree(os.path.join(only, "1"), ignore_errors=True)
+
+    with pytest.raises(CheckpointChanged, match="step 1 was deleted"):  # no step left: its error
+        paramscope.history(only, cache=False, on_bytes=delete_it)

@@ -86,6 +86,60 @@ def test_norms_changes_drift_and_the_first_nan(run_root, tmp_path):
     assert csv_lines[0] == "step,path,metric,value" and csv_lines[1].startswith("50,")
 
 
+def test_a_damaged_step_is_left_out_and_every_other_step_kept(run_root, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(run_root, root)
+    for folder, _, names in os.walk(root / "30" / "params"):  # step 30's arrays cut short
+        for name in names:
+            if name.startswith("manifest") or folder.endswith("d"):
+                os.truncate(os.path.join(folder, name), 10)
+    result = run("history", root, "--no-cache", "-f", "json")
+    assert result.exit_code == 3, result.stderr
+    doc = json.loads(result.stdout)
+    values = long_form(doc)
+    kept = [s for s in STEPS if s != 30]
+    assert doc["steps"] == kept
+    for k, step in enumerate(STEPS):
+        if step != 30:
+            grow = f64(tree_at(k)["blocks"]["grow"])
+            assert values[(step, "blocks.grow", "norm")] == pytest.approx(grow, rel=1e-12)
+    # the step after the damaged one changed from the step before it: 1.5^2 - 1
+    assert values[(40, "blocks.grow", "change")] == pytest.approx(1.25, rel=1e-6)
+    lines = result.stderr.strip().splitlines()
+    assert any(line.startswith("paramscope: warning: step 30 left out: ") for line in lines), lines
+    assert lines[-1].startswith("paramscope: error: 1 damaged step(s) left out of the history: 30")
+
+
+def test_nan_series_top_sort_and_options_that_would_do_nothing(run_root, manager_ckpt):
+    text = run("history", run_root, "--no-cache", "--sort", "drift")
+    bad_row = next(line for line in text.stdout.splitlines() if line.startswith("bad "))
+    assert " nan " in bad_row and " inf " not in bad_row  # the drift of a norm that became NaN
+    failing = run("history", run_root, "--no-cache", "--fail-on-nonfinite", "-f", "json")
+    assert failing.exit_code == 1 and json.loads(failing.stdout)["steps"] == STEPS
+    assert failing.stderr.splitlines()[-1].startswith(
+        "paramscope: error: NaN/Inf in the run, first at step 40: bad"
+    )
+    assert run("history", run_root, "--no-cache", "--steps", ":30", "--fail-on-nonfinite").exit_code == 0
+    every = long_form(run_json("history", run_root, "--no-cache"))
+    last_norms = {path: v for (st, path, metric), v in every.items() if st == STEPS[-1] and metric == "norm"}
+    largest = sorted(last_norms, key=lambda path: -(last_norms[path] or -1))[:2]  # NaN (null) last
+    for fmt in ("json", "csv"):  # --top and --sort hold in every format
+        result = run("history", run_root, "--no-cache", "--sort", "norm", "--top", "2", "-f", fmt)
+        assert result.exit_code == 0, result.stderr
+        if fmt == "json":
+            rows = json.loads(result.stdout)["series"]
+        else:
+            header, *lines = result.stdout.splitlines()
+            rows = [dict(zip(header.split(","), line.split(","))) for line in lines]
+        paths = list(dict.fromkeys(row["path"] for row in rows))
+        assert paths == largest, (fmt, paths)  # the largest norms at the last step, largest first
+        assert {int(row["step"]) for row in rows} == set(STEPS)
+    step = run("history", run_root, "--step", "20")
+    assert step.exit_code == 2 and "--step 20 picks one" in step.stderr and step.stdout == ""
+    hist = run("stats", manager_ckpt.path, "--hist", "head.kernel")
+    assert hist.exit_code == 2 and "--hist draws its histogram with --plot" in hist.stderr
+
+
 def test_the_cache_reads_only_new_steps_and_never_the_checkpoint(run_root, tmp_path):
     root = str(tmp_path / "copy")
     shutil.copytree(run_root, root)
@@ -115,7 +169,7 @@ def test_the_cache_reads_only_new_steps_and_never_the_checkpoint(run_root, tmp_p
     assert json.loads(result.stdout)["cached_steps"] == []
 
 
-@pytest.mark.parametrize("suffix", ["png", "svg"])
+@pytest.mark.parametrize("suffix", ["png", "svg", "pdf"])
 def test_plots_are_drawn_from_the_same_numbers(run_root, tmp_path, suffix):
     from paramscope.compute.history import history, series
     from paramscope.io import orbax
@@ -132,14 +186,46 @@ def test_plots_are_drawn_from_the_same_numbers(run_root, tmp_path, suffix):
     picture = str(tmp_path / f"history.{suffix}")
     drawn = plot_history(runs, picture, top=2)
     data = open(picture, "rb").read()
-    assert data.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in data[:400]
+    magic = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}[suffix]
+    assert data.startswith(magic) and (suffix != "svg" or b"<svg" in data[:400])
     assert set(drawn) == {"bad", "blocks.grow"}  # the top 2 by drift get a line each
     grow = next(s for s in runs if s.path == "blocks.grow")
     assert drawn["blocks.grow"] == pytest.approx(grow.norms)
+    assert drawn.xlim[0] < STEPS[0] and drawn.xlim[1] > STEPS[-1]  # NaN steps do not cut the axis
+    assert drawn.first_nonfinite == 40
+    assert len(drawn["bad"]) == len(STEPS) and [math.isnan(v) for v in drawn["bad"]] == [
+        k >= 3 for k in range(6)
+    ]
     if suffix == "svg":
         assert b"blocks.grow" in data and b"others (range)" in data
-    result = run("history", run_root, "--no-cache", "--plot", tmp_path / "plot.gif")
-    assert result.exit_code == 2 and "png or .svg" in result.stderr
+        assert b"first NaN/Inf: step 40" in data and b"NaN/Inf (at the top edge)" in data
+    result = run("history", run_root, "--no-cache", "--plot", tmp_path / "plot.xyz")
+    assert result.exit_code == 2 and "picture format" in result.stderr and ".pdf" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["history", "stats"])
+def test_a_picture_that_cannot_be_written_is_refused_before_reading(tmp_path, command):
+    missing = tmp_path / "checkpoint"  # nothing there: a refusal naming the picture came first
+    for target, words in (
+        (tmp_path / "no" / "such" / "folder" / "x.png", "no folder"),
+        (tmp_path / "x.doc", "picture format"),
+        *([("/proc/x.pdf", "not writable")] if os.path.isdir("/proc/self") else []),
+    ):
+        result = run(command, missing, "--plot", target)
+        assert result.exit_code == 2 and result.stdout == "", (target, result.stderr)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("paramscope: error: ") and words in line, line
+
+
+def test_heatmap_nan_cells_have_their_own_colour_and_legend(tmp_path):
+    from paramscope.output.plot import plot_layer_heatmap
+
+    picture = tmp_path / "layers.svg"
+    plot_layer_heatmap({"blocks": [[1.0, 2.0, 3.0], [1.0, math.nan, math.nan]]}, [10, 20, 30], str(picture))
+    assert b"NaN/Inf" in picture.read_bytes()
+    clean = tmp_path / "clean.svg"
+    plot_layer_heatmap({"blocks": [[1.0, 2.0, 3.0], [1.0, 2.0, 2.5]]}, [10, 20, 30], str(clean))
+    assert b"NaN/Inf" not in clean.read_bytes()
 
 
 def test_without_matplotlib_the_error_names_the_extra(run_root, tmp_path):

@@ -290,6 +290,64 @@ def _bytes_read(pid):
         return 0
 
 
+INTERRUPTED = ["paramscope: error: interrupted"]
+MOMENTS = (0.05, 0.2, 0.5, 1.0, 2.0)  # seconds after the start: imports, parsing, reading
+
+
+def _in_python_start_up(code, lines):
+    """Whether SIGINT came before paramscope's first line ran: before Python heeds it (killed by
+    the signal, which a shell shows as exit 130), in its site module, or in runpy finding the
+    package (a traceback of Python's own frozen modules alone)."""
+    if any("init_import_site" in line for line in lines):
+        return True
+    frames = [line for line in lines if line.lstrip().startswith("File ")]
+    return code == -signal.SIGINT and all('File "<frozen ' in line for line in frames)
+
+
+def _interrupt_at(moment, args):
+    """Runs the command line in a child process and sends it SIGINT after ``moment`` seconds:
+    (exit code, stderr lines)."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "paramscope", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(moment)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=HARNESS_TIMEOUT)
+    finally:
+        child.kill()
+    return child.returncode, err.splitlines()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["table", "{ckpt}"],
+        ["norms", "{ckpt}", "--per-param"],
+        ["stats", "{ckpt}", "-f", "json"],
+        ["diff", "{ckpt}/checkpoint_100", "{ckpt}/checkpoint_200"],
+        ["history", "{ckpt}", "--no-cache"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_ctrl_c_at_any_moment_is_one_line_and_130(manager_ckpt, args):
+    args = [a.format(ckpt=manager_ckpt.path) for a in args]
+    handled = 0
+    for moment in MOMENTS:
+        code, lines = _interrupt_at(moment, args)
+        if _in_python_start_up(code, lines):
+            continue
+        if code == 0:  # finished before the signal came
+            assert not any("Traceback" in line for line in lines), lines
+            continue
+        assert (code, lines) == (130, INTERRUPTED), (moment, code, lines)
+        handled += 1
+    assert handled >= 3  # most moments fall after start-up: the one line held there
+
+
 @pytest.mark.skipif(not os.path.isfile("/proc/self/io"), reason="needs /proc to see the reads start")
 def test_ctrl_c_while_reading_exits_130_with_one_line(tmp_path):
     count = 1 << 30  # 4 GiB of zeros, sparse on disk: many seconds of reading

@@ -330,21 +330,35 @@ def _clean_env(tmp_path, **extra):
     return env
 
 
-# TensorStore's C++ logging prints one INFO line when it takes the emulator's token
-# (GOOGLE_AUTH_TOKEN_FOR_TESTING); it is not paramscope's output, and there is no switch for it.
-_TENSORSTORE_LOG = re.compile(
-    r"^[IWE]\d{4} [\d:.]+ +\d+ google_auth_provider\.cc:\d+\] Using GOOGLE_AUTH_TOKEN"
-)
-
-
 def _one_line(result, code, *words):
-    lines = [line for line in result.stderr.strip().splitlines() if not _TENSORSTORE_LOG.match(line)]
+    lines = result.stderr.strip().splitlines()
     assert result.returncode == code, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "hint:" in lines[0]
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_stderr_holds_paramscope_lines_alone(stores, uploaded, manager_ckpt, scheme, tmp_path):
+    # TensorStore logs through absl straight to descriptor 2: "I... Using GOOGLE_AUTH_TOKEN_FOR_
+    # TESTING" against the GCS emulator, "E... Could not find the credentials file" without one
+    url = uploaded(scheme, manager_ckpt.path)
+    env = _clean_env(tmp_path, **stores[scheme].env)
+    for args in (["table", url], ["norms", url, "--per-param"], ["diff", url, "--format", "json"]):
+        result = _cli(args, env)
+        assert result.returncode == 0 and result.stdout, (args, result.stderr)
+        for line in result.stderr.splitlines():
+            assert line.startswith("paramscope: "), (args, line)
+    with_logs = _cli(["count", url], {**env, "PARAMSCOPE_DEBUG": "1"})
+    assert with_logs.returncode == 0
+    if scheme == "gs":  # with PARAMSCOPE_DEBUG set, nothing is held back
+        assert "GOOGLE_AUTH_TOKEN_FOR_TESTING" in with_logs.stderr
+    no_credentials = _clean_env(tmp_path, PARAMSCOPE_REQUEST_RETRIES="0", PARAMSCOPE_REQUEST_TIMEOUT="2")
+    result = _cli(["count", "gs://no-such-bucket-paramscope/ckpt"], no_credentials)
+    (line,) = result.stderr.splitlines()
+    assert result.returncode == 3 and line.startswith("paramscope: error: "), result.stderr
 
 
 def test_faults_are_one_line_and_exit_3(stores, uploaded, manager_ckpt, tmp_path):

@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from paramscope import errors
-from paramscope.cli import arrays, gates, inspect, numbers, views
+from paramscope.cli import arrays, gates, inspect, interrupt, native_logs, numbers, views
 from paramscope.cli.common import handle_errors, say, silence_stdout
 
 
@@ -129,8 +129,6 @@ def run(args: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
-EXIT_INTERRUPTED = 130
-
 SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
 
 
@@ -142,17 +140,21 @@ def _shell_named(args: list[str]) -> None:
 
 
 def main() -> None:
+    """Runs the command line and exits with its code; Ctrl-C at any moment is one line and 130."""
+    interrupt.catch()
+    native_logs.filter_stderr()
     try:
         code = run()
-    except KeyboardInterrupt:  # before or after a command's own handling (imports, parsing)
-        print(errors.error_line("interrupted"), file=sys.stderr)
-        code = EXIT_INTERRUPTED
+    except BaseException:
+        if interrupt.interrupted():  # a KeyboardInterrupt, or what a library turned it into
+            interrupt.leave()
+        raise
+    if code == interrupt.EXIT_INTERRUPTED or interrupt.interrupted():
+        interrupt.leave()  # Typer turns an interrupt in its parsing into a silent 130
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
-    if code == EXIT_INTERRUPTED:
-        # Reads still running in worker threads are abandoned: a normal exit would wait for them.
-        sys.stderr.flush()
-        os._exit(code)
+    interrupt.finishing()
+    native_logs.restore()
     sys.exit(code)

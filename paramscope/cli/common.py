@@ -12,6 +12,7 @@ import sys
 import typer
 
 from paramscope import errors
+from paramscope.cli import interrupt
 from paramscope.cli.options import Cluster, Layering, Output, Reading, Selection
 from paramscope.output.layout import wrap
 from paramscope.output.render import Format, Report, View, listed, render
@@ -82,16 +83,20 @@ def _run(command, *args, **kwargs):
         return command(*args, **kwargs)
     except typer.Exit:
         raise
-    except BrokenPipeError:  # a reader that went away (`| head`): not an error
-        silence_stdout()
-        raise typer.Exit(0) from None
-    except errors.ParamscopeError as err:
-        show_traceback()
-        raise fail(err.message, err.hint, err.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", None, 130) from None
-    except Exception as err:  # a bug: say so in one line, traceback on request
-        show_traceback()
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or interrupt.interrupted():
+            # Ctrl-C, or what it became on its way up (an import that failed half-way)
+            interrupt.say()
+            raise typer.Exit(interrupt.EXIT_INTERRUPTED) from None
+        if isinstance(err, BrokenPipeError):  # a reader that went away (`| head`): not an error
+            silence_stdout()
+            raise typer.Exit(0) from None
+        if isinstance(err, errors.ParamscopeError):
+            show_traceback()
+            raise fail(err.message, err.hint, err.exit_code) from None
+        if not isinstance(err, Exception):
+            raise
+        show_traceback()  # a bug: say so in one line, traceback on request
         raise fail(
             f"unexpected {type(err).__name__}: {err}",
             "set PARAMSCOPE_DEBUG=1 for a traceback and report it",
@@ -162,26 +167,42 @@ def writable(option: str, target: str, checkpoints: list[str], folder: bool = Fa
             hint="make the folder first, or write elsewhere",
         )
     existing = not folder and os.path.exists(path)  # a file written over (/dev/null too)
-    if not os.access(path, os.W_OK) if existing else not os.access(parent, os.W_OK | os.X_OK):
+    if not (_can_open_to_write(path) if existing else _can_create_in(parent)):
         raise errors.UsageError(
             f"cannot write {option} {target}: {path if existing else parent} is not writable",
             hint="choose a writable path",
         )
 
 
+def _can_open_to_write(path: str) -> bool:
+    """Whether ``path`` opens for writing (its content untouched): permission bits say nothing
+    for root, nor of a read-only mount or a special file system."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError:
+        return False
+    return True
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be made in ``folder``: an unnamed temporary one is, and is gone at once."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return False
+    return True
+
+
 def picture(option: str, target: str, checkpoints: list[str]) -> None:
-    """Refuses, before anything is read, a picture that could not be drawn or written."""
-    import importlib.util
+    """Refuses, before anything is read, a picture that could not be drawn or written: a place
+    that cannot be written, a format matplotlib does not write, matplotlib missing."""
+    from paramscope.output.plot import check_format
 
     writable(option, target, checkpoints)
-    if not target.lower().endswith((".png", ".svg")):
-        raise errors.UsageError(
-            f"cannot tell the picture format of {target!r}", hint="name a .png or .svg file"
-        )
-    if importlib.util.find_spec("matplotlib") is None:
-        raise errors.UsageError(
-            "plotting needs matplotlib", hint="install the extra: pip install 'paramscope[plot]'"
-        )
+    check_format(target)
 
 
 def emit(report: Report, out: Output, table: str | None = None) -> None:

@@ -84,27 +84,31 @@ def verify(
     result = common.with_progress(
         checkpoint.step_bytes(ckpt, step),
         out.quiet,
-        lambda on_bytes: verify_checkpoint(ckpt, step, item, budget, on_bytes, digests),
+        lambda on_bytes: verify_checkpoint(
+            ckpt, step, item, budget, on_bytes, digests, baseline.step if baseline_file else None
+        ),
     )
-    if baseline_file is not None:
-        _note_other_step(baseline_file, baseline.step, result.step, out.quiet)
+    other = baseline_file is not None and _note_other_step(
+        baseline_file, baseline.step, result.step, out.quiet
+    )
     common.emit(verify_report(result, ckpt), out)
     if not result.ok:
         raise common.fail(
             f"{len(result.problems)} problem(s) in {ckpt}",
-            "the report on stdout lists them by array",
+            "the report on stdout lists them by array"
+            + (f"; the baseline is of step {baseline.step}, not {result.step}" if other else ""),
             errors.EXIT_CHECKPOINT,
         )
 
 
-def _note_other_step(baseline_file: str, recorded: int | None, step: int | None, quiet: bool) -> None:
-    """A baseline of another step than the one read differs in content without any damage: say so."""
-    if recorded is not None and step is not None and recorded != step:
-        common.warn(
-            f"{baseline_file} is a baseline of step {recorded}; step {step} is compared with it",
-            quiet,
-            "note",
-        )
+def _note_other_step(baseline_file: str, recorded: int | None, step: int | None, quiet: bool) -> bool:
+    """Says so when a baseline is of another step than the one read; returns whether it is."""
+    from paramscope.compute.baseline import other_step_note
+
+    note = other_step_note(baseline_file, recorded, step)
+    if note:
+        common.warn(note, quiet, "note")
+    return note is not None
 
 
 @with_options(out=Output, reading=Reading, cluster=Cluster, layering=Layering, pairing=Pairing)
@@ -416,8 +420,9 @@ def check(
     """
     from paramscope.compute.baseline import NO_COMMON, load_baseline
 
-    load_baseline(baseline_file)  # a bad baseline is refused before the checkpoint is read
+    baseline = load_baseline(baseline_file)  # a bad baseline is refused before the checkpoint is read
     ck = common.open_checkpoint(ckpt, sel, out.quiet, layering)
+    other = None not in (baseline.step, ck.inventory.step) and baseline.step != ck.inventory.step
     common.quiet_libraries()
     total = sum(p.nbytes for p in ck.params if not p.random_key)
     result = common.with_progress(
@@ -450,6 +455,7 @@ def check(
     if violations:
         raise common.fail(
             f"{len(violations)} regression(s) against {baseline_file}",
-            "see the report on stdout",
+            "see the report on stdout"
+            + (f"; the baseline is of step {baseline.step}, not {ck.inventory.step}" if other else ""),
             errors.EXIT_CHECK_FAILED,
         )

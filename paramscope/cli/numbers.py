@@ -76,7 +76,8 @@ def stats(
         typer.Option(
             "--plot",
             metavar="FILE",
-            help="Draw each parameter's norm (a .png or .svg; paramscope[plot]); "
+            help="Draw each parameter's norm (.png, .svg, .pdf or any format matplotlib writes; "
+            "paramscope[plot]); "
             "a local file outside the checkpoint.",
         ),
     ] = None,
@@ -105,6 +106,11 @@ def stats(
 
     if plot is not None:
         common.picture("--plot", plot, [ckpt])
+    if hist is not None and plot is None and out.fmt.value != "json":  # it would do nothing
+        raise errors.UsageError(
+            "--hist draws its histogram with --plot (or lists its bins in JSON)",
+            hint="add --plot FILE, or -f json",
+        )
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)

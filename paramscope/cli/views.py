@@ -6,10 +6,12 @@ from typing import Annotated
 
 import typer
 
+from paramscope import errors
 from paramscope.cli import common
 from paramscope.cli.options import (
     SELECTION,
     Cluster,
+    FailOpt,
     Layering,
     Output,
     Reading,
@@ -52,7 +54,8 @@ def history(
         typer.Option(
             "--plot",
             metavar="FILE",
-            help="Draw the series to a .png or .svg (needs paramscope[plot]); "
+            help="Draw the series (.png, .svg, .pdf or any format matplotlib writes; needs "
+            "paramscope[plot]); "
             "a local file outside the checkpoint.",
         ),
     ] = None,
@@ -67,6 +70,7 @@ def history(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Read every step, keep nothing.")] = False,
     sort: Annotated[str, sort_option(HISTORY_SORT_KEYS, "drift, change, norm: largest first")] = "path",
     top: TopOpt = None,
+    fail_on_nonfinite: FailOpt = False,
     sel: Selection = None,
     out: Output = None,
     reading: Reading = None,
@@ -83,6 +87,11 @@ def history(
     """
     from paramscope.api import history as run_history
 
+    if sel.step is not None:  # it would do nothing: history reads every step
+        raise errors.UsageError(
+            f"history reads a run of steps; --step {sel.step} picks one",
+            hint=f"use --steps {sel.step}:{sel.step} or --last K; for one step, norms or stats",
+        )
     if plot is not None:
         common.picture("--plot", plot, [ckpt])
     if cache is not None and not no_cache:
@@ -121,3 +130,17 @@ def history(
         common.warn(f"wrote {plot}", out.quiet, kind="note")
     table = "long" if out.fmt.value == "csv" else None
     common.emit(result.report, out, table)
+    damaged = sorted(run.result.damaged)
+    if damaged:  # every other step's numbers are above; the run still has a checkpoint problem
+        raise common.fail(
+            f"{len(damaged)} damaged step(s) left out of the history: {errors.few(damaged)}",
+            "the warnings above say why; the other steps' numbers are complete",
+            errors.EXIT_CHECKPOINT,
+        )
+    first_bad = run.result.first_nonfinite()
+    if fail_on_nonfinite and first_bad is not None:
+        raise common.fail(
+            f"NaN/Inf in the run, first at step {first_bad[0]}: {errors.few(first_bad[1])}",
+            "see the NaN/Inf column and the long form's nonfinite counts",
+            errors.EXIT_CHECK_FAILED,
+        )

@@ -496,3 +496,18 @@ def partition(spec: list | None) -> list | None:
     (None, None, ['model', None])
     """
     return spec if spec and any(e is not None for e in spec) else None
+
+
+def other_step_note(baseline_file: str, recorded: int | None, step: int | None) -> str | None:
+    """The note for a baseline of another step than the one compared with it: values that
+    training changed differ from it without any damage.
+
+    >>> other_step_note("b.json", 100, 200)
+    'baseline is of step 100, checkpoint step 200 (b.json): values training changed differ from it'
+    """
+    if recorded is None or step is None or recorded == step:
+        return None
+    return (
+        f"baseline is of step {recorded}, checkpoint step {step} ({baseline_file}): "
+        "values training changed differ from it"
+    )

@@ -57,6 +57,7 @@ class History:
     steps: list[StepResult]
     bytes_read: int
     warnings: list[str] = field(default_factory=list)
+    damaged: dict[int, str] = field(default_factory=dict)  # step -> why it could not be read
 
     @property
     def paths(self) -> list[str]:
@@ -409,6 +410,12 @@ def _read_runs(jobs: list[_Run], results: list[StepResult], on_bytes, pool) -> i
     return nbytes
 
 
+class _Damaged(Exception):
+    def __init__(self, step: int, error: Exception):
+        super().__init__(step, error)
+        self.step, self.error = step, error
+
+
 def history(
     steps: Sequence[int],
     stamp_of: Callable[[int], int | None],
@@ -422,9 +429,43 @@ def history(
     """The history of the given steps; cached steps are neither read nor even opened (see the
     module docstring). ``stamp_of(step)`` is what identifies the step's data (cheap: a few small
     metadata files); ``open_step(step)`` its inventory and selected parameters. With a joined
-    ``cluster``, each process reads its share of the parameters and all end with every series."""
+    ``cluster``, each process reads its share of the parameters and all end with every series.
+
+    A step that cannot be opened or read (a checkpoint problem: damaged, deleted meanwhile) is
+    left out and named in ``damaged``; every other step keeps its numbers, the change of the step
+    after it measured from the step before it. Raises the first step's error when none is left.
+    """
+    from paramscope.errors import ParamscopeError
+
+    damaged: dict[int, str] = {}
+    first_error = None
+    while True:
+        kept = [s for s in steps if s not in damaged]
+        if not kept:
+            raise first_error
+        try:
+            found = _history(kept, stamp_of, open_step, full, memory_budget, cache, on_bytes, cluster)
+        except _Damaged as err:
+            shared = cluster is not None and cluster.active  # the processes must agree on the steps
+            if shared or not isinstance(err.error, ParamscopeError) or err.error.exit_code != 3:
+                raise err.error from None
+            first_error = first_error or err.error
+            damaged[err.step] = err.error.message
+            continue
+        found.damaged = damaged
+        return found
+
+
+def _open(step: int, open_step):
+    try:
+        return open_step(step)
+    except Exception as err:
+        raise _Damaged(step, err) from None
+
+
+def _history(steps, stamp_of, open_step, full, memory_budget, cache, on_bytes, cluster) -> History:
     # what identifies each step's data, for the cache alone (reading every item's metadata for it)
-    stamps = [stamp_of(s) for s in steps] if cache is not None else [None] * len(steps)
+    stamps = [_stamp(s, stamp_of) for s in steps] if cache is not None else [None] * len(steps)
     results: list[StepResult | None] = []
     for k, step in enumerate(steps):
         hit = cache.get(step, stamps[k], full) if cache else None
@@ -442,22 +483,19 @@ def history(
         while end + 1 < len(steps) and results[end + 1] is None:
             end += 1
         run = list(range(start, end + 1))
-        opened = [open_step(steps[i]) for i in run]
-        for inv, _ in opened:
-            inv.begin_read()
+        opened = [_open(steps[i], open_step) for i in run]
+        known_first = results[start] if start < k else None
         try:
-            read, nbytes = read_steps(
-                [o[0] for o in opened],
-                [o[1] for o in opened],
-                full,
-                memory_budget,
-                on_bytes,
-                cluster,
-                known_first=results[start] if start < k else None,
-            )
-        finally:  # a step deleted or saved again meanwhile is named, whatever its reads gave
-            for inv, _ in opened:
-                inv.check_unchanged()
+            read, nbytes = _read(opened, full, memory_budget, on_bytes, cluster, known_first)
+        except Exception as err:
+            if len(run) == 1 or cluster is not None and cluster.active:
+                raise _Damaged(steps[run[0]], err) from None
+            for i, one in zip(run, opened):  # which step it was: each read alone
+                try:
+                    _read([one], full, memory_budget, None, None, None)
+                except Exception as alone:
+                    raise _Damaged(steps[i], alone) from None
+            raise
         bytes_read += nbytes
         for i, result in zip(run, read):
             result.stamp = stamps[i]
@@ -480,6 +518,31 @@ def history(
     return History(final, bytes_read, list(cache.warnings) if cache else [])
 
 
+def _stamp(step: int, stamp_of):
+    try:
+        return stamp_of(step)
+    except Exception as err:
+        raise _Damaged(step, err) from None
+
+
+def _read(opened, full, memory_budget, on_bytes, cluster, known_first):
+    for inv, _ in opened:
+        inv.begin_read()
+    try:
+        return read_steps(
+            [o[0] for o in opened],
+            [o[1] for o in opened],
+            full,
+            memory_budget,
+            on_bytes,
+            cluster,
+            known_first=known_first,
+        )
+    finally:  # a step deleted or saved again meanwhile is named, whatever its reads gave
+        for inv, _ in opened:
+            inv.check_unchanged()
+
+
 # ----------------------------------------------------------------------------------------------
 # Series
 
@@ -498,7 +561,9 @@ class Series:
     def drift(self) -> float:
         """How far the norm moved from the first step to the last, relative to the first."""
         first, last = self.norms[0], self.norms[-1]
-        if not (math.isfinite(first) and math.isfinite(last)):
+        if math.isnan(first) or math.isnan(last):
+            return math.nan  # a norm that became NaN has no distance to measure
+        if math.isinf(first) or math.isinf(last):
             return math.inf
         return abs(last - first) / first if first else (0.0 if not last else math.inf)
 

@@ -91,6 +91,7 @@ def verify_checkpoint(
     memory_budget: int | str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
     digests: Mapping[tuple[str, str], str] | None = None,
+    baseline_step: int | None = None,
 ) -> VerifyResult:
     """Checks one step of a checkpoint: metadata, sharding file and every chunk of every array.
 
@@ -102,6 +103,8 @@ def verify_checkpoint(
         on_bytes: Called with the bytes of each region once it is checked (progress).
         digests: Content digests recorded earlier (``Baseline.digests_by_item``), by item and
             path: each array's bytes are hashed while decoded, and one that differs is a problem.
+        baseline_step: The step the digests were recorded at: when it is another step than the
+            one checked, each content problem says so (training changes values without damage).
 
     Returns:
         A :class:`VerifyResult`; ``ok`` when no problem was found.
@@ -184,6 +187,11 @@ def verify_checkpoint(
             fail(region, err)
         if on_bytes is not None:
             on_bytes(region.nbytes)
+    other = (
+        f" (baseline is of step {baseline_step}, checkpoint step {result.step})"
+        if baseline_step is not None and result.step is not None and baseline_step != result.step
+        else ""
+    )
     for position, (state, wanted) in enumerate(zip(states, expected)):
         if state is not None and position not in failed and state.complete and state.hexdigest() != wanted:
             result.problems.append(
@@ -191,7 +199,7 @@ def verify_checkpoint(
                     owners[position],
                     params[position].path,
                     f"content differs from the baseline: digest {state.hexdigest()[:16]}..., "
-                    f"recorded {wanted[:16]}...",
+                    f"recorded {wanted[:16]}...{other}",
                 )
             )
     checkpoint.check_witness(location, before, os.fspath(path))

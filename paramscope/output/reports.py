@@ -12,7 +12,8 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from paramscope.names import path_sort_key
+from paramscope.errors import few
+from paramscope.names import path_sort_key, split_path
 from paramscope.output.fields import columns, field, resolve
 from paramscope.output.render import Report, listed
 
@@ -797,6 +798,20 @@ def sparkline(values) -> str:
 HISTORY_SORT_KEYS = ("path", "drift", "change", "norm")
 
 
+def _ranked_long_rows(long_rows: list[dict], ranked: list[str]) -> list[dict]:
+    """The long form's rows of the series ``ranked`` (parameters, or groups of them), in their
+    order within each step."""
+    groups = [split_path(name) if name != "(all)" else [] for name in ranked]
+
+    def rank(path: str) -> int | None:
+        parts = split_path(path)
+        return next((k for k, g in enumerate(groups) if parts[: len(g)] == g), None)
+
+    ranks = {row["path"]: rank(row["path"]) for row in long_rows}
+    kept = [row for row in long_rows if ranks[row["path"]] is not None]
+    return sorted(kept, key=lambda row: (row["step"], ranks[row["path"]]))  # stable: metrics stay in order
+
+
 def history_report(inv, result, series, full: bool, sort: str = "path", top: int | None = None) -> Report:
     """One row per parameter (or group): the latest values and a sparkline of the norm; the JSON
     and CSV in long form (step, path, metric, value)."""
@@ -820,7 +835,13 @@ def history_report(inv, result, series, full: bool, sort: str = "path", top: int
         }
         for s in series
     ]
-    rows = sort_rows(rows, sort, top, HISTORY_SORT_KEYS)
+    sort = resolve(sort, HISTORY_SORT_KEYS)
+    rows = sort_rows(rows, sort)
+    if sort == "drift":  # a series that became NaN moved most of all
+        rows = [r for r in rows if math.isnan(r["drift"])] + [r for r in rows if not math.isnan(r["drift"])]
+    rows = rows[:top] if top is not None else rows
+    if top is not None or sort != "path":  # JSON and CSV hold the same series, in the same order
+        long_rows = _ranked_long_rows(long_rows, [r["path"] for r in rows])
     steps = [r.step for r in result.steps]
     notes = [
         f"steps {', '.join(map(str, steps))}"
@@ -829,7 +850,7 @@ def history_report(inv, result, series, full: bool, sort: str = "path", top: int
     ]
     first_bad = result.first_nonfinite()
     if first_bad is not None:
-        notes.append(f"first NaN/Inf at step {first_bad[0]}: {', '.join(first_bad[1][:5])}")
+        notes.append(f"first NaN/Inf at step {first_bad[0]}: {few(first_bad[1])}")
     payload = {
         "schema": schema("history"),
         **header(inv),
