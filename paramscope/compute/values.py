@@ -687,7 +687,9 @@ def _reduce_axes(table: AxisTable, comparable: np.ndarray, bad, axes: Sequence[i
     if bad is None:
         table.sums[span] += np.einsum(wide, dims, list(axes))
         table.finite[span] += math.prod(wide.shape[d] for d in others)
-        magnitude = np.abs(comparable)
+        # max |x| as the larger of max x and -min x, on the values' own dtype: no |x| array
+        high = np.max(comparable, axis=others, initial=0)
+        largest = np.maximum(high, -np.min(comparable, axis=others, initial=0))
     else:
         finite = ~bad
         nan = np.isnan(comparable)
@@ -696,8 +698,8 @@ def _reduce_axes(table: AxisTable, comparable: np.ndarray, bad, axes: Sequence[i
         table.finite[span] += arranged(np.sum(finite, axis=others))
         table.nan[span] += arranged(np.sum(nan, axis=others))
         table.inf[span] += arranged(np.sum(bad & ~nan, axis=others))
-        magnitude = np.abs(clean)
-    table.max_abs[span] = np.maximum(table.max_abs[span], arranged(np.max(magnitude, axis=others, initial=0)))
+        largest = np.max(np.abs(clean), axis=others, initial=0)
+    table.max_abs[span] = np.maximum(table.max_abs[span], arranged(largest))
 
 
 # ----------------------------------------------------------------------------------------------
