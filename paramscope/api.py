@@ -719,6 +719,8 @@ def write_arrays(
     Raises:
         CorruptCheckpoint: The file does not hold what was read.
     """
+    import struct
+    import zipfile
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -760,7 +762,10 @@ def write_arrays(
         digests = {p.path: state.hexdigest() for p, state in zip(params, states)}
         syncing = file_thread.submit(writer.sync)
         try:
-            spans = stored_spans(writer.partial, entries, writer.format)
+            try:
+                spans = stored_spans(writer.partial, entries, writer.format)
+            except (ValueError, KeyError, struct.error, zipfile.BadZipFile):  # headers unreadable
+                spans = [None] * len(entries)
             placed = [(p, span) for p, span in zip(params, spans) if span is not None]
             found = file_digests(
                 writer.partial, [(p.dtype, p.shape, p.itemsize, span[0]) for p, span in placed], pool
