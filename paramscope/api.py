@@ -516,8 +516,9 @@ class Checkpoint:
         on_bytes: Callable[[int], Any] | None = None,
     ) -> Result:
         """Writes the selected parameters to one ``.safetensors`` or ``.npz`` file (names as
-        paramscope shows them), streaming within the memory budget, then reads the file back and
-        checks that every array's content digest equals the source's.
+        paramscope shows them), streaming within the memory budget; before the file is put in
+        place, every array's content digest, hashed again from the file's bytes, must equal the
+        source's.
 
         Raises:
             UsageError: The file exists (without ``force``), or cannot hold these arrays.
@@ -530,17 +531,6 @@ class Checkpoint:
             self.inventory,
             lambda: write_arrays(params, os.fspath(out), force, memory_budget_bytes(memory_budget), on_bytes),
         )
-        written = open(out)
-        scanned = read_numbers(written.inventory, written.params, digest=True, memory_budget=memory_budget)
-        found = {r.param.path: r.digest for r in scanned.params}
-        bad = [path for path, digest in digests.items() if found.get(path) != digest]
-        if bad:
-            from paramscope.errors import CorruptCheckpoint
-
-            raise CorruptCheckpoint(
-                f"{os.fspath(out)} does not hold what was read: {', '.join(bad[:3])} differ",
-                hint="the disk may be failing; write it again",
-            )
         from paramscope.output.reports import export_report
 
         rows = [(p, digests[p.path]) for p in params]
@@ -718,16 +708,26 @@ def write_arrays(
     params: Sequence[ParamInfo], out: str, force: bool, limit: int, on_bytes=None
 ) -> dict[str, str]:
     """Writes whole arrays to ``out`` within ``limit`` bytes, read in bands of whole chunks
-    (:func:`~paramscope.compute.plan.stream_regions`, the next read while one is written);
-    returns their digests, of the bytes read (and written)."""
+    (:func:`~paramscope.compute.plan.stream_regions`); returns their digests, of the bytes read.
+
+    Each band is written to the file on its own thread while it is hashed on the others. Before
+    the file is put in place its arrays are hashed again, straight from the file's bytes where
+    its headers place them, while the file is synced to the disk; a difference is refused.
+
+    Raises:
+        CorruptCheckpoint: The file does not hold what was read.
+    """
+    import struct
+    import zipfile
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
-    from paramscope.compute.digest import DigestState, logical_bytes
+    from paramscope.compute.digest import DigestState, file_digests, logical_bytes
     from paramscope.compute.plan import decode_once_limit, stream_regions
+    from paramscope.errors import CorruptCheckpoint
     from paramscope.io import checkpoint
-    from paramscope.io.writers import Entry, Writer
+    from paramscope.io.writers import Entry, Writer, stored_spans
 
     entries = [Entry(p.path, p.dtype, p.shape) for p in params]
     states = [DigestState(p.dtype, p.shape, p.itemsize) for p in params]
@@ -739,6 +739,7 @@ def write_arrays(
 
     writer = Writer(out, entries, force)
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    file_thread = ThreadPoolExecutor(max_workers=1)
     current = None
     try:
         for region, pending in stream_regions(params, group_limit, start, ahead=ahead):
@@ -747,18 +748,43 @@ def write_arrays(
                 writer.begin(entries[i])
                 current = i
             data = logical_bytes(np.asarray(checkpoint.finish_read(pending, params[i].path)))
-            writer.write(data)
-            states[i].feed(offsets[i], data, pool)
+            writing = file_thread.submit(writer.write, data)
+            try:
+                states[i].feed(offsets[i], data, pool)
+            finally:
+                writing.result()
             offsets[i] += len(data)
             if on_bytes is not None:
                 on_bytes(len(data))
+        writer.finish()
+        digests = {p.path: state.hexdigest() for p, state in zip(params, states)}
+        syncing = file_thread.submit(writer.sync)
+        try:
+            try:
+                spans = stored_spans(writer.partial, entries, writer.format)
+            except (ValueError, KeyError, struct.error, zipfile.BadZipFile):  # headers unreadable
+                spans = [None] * len(entries)
+            placed = [(p, span) for p, span in zip(params, spans) if span is not None]
+            found = file_digests(
+                writer.partial, [(p.dtype, p.shape, p.itemsize, span[0]) for p, span in placed], pool
+            )
+            same = {p.path for (p, _), digest in zip(placed, found) if digest == digests[p.path]}
+        finally:
+            syncing.result()
+        bad = [p.path for p in params if p.path not in same]
+        if bad:
+            raise CorruptCheckpoint(
+                f"{out} does not hold what was read: {', '.join(bad[:3])} differ",
+                hint="the disk may be failing; write it again",
+            )
+        writer.commit(synced=True)
     except BaseException:
         writer.abort()
         raise
     finally:
         pool.shutdown(wait=False)
-    writer.close()
-    return {p.path: state.hexdigest() for p, state in zip(params, states)}
+        file_thread.shutdown(wait=False)
+    return digests
 
 
 def scalar_values(params: Sequence[ParamInfo]) -> list[dict]:

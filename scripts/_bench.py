@@ -11,6 +11,13 @@ PYTHON = sys.executable
 
 def measure(command, env=None, stdout=None):
     """(wall seconds, peak RSS bytes) of one process, from its own rusage (Linux: KiB units)."""
+    wall, rss, _ = measure_cpu(command, env, stdout)
+    return wall, rss
+
+
+def measure_cpu(command, env=None, stdout=None):
+    """(wall seconds, peak RSS bytes, CPU seconds: user + system, all threads) of one process.
+    CPU seconds hold steadier than wall time on a machine that other work shares."""
     start = time.perf_counter()
     process = subprocess.Popen(
         command,
@@ -26,12 +33,22 @@ def measure(command, env=None, stdout=None):
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, command))} failed ({process.returncode}):\n{stderr}")
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return wall, rss
+    return wall, rss, usage.ru_utime + usage.ru_stime
 
 
 def median_of(command, repeats, env=None):
-    runs = [measure(command, env) for _ in range(repeats)]
-    return statistics.median(w for w, _ in runs), max(r for _, r in runs)
+    wall, rss, _ = medians_of(command, repeats, env)
+    return wall, rss
+
+
+def medians_of(command, repeats, env=None):
+    """Median wall seconds, largest peak RSS and median CPU seconds of ``repeats`` runs."""
+    runs = [measure_cpu(command, env) for _ in range(repeats)]
+    return (
+        statistics.median(w for w, _, _ in runs),
+        max(r for _, r, _ in runs),
+        statistics.median(c for _, _, c in runs),
+    )
 
 
 def machine() -> str:

@@ -245,6 +245,46 @@ def test_export_round_trips(special_ckpt, tmp_path, suffix):
     assert [a["path"] for a in filtered["arrays"]] == ["f32.with_inf", "f32.with_nan"]
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".npy"])
+def test_file_digests_see_every_byte(tmp_path, suffix):
+    """The digests export checks are hashed from the file's bytes where its own headers put each
+    array: equal to the arrays' digests, and a flipped byte or a header naming another shape is
+    seen."""
+    from paramscope.compute.digest import BLOCK_BYTES, file_digests
+    from paramscope.io.writers import Entry, Writer, stored_spans
+
+    rng = np.random.default_rng(3)
+    arrays = {"a.bf16": rng.standard_normal((700, 1000)).astype(ml_dtypes.bfloat16)}  # 1.3 blocks
+    if suffix != ".npy":
+        arrays["b"] = rng.standard_normal((3, 5)).astype(np.float32)
+        arrays["empty"] = np.zeros((0, 4), np.int8)
+    entries = [Entry(k, v.dtype.name, v.shape) for k, v in arrays.items()]
+    out = str(tmp_path / f"w{suffix}")
+    writer = Writer(out, entries)
+    for entry, values in zip(entries, arrays.values()):
+        writer.begin(entry)
+        flat = values.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, 100_003):  # pieces that do not fall on blocks
+            writer.write(flat[start : start + 100_003])
+    writer.close()
+
+    def digests(path):
+        spans = stored_spans(path, entries)
+        assert all(span is not None for span in spans)
+        found = [(v.dtype.name, v.shape, v.itemsize, span[0]) for v, span in zip(arrays.values(), spans)]
+        return file_digests(path, found)
+
+    assert digests(out) == [digest_of(v) for v in arrays.values()]
+    (offset, _), *_ = stored_spans(out, entries)
+    raw = bytearray(open(out, "rb").read())
+    raw[offset + BLOCK_BYTES + 7] ^= 1
+    flipped = str(tmp_path / f"flipped{suffix}")
+    open(flipped, "wb").write(bytes(raw))
+    assert digests(flipped)[0] != digest_of(arrays["a.bf16"])
+    other = [Entry(e.name, e.dtype, (1, *e.shape)) for e in entries]
+    assert stored_spans(out, other) == [None] * len(entries)
+
+
 @pytest.fixture(scope="session")
 def no_data(tmp_path_factory):
     """A plain-zarr Orbax checkpoint whose chunk files are all gone (metadata kept): any read of

@@ -173,6 +173,37 @@ class DigestState:
             position += 16 + size
 
 
+FILE_PIECE = 8 * BLOCK_BYTES  # bytes a worker reads and hashes at once
+
+
+def file_digests(path: str, arrays: Sequence[tuple[str, Sequence[int], int, int]], pool=None) -> list[str]:
+    """The digests of arrays stored raw in a file (C order, little-endian), each given as
+    ``(dtype, shape, itemsize, byte offset)``: their bytes are read straight from the file in
+    pieces of whole blocks and hashed on ``pool``'s threads, never converted to values."""
+    import os
+
+    states = [DigestState(dtype, shape, itemsize) for dtype, shape, itemsize, _ in arrays]
+    work = [(k, start) for k, state in enumerate(states) for start in range(0, state.total, FILE_PIECE)]
+    fd = os.open(path, os.O_RDONLY)
+
+    def hashed(task: tuple[int, int]) -> list[bytes]:
+        k, start = task
+        size = min(FILE_PIECE, states[k].total - start)
+        data = memoryview(os.pread(fd, size, arrays[k][3] + start))
+        if len(data) != size:
+            return []  # the file ends early: its blocks stay unseen
+        return [_HASH(data[at : at + BLOCK_BYTES]).digest() for at in range(0, size, BLOCK_BYTES)]
+
+    try:
+        mapper = pool.map if pool is not None and len(work) > 1 else map
+        for (k, start), hashes in zip(work, mapper(hashed, work)):
+            for n, block in enumerate(hashes):
+                states[k].blocks[start // BLOCK_BYTES + n] = block
+    finally:
+        os.close(fd)
+    return [state.hexdigest() if state.complete else "" for state in states]
+
+
 def box_runs(shape: Sequence[int], index: Sequence[slice]) -> Iterable[tuple[int, int, int]]:
     """The contiguous runs of a box of an array in C order: (element offset in the array,
     element offset in the box, length), one per row of the box's innermost varying extent.

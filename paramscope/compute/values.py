@@ -466,20 +466,25 @@ def _sub_blocks(shape: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], tup
 
 
 class _Top:
-    """The K largest |x| seen so far, ties to the first in C order, values fed in C order."""
+    """The K largest |x| seen so far, ties to the first in C order, values fed in C order; kept
+    by their position in the selection's result, turned into array indices at the end."""
 
     def __init__(self, k: int):
         self.k = k
         self.magnitude = np.empty(0)
         self.position = np.empty(0, dtype=np.int64)
         self.value = np.empty(0)
-        self.indices: list[tuple[int, ...]] = []
 
-    def feed(self, comparable: np.ndarray, flat_start: Callable, array_indices: Callable) -> None:
+    def feed(self, comparable: np.ndarray, flat_start: Callable) -> None:
+        full = self.position.size == self.k
+        if full and comparable.size:
+            # once K are kept most blocks hold none above the K-th: two passes tell, without |x|
+            low, high = comparable.min(), comparable.max()
+            if -self.magnitude[-1] <= low and high <= self.magnitude[-1]:  # False for NaN
+                return
         magnitude = np.abs(comparable).reshape(-1)
         if not np.isfinite(magnitude.max(initial=0.0)):  # NaN or Inf: never among the largest
             magnitude = np.where(np.isfinite(magnitude), magnitude, -1)
-        full = len(self.indices) == self.k
         if full:  # a later value enters only above the K-th: equal ones lose the tie
             candidates = np.flatnonzero(magnitude > self.magnitude[-1])
             if not candidates.size:
@@ -494,13 +499,12 @@ class _Top:
         magnitude = np.concatenate([self.magnitude, magnitude[picked].astype(np.float64)])
         position = np.concatenate([self.position, flat_start(picked)])
         value = np.concatenate([self.value, flat_values[picked].astype(np.float64)])
-        indices = self.indices + array_indices(picked)
         order = np.lexsort((position, -magnitude))[: self.k]
         self.magnitude, self.position, self.value = magnitude[order], position[order], value[order]
-        self.indices = [indices[i] for i in order]
 
-    def result(self) -> list[tuple[tuple[int, ...], float]]:
-        return [(index, float(v)) for index, v in zip(self.indices, self.value)]
+    def result(self, selection: Selection) -> list[tuple[tuple[int, ...], float]]:
+        indices = _indices(selection, [0] * len(selection.out_shape), selection.out_shape, self.position)
+        return [(index, float(v)) for index, v in zip(indices, self.value)]
 
 
 def _largest(magnitude: np.ndarray, k: int) -> np.ndarray:
@@ -573,7 +577,7 @@ def inspect(
         feeder.shutdown(wait=False)
         workers.shutdown(wait=False)
     found.moments = accumulator.result()
-    found.top = best.result() if best is not None else []
+    found.top = best.result(selection) if best is not None and best.position.size else []
     found.axis = table
     if found.corner is None:
         found.corner = np.empty(corner_shape(selection), dtype=dtype)
@@ -624,7 +628,7 @@ def _reduce_block(found, block, start, selection, nonfinite, best, table) -> Non
             local = np.unravel_index(picked, block.shape)
             return np.ravel_multi_index(tuple(lo + np.asarray(c) for lo, c in zip(start, local)), out_shape)
 
-        best.feed(comparable, flat_start, lambda picked: _indices(selection, start, block.shape, picked))
+        best.feed(comparable, flat_start)
     if table is not None:
         _reduce_axes(table, comparable, bad, table.axes, start)
 
@@ -683,7 +687,9 @@ def _reduce_axes(table: AxisTable, comparable: np.ndarray, bad, axes: Sequence[i
     if bad is None:
         table.sums[span] += np.einsum(wide, dims, list(axes))
         table.finite[span] += math.prod(wide.shape[d] for d in others)
-        magnitude = np.abs(comparable)
+        # max |x| as the larger of max x and -min x, on the values' own dtype: no |x| array
+        high = np.max(comparable, axis=others, initial=0)
+        largest = np.maximum(high, -np.min(comparable, axis=others, initial=0))
     else:
         finite = ~bad
         nan = np.isnan(comparable)
@@ -692,8 +698,8 @@ def _reduce_axes(table: AxisTable, comparable: np.ndarray, bad, axes: Sequence[i
         table.finite[span] += arranged(np.sum(finite, axis=others))
         table.nan[span] += arranged(np.sum(nan, axis=others))
         table.inf[span] += arranged(np.sum(bad & ~nan, axis=others))
-        magnitude = np.abs(clean)
-    table.max_abs[span] = np.maximum(table.max_abs[span], arranged(np.max(magnitude, axis=others, initial=0)))
+        largest = np.max(np.abs(clean), axis=others, initial=0)
+    table.max_abs[span] = np.maximum(table.max_abs[span], arranged(largest))
 
 
 # ----------------------------------------------------------------------------------------------

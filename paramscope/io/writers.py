@@ -152,11 +152,26 @@ class Writer:
             self._member = None
 
     def close(self) -> None:
+        self.finish()
+        self.commit()
+
+    def finish(self) -> None:
+        """Writes what remains of the file (the zip's directory) and flushes it; the file is
+        complete, readable under :attr:`partial`, not yet in place (:meth:`commit`)."""
         self._finish_member()
         if self._zip is not None:
             self._zip.close()
+            self._zip = None
         self._file.flush()
+
+    def sync(self) -> None:
+        """Waits until the finished file is on the disk."""
         os.fsync(self._file.fileno())
+
+    def commit(self, synced: bool = False) -> None:
+        """Puts the finished file in place (after :meth:`sync`, done here unless ``synced``)."""
+        if not synced:
+            self.sync()
         self._file.close()
         if os.path.exists(self.path) and not self.force:
             self.abort()
@@ -166,6 +181,8 @@ class Writer:
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:
+        if self._file.closed and not os.path.exists(self.partial):
+            return
         try:
             if self._member is not None:
                 self._member.close()
@@ -192,3 +209,53 @@ def _safetensors_header(entries: Sequence[Entry]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     return struct.pack("<Q", len(raw)) + raw
+
+
+def stored_spans(path: str, entries: Sequence[Entry], fmt: str | None = None) -> list[tuple[int, int] | None]:
+    """Where each array's bytes lie in a written ``.safetensors``, ``.npz`` or ``.npy`` file, as the
+    file's own headers say: (byte offset, byte count) per entry, None where the file names
+    another dtype or shape, misplaces the array or lacks it. ``fmt``: the file's format, when
+    its name does not tell it."""
+    fmt = fmt or file_format(path)
+    if fmt == "safetensors":
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        out: list[tuple[int, int] | None] = []
+        for entry in entries:
+            found = header.get(entry.name)
+            if (
+                not isinstance(found, dict)
+                or found.get("dtype") != safetensors_code(entry.dtype)
+                or found.get("shape") != list(entry.shape)
+                or not isinstance(found.get("data_offsets"), list)
+                or len(found["data_offsets"]) != 2
+                or found["data_offsets"][1] - found["data_offsets"][0] != entry.nbytes
+            ):
+                out.append(None)
+            else:
+                out.append((8 + length + found["data_offsets"][0], entry.nbytes))
+        return out
+    if fmt == "npy":
+        header = _npy_header(entries[0])
+        with open(path, "rb") as f:
+            return [(len(header), entries[0].nbytes) if f.read(len(header)) == header else None]
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        names = set(archive.namelist())
+        return [_npy_span(f, archive, e) if f"{npz_member(e.name)}.npy" in names else None for e in entries]
+
+
+def _npy_span(f, archive: zipfile.ZipFile, entry: Entry) -> tuple[int, int] | None:
+    """The bytes of an array in an uncompressed ``.npz`` member, behind the ``.npy`` header
+    that names its dtype and shape (the header must be the one written for it)."""
+    info = archive.getinfo(f"{npz_member(entry.name)}.npy")
+    header = _npy_header(entry)
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != len(header) + entry.nbytes:
+        return None
+    f.seek(info.header_offset)
+    name_length, extra_length = struct.unpack("<HH", f.read(30)[26:30])
+    start = info.header_offset + 30 + name_length + extra_length
+    f.seek(start)
+    if f.read(len(header)) != header:
+        return None
+    return start + len(header), entry.nbytes
