@@ -476,7 +476,7 @@ class Checkpoint:
         found, shown = unchanged_after(self.inventory, run)
         text = core.summary(shown, selection.count, exact)
         small = shown if selection.count <= core.SUMMARY_THRESHOLD else None
-        value = Shown(param, selection, found, text, small, plan_text)
+        value = Shown(param, selection, found, text, small, plan_text, corner=shown, exact=exact)
         notes = list(self.warnings)
         if out is not None:
             notes.append(f"wrote {os.fspath(out)}" + _dtype_note(os.fspath(out), param.dtype))
@@ -647,6 +647,18 @@ class Shown:
     text: str
     values: Any = None
     slice_text: str | None = None  # the slice as numpy writes it; None for the whole array
+    corner: Any = None  # the values numpy's summary prints
+    exact: bool = False
+
+    def text_for(self, width: int | None) -> list[str]:
+        """The values as numpy prints them in lines of at most ``width`` characters (None: 100),
+        rows kept whole where numpy can."""
+        from paramscope.compute import values as core
+
+        if width is None or self.corner is None:
+            return self.text.splitlines()
+        text = core.summary(self.corner, self.selection.count, self.exact, linewidth=max(width, 20))
+        return text.splitlines()
 
     def values_json(self) -> Any:
         """The values as nested lists of numbers (None beyond 1,000 values, or complex)."""

@@ -88,6 +88,11 @@ def split_path(text: str) -> tuple[str, str | None]:
     if text.endswith("]") and "[" in text:
         at = text.rfind("[")
         return text[:at], text[at:]
+    if "[" in text:
+        raise UsageError(
+            f"malformed slice in {text!r}: no closing ']'",
+            hint="write the slice in numpy syntax, e.g. 'w[0, :8]' (quoted for the shell)",
+        )
     return text, None
 
 
@@ -737,11 +742,14 @@ def corner_shape(selection: Selection, edge: int = EDGE_ITEMS) -> tuple[int, ...
     return tuple(2 * edge + 1 if summarised and n > 2 * edge else n for n in selection.out_shape)
 
 
-def summary(values: np.ndarray, count: int, exact: bool = False, edge: int = EDGE_ITEMS) -> str:
+def summary(
+    values: np.ndarray, count: int, exact: bool = False, edge: int = EDGE_ITEMS, linewidth: int = 100
+) -> str:
     """The values as numpy prints an array of ``count`` elements (``values``: all of them, or
-    the corner :func:`corner` reads); ``exact``: every float to its shortest exact digits."""
+    the corner :func:`corner` reads), in lines of at most ``linewidth`` characters where numpy
+    can; ``exact``: every float to its shortest exact digits."""
     threshold = 0 if count > SUMMARY_THRESHOLD else sys.maxsize
-    options = dict(edgeitems=edge, threshold=threshold, linewidth=100)
+    options = dict(edgeitems=edge, threshold=threshold, linewidth=linewidth)
     if exact:
         options.update(floatmode="unique", precision=17)
     with np.printoptions(**options):

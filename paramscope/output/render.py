@@ -15,7 +15,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -70,6 +70,9 @@ class Report:
     name: str = ""  # how --format csv and the table options pick this table among the sections
     empty: str = "nothing to show"  # the sentence shown instead of a table without rows
     hidden: bool = False  # a section shown only when asked for by name
+    # lines laid out for a terminal width by their maker (numpy's printing of values), shown as
+    # they come in place of the notes, never folded again
+    verbatim: Callable[[int | None], list[str]] | None = None
 
 
 @dataclass
@@ -366,7 +369,9 @@ def to_text(report: Report, view: View) -> tuple[list[tuple[str, bool]], list[st
             ]
         elif not table.notes:
             out += prose(table.empty)
-        if table.notes:
+        if table.verbatim is not None:
+            out += [(printable(line), False) for line in table.verbatim(view.width)]
+        elif table.notes:
             out += ([("", False)] if table.rows else []) + [
                 line for note in table.notes for line in prose(note, False)
             ]

@@ -960,6 +960,7 @@ def show_report(inv, shown, exact: bool = False) -> Report:
             name="values",
             title=f"values{sliced or ''}",
             notes=shown.text.splitlines(),
+            verbatim=shown.text_for,
         )
     )
     if found.requested_nonfinite is not None:
@@ -976,8 +977,12 @@ def show_report(inv, shown, exact: bool = False) -> Report:
             Report(
                 payload={},
                 name="nonfinite",
-                title=f"NaN/Inf: {count:,} ({found.moments.nan:,} NaN, {found.moments.inf:,} Inf)"
-                + (f", {shown_count}{count:,} shown" if shown_count else ""),
+                title=(
+                    f"NaN/Inf: {count:,} ({found.moments.nan:,} NaN, {found.moments.inf:,} Inf)"
+                    + (f", {shown_count}{count:,} shown" if shown_count else "")
+                    if count
+                    else None
+                ),
                 columns=[field("index"), field("value", kind="float")],
                 rows=[{"index": _index_text(i), "value": v} for i, v in found.nonfinite],
                 empty="no NaN or Inf",
