@@ -107,8 +107,8 @@ def test_two_processes_read_a_sharded_safetensors_set():
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     multi = json.loads(results[0][1])
     assert_same_numbers(single, multi)
-    assert len(multi["bytes_read"]) == 2 and all(multi["bytes_read"])
-    assert sum(multi["bytes_read"]) == sum(single["bytes_read"])
+    assert len(multi["bytes_read_by_process"]) == 2 and all(multi["bytes_read_by_process"])
+    assert sum(multi["bytes_read_by_process"]) == sum(single["bytes_read_by_process"])
 
 
 @pytest.mark.parametrize("command", [["norms", "--per-param"], ["stats"]])
@@ -133,8 +133,10 @@ def test_two_processes_equal_one_and_share_the_reading(shared_ckpt, command):
     multi = json.loads(out0)
     assert_same_numbers(single, multi)
     total = sum(p["count"] * 4 for p in multi["params"])
-    assert sum(multi["bytes_read"]) == total
-    assert all(0.4 * total <= b <= 0.6 * total for b in multi["bytes_read"]), multi["bytes_read"]
+    assert sum(multi["bytes_read_by_process"]) == total
+    assert all(0.4 * total <= b <= 0.6 * total for b in multi["bytes_read_by_process"]), multi[
+        "bytes_read_by_process"
+    ]
 
 
 def test_mesh_engine_and_environment_variables(shared_ckpt, manager_ckpt):
@@ -268,7 +270,7 @@ def test_msgpack_arrays_shared_out_across_processes():
     multi = json.loads(results[0][1])
     assert_same_numbers(run_json("norms", path, "--per-param"), multi)
     total = sum(p.nbytes for p in inv.params)
-    assert sum(multi["bytes_read"]) == total and min(multi["bytes_read"]) > 0.4 * total
+    assert sum(multi["bytes_read_by_process"]) == total and min(multi["bytes_read_by_process"]) > 0.4 * total
 
 
 def test_a_killed_process_stops_the_other_within_the_bound(tmp_path):
@@ -378,7 +380,7 @@ def test_many_small_arrays_stacked_across_processes_and_on_the_mesh(tmp_path):
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
     multi = json.loads(results[0][1])
     assert_same_numbers(single, multi)
-    assert all(multi["bytes_read"]) and sum(multi["bytes_read"]) == 100 * 8 * 16 * 4
+    assert all(multi["bytes_read_by_process"]) and sum(multi["bytes_read_by_process"]) == 100 * 8 * 16 * 4
     for name, p in zip(sorted(tree), single["params"]):
         x = tree[name]["w"].astype(np.float64)
         assert p["std"] == pytest.approx(float(np.std(x)), rel=1e-9)

@@ -258,7 +258,10 @@ def every_format_carries_the_same_fields(out: Outputs):
     assert norms["bytes_read"] == sum(norms["bytes_read_by_process"])
     for row, line in zip(norms["params"], norms_csv):
         assert set(line) - {"arrays"} <= set(row) | {"digest"}
-        assert all(text == csv_cell(row.get(key), key) for key, text in line.items() if key != "arrays")
+        for key, text in line.items():
+            if key == "arrays" or (row.get(key) is None and text in ("nan", "inf", "-inf")):
+                continue  # JSON has no NaN or Inf (null); CSV keeps the float
+            assert text == csv_cell(row.get(key), key), (row["path"], key, text)
     count = out.json("count")
     groups = out.csv("count")
     assert [g["arrays"] for g in groups] == [str(g["arrays"]) for g in count["groups"]]

@@ -85,7 +85,7 @@ def test_moments_and_update_match_optax(trained):
         mu_hat = np.asarray(mu, np.float64) / (1 - 0.9**count)
         nu_hat = np.asarray(nu, np.float64) / (1 - 0.999**count)
         update = f64(mu_hat / (np.sqrt(nu_hat) + 1e-8))  # float64 reference from the stored state
-        assert row["count"] == count and row["update_norm"] == pytest.approx(update, rel=1e-9)
+        assert row["step_count"] == count and row["update_norm"] == pytest.approx(update, rel=1e-9)
         assert row["update_norm"] == pytest.approx(last[name], rel=1e-4)  # what optax applied (float32)
         assert row["ratio"] == pytest.approx(update / f64(param), rel=1e-9)
     if wrapper == "multi_transform":
@@ -165,7 +165,7 @@ def test_keras_flat_optimizer_names_align_and_give_keras_update():
         m = np.asarray(adam[f"tiny_{layer}_{var}_momentum"], np.float64)
         v = np.asarray(adam[f"tiny_{layer}_{var}_velocity"], np.float64)
         update = m / (1 - 0.9**t) * math.sqrt(1 - 0.999**t) / (np.sqrt(v) + 1e-7)
-        assert row["count"] == t
+        assert row["step_count"] == t
         assert row["norm"] == pytest.approx(f64(weights[layer][var]), rel=1e-9)
         assert row["mu_norm"] == pytest.approx(f64(m), rel=1e-9)
         assert row["sqrt_nu_norm"] == pytest.approx(math.sqrt(float(np.sum(v))), rel=1e-9)

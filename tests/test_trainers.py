@@ -231,7 +231,7 @@ def test_kauldron_root_items_and_sharding():
         "norm.scale": ["devices"],
         "norm.bias": ["devices"],
         "head.kernel": ["devices", None],
-        "head.bias": None,
+        "head.bias": [None],  # replicated: no dimension split
     }
 
 
