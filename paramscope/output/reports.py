@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any
 
+from paramscope.errors import few
 from paramscope.names import path_sort_key
 from paramscope.output.render import Column, Report, listed
 
@@ -500,7 +501,7 @@ def _complex_note(params) -> list[str]:
     names = [p.path for p in params if _is_complex(p.dtype)]
     if not names:
         return []
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = few(names, 3)
     return [f"complex arrays ({shown}): mean, std, min, max and zeros are of the magnitudes |z|"]
 
 
