@@ -181,6 +181,16 @@ class Checkpoint:
     def step(self) -> int | None:
         return self.inventory.step
 
+    def close(self) -> None:
+        """Lets go of what reading held (:func:`release`); the checkpoint can still be read."""
+        release()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- metadata ----------------------------------------------------------------------------------
 
     def table(
@@ -612,10 +622,9 @@ def optim(
     inv, params, opt = split_state(open_item, items, params_item, opt_item)
     alignment = align(params, opt)
     if unstack or layer_axis:  # per-layer update ratios of scanned stacks
-        from paramscope.compute.layers import find_stacks, parse_layer_axes
         from paramscope.compute.optim import unstack_alignment
 
-        stacks, found = find_stacks(params, parse_layer_axes(list(layer_axis or ()) or None), inv.custom)
+        stacks, found = stacks_of(params, layer_axis, inv.custom)
         warnings += found
         alignment = unstack_alignment(alignment, stacks)
     if filter is not None:
@@ -716,6 +725,17 @@ def join_cluster(
     return join(explicit, timeout, debug)
 
 
+def release() -> None:
+    """Lets go of what reading holds (TensorStore's context and its pools, opened stores, b-trees
+    read whole, the read threads: :class:`paramscope.io.session.Session`); what is read next
+    opens what it needs anew. The command line calls it when a command ends."""
+    import sys
+
+    session = sys.modules.get("paramscope.io.session")
+    if session is not None:
+        session.SESSION.close()
+
+
 def leave_cluster(code: int) -> None:
     """In a cluster, every process leaves together with the highest exit code (it does not
     return); alone, nothing happens."""
@@ -745,10 +765,9 @@ def select(
     candidates = inv.params
     inv.views = None
     if unstack or layer_axis:
-        from paramscope.compute.layers import find_stacks, parse_layer_axes
         from paramscope.compute.layers import unstack as unstack_views
 
-        stacks, found = find_stacks(inv.params, parse_layer_axes(list(layer_axis or ()) or None), inv.custom)
+        stacks, found = stacks_of(inv.params, layer_axis, inv.custom)
         notes += found
         inv.views = unstack_views(inv.params, stacks)
         candidates = [v.info for v in inv.views]
@@ -759,6 +778,14 @@ def select(
         kept = {p.path for p in params}
         inv.views = [v for v in inv.views if v.info.path in kept]
     return params, notes
+
+
+def stacks_of(params: Sequence[ParamInfo], layer_axis: Sequence[str] | None, custom=None):
+    """The scanned stacks among ``params`` (found, or where ``layer_axis`` says), and the notes
+    on what was found or matched nothing: what every view of layers starts from."""
+    from paramscope.compute.layers import find_stacks, parse_layer_axes
+
+    return find_stacks(params, parse_layer_axes(list(layer_axis or ()) or None), custom)
 
 
 def key_note(params: Sequence[ParamInfo]) -> str | None:

@@ -198,3 +198,14 @@ def test_every_command_is_a_view_of_the_api(demo_ckpt, tmp_path):
     document = ps.snapshot(ck)
     assert json.loads(json.dumps(document)) == json.loads(baseline.read_text())
     assert ps.diff(path).notes and "the latest two" in ps.diff(path).notes[0]
+
+
+def test_a_closed_checkpoint_lets_go_of_its_reading_state_and_reads_again(demo_ckpt):
+    from paramscope.io.session import SESSION
+
+    with ps.open(demo_ckpt) as ck:
+        first = ck.norms(per_param=True).to_dict()
+        assert SESSION.stores  # the opened stores are kept while it is open
+    assert not SESSION.stores and not SESSION.btrees and not SESSION.templates
+    assert ck.norms(per_param=True).to_dict() == first
+    ck.close()

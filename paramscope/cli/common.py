@@ -46,8 +46,9 @@ def handle_errors(command):
             code = 0
         except typer.Exit as exit_:
             code = exit_.exit_code
-        from paramscope.api import leave_cluster
+        from paramscope.api import leave_cluster, release
 
+        release()  # one reading state per command, let go at its end
         leave_cluster(code)
         if code:
             raise typer.Exit(code)
