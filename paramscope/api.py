@@ -28,7 +28,19 @@ from paramscope.errors import UsageError
 from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.output.render import Report
 
-__all__ = ["Array", "Checkpoint", "Result", "diff", "history", "open"]
+__all__ = [
+    "Array",
+    "Checkpoint",
+    "Result",
+    "check",
+    "diff",
+    "history",
+    "info",
+    "open",
+    "optim",
+    "snapshot",
+    "verify",
+]
 
 
 @dataclass
@@ -121,6 +133,7 @@ def open(
     filter: str | None = None,
     unstack: bool = False,
     layer_axis: Sequence[str] | None = None,
+    cluster=None,
 ) -> Checkpoint:
     """Opens a checkpoint from its metadata (no array data is read).
 
@@ -132,11 +145,15 @@ def open(
         filter: Keep the parameters whose path matches this regex.
         unstack: One parameter per layer of scanned stacks (as ``--unstack``).
         layer_axis: Where stacks are, as ``--layer-axis`` (``PATH_REGEX=AXIS``).
+        cluster: The processes that share the reading (:func:`join_cluster`): process 0 alone
+            reads the metadata, and every read of data is shared.
 
     Raises:
         ParamscopeError: The path is missing, not a checkpoint, or has no such step or item.
     """
-    return Checkpoint(os.fspath(path), step, item, subtree, filter, unstack, list(layer_axis or ()))
+    return Checkpoint(
+        os.fspath(path), step, item, subtree, filter, unstack, list(layer_axis or ()), cluster=cluster
+    )
 
 
 class Checkpoint:
@@ -148,14 +165,23 @@ class Checkpoint:
         warnings: What the command line would print as warnings while opening.
     """
 
-    def __init__(self, path, step, item, subtree, filter, unstack, layer_axis):
-        from paramscope.io.inventory import open_checkpoint
-
+    def __init__(self, path, step, item, subtree, filter, unstack, layer_axis, cluster=None):
         self.path = path
         self._item = item
         self._filter = filter
+        self._unstack = unstack
         self._layer_axis = layer_axis
-        self.inventory: Inventory = open_checkpoint(path, step=step, item=item, subtree=subtree)
+        self.cluster = cluster
+        if cluster is not None and cluster.active:
+            from paramscope.parallel.cluster import open_checkpoint
+        else:
+            from paramscope.io.inventory import open_checkpoint
+
+            cluster = None
+        chosen = dict(step=step, item=item, subtree=subtree)
+        self.inventory: Inventory = (
+            open_checkpoint(path, **chosen) if cluster is None else open_checkpoint(cluster, path, **chosen)
+        )
         self.params, notes = select(self.inventory, filter, unstack, layer_axis)
         self.warnings: list[str] = [*self.inventory.warnings, *notes]
 
@@ -167,6 +193,16 @@ class Checkpoint:
     def step(self) -> int | None:
         return self.inventory.step
 
+    def close(self) -> None:
+        """Lets go of what reading held (:func:`release`); the checkpoint can still be read."""
+        release()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- metadata ----------------------------------------------------------------------------------
 
     def table(
@@ -175,16 +211,28 @@ class Checkpoint:
         norms: bool = False,
         stats: bool = False,
         digest: bool = False,
+        wd_include: Sequence[str] | None = None,
+        wd_exclude: Sequence[str] | None = None,
         sort: str = "path",
         top: int | None = None,
         memory_budget: int | str | None = None,
+        engine: str = "auto",
+        mesh: str | None = None,
+        on_bytes: Callable[[int], Any] | None = None,
+        on_total: Callable[[int], Any] | None = None,
     ) -> Result:
         """One row per parameter (as ``paramscope table``); ``norms``/``stats``/``digest`` read
-        the data."""
+        the data; ``wd_include``/``wd_exclude`` add the weight-decay mask of those regexes."""
         from paramscope.output.reports import table_report
 
+        mask, notes = None, []
+        if wd_include or wd_exclude:
+            mask = _mask(self.params, wd_include, wd_exclude)
+            notes = [f"pattern {p!r} matches no parameter" for p in mask.unmatched_patterns]
         reads = norms or stats or digest or sort == "norm"
-        scanned = self._scan(stats, digest, memory_budget) if reads else None
+        scanned = None
+        if reads:
+            scanned = self._scan(stats, digest, memory_budget, engine, on_bytes, mesh, on_total=on_total)
         inv = self.inventory
         saved_values = inv.values
         inv.values = inv.values + scalar_values(self.params)
@@ -193,7 +241,7 @@ class Checkpoint:
             report = table_report(
                 inv,
                 self.params,
-                None,
+                mask,
                 scanned,
                 full=stats,
                 sort=sort,
@@ -202,7 +250,8 @@ class Checkpoint:
             )
         finally:
             inv.values = saved_values
-        return Result(report, list(self.warnings), scanned)
+        keys = self._key_note() if reads else []
+        return Result(report, [*self.warnings, *notes, *keys], scanned)
 
     def count(self, depth: int = 1) -> Result:
         """Total parameters and bytes, by dtype and by the first ``depth`` path components."""
@@ -214,17 +263,15 @@ class Checkpoint:
 
     def mask(self, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> Result:
         """The weight-decay mask of include or exclude regexes (as ``get_param_mask_fn``)."""
-        from paramscope.io.inventory import weight_decay_mask
         from paramscope.output.reports import mask_report
 
-        if include and exclude:
-            raise UsageError(
-                "include and exclude patterns given together",
-                hint="a weight-decay mask takes include or exclude regexes, as get_param_mask_fn does",
-            )
-        mask = weight_decay_mask(self.params, include=list(include or ()), exclude=list(exclude or ()))
+        mask = _mask(self.params, include, exclude)
         notes = [f"pattern {p!r} matches no parameter" for p in mask.unmatched_patterns]
         return Result(mask_report(self.inventory, mask), self.warnings + notes, mask)
+
+    def info(self) -> Result:
+        """The checkpoint's steps, items, storage, sizes and array counts (:func:`info`)."""
+        return info(self.path, self.step)
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -237,12 +284,18 @@ class Checkpoint:
         top: int | None = None,
         memory_budget: int | str | None = None,
         engine: str = "auto",
+        mesh: str | None = None,
         on_bytes: Callable[[int], Any] | None = None,
+        on_total: Callable[[int], Any] | None = None,
     ) -> Result:
-        """Global (and per-parameter) L2 norms and NaN/Inf counts, in one streaming pass."""
+        """Global (and per-parameter) L2 norms and NaN/Inf counts, in one streaming pass.
+
+        ``engine``, ``mesh``: as ``--engine`` and ``--mesh``; ``on_bytes(n)`` is called as data
+        is read, ``on_total(n)`` once before, with the bytes the pass reads (for a progress bar).
+        """
         from paramscope.output.reports import norms_report
 
-        scanned = self._scan(False, digest, memory_budget, engine, on_bytes)
+        scanned = self._scan(False, digest, memory_budget, engine, on_bytes, mesh, on_total=on_total)
         return self._numbers(
             norms_report(self.inventory, self.params, scanned, per_param, sort, top), scanned
         )
@@ -251,17 +304,35 @@ class Checkpoint:
         self,
         *,
         digest: bool = False,
+        histogram: str | None = None,
         sort: str = "path",
         top: int | None = None,
         memory_budget: int | str | None = None,
         engine: str = "auto",
+        mesh: str | None = None,
         on_bytes: Callable[[int], Any] | None = None,
+        on_total: Callable[[int], Any] | None = None,
     ) -> Result:
-        """Per parameter: norm, mean, std, min, max, max |x|, zeros, NaN and Inf."""
+        """Per parameter: norm, mean, std, min, max, max |x|, zeros, NaN and Inf.
+
+        ``histogram``: also a histogram of this parameter's values (``result.value.histogram``,
+        and ``histogram`` in the document)."""
         from paramscope.output.reports import stats_report
 
-        scanned = self._scan(True, digest, memory_budget, engine, on_bytes)
-        return self._numbers(stats_report(self.inventory, self.params, scanned, sort, top), scanned)
+        if histogram is not None and histogram not in {p.path for p in self.inventory.params}:
+            raise UsageError(
+                f"--hist {histogram!r} is not a parameter here", hint="give a path `paramscope table` shows"
+            )
+        scanned = self._scan(True, digest, memory_budget, engine, on_bytes, mesh, histogram, on_total)
+        report = stats_report(self.inventory, self.params, scanned, sort, top)
+        if scanned.histogram is not None:
+            report.payload["histogram"] = {
+                "path": histogram,
+                "bins": [{"low": lo, "high": hi, "count": n} for lo, hi, n in scanned.histogram.bins()],
+                "nan": scanned.histogram.nan,
+                "inf": scanned.histogram.inf,
+            }
+        return self._numbers(report, scanned)
 
     def _numbers(self, report: Report, scanned) -> Result:
         return Result(report, self.warnings + self._key_note(), scanned)
@@ -272,7 +343,10 @@ class Checkpoint:
         sort: str = "layer",
         top: int | None = None,
         memory_budget: int | str | None = None,
+        engine: str = "auto",
+        mesh: str | None = None,
         on_bytes: Callable[[int], Any] | None = None,
+        on_total: Callable[[int], Any] | None = None,
     ) -> Result:
         """One row per layer of each scanned stack (``paramscope layers``): the layer's norm and
         the norm of each of its arrays, in one pass."""
@@ -285,16 +359,44 @@ class Checkpoint:
         _, notes = select(inv, self._filter, True, self._layer_axis)
         inv.views = [v for v in inv.views if v.stack is not None]
         params = [v.info for v in inv.views]
-        scanned = read_numbers(inv, params, memory_budget=memory_budget, on_bytes=on_bytes)
+        scanned = read_numbers(
+            inv,
+            params,
+            memory_budget=memory_budget,
+            engine=engine,
+            mesh=mesh,
+            cluster=self.cluster,
+            on_bytes=on_bytes,
+            on_total=on_total,
+        )
         note = key_note(params)
         report = layers_report(inv, layer_table(inv.views, scanned), sort, top)
-        return Result(report, [*self.warnings, *notes, *([note] if note else [])], scanned)
+        fresh = [n for n in notes if n not in self.warnings]
+        return Result(report, [*self.warnings, *fresh, *([note] if note else [])], scanned)
+
+    def optim(self, **options) -> Result:
+        """Each parameter beside its Adam-family optimizer state (:func:`optim`), at this step,
+        with this checkpoint's filter and layering."""
+        options.setdefault("filter", self._filter)
+        options.setdefault("unstack", self._unstack)
+        options.setdefault("layer_axis", self._layer_axis)
+        return optim(self.path, step=self.step, **options)
 
     def _key_note(self) -> list[str]:
         note = key_note(self.params)
         return [note] if note else []
 
-    def _scan(self, full, digest, memory_budget, engine="auto", on_bytes=None):
+    def _scan(
+        self,
+        full,
+        digest,
+        memory_budget,
+        engine="auto",
+        on_bytes=None,
+        mesh=None,
+        histogram=None,
+        on_total=None,
+    ):
         return read_numbers(
             self.inventory,
             self.params,
@@ -302,18 +404,26 @@ class Checkpoint:
             digest=digest,
             memory_budget=memory_budget,
             engine=engine,
+            mesh=mesh,
+            cluster=self.cluster,
+            histogram=histogram,
             on_bytes=on_bytes,
+            on_total=on_total,
         )
 
     def snapshot(
-        self, *, memory_budget: int | str | None = None, on_bytes: Callable[[int], Any] | None = None
+        self,
+        *,
+        memory_budget: int | str | None = None,
+        on_bytes: Callable[[int], Any] | None = None,
+        on_total: Callable[[int], Any] | None = None,
     ) -> dict[str, Any]:
         """The baseline ``paramscope snapshot`` writes: structure, counts, every statistic and
         digest of the selected parameters (typed PRNG keys as structure)."""
         from paramscope import __version__
         from paramscope.compute.baseline import snapshot
 
-        scanned = self._scan(True, True, memory_budget, on_bytes=on_bytes)
+        scanned = self._scan(True, True, memory_budget, on_bytes=on_bytes, on_total=on_total)
         return snapshot(self.inventory, scanned, __version__, self.params)
 
     def check(
@@ -328,6 +438,7 @@ class Checkpoint:
         allow_missing: bool = False,
         memory_budget: int | str | None = None,
         on_bytes: Callable[[int], Any] | None = None,
+        on_total: Callable[[int], Any] | None = None,
     ) -> Result:
         """This checkpoint against a baseline file (``paramscope check``): ``result.value`` is the
         list of violations, empty when it passes (``to_dict()["passed"]``)."""
@@ -371,7 +482,9 @@ class Checkpoint:
                 full=scan_kind == "stats",
                 digest=needs_digests(recorded, options),
                 memory_budget=memory_budget,
+                cluster=self.cluster,
                 on_bytes=on_bytes,
+                on_total=on_total,
             )
             note = key_note(kept)
             if note:
@@ -555,13 +668,10 @@ class Checkpoint:
             raise UsageError(f"{target} exists", hint="pass --force to write over it")
         return params
 
-    def verify(self, *, memory_budget: int | str | None = None) -> Result:
-        """Decodes every chunk of every array of the step; checks the metadata files agree."""
-        from paramscope.compute.verify import verify_checkpoint
-        from paramscope.output.reports import verify_report
-
-        result = verify_checkpoint(self.path, self.step, self._item, memory_budget)
-        return Result(verify_report(result, self.path), list(self.warnings), result)
+    def verify(self, *, memory_budget: int | str | None = None, **options) -> Result:
+        """Decodes every chunk of every array of the step; checks the metadata files agree
+        (:func:`verify`)."""
+        return verify(self.path, step=self.step, item=self._item, memory_budget=memory_budget, **options)
 
 
 class Array:
@@ -819,6 +929,237 @@ def scalar_values(params: Sequence[ParamInfo]) -> list[dict]:
     return out
 
 
+def info(path: str | os.PathLike, step: int | None = None) -> Result:
+    """Steps (finished and unfinished), items and their kinds, storage, sizes on disk and array
+    counts (``paramscope info``); ``result.value`` is the :class:`~paramscope.io.inventory.InfoResult`.
+    """
+    from paramscope.io.inventory import checkpoint_info
+    from paramscope.output.reports import info_report
+
+    found = checkpoint_info(path, step)
+    return Result(info_report(found), list(found.warnings), found)
+
+
+def verify(
+    path: str | os.PathLike,
+    *,
+    step: int | None = None,
+    item: str | None = None,
+    memory_budget: int | str | None = None,
+    baseline: str | os.PathLike | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+    on_total: Callable[[int], Any] | None = None,
+) -> Result:
+    """Decodes every chunk of every array of a step and checks the metadata files agree
+    (``paramscope verify``); with ``baseline``, also every array's content against the digests
+    a snapshot recorded. ``result.value.ok`` says whether it is sound."""
+    from paramscope.compute.verify import verify_checkpoint
+    from paramscope.io import checkpoint
+    from paramscope.output.reports import verify_report
+
+    shown = os.fspath(path)
+    digests = recorded = None
+    if baseline is not None:
+        from paramscope.compute.baseline import load_baseline
+
+        recorded = load_baseline(os.fspath(baseline))
+        digests = recorded.digests_by_item()
+        if not digests:
+            raise UsageError(
+                f"baseline {os.fspath(baseline)} records no digests",
+                hint="write it with this `paramscope snapshot`",
+            )
+    if on_total is not None:
+        on_total(checkpoint.step_bytes(shown, step))
+    found = verify_checkpoint(
+        shown, step, item, memory_budget, on_bytes, digests, recorded.step if recorded is not None else None
+    )
+    notes = []
+    if recorded is not None:
+        from paramscope.compute.baseline import other_step_note
+
+        note = other_step_note(os.fspath(baseline), recorded.step, found.step)
+        notes += [note] if note else []
+    return Result(verify_report(found, shown), [], found, notes)
+
+
+def snapshot(ck: Checkpoint, **options) -> dict[str, Any]:
+    """The baseline ``paramscope snapshot`` writes of ``ck`` (:meth:`Checkpoint.snapshot`)."""
+    return ck.snapshot(**options)
+
+
+def check(ck: Checkpoint, baseline: str | os.PathLike, **options) -> Result:
+    """``ck`` against a baseline file, as ``paramscope check`` (:meth:`Checkpoint.check`)."""
+    return ck.check(baseline, **options)
+
+
+def optim(
+    path: str | os.PathLike,
+    *,
+    step: int | None = None,
+    params_item: str | None = None,
+    opt_item: str | None = None,
+    filter: str | None = None,
+    unstack: bool = False,
+    layer_axis: Sequence[str] | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float | None = None,
+    lr: float | None = None,
+    sort: str = "path",
+    top: int | None = None,
+    memory_budget: int | str | None = None,
+    on_bytes: Callable[[int], Any] | None = None,
+    on_total: Callable[[int], Any] | None = None,
+) -> Result:
+    """Each parameter beside its Adam-family optimizer state (``paramscope optim``): moments,
+    step, and the update they make relative to the parameter.
+
+    The parameters and the optimizer state are two items (``params_item``, ``opt_item``; found
+    by name by default) or one train-state item. ``eps`` defaults to optax's 1e-8 (Keras' 1e-7
+    for a Keras checkpoint); with ``lr`` the ratio is lr*||update||/||param||.
+    """
+    from paramscope.compute.optim import align, optimizer_pass, split_state
+    from paramscope.io import checkpoint
+    from paramscope.io.inventory import filter_params, open_checkpoint
+    from paramscope.output.reports import optim_report
+
+    shown = os.fspath(path)
+    warnings: list[str] = []
+
+    def open_item(name):
+        inv = open_checkpoint(shown, step=step, item=name)
+        warnings.extend(w for w in inv.warnings if w not in warnings)
+        return inv
+
+    items = [i.name for i in checkpoint.locate(shown, step).items]
+    inv, params, opt = split_state(open_item, items, params_item, opt_item)
+    alignment = align(params, opt)
+    if unstack or layer_axis:  # per-layer update ratios of scanned stacks
+        from paramscope.compute.optim import unstack_alignment
+
+        stacks, found = stacks_of(params, layer_axis, inv.custom)
+        warnings += found
+        alignment = unstack_alignment(alignment, stacks)
+    if filter is not None:
+        kept = {p.path for p in filter_params([e.param for e in alignment.entries], filter)}
+        alignment.entries = [e for e in alignment.entries if e.path in kept]
+    if eps is None:
+        eps = 1e-7 if alignment.convention == "keras" else 1e-8
+    if on_total is not None:
+        on_total(sum(3 * e.param.nbytes for e in alignment.entries))
+    optimizer_pass(alignment, b1=b1, b2=b2, eps=eps, lr=lr, memory_budget=memory_budget, on_bytes=on_bytes)
+    hyper = {"b1": b1, "b2": b2, "eps": eps, "lr": lr, "convention": alignment.convention}
+    return Result(optim_report(inv, alignment, hyper, sort, top), warnings, alignment)
+
+
+def _mask(params: Sequence[ParamInfo], include: Sequence[str] | None, exclude: Sequence[str] | None):
+    from paramscope.io.inventory import weight_decay_mask
+
+    if include and exclude:
+        raise UsageError(
+            "include and exclude patterns given together",
+            hint="a weight-decay mask takes include or exclude regexes, as get_param_mask_fn does",
+        )
+    return weight_decay_mask(params, include=list(include or ()), exclude=list(exclude or ()))
+
+
+# ------------------------------------------------------------------------------------------------
+# What a front end needs before and after the reading: sizes, places, steps, the cluster
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size as the command line writes it (``512MiB``, ``2G``, ``1000``)."""
+    from paramscope.compute.plan import parse_size as parse
+
+    return parse(text)
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names a bucket or a server (``gs://``, ``s3://``, ``https://``...)."""
+    from paramscope.io.storage import is_url as url
+
+    return url(path)
+
+
+def inside(target: str, folder: str) -> bool:
+    """Whether the local path ``target`` lies inside ``folder`` (symlinks resolved)."""
+    from paramscope.io.storage import inside as within
+
+    return within(target, folder)
+
+
+def steps(path: str | os.PathLike) -> list:
+    """The steps of a run (finished and unfinished), from one listing."""
+    from paramscope.io import checkpoint
+
+    return checkpoint.list_steps(path)
+
+
+def items(path: str | os.PathLike, step: int | None = None) -> list:
+    """The items of a step (``params``, ``opt_state``, JSON items...), from its listing."""
+    from paramscope.io import checkpoint
+
+    return checkpoint.locate(os.fspath(path), step).items
+
+
+def load_baseline(path: str | os.PathLike):
+    """A baseline file, validated (:class:`~paramscope.compute.baseline.BaselineError`, exit 2,
+    names what is wrong with it)."""
+    from paramscope.compute.baseline import load_baseline as load
+
+    return load(os.fspath(path))
+
+
+def no_common(violations: Sequence) -> bool:
+    """Whether a check found no parameter in common with its baseline (another model's)."""
+    from paramscope.compute.baseline import NO_COMMON
+
+    return any(v.path == NO_COMMON for v in violations)
+
+
+def join_cluster(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    distributed: bool = False,
+    timeout: float = 300,
+    debug: bool = False,
+):
+    """This process's cluster: alone (nothing set), or joined with the other processes through
+    ``jax.distributed`` (the coordinator's address, or the environment with ``distributed``)."""
+    from paramscope.parallel.cluster import LOCAL, join, settings_from
+
+    settings = settings_from(coordinator, num_processes, process_id, distributed)
+    if settings is None:
+        return LOCAL
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    explicit = settings if any(v is not None for v in settings.values()) else None
+    return join(explicit, timeout, debug)
+
+
+def release() -> None:
+    """Lets go of what reading holds (TensorStore's context and its pools, opened stores, b-trees
+    read whole, the read threads: :class:`paramscope.io.session.Session`); what is read next
+    opens what it needs anew. The command line calls it when a command ends."""
+    import sys
+
+    session = sys.modules.get("paramscope.io.session")
+    if session is not None:
+        session.SESSION.close()
+
+
+def leave_cluster(code: int) -> None:
+    """In a cluster, every process leaves together with the highest exit code (it does not
+    return); alone, nothing happens."""
+    import sys
+
+    cluster = sys.modules.get("paramscope.parallel.cluster")
+    if cluster is not None and cluster.CURRENT is not None:
+        cluster.finish(cluster.CURRENT, code)
+
+
 # ------------------------------------------------------------------------------------------------
 # What every command does between opening a checkpoint and showing what it found
 
@@ -838,10 +1179,9 @@ def select(
     candidates = inv.params
     inv.views = None
     if unstack or layer_axis:
-        from paramscope.compute.layers import find_stacks, parse_layer_axes
         from paramscope.compute.layers import unstack as unstack_views
 
-        stacks, found = find_stacks(inv.params, parse_layer_axes(list(layer_axis or ()) or None), inv.custom)
+        stacks, found = stacks_of(inv.params, layer_axis, inv.custom)
         notes += found
         inv.views = unstack_views(inv.params, stacks)
         candidates = [v.info for v in inv.views]
@@ -854,12 +1194,22 @@ def select(
     return params, notes
 
 
+def stacks_of(params: Sequence[ParamInfo], layer_axis: Sequence[str] | None, custom=None):
+    """The scanned stacks among ``params`` (found, or where ``layer_axis`` says), and the notes
+    on what was found or matched nothing: what every view of layers starts from."""
+    from paramscope.compute.layers import find_stacks, parse_layer_axes
+
+    return find_stacks(params, parse_layer_axes(list(layer_axis or ()) or None), custom)
+
+
 def key_note(params: Sequence[ParamInfo]) -> str | None:
     """The note that typed PRNG keys among ``params`` are left out of the numbers."""
     keys = [p.path for p in params if p.random_key]
     if not keys:
         return None
-    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    from paramscope.errors import few
+
+    shown = few(keys, 3)
     return f"typed PRNG keys left out of the numbers: {shown}"
 
 
@@ -875,16 +1225,20 @@ def read_numbers(
     cluster=None,
     histogram: str | None = None,
     on_bytes: Callable[[int], Any] | None = None,
+    on_total: Callable[[int], Any] | None = None,
 ):
     """Reads ``params`` once (norms, or every statistic with ``full``), typed PRNG keys left out,
     and proves that the step was not deleted or saved again meanwhile (:func:`unchanged_after`).
 
     ``mesh``: the device mesh of the mesh engine as ``--mesh`` writes it (``data:4,model:2``);
-    ``cluster``: the processes that share the reading (:mod:`paramscope.parallel.cluster`)."""
+    ``cluster``: the processes that share the reading (:mod:`paramscope.parallel.cluster`);
+    ``on_total(n)``: called first with the bytes to read, ``on_bytes(n)`` as they are read."""
     from paramscope.compute.engines import scan
     from paramscope.parallel.mesh import check_mesh, parse_mesh
 
     params = [p for p in params if not p.random_key]
+    if on_total is not None:
+        on_total(sum(p.nbytes for p in params))
     axes = parse_mesh(mesh) if mesh else None
     if axes is not None:
         check_mesh(axes, engine, params, inv.saved_mesh)
@@ -1039,6 +1393,12 @@ class HistoryRun:
     series: list
     unstacked: list[ParamInfo]
 
+    def layer_rows(self):
+        """The norm of every layer of every stack at every step (the rows of a heatmap)."""
+        from paramscope.compute.history import layer_rows
+
+        return layer_rows(self.result, self.unstacked)
+
 
 def diff(
     a: str | os.PathLike | Checkpoint,
@@ -1049,6 +1409,8 @@ def diff(
     item: str | None = None,
     subtree: str | None = None,
     filter: str | None = None,
+    unstack: bool = False,
+    layer_axis: Sequence[str] | None = None,
     rtol: float = 0.0,
     atol: float = 0.0,
     structure_only: bool = False,
@@ -1060,66 +1422,117 @@ def diff(
     sort: str = "path",
     top: int | None = None,
     memory_budget: int | str | None = None,
+    engine: str = "auto",
+    mesh: str | None = None,
+    cluster=None,
     on_bytes: Callable[[int], Any] | None = None,
+    on_total: Callable[[int], Any] | None = None,
 ) -> Result:
     """Two checkpoints, or two steps of one (``b`` None), compared as ``paramscope diff``
     compares them: added, removed, reshaped, and how every value moved.
 
     ``a`` and ``b`` are paths (opened with ``step_a``/``step_b``, ``item``, ``subtree``,
-    ``filter``) or opened :class:`Checkpoint` s. ``rename``/``transpose``/``map_file`` pair
+    ``filter``) or opened :class:`Checkpoint` s; ``b`` may be a baseline a snapshot wrote (then
+    ``a`` is compared with the digests it recorded). ``rename``/``transpose``/``map_file`` pair
     differently named arrays (``--rename REGEX=REPLACEMENT``, ``--transpose REGEX``, ``--map``).
     ``result.value.differs`` says whether anything differs.
     """
+    from paramscope.compute.baseline import baseline_at
     from paramscope.compute.diff import diff_digests, diff_params
     from paramscope.compute.pairing import NO_RULES, command_line_rules, load_map
     from paramscope.output.reports import diff_report
 
     rules = load_map(os.fspath(map_file)) if map_file is not None else NO_RULES
     rules = rules.then(command_line_rules(list(rename) or None, list(transpose) or None))
-    if rules.transpose and digest_only:
+    notes: list[str] = []  # things worth knowing that are not problems
+    if b is None and step_a is None and step_b is None and not isinstance(a, Checkpoint):
+        step_a, step_b = last_two_steps(a)
+        notes.append(f"comparing step {step_a} with step {step_b}, the latest two")
+    baseline = None
+    if b is not None and not isinstance(b, Checkpoint):
+        baseline = baseline_at(os.fspath(b))  # by content: a safetensors index is JSON too
+    if rules.transpose and (digest_only or baseline is not None):
         raise UsageError(
-            "transpose needs the values of both sides: digest_only compares digests of bytes in stored order"
+            "--transpose needs the values of both sides: "
+            + ("--digest-only" if digest_only else "a baseline")
+            + " compares digests of bytes in stored order",
+            hint="compare two checkpoints without --digest-only; that diff reports both digests too",
         )
+    layered = dict(unstack=unstack or rules.unstack, layer_axis=layer_axis, cluster=cluster)
 
     def opened(side, step) -> Checkpoint:
         if isinstance(side, Checkpoint):
             return side
-        return open(side, step=step, item=item, subtree=subtree, filter=filter, unstack=rules.unstack)
+        return open(side, step=step, item=item, subtree=subtree, filter=filter, **layered)
 
-    if b is None and step_a is None and step_b is None and not isinstance(a, Checkpoint):
-        step_a, step_b = last_two_steps(a)
     ck_a = opened(a, step_a)
-    ck_b = opened(b if b is not None else (a if not isinstance(a, Checkpoint) else a.path), step_b)
-    notes = [*ck_a.warnings, *(w for w in ck_b.warnings if w not in ck_a.warnings)]
+    warnings = list(ck_a.warnings)
     if rules.active:
         from paramscope.compute.pairing import unused_rules
 
-        notes += unused_rules([p.path for p in ck_a.params], rules)
-    inv_a, inv_b = replace_views(ck_a.inventory), replace_views(ck_b.inventory)
-    if digest_only:
-        digests = []
-        for ck, inv in ((ck_a, inv_a), (ck_b, inv_b)):
-            budget = memory_budget
-            scanned = read_numbers(inv, ck.params, digest=True, memory_budget=budget, on_bytes=on_bytes)
-            digests.append({r.param.path: r.digest for r in scanned.params})
-        result = diff_digests(ck_a.params, digests[0], ck_b.params, digests[1], rules)
-    else:
+        warnings += unused_rules([p.path for p in ck_a.params], rules)
+    inv_a = replace_views(ck_a.inventory)  # a diff reads each (layer) parameter by itself
 
-        def compare():
-            return diff_params(
-                ck_a.params,
-                ck_b.params,
-                rtol=rtol,
-                atol=atol,
-                values=not structure_only,
-                memory_budget=memory_budget,
-                on_bytes=on_bytes,
-                rules=rules,
+    def digests_of(inv, params) -> dict[str, str]:
+        note = key_note(params)
+        if note and note not in warnings:
+            warnings.append(note)
+        scanned = read_numbers(
+            inv,
+            params,
+            digest=True,
+            memory_budget=memory_budget,
+            engine=engine,
+            mesh=mesh,
+            cluster=cluster,
+            on_bytes=on_bytes,
+            on_total=on_total,
+        )
+        return {r.param.path: r.digest for r in scanned.params}
+
+    if baseline is not None:
+        from dataclasses import replace
+
+        from paramscope.io.inventory import filter_params
+
+        shown = os.fspath(b)
+        recorded = baseline.digests()
+        if not recorded:
+            raise UsageError(
+                f"baseline {shown} records no digests", hint="write it with this `paramscope snapshot`"
             )
+        side_b = filter_params(baseline.as_params(), filter)
+        result = diff_digests(ck_a.params, digests_of(inv_a, ck_a.params), side_b, recorded, rules)
+        inv_b = replace(inv_a, checkpoint=shown, shown=shown, params=side_b, step=None)
+    else:
+        ck_b = opened(b if b is not None else (a if not isinstance(a, Checkpoint) else a.path), step_b)
+        warnings += [w for w in ck_b.warnings if w not in warnings]
+        inv_b = replace_views(ck_b.inventory)
+        if digest_only:
+            digests_a = digests_of(inv_a, ck_a.params)
+            digests_b = digests_of(inv_b, ck_b.params)
+            result = diff_digests(ck_a.params, digests_a, ck_b.params, digests_b, rules)
+        else:
+            if on_total is not None and not structure_only:
+                on_total(2 * sum(p.nbytes for p in ck_a.params))
 
-        result = unchanged_after(inv_a, lambda: unchanged_after(inv_b, compare))
-    values = not (structure_only or digest_only)
-    return Result(diff_report(inv_a, inv_b, result, values, show_all, sort, top), notes, result)
+            def compare():
+                return diff_params(
+                    ck_a.params,
+                    ck_b.params,
+                    rtol=rtol,
+                    atol=atol,
+                    values=not structure_only,
+                    memory_budget=memory_budget,
+                    on_bytes=on_bytes,
+                    rules=rules,
+                    **({"cluster": cluster} if cluster is not None else {}),
+                )
+
+            result = unchanged_after(inv_a, lambda: unchanged_after(inv_b, compare))
+    values = not (structure_only or digest_only or baseline is not None)
+    report = diff_report(inv_a, inv_b, result, values, show_all, sort, top)
+    return Result(report, warnings, result, notes)
 
 
 def replace_views(inv: Inventory) -> Inventory:

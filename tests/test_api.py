@@ -154,3 +154,60 @@ def test_check_shows_its_values_at_80_columns_with_digests_shortened(manager_ckp
     assert all(len(line) <= 80 for line in table)  # the path folds at dots to make room
     csv_text = run("check", manager_ckpt.path, "-b", baseline, "-f", "csv").stdout
     assert digests[0].baseline in csv_text  # machines get the whole digest
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = str(tmp_path_factory.mktemp("demo") / "demo_ckpt")
+    script = os.path.join(root, "scripts", "make_demo_checkpoint.py")
+    subprocess.run([sys.executable, script, path], check=True, capture_output=True)
+    return path
+
+
+def test_every_command_is_a_view_of_the_api(demo_ckpt, tmp_path):
+    """Each command's --format json is the API's .to_dict(), on the demo checkpoint."""
+    path = demo_ckpt
+    ck = ps.open(path)
+    baseline = tmp_path / "b.json"
+    assert run("snapshot", path, "-o", baseline).exit_code == 0
+    views = [
+        (ps.info(path), ("info", path)),
+        (ck.info(), ("info", path, "--step", str(ck.step))),
+        (ck.table(norms=True, wd_exclude=["bias"]), ("table", path, "--norms", "--wd-exclude", "bias")),
+        (ck.count(depth=2), ("count", path, "--depth", "2")),
+        (ck.mask(include=["kernel"]), ("mask", path, "--include", "kernel")),
+        (ck.norms(per_param=True, sort="norm"), ("norms", path, "--per-param", "--sort", "norm")),
+        (ck.stats(histogram=ck.params[0].path), ("stats", path, "--hist", ck.params[0].path)),
+        (ck.optim(lr=1e-3), ("optim", path, "--lr", "1e-3")),
+        (ps.optim(path, sort="ratio"), ("optim", path, "--sort", "ratio")),
+        (
+            ps.open(path, unstack=True, layer_axis=["kernel=0"]).layers(),
+            ("layers", path, "--layer-axis", "kernel=0"),
+        ),
+        (ck.verify(), ("verify", path)),
+        (ps.verify(path, baseline=baseline), ("verify", path, "-b", baseline)),
+        (ps.diff(path), ("diff", path)),
+        (ps.diff(path, baseline), ("diff", path, baseline)),
+        (ps.check(ck, baseline), ("check", path, "-b", baseline)),
+        (ps.history(path, cache=False), ("history", path, "--no-cache")),
+    ]
+    for result, command in views:
+        _same(result.to_dict(), _cli_json(*command))
+    document = ps.snapshot(ck)
+    assert json.loads(json.dumps(document)) == json.loads(baseline.read_text())
+    assert ps.diff(path).notes and "the latest two" in ps.diff(path).notes[0]
+
+
+def test_a_closed_checkpoint_lets_go_of_its_reading_state_and_reads_again(demo_ckpt):
+    from paramscope.io.session import SESSION
+
+    with ps.open(demo_ckpt) as ck:
+        first = ck.norms(per_param=True).to_dict()
+        assert SESSION.stores  # the opened stores are kept while it is open
+    assert not SESSION.stores and not SESSION.btrees and not SESSION.templates
+    assert ck.norms(per_param=True).to_dict() == first
+    ck.close()

@@ -106,7 +106,7 @@ def test_single_chunk_arrays_of_one_metadata_are_read_as_one_stack(tmp_path, zar
 
 
 def test_one_damaged_chunk_of_a_stack_fails_that_array_alone():
-    from paramscope.io.orbax import _Stack, _StackMember
+    from paramscope.io.zarr import _Stack, _StackMember
 
     meta = {"shape": [5, 4], "chunks": [1, 4], "dtype": "<f4", "compressor": {"id": "zstd", "level": 1}}
     meta |= {"fill_value": None, "filters": None, "order": "C", "zarr_format": 2}
@@ -172,7 +172,7 @@ def test_damage_under_many_arrays_is_named_as_before(tmp_path):
 
 def test_metadata_stored_outside_the_tree_is_read_by_key(tmp_path):
     """70 arrays whose zarr metadata (and chunks) the b-tree does not hold inline."""
-    from paramscope.io import orbax
+    from paramscope.io import zarr
 
     base = f"file://{tmp_path}/db/"
     config = {"max_inline_value_bytes": 0}
@@ -183,7 +183,7 @@ def test_metadata_stored_outside_the_tree_is_read_by_key(tmp_path):
         store = ts.open(spec, kvstore=kv / f"{name}/", create=True, dtype=value.dtype, shape=value.shape)
         store.result().write(value).result()
     spec = json.loads(_spec(tmp_path / "db"))
-    arrays = orbax.zarr_arrays(spec, [((name,), name, "jax.Array") for name in values])
+    arrays = zarr.zarr_arrays(spec, [((name,), name, "jax.Array") for name in values])
     assert btree.loaded(arrays[0].store) is not None
     assert all(v is btree.OUTSIDE for v in btree.loaded(arrays[0].store).values.values())
     assert [a.shape for a in arrays] == [(3, 2)] * 70

@@ -111,9 +111,9 @@ def show(
     param, selection, _, _ = ck.plan_show(path, slice_text, sel.filter, axes, out_file, force)
     common.quiet_libraries()
     result = common.with_progress(
-        selection.box_count() * param.itemsize,
         out.quiet,
-        lambda on_bytes: ck.show(
+        lambda progress: _counted(progress, selection.box_count() * param.itemsize)
+        and ck.show(
             path,
             index=slice_text,
             filter=sel.filter,
@@ -124,7 +124,7 @@ def show(
             out=out_file,
             force=force,
             memory_budget=budget,
-            on_bytes=on_bytes,
+            on_bytes=progress.get("on_bytes"),
         ),
     )
     for note in result.warnings[len(ck.warnings) :]:
@@ -173,13 +173,20 @@ def export(
     params = ck.plan_export(target, force)
     common.quiet_libraries()
     result = common.with_progress(
-        sum(p.nbytes for p in params),
         out.quiet,
-        lambda on_bytes: ck.export(target, force=force, memory_budget=budget, on_bytes=on_bytes),
+        lambda progress: _counted(progress, sum(p.nbytes for p in params))
+        and ck.export(target, force=force, memory_budget=budget, on_bytes=progress.get("on_bytes")),
     )
     for note in result.warnings[len(ck.warnings) :]:
         common.warn(note, out.quiet)
     common.emit(result.report, out)
+
+
+def _counted(progress: dict, total: int) -> bool:
+    """Tells the progress bar how many bytes the command reads; True, to chain a call after it."""
+    if progress.get("on_total") is not None:
+        progress["on_total"](total)
+    return True
 
 
 def _budget(text: str | None) -> int | None:

@@ -57,8 +57,8 @@ def fail(message: str, hint: str | None, code: int) -> typer.Exit:
 def handle_errors(command):
     """Maps paramscope's errors to one-line messages and exit codes; tracebacks only when debugging.
 
-    In a cluster of processes every process leaves through
-    :func:`paramscope.parallel.cluster.finish`, with the same exit code.
+    In a cluster of processes every process leaves together, with the same exit code
+    (:func:`paramscope.api.leave_cluster`).
     """
 
     @functools.wraps(command)
@@ -68,10 +68,10 @@ def handle_errors(command):
             code = 0
         except typer.Exit as exit_:
             code = exit_.exit_code
-        from paramscope.parallel import cluster
+        from paramscope.api import leave_cluster, release
 
-        if cluster.CURRENT is not None:
-            cluster.finish(cluster.CURRENT, code)
+        release()  # one reading state per command, let go at its end
+        leave_cluster(code)
         if code:
             raise typer.Exit(code)
 
@@ -136,7 +136,7 @@ def writable(option: str, target: str, checkpoints: list[str], folder: bool = Fa
     or cannot write: a URL (it writes local files only), a place inside a checkpoint being read
     (it never writes into one; symlinks resolved), a missing or read-only folder. ``folder``: the
     target is a folder, made if missing; its nearest existing parent must be writable."""
-    from paramscope.io.storage import inside, is_url
+    from paramscope.api import inside, is_url
 
     if is_url(target):
         raise errors.UsageError(
@@ -231,51 +231,29 @@ def emit(report: Report, out: Output, table: str | None = None) -> None:
 # Reading
 
 
-def inventory(
+def open_checkpoint(
     ckpt: str,
     sel: Selection,
     quiet: bool,
-    step: int | None = None,
     layering: Layering | None = None,
     cluster=None,
+    step: int | None = None,
 ):
-    """The checkpoint's parameters as ``sel`` selects them; unmatched patterns are warned about.
-
-    With ``layering.unstack`` the parameters are one per layer of stacked arrays (filtered by
-    their unstacked names), and ``inv.views`` says where each comes from. In a ``cluster`` of
-    processes, process 0 alone reads the metadata and shares it with the others.
+    """The API's :class:`~paramscope.api.Checkpoint` as ``sel`` and ``layering`` select it (at
+    ``step`` when given, else ``sel.step``); what matched nothing is warned about. In a
+    ``cluster`` of processes, process 0 alone reads the metadata and shares it with the others.
     """
-    from paramscope.api import select
-    from paramscope.io.inventory import open_checkpoint
-
-    chosen = dict(step=sel.step if step is None else step, item=sel.item, subtree=sel.subtree)
-    if cluster is not None and cluster.active:
-        from paramscope.parallel.cluster import open_checkpoint as open_once
-
-        inv = open_once(cluster, ckpt, **chosen)
-    else:
-        inv = open_checkpoint(ckpt, **chosen)
-    unstack = layering is not None and layering.unstack
-    layer_axis = layering.layer_axis if layering is not None else None
-    params, notes = select(inv, sel.filter, unstack, layer_axis)
-    for warning in [*inv.warnings, *notes]:
-        warn(warning, quiet)
-    return inv, params
-
-
-def open_checkpoint(ckpt: str, sel: Selection, quiet: bool, layering: Layering | None = None):
-    """The API's :class:`~paramscope.api.Checkpoint` as ``sel`` and ``layering`` select it; what
-    matched nothing is warned about."""
     from paramscope.api import open as open_api
 
     ck = open_api(
         ckpt,
-        step=sel.step,
+        step=sel.step if step is None else step,
         item=sel.item,
         subtree=sel.subtree,
         filter=sel.filter,
         unstack=bool(layering is not None and layering.unstack),
         layer_axis=layering.layer_axis if layering is not None else None,
+        cluster=cluster,
     )
     for warning in ck.warnings:
         warn(warning, quiet)
@@ -284,67 +262,86 @@ def open_checkpoint(ckpt: str, sel: Selection, quiet: bool, layering: Layering |
 
 def join(options: Cluster):
     """This process's cluster: alone, or joined with the others through jax.distributed."""
-    from paramscope.parallel.cluster import LOCAL, join, settings_from
+    from paramscope.api import join_cluster
 
-    settings = settings_from(
-        options.coordinator, options.num_processes, options.process_id, options.distributed
+    return join_cluster(
+        options.coordinator,
+        options.num_processes,
+        options.process_id,
+        options.distributed,
+        options.timeout,
+        debugging(),
     )
-    if settings is None:
-        return LOCAL
-    quiet_libraries()
-    explicit = settings if any(v is not None for v in settings.values()) else None
-    return join(explicit, options.timeout, debugging())
 
 
 def memory_budget(reading: Reading) -> int | None:
-    from paramscope.compute.plan import parse_size
+    from paramscope.api import parse_size
 
     return parse_size(reading.memory_budget) if reading.memory_budget else None
 
 
-def scan(
-    inv, params, full: bool, reading: Reading, quiet: bool, cluster=None, digest: bool = False, histogram=None
-):
-    """Reads the parameters once (norms, or all statistics), with a progress bar on a terminal."""
-    from paramscope.api import key_note, read_numbers
+def reading_options(reading: Reading) -> dict:
+    """The API's keyword arguments for ``--memory-budget``, ``--engine`` and ``--mesh``."""
+    return dict(memory_budget=memory_budget(reading), engine=reading.engine.value, mesh=reading.mesh)
 
+
+def show(result, quiet: bool, shown: list[str] | tuple = ()) -> None:
+    """An API result's warnings (those not already ``shown``) and notes, on stderr."""
+    for message in result.warnings:
+        if message not in shown:
+            warn(message, quiet)
+    for message in result.notes:
+        warn(message, quiet, kind="note")
+
+
+class _Bar:
+    """A progress bar on stderr, started once the bytes to read are known to be many."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.progress = None
+        self.task = None
+
+    def on_total(self, n: int) -> None:
+        self.total += n
+        if self.progress is not None:
+            self.progress.update(self.task, total=self.total)
+        elif self.total >= PROGRESS_MIN_BYTES:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+            self.progress = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                _binary_speed_column(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("reading", total=self.total)
+
+    def on_bytes(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def with_progress(quiet: bool, run):
+    """``run(progress)``, where ``progress`` holds the API's ``on_total``/``on_bytes`` keyword
+    arguments: a progress bar on stderr when it is a terminal and the read is large."""
     quiet_libraries()
-    note = key_note(params)
-    if note:  # random bits are not numbers: a norm over them says nothing
-        warn(note, quiet)
-    total = sum(p.nbytes for p in params if not p.random_key)
-    options = dict(
-        full=full,
-        digest=digest,
-        memory_budget=memory_budget(reading),
-        engine=reading.engine.value,
-        mesh=reading.mesh,
-        cluster=cluster,
-        histogram=histogram,
-    )
-    return with_progress(
-        total, quiet, lambda on_bytes: read_numbers(inv, params, **options, on_bytes=on_bytes)
-    )
-
-
-def with_progress(total: int, quiet: bool, run):
-    """``run(on_bytes)``, with a progress bar on stderr when it is a terminal and the read is large."""
-    if quiet or not sys.stderr.isatty() or total < PROGRESS_MIN_BYTES:
-        return run(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        _binary_speed_column(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
-        task = progress.add_task("reading", total=total)
-        return run(lambda n: progress.advance(task, n))
+    if quiet or not sys.stderr.isatty():
+        return run({})
+    bar = _Bar()
+    try:
+        return run({"on_total": bar.on_total, "on_bytes": bar.on_bytes})
+    finally:
+        bar.close()
 
 
 def _binary_speed_column():
@@ -378,18 +375,3 @@ def report_nonfinite(result, fail_on_it: bool, quiet: bool) -> None:
     )
     if fail_on_it:
         raise typer.Exit(errors.EXIT_CHECK_FAILED)
-
-
-def weight_decay_mask(params, include: list[str] | None, exclude: list[str] | None, quiet: bool):
-    """The mask of include or exclude regexes; patterns that match nothing are warned about."""
-    from paramscope.io.inventory import weight_decay_mask
-
-    if include and exclude:
-        raise errors.UsageError(
-            "include and exclude patterns given together",
-            hint="a weight-decay mask takes include or exclude regexes, as get_param_mask_fn does",
-        )
-    mask = weight_decay_mask(params, include=include, exclude=exclude)
-    for pattern in mask.unmatched_patterns:
-        warn(f"pattern {pattern!r} matches no parameter", quiet)
-    return mask

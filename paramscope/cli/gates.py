@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -64,51 +63,29 @@ def verify(
 
     - `paramscope verify ckpt --step 400`
     """
-    from paramscope.compute.plan import parse_size
-    from paramscope.compute.verify import verify_checkpoint
-    from paramscope.io import checkpoint
-    from paramscope.output.reports import verify_report
+    from paramscope.api import verify as run_verify
 
-    budget = parse_size(memory_budget) if memory_budget else None
-    digests = None
-    if baseline_file is not None:
-        from paramscope.compute.baseline import load_baseline
-
-        baseline = load_baseline(baseline_file)
-        digests = baseline.digests_by_item()
-        if not digests:
-            raise errors.UsageError(
-                f"baseline {baseline_file} records no digests",
-                hint="write it with this `paramscope snapshot`",
-            )
+    budget = common.memory_budget(Reading(memory_budget=memory_budget))
     result = common.with_progress(
-        checkpoint.step_bytes(ckpt, step),
         out.quiet,
-        lambda on_bytes: verify_checkpoint(
-            ckpt, step, item, budget, on_bytes, digests, baseline.step if baseline_file else None
+        lambda progress: run_verify(
+            ckpt, step=step, item=item, memory_budget=budget, baseline=baseline_file, **progress
         ),
     )
-    other = baseline_file is not None and _note_other_step(
-        baseline_file, baseline.step, result.step, out.quiet
-    )
-    common.emit(verify_report(result, ckpt), out)
-    if not result.ok:
+    common.show(result, out.quiet)
+    common.emit(result.report, out)
+    found = result.value
+    if not found.ok:
         raise common.fail(
-            f"{len(result.problems)} problem(s) in {ckpt}",
+            f"{len(found.problems)} problem(s) in {ckpt}",
             "the report on stdout lists them by array"
-            + (f"; the baseline is of step {baseline.step}, not {result.step}" if other else ""),
+            + (
+                f"; the baseline is of step {found.baseline_step}, not {found.step}"
+                if found.baseline_step not in (None, found.step)
+                else ""
+            ),
             errors.EXIT_CHECKPOINT,
         )
-
-
-def _note_other_step(baseline_file: str, recorded: int | None, step: int | None, quiet: bool) -> bool:
-    """Says so when a baseline is of another step than the one read; returns whether it is."""
-    from paramscope.compute.baseline import other_step_note
-
-    note = other_step_note(baseline_file, recorded, step)
-    if note:
-        common.warn(note, quiet, "note")
-    return note is not None
 
 
 @with_options(out=Output, reading=Reading, cluster=Cluster, layering=Layering, pairing=Pairing)
@@ -184,129 +161,46 @@ def diff(
     - `paramscope diff old new --rtol 1e-3`
     - `paramscope diff a b --map m.toml`
     """
-    from paramscope.compute.baseline import baseline_at
-    from paramscope.output.reports import diff_report, diff_summary
+    from paramscope.api import diff as run_diff
+    from paramscope.output.reports import diff_summary
 
-    rules = _pairing_rules(pairing)
-    if ckpt_b is None and step_a is None and step_b is None:  # a run: its two latest steps
-        from paramscope.api import last_two_steps
-
-        step_a, step_b = last_two_steps(ckpt_a)
-        common.warn(f"comparing step {step_a} with step {step_b}, the latest two", out.quiet, "note")
-    baseline = baseline_at(ckpt_b) if ckpt_b is not None else None  # by content: an index is JSON too
-    against_baseline = baseline is not None
-    if rules.transpose and (digest_only or against_baseline):
-        raise errors.UsageError(
-            "--transpose needs the values of both sides: "
-            + ("--digest-only" if digest_only else "a baseline")
-            + " compares digests of bytes in stored order",
-            hint="compare two checkpoints without --digest-only; that diff reports both digests too",
-        )
-    if rules.unstack and not layering.unstack:
-        layering = replace(layering, unstack=True)
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
-    sel = Selection(item=item, subtree=subtree, filter=filter)
-    inv_a, params_a = common.inventory(ckpt_a, sel, quiet, step=step_a, layering=layering, cluster=joined)
-    inv_a.views = None  # a diff reads each (layer) parameter by itself, on both sides alike
-    if rules.active:
-        from paramscope.compute.pairing import unused_rules
-
-        for note in unused_rules([p.path for p in params_a], rules):
-            common.warn(note, quiet)
-    if against_baseline:
-        inv_b, result = _against_baseline(
-            inv_a, params_a, ckpt_b, baseline, sel, reading, quiet, joined, rules
-        )
-    else:
-        inv_b, params_b = common.inventory(
-            ckpt_b or ckpt_a, sel, quiet, step=step_b, layering=layering, cluster=joined
-        )
-        inv_b.views = None
-        if digest_only:
-            result = _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined, rules)
-        else:
-            from paramscope.api import unchanged_after
-
-            result = unchanged_after(
-                inv_a,
-                lambda: unchanged_after(
-                    inv_b,
-                    lambda: _by_value(
-                        params_a, params_b, rtol, atol, structure_only, reading, quiet, joined, rules
-                    ),
-                ),
-            )
-    values = not (structure_only or digest_only or against_baseline)
-    common.emit(diff_report(inv_a, inv_b, result, values, show_all, sort, top), out)
-    if fail_on_change and result.differs:
+    result = common.with_progress(
+        quiet,
+        lambda progress: run_diff(
+            ckpt_a,
+            ckpt_b,
+            step_a=step_a,
+            step_b=step_b,
+            item=item,
+            subtree=subtree,
+            filter=filter,
+            unstack=layering.unstack,
+            layer_axis=layering.layer_axis,
+            rtol=rtol,
+            atol=atol,
+            structure_only=structure_only,
+            digest_only=digest_only,
+            rename=pairing.rename or (),
+            transpose=pairing.transpose or (),
+            map_file=pairing.map_file,
+            show_all=show_all,
+            sort=sort,
+            top=top,
+            cluster=joined,
+            **common.reading_options(reading),
+            **progress,
+        ),
+    )
+    common.show(result, quiet)
+    common.emit(result.report, out)
+    if fail_on_change and result.value.differs:
         raise common.fail(
-            f"the checkpoints differ: {diff_summary(result)}",
+            f"the checkpoints differ: {diff_summary(result.value)}",
             "see the report on stdout",
             errors.EXIT_CHECK_FAILED,
         )
-
-
-def _pairing_rules(pairing: Pairing):
-    """The rules of ``--map``, then those of ``--rename`` and ``--transpose``."""
-    from paramscope.compute.pairing import NO_RULES, command_line_rules, load_map
-
-    from_file = load_map(pairing.map_file) if pairing.map_file is not None else NO_RULES
-    return from_file.then(command_line_rules(pairing.rename, pairing.transpose))
-
-
-def _by_value(params_a, params_b, rtol, atol, structure_only, reading, quiet, joined, rules):
-    """Both sides read together, region by region: how every value moved."""
-    from paramscope.compute.diff import diff_params
-
-    budget = common.memory_budget(reading)
-    total = 2 * sum(p.nbytes for p in params_a) if not structure_only else 0
-    return common.with_progress(
-        total,
-        quiet,
-        lambda on_bytes: diff_params(
-            params_a,
-            params_b,
-            rtol=rtol,
-            atol=atol,
-            values=not structure_only,
-            memory_budget=budget,
-            on_bytes=on_bytes,
-            cluster=joined,
-            rules=rules,
-        ),
-    )
-
-
-def _digests(inv, params, reading, quiet, joined) -> dict[str, str]:
-    result = common.scan(inv, params, False, reading, quiet, joined, digest=True)
-    return {r.param.path: r.digest for r in result.params}
-
-
-def _by_digest(inv_a, params_a, inv_b, params_b, reading, quiet, joined, rules):
-    """Each side read once, alone: identical where the content digests agree."""
-    from paramscope.compute.diff import diff_digests
-
-    digests_a = _digests(inv_a, params_a, reading, quiet, joined)
-    digests_b = _digests(inv_b, params_b, reading, quiet, joined)
-    return diff_digests(params_a, digests_a, params_b, digests_b, rules)
-
-
-def _against_baseline(inv_a, params_a, baseline_file, baseline, sel, reading, quiet, joined, rules):
-    """A checkpoint against the digests a snapshot recorded, without the original at hand."""
-    from paramscope.compute.diff import diff_digests
-    from paramscope.io.inventory import filter_params
-
-    recorded = baseline.digests()
-    if not recorded:
-        raise errors.UsageError(
-            f"baseline {baseline_file} records no digests", hint="write it with this `paramscope snapshot`"
-        )
-    side_b = filter_params(baseline.as_params(), sel.filter)
-    result = diff_digests(
-        params_a, _digests(inv_a, params_a, reading, quiet, joined), side_b, recorded, rules
-    )
-    return replace(inv_a, checkpoint=baseline_file, shown=baseline_file, params=side_b, step=None), result
 
 
 @with_options(sel=Selection, reading=Reading, layering=Layering)
@@ -334,7 +228,6 @@ def snapshot(
     - `paramscope snapshot ckpt -o b.json`
     """
 
-    from paramscope.api import key_note
     from paramscope.output.render import json_lines
 
     if output != "-":
@@ -342,16 +235,14 @@ def snapshot(
     ck = common.open_checkpoint(ckpt, sel, quiet, layering)
     if output != "-":
         common.writable("--output", output, [ck.inventory.checkpoint])
+    from paramscope.api import key_note
+
     params = ck.params
-    common.quiet_libraries()
     note = key_note(params)
-    if note:
+    if note:  # random bits are not numbers: recorded as structure
         common.warn(note, quiet)
-    total = sum(p.nbytes for p in params if not p.random_key)
     budget = common.memory_budget(reading)
-    document = common.with_progress(
-        total, quiet, lambda on_bytes: ck.snapshot(memory_budget=budget, on_bytes=on_bytes)
-    )
+    document = common.with_progress(quiet, lambda progress: ck.snapshot(memory_budget=budget, **progress))
     text = json_lines(document)
     if output == "-":
         sys.stdout.write(text)
@@ -418,17 +309,15 @@ def check(
 
     - `paramscope check ckpt -b b.json`
     """
-    from paramscope.compute.baseline import NO_COMMON, load_baseline
+    from paramscope.api import load_baseline, no_common
 
     baseline = load_baseline(baseline_file)  # a bad baseline is refused before the checkpoint is read
     ck = common.open_checkpoint(ckpt, sel, out.quiet, layering)
     other = None not in (baseline.step, ck.inventory.step) and baseline.step != ck.inventory.step
     common.quiet_libraries()
-    total = sum(p.nbytes for p in ck.params if not p.random_key)
     result = common.with_progress(
-        total,
         out.quiet,
-        lambda on_bytes: ck.check(
+        lambda progress: ck.check(
             baseline_file,
             rtol=rtol,
             atol=atol,
@@ -437,16 +326,17 @@ def check(
             allow_new=allow_new,
             allow_missing=allow_missing,
             memory_budget=common.memory_budget(reading),
-            on_bytes=on_bytes,
+            **progress,
         ),
     )
     for note in result.notes:
         common.warn(note, out.quiet, "note")
     for warning in result.warnings:
-        common.warn(warning, out.quiet)
+        if warning not in ck.warnings:
+            common.warn(warning, out.quiet)
     violations = result.value
     common.emit(result.report, out)
-    if any(v.path == NO_COMMON for v in violations):
+    if no_common(violations):
         raise common.fail(
             f"no parameter of {ckpt} is in common with {baseline_file}",
             "is it the baseline of another model? see the report on stdout",

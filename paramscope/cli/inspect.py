@@ -52,13 +52,11 @@ def info(
     - `paramscope info ckpt`
     - `paramscope info ckpt --show steps`
     """
-    from paramscope.io.inventory import checkpoint_info
-    from paramscope.output.reports import info_report
+    from paramscope.api import info as read_info
 
-    result = checkpoint_info(ckpt, step)
-    for warning in result.warnings:
-        common.warn(warning, out.quiet)
-    common.emit(info_report(result), out, show.value if show else None)
+    result = read_info(ckpt, step)
+    common.show(result, out.quiet)
+    common.emit(result.report, out, show.value if show else None)
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
@@ -99,22 +97,26 @@ def table(
     - `paramscope table ckpt --norms`
     - `paramscope table ckpt --top 20`
     """
-    from paramscope.output.reports import table_report
-
-    reads = norms or stats or digest or sort == "norm"
+    reads = norms or stats or digest or sort.strip().lower() == "norm"
     joined = common.join(cluster) if reads else None
     quiet = out.quiet or (joined is not None and not joined.primary)
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
-    mask = None
-    if wd_include or wd_exclude:
-        mask = common.weight_decay_mask(params, wd_include, wd_exclude, quiet)
-    result = common.scan(inv, params, stats, reading, quiet, joined, digest) if reads else None
-    from paramscope.api import scalar_values
-
-    inv.values = inv.values + scalar_values(params)
-    stacked = {v.info.path: f"axis {v.stack.axis}, {v.stack.rule}" for v in inv.views or () if v.stack}
-    report = table_report(inv, params, mask, result, full=stats, sort=sort, top=top, stacked=stacked)
-    common.emit(report, out)
+    ck = common.open_checkpoint(ckpt, sel, quiet, layering, joined)
+    result = common.with_progress(
+        quiet,
+        lambda progress: ck.table(
+            norms=norms,
+            stats=stats,
+            digest=digest,
+            wd_include=wd_include,
+            wd_exclude=wd_exclude,
+            sort=sort,
+            top=top,
+            **common.reading_options(reading),
+            **progress,
+        ),
+    )
+    common.show(result, quiet, ck.warnings)
+    common.emit(result.report, out)
 
 
 @with_options(sel=Selection, out=Output, layering=Layering)
@@ -140,11 +142,8 @@ def count(
     - `paramscope count ckpt --depth 2`
     - `paramscope count ckpt --show dtypes`
     """
-    from paramscope.io.inventory import count_params
-    from paramscope.output.reports import count_report
-
-    inv, params = common.inventory(ckpt, sel, out.quiet, layering=layering)
-    common.emit(count_report(inv, count_params(params, depth), depth), out, show.value if show else None)
+    ck = common.open_checkpoint(ckpt, sel, out.quiet, layering)
+    common.emit(ck.count(depth).report, out, show.value if show else None)
 
 
 @with_options(sel=Selection, out=Output)
@@ -168,7 +167,7 @@ def mask(
     - `paramscope mask ckpt --exclude bias`
     - `paramscope mask ckpt -f json`
     """
-    from paramscope.output.reports import mask_report
-
-    inv, params = common.inventory(ckpt, sel, out.quiet)
-    common.emit(mask_report(inv, common.weight_decay_mask(params, include, exclude, out.quiet)), out)
+    ck = common.open_checkpoint(ckpt, sel, out.quiet)
+    result = ck.mask(include, exclude)
+    common.show(result, out.quiet, ck.warnings)
+    common.emit(result.report, out)

@@ -24,13 +24,7 @@ from paramscope.cli.options import (
     sort_option,
     with_options,
 )
-from paramscope.output.reports import (
-    LAYERS_SORT_KEYS,
-    NORMS_SORT_KEYS,
-    OPTIM_SORT_KEYS,
-    STATS_SORT_KEYS,
-    optim_report,
-)
+from paramscope.output.reports import LAYERS_SORT_KEYS, NORMS_SORT_KEYS, OPTIM_SORT_KEYS, STATS_SORT_KEYS
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
@@ -54,14 +48,18 @@ def norms(
     - `paramscope norms ckpt --per-param`
     - `paramscope norms ckpt -f json`
     """
-    from paramscope.output.reports import norms_report
-
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
-    result = common.scan(inv, params, False, reading, quiet, joined, digest)
-    common.emit(norms_report(inv, params, result, per_param, sort, top), out)
-    common.report_nonfinite(result, fail_on_nonfinite, quiet)
+    ck = common.open_checkpoint(ckpt, sel, quiet, layering, joined)
+    result = common.with_progress(
+        quiet,
+        lambda progress: ck.norms(
+            per_param, digest=digest, sort=sort, top=top, **common.reading_options(reading), **progress
+        ),
+    )
+    common.show(result, quiet, ck.warnings)
+    common.emit(result.report, out)
+    common.report_nonfinite(result.value, fail_on_nonfinite, quiet)
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
@@ -102,8 +100,6 @@ def stats(
     - `paramscope stats ckpt --sort std`
     - `paramscope stats ckpt -f csv`
     """
-    from paramscope.output.reports import stats_report
-
     if plot is not None:
         common.picture("--plot", plot, [ckpt])
     if hist is not None and plot is None and out.fmt.value != "json":  # it would do nothing
@@ -113,28 +109,28 @@ def stats(
         )
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
-    if hist is not None and hist not in {p.path for p in inv.params}:
-        raise errors.UsageError(
-            f"--hist {hist!r} is not a parameter here", hint="give a path `paramscope table` shows"
-        )
-    result = common.scan(inv, params, True, reading, quiet, joined, digest, histogram=hist)
-    report = stats_report(inv, params, result, sort, top)
-    if result.histogram is not None:
-        report.payload["histogram"] = {
-            "path": hist,
-            "bins": [{"low": lo, "high": hi, "count": n} for lo, hi, n in result.histogram.bins()],
-            "nan": result.histogram.nan,
-            "inf": result.histogram.inf,
-        }
+    ck = common.open_checkpoint(ckpt, sel, quiet, layering, joined)
+    result = common.with_progress(
+        quiet,
+        lambda progress: ck.stats(
+            digest=digest,
+            histogram=hist,
+            sort=sort,
+            top=top,
+            **common.reading_options(reading),
+            **progress,
+        ),
+    )
+    common.show(result, quiet, ck.warnings)
+    scanned = result.value
     if plot is not None:
         from paramscope.output.plot import plot_stats
 
-        rows = [(r.param.path, r.norm) for r in result.params]
-        plot_stats(rows, plot, result.histogram, hist or "", title=f"{ckpt}: norms")
+        rows = [(r.param.path, r.norm) for r in scanned.params]
+        plot_stats(rows, plot, scanned.histogram, hist or "", title=f"{ckpt}: norms")
         common.warn(f"wrote {plot}", quiet, kind="note")
-    common.emit(report, out)
-    common.report_nonfinite(result, fail_on_nonfinite, quiet)
+    common.emit(result.report, out)
+    common.report_nonfinite(scanned, fail_on_nonfinite, quiet)
 
 
 @with_options(sel=Selection, out=Output, reading=Reading, cluster=Cluster, layering=Layering)
@@ -155,17 +151,16 @@ def layers(
     - `paramscope layers ckpt --sort norm`
     - `paramscope layers ckpt -f csv`
     """
-    from paramscope.compute.layers import layer_table
-    from paramscope.output.reports import layers_report
-
     joined = common.join(cluster)
     quiet = out.quiet or not joined.primary
     layering.unstack = True
-    inv, params = common.inventory(ckpt, sel, quiet, layering=layering, cluster=joined)
-    inv.views = [v for v in inv.views if v.stack is not None]
-    params = [v.info for v in inv.views]
-    result = common.scan(inv, params, False, reading, quiet, joined)
-    common.emit(layers_report(inv, layer_table(inv.views, result), sort, top), out)
+    ck = common.open_checkpoint(ckpt, sel, quiet, layering, joined)
+    result = common.with_progress(
+        quiet,
+        lambda progress: ck.layers(sort=sort, top=top, **common.reading_options(reading), **progress),
+    )
+    common.show(result, quiet, ck.warnings)
+    common.emit(result.report, out)
 
 
 @with_options(out=Output, reading=Reading, layering=Layering)
@@ -208,46 +203,27 @@ def optim(
     - `paramscope optim ckpt --sort ratio`
     - `paramscope optim ckpt --lr 3e-4`
     """
-    from paramscope.compute.optim import align, optimizer_pass, split_state
-    from paramscope.io.inventory import filter_params, open_checkpoint
+    from paramscope.api import optim as run_optim
 
-    def open_item(name):
-        inv = open_checkpoint(ckpt, step=step, item=name)
-        for warning in inv.warnings:
-            common.warn(warning, out.quiet)
-        return inv
-
-    from paramscope.io import checkpoint
-
-    items = [i.name for i in checkpoint.locate(ckpt, step).items]
-    inv, params, opt = split_state(open_item, items, params_item, opt_item)
-    alignment = align(params, opt)
-    if layering.unstack or layering.layer_axis:  # per-layer update ratios of scanned stacks
-        from paramscope.compute.layers import find_stacks, parse_layer_axes
-        from paramscope.compute.optim import unstack_alignment
-
-        stacks, notes = find_stacks(params, parse_layer_axes(layering.layer_axis), inv.custom)
-        for note in notes:
-            common.warn(note, out.quiet)
-        alignment = unstack_alignment(alignment, stacks)
-    if filter is not None:
-        kept = {p.path for p in filter_params([e.param for e in alignment.entries], filter)}
-        alignment.entries = [e for e in alignment.entries if e.path in kept]
-    if eps is None:
-        eps = 1e-7 if alignment.convention == "keras" else 1e-8
-    total = sum(3 * e.param.nbytes for e in alignment.entries)
-    common.with_progress(
-        total,
+    result = common.with_progress(
         out.quiet,
-        lambda on_bytes: optimizer_pass(
-            alignment,
+        lambda progress: run_optim(
+            ckpt,
+            step=step,
+            params_item=params_item,
+            opt_item=opt_item,
+            filter=filter,
+            unstack=layering.unstack,
+            layer_axis=layering.layer_axis,
             b1=b1,
             b2=b2,
             eps=eps,
             lr=lr,
+            sort=sort,
+            top=top,
             memory_budget=common.memory_budget(reading),
-            on_bytes=on_bytes,
+            **progress,
         ),
     )
-    hyper = {"b1": b1, "b2": b2, "eps": eps, "lr": lr, "convention": alignment.convention}
-    common.emit(optim_report(inv, alignment, hyper, sort, top), out)
+    common.show(result, out.quiet)
+    common.emit(result.report, out)

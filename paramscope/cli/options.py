@@ -38,26 +38,26 @@ def _typed_checkpoint(ctx: typer.Context) -> str | None:
 
 
 def _complete_steps(ctx: typer.Context, incomplete: str) -> list[str]:
-    from paramscope.io import checkpoint
+    from paramscope.api import steps as list_steps
 
     path = _typed_checkpoint(ctx)
     try:
-        steps = checkpoint.list_steps(path) if path else []
+        steps = list_steps(path) if path else []
     except Exception:  # completion never fails loudly
         return []
     return [str(s.step) for s in steps if s.finished and str(s.step).startswith(incomplete)]
 
 
 def _complete_items(ctx: typer.Context, incomplete: str) -> list[str]:
-    from paramscope.io import checkpoint
+    from paramscope.api import items
 
     path = _typed_checkpoint(ctx)
     step = ctx.params.get("step")
     try:
-        location = checkpoint.locate(path, step) if path else None
+        found = items(path, step) if path else []
     except Exception:
         return []
-    names = [i.name for i in location.items if i.kind != "json"] if location else []
+    names = [i.name for i in found if i.kind != "json"]
     return [n for n in names if n.startswith(incomplete)]
 
 

@@ -118,10 +118,9 @@ def history(
         common.warn(warning, out.quiet or not joined.primary)
     run = result.value
     if plot is not None and run.unstacked:  # a heatmap of every layer of every stack over steps
-        from paramscope.compute.history import layer_rows
         from paramscope.output.plot import plot_layer_heatmap
 
-        plot_layer_heatmap(layer_rows(run.result, run.unstacked), [r.step for r in run.result.steps], plot)
+        plot_layer_heatmap(run.layer_rows(), [r.step for r in run.result.steps], plot)
         common.warn(f"wrote {plot}", out.quiet, kind="note")
     elif plot is not None:
         from paramscope.output.plot import plot_history

@@ -39,6 +39,7 @@ class VerifyResult:
     digests_checked: int = 0  # arrays whose content was compared with a baseline's digest
     # What verify cannot prove, by item (e.g. chunks that read as the fill value)
     notes: list[str] = field(default_factory=list)
+    baseline_step: int | None = None  # the step the digests compared with were recorded at
 
     @property
     def ok(self) -> bool:
@@ -187,6 +188,7 @@ def verify_checkpoint(
             fail(region, err)
         if on_bytes is not None:
             on_bytes(region.nbytes)
+    result.baseline_step = baseline_step
     other = (
         f" (baseline is of step {baseline_step}, checkpoint step {result.step})"
         if baseline_step is not None and result.step is not None and baseline_step != result.step

@@ -9,7 +9,7 @@ returns a node's entries in one call (0.25 s for 40,000): from it the metadata o
 a dictionary lookup, and an array whose chunks are all inline is staged in TensorStore's
 in-memory kvstore and opened there, so that TensorStore's zarr driver still decodes it (small
 arrays of one metadata, one chunk each, as the chunks of one array: see
-:func:`paramscope.io.orbax.open_arrays`). Values stored outside the b-tree (large chunks) are read
+:func:`paramscope.io.zarr.open_arrays`). Values stored outside the b-tree (large chunks) are read
 by key as before. Whatever cannot be read this way (another layout, a damaged node) is left to
 the key-by-key path, which reports it.
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from paramscope.io import storage
+from paramscope.io.session import SESSION
 
 MIN_KEYS = 64  # below this many keys wanted, key-by-key reads cost less than the whole b-tree
 METADATA_FILES = (".zarray", ".zattrs", ".zgroup", "zarr.json")
@@ -103,7 +104,6 @@ class BTree:
             write.result()
 
 
-_TREES: dict[str, BTree] = {}  # OCDBT kvstore spec (JSON) -> its b-tree, most recent last
 CACHE_BYTES = 128 << 20  # inline bytes of the b-trees kept at once (older ones are let go)
 
 
@@ -114,7 +114,7 @@ def read(store: str) -> BTree | None:
     changes a node once written (a new write makes a new root), as TensorStore's own cache
     assumes, so a database rewritten in place is read anew."""
     context = storage.context()
-    earlier = _TREES.pop(store, None)  # kept only if the manifest still names its root
+    earlier = SESSION.btrees.pop(store, None)  # kept only if the manifest still names its root
     try:
         spec = json.loads(store)
         if spec.get("driver") != "ocdbt":
@@ -132,19 +132,19 @@ def read(store: str) -> BTree | None:
     finally:
         if earlier is not None:
             earlier.drop()
-    _TREES[store] = tree
+    SESSION.btrees[store] = tree
     total = 0
-    for key in reversed(list(_TREES)):  # the most recent first; let the older ones go past the cap
-        total += _TREES[key].nbytes
+    for key in reversed(list(SESSION.btrees)):  # the most recent first; let the older ones go past the cap
+        total += SESSION.btrees[key].nbytes
         if total > CACHE_BYTES and key != store:
-            _TREES.pop(key).drop()
+            SESSION.btrees.pop(key).drop()
     return tree
 
 
 def loaded(store: str) -> BTree | None:
     """The b-tree of ``store`` as :func:`read` last read it in this process and context (no I/O;
     the arrays opened from it were listed by that reading), or None."""
-    tree = _TREES.get(store)
+    tree = SESSION.btrees.get(store)
     return tree if tree is not None and tree.context is storage.context() else None
 
 

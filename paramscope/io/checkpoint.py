@@ -1,8 +1,9 @@
 """Every checkpoint format paramscope reads, behind one interface.
 
-Orbax layouts are tried first; a path Orbax does not recognise is offered to each other format
-in turn (:data:`FORMATS`), and files no format reads are named for what they are (pickle-based
-files are refused, never unpickled). The rest of paramscope calls only this module: it locates
+A path is offered to each format of :data:`paramscope.io.formats.FORMATS` in turn (Orbax
+first), without naming any: the registry and the :class:`~paramscope.io.formats.Format` protocol
+are in :mod:`paramscope.io.formats`. Files no format reads are named for what they are
+(pickle-based files are refused, never unpickled). The rest of paramscope calls only this module: it locates
 a checkpoint, lists an item's arrays, and opens them for reading, whatever wrote them.
 
 The other formats, each a module: Hugging Face Flax folders (:mod:`~paramscope.io.hf_flax`),
@@ -11,7 +12,7 @@ Equinox files (:mod:`~paramscope.io.eqx`: leaves by position, no names) and zarr
 plain). ``.npy`` records (in ``.npz`` and ``.eqx``) are parsed by :mod:`~paramscope.io.npy`,
 never ``np.load``: an object array is named and left unread.
 
-A format module provides:
+A format module provides (:class:`~paramscope.io.formats.Format`):
 
 - ``KIND``: the item kind it reads;
 - ``locate(tree, step) -> Location | None``: the checkpoint at ``tree`` (a folder, or a file
@@ -38,15 +39,15 @@ member (``driver`` "deflated", decompressed in pieces), or a 0-d value kept in t
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from paramscope.errors import CheckpointChanged, NotACheckpoint, ParamscopeError
-from paramscope.io import orbax
-from paramscope.io.orbax import finish_read, read_iterator_item, read_json_item, start_read
+from paramscope.errors import CheckpointChanged, NotACheckpoint, ParamscopeError, few
+from paramscope.io import zarr
+from paramscope.io.formats import format_of, formats
+from paramscope.io.orbax import read_iterator_item, read_json_item
 from paramscope.io.records import (
     ArrayReadError,
     BytesArray,
@@ -59,6 +60,7 @@ from paramscope.io.records import (
     numpy_dtype,
 )
 from paramscope.io.storage import Tree, read_range, rel_path
+from paramscope.io.zarr import finish_read, start_read
 
 __all__ = [
     "ArrayReadError",
@@ -93,20 +95,14 @@ __all__ = [
 ]
 
 
-@functools.cache
-def formats() -> tuple[Any, ...]:
-    """The modules of the formats other than Orbax, in the order they are tried. Plain zarr trees
-    (:mod:`~paramscope.io.tstree`) come last: any folder of zarr arrays is one."""
-    from paramscope.io import eqx, hf_flax, msgpack, npz, safetensors, tstree
-
-    return (hf_flax, safetensors, msgpack, npz, eqx, tstree)
-
-
 def _module(kind: str):
-    for module in formats():
-        if module.KIND == kind:
-            return module
-    return None
+    """The format that reads items of ``kind``; None for items that hold no arrays."""
+    return format_of(kind)
+
+
+def _primary():
+    """The first format tried: it reads the items no format claims (a damaged one, say)."""
+    return formats()[0]
 
 
 def witness(location: Location) -> tuple[tuple[str, bytes], ...]:
@@ -172,20 +168,28 @@ def locate(
         ParamscopeError: The path is missing, not a checkpoint, or has no such step.
     """
     tree = path if isinstance(path, Tree) else Tree(os.fspath(path))
-    try:
-        return orbax.locate(tree, step, allow_unfinished)
-    except NotACheckpoint as not_orbax:
-        for module in formats():
+    # The first format's refusal stands if no other format reads the path; another's is final
+    # (it recognised the path as its own, and says what is wrong with it).
+    first: NotACheckpoint | None = None
+    for position, module in enumerate(formats()):
+        try:
             if allow_unfinished and getattr(module, "UNFINISHED_STEPS", False):
                 found = module.locate(tree, step, allow_unfinished=True)
             else:
                 found = module.locate(tree, step)
-            if found is not None:
-                return found
-        refusal = unsupported(tree)
-        if refusal is not None:
-            raise refusal from None
-        raise not_orbax from None
+        except NotACheckpoint as refused:
+            if position:
+                raise
+            first = refused
+            continue
+        if found is not None:
+            return found
+    refusal = unsupported(tree)
+    if refusal is not None:
+        raise refusal from None
+    if first is not None:
+        raise first from None
+    raise NotACheckpoint(f"{tree.display} is not a checkpoint paramscope reads")
 
 
 # Files that are not checkpoints paramscope reads, by how they begin (and their names): named
@@ -233,11 +237,10 @@ def unsupported(tree: Tree) -> ParamscopeError | None:
     single = tree.root_is_file()
     pickled = [n for n, what in found if what == "pickle"]
     if pickled:
-        more = f" and {len(pickled) - 3} more" if len(pickled) > 3 else ""
         message = (
             f"{tree.display} is pickle-based (a pickle or torch.save file)"
             if single
-            else f"{tree.display} holds pickle-based files ({', '.join(pickled[:3])}{more}), no checkpoint"
+            else f"{tree.display} holds pickle-based files ({few(pickled, 3)}), no checkpoint"
         )
         return NotACheckpoint(message, hint=_PICKLE_HINT)
     name, what = found[0]
@@ -259,7 +262,7 @@ def list_steps(path: str | os.PathLike) -> list[Step]:
 def disk_usage(item: Item) -> int | None:
     """Bytes an item's files take; None where the store cannot tell (buckets)."""
     usage = getattr(_module(item.kind), "disk_usage", None)
-    return usage(item) if usage else orbax.disk_usage(item)
+    return usage(item) if usage else item.tree.size(item.rel)
 
 
 def read_arrays(
@@ -268,31 +271,41 @@ def read_arrays(
     """Every array of an item, from metadata alone; leaves that are not arrays (strings) are
     appended to ``values`` as (path, value) by the formats that store them."""
     problems = problems if problems is not None else []
-    module = _module(item.kind)
-    return (module or orbax).read_arrays(item, problems, values)
+    return (_module(item.kind) or _primary()).read_arrays(item, problems, values)
 
 
-def _orbax_step(location: Location) -> bool:
-    """Whether a location is Orbax's (only Orbax steps have step metadata)."""
-    return not any(_module(item.kind) for item in location.items)
+def _step_format(location: Location):
+    """The format of a located step: that of its items that hold arrays (the first format's for
+    a step of none)."""
+    claimed = [_module(item.kind) for item in location.items]
+    return next((m for m in claimed if m is not None and m is not _primary()), _primary())
+
+
+def _step_metadata(location: Location):
+    """The format of a step if it keeps step metadata (``commit_timestamp``...), else None."""
+    module = _step_format(location)
+    return module if hasattr(module, "commit_timestamp") else None
 
 
 def read_step_metadata(location: Location) -> Any:
-    """The chosen step's ``_CHECKPOINT_METADATA``; None where there is none."""
-    return orbax.read_step_metadata(location) if _orbax_step(location) else None
+    """The chosen step's metadata (Orbax's ``_CHECKPOINT_METADATA``); None where there is none."""
+    module = _step_metadata(location)
+    return module.read_step_metadata(location) if module else None
 
 
 def custom_metadata(location: Location) -> dict[str, Any]:
     """The step's custom metadata (e.g. MaxText's ``scan_layers``); empty where there is none."""
-    return orbax.custom_metadata(location) if _orbax_step(location) else {}
+    module = _step_metadata(location)
+    return module.custom_metadata(location) if module else {}
 
 
 def commit_timestamp(location: Location) -> int | None:
     """When the step was committed (nanoseconds); None where unknown. Formats without step
     metadata (msgpack, safetensors, zarr trees) on a local disk: when their files last changed,
     so a step rewritten in place is told apart; in buckets, unknown."""
-    if _orbax_step(location):
-        return orbax.commit_timestamp(location)
+    module = _step_metadata(location)
+    if module:
+        return module.commit_timestamp(location)
     if any(item.tree.remote for item in location.items) or not location.items:
         return None
     latest = 0
@@ -323,8 +336,9 @@ def data_stamp(location: Location) -> str | None:
     import hashlib
 
     parts: list[str] = []
-    if _orbax_step(location):
-        stamp = orbax.commit_timestamp(location)
+    module = _step_metadata(location)
+    if module:
+        stamp = module.commit_timestamp(location)
         if stamp is None:
             return None
         parts.append(str(stamp))
@@ -405,28 +419,22 @@ def notes(item: Item) -> list[str]:
 def holds_arrays(item: Item) -> bool:
     """Whether an item is one whose arrays can be listed (a damaged Orbax item counts: reading it
     fails loudly)."""
-    return item.kind in ("pytree", "array", "damaged", orbax.PAXML_KIND) or _module(item.kind) is not None
+    return _module(item.kind) is not None
 
 
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
     """Where an item's metadata and its stored arrays disagree (for ``verify``)."""
-    module = _module(item.kind)
-    return module.audit_item(item, arrays) if module else orbax.audit_item(item, arrays)
+    return (_module(item.kind) or _primary()).audit_item(item, arrays)
 
 
 def storage_format(item: Item) -> str:
     """How an item stores its arrays ('ocdbt', 'zarr', 'safetensors', ...)."""
-    module = _module(item.kind)
-    return module.describe(item)["storage"] if module else orbax.storage_format(item)
+    return (_module(item.kind) or _primary()).describe(item).get("storage", "")
 
 
 def describe(item: Item) -> dict[str, Any]:
     """What ``info`` shows of an item beyond its arrays: ``storage`` and ``metadata``."""
-    module = _module(item.kind)
-    if module:
-        return module.describe(item)
-    arrays = item.kind in ("pytree", "array", orbax.PAXML_KIND)
-    return {"storage": orbax.storage_format(item)} if arrays else {}
+    return (_module(item.kind) or _primary()).describe(item)
 
 
 def step_bytes(path: str, step: int | None = None) -> int:
@@ -442,15 +450,15 @@ def open_arrays(arrays: Sequence[StoredArray]) -> list[Any]:
     """Opens many stored arrays read-only; returns, in order, a handle (sliceable, ``.read()``)
     or the :class:`ArrayReadError` of each."""
     handles: list[Any] = [None] * len(arrays)
-    zarr = []
+    tensorstore = []
     for i, array in enumerate(arrays):
         problem = fill_problem(array) if array.driver not in ("bytes", "value", "deflated") else None
         if problem is not None:
             handles[i] = ArrayReadError("read", array.path, ValueError(problem))
             handles[i].hint = "the array was never written whole; its stored chunks are all there is"
         elif array.driver not in ("bytes", "value", "deflated"):
-            zarr.append(i)
-    for i, handle in zip(zarr, orbax.open_arrays([arrays[i] for i in zarr])):
+            tensorstore.append(i)
+    for i, handle in zip(tensorstore, zarr.open_arrays([arrays[i] for i in tensorstore])):
         handles[i] = handle
     for i, array in enumerate(arrays):
         if array.driver == "bytes":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint, StepNotFound
+from paramscope.errors import CorruptCheckpoint, StepNotFound, few
 from paramscope.io import msgpack, safetensors
 from paramscope.io.records import Item, Location, StoredArray
 from paramscope.io.storage import Tree
@@ -120,8 +120,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
 
 
 def _some(names: list[str], shown: int = 3) -> str:
-    text = ", ".join(repr(n[:200]) for n in names[:shown])
-    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return few([repr(n[:200]) for n in names], shown)
 
 
 def notes(item: Item) -> list[str]:

@@ -7,6 +7,7 @@ and a 100 GB checkpoint of the same structure.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -70,7 +71,7 @@ class ParamInfo:
 
     @property
     def count(self) -> int:
-        return _count(self.shape)
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -641,7 +642,7 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
             described = checkpoint.describe(item)
             storage, metadata = described.get("storage"), described.get("metadata")
             arrays = len(stored)
-            count = sum(_count(a.shape) for a in stored)
+            count = sum(math.prod(a.shape) for a in stored)
         else:
             content = item_content(item)
         summaries.append(
@@ -672,10 +673,3 @@ def checkpoint_info(path: str | os.PathLike, step: int | None = None) -> InfoRes
         shown=os.fspath(path),
         step_metadata=step_metadata(location),
     )
-
-
-def _count(shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

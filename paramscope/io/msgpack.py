@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound, StorageError, few
-from paramscope.io import orbax
+from paramscope.io import orbax, zarr
 from paramscope.io.msgpack_walk import Leaf, Malformed, walk
-from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
+from paramscope.io.records import STEP_NAME, Item, Location, Step, StoredArray, dtype_info
 from paramscope.io.storage import Tree, read_range, rel_path
 from paramscope.names import join_keys
 
@@ -49,7 +49,6 @@ GDA_SUFFIX = "_gda"
 
 # Hugging Face's sharded Flax weights (flax_model-00001-of-00004.msgpack), each with part of the tree
 _HF_SHARD = re.compile(r"^(?P<base>.+)-(?P<index>\d+)-of-(?P<count>\d+)\.msgpack$")
-_STEP_FILE = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
 _GDA_FOLDER = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)_gda$")
 
 
@@ -166,7 +165,7 @@ def _sniff(tree: Tree, rel: str) -> bool:
 
 def _item_name(file_name: str) -> str:
     """A flax file's item: the files' prefix (``checkpoint``), the same at every step."""
-    match = _STEP_FILE.match(file_name)
+    match = STEP_NAME.match(file_name)
     if match is None:
         return file_name
     return match.group("prefix") or ORBAX_FILE
@@ -193,7 +192,7 @@ def locate(tree: Tree, step: int | None) -> Location | None:
     unfinished: dict[int, str] = {}
     for key in tree.keys():
         head, _, rest = key.partition("/")
-        match = _STEP_FILE.match(key)
+        match = STEP_NAME.match(key)
         if match and not rest:
             files.append((int(match.group("step")), key))
         gda = _GDA_FOLDER.match(head)
@@ -297,7 +296,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
     store = json.dumps(doc.tree.spec(doc.folder), sort_keys=True)
     root = (item.name,)
     # flax boxes (linen nn.Partitioned) are stored as {"value": array}: the tree decides which
-    boxed = orbax.boxed_leaves([leaf.keys or root for leaf in doc.leaves])
+    boxed = zarr.boxed_leaves([leaf.keys or root for leaf in doc.leaves])
     slots: list[StoredArray | None] = []
     for leaf, box in zip(doc.leaves, boxed):
         keys = leaf.keys or root
@@ -359,7 +358,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
             ]
         box_of = {id(leaf): box for leaf, box in zip(doc.leaves, boxed)}
         placed = [box_of[id(leaf)] for leaf, _ in placeholders]
-        stored = iter(orbax.zarr_arrays(kv, entries, shardings, where, placed))
+        stored = iter(zarr.zarr_arrays(kv, entries, shardings, where, placed))
         by_leaf = {id(leaf): next(stored) for leaf, _ in placeholders}
         slots = [by_leaf.get(id(leaf), slot) for leaf, slot in zip(doc.leaves, slots)]
     arrays = [slot for slot in slots if slot is not None]
@@ -450,7 +449,7 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
             problems.append((name, f"in {ORBAX_FILE}, but not listed in {orbax.TREE_METADATA}"))
     kv = orbax.kvstore_spec(doc.tree, doc.folder)
     if kv.get("driver") == "ocdbt":
-        stored = orbax.stored_array_names(kv)
+        stored = zarr.stored_array_names(kv)
     else:
         stored = _stored_zarr_names(doc.tree, doc.folder)
     for name in sorted(stored - named):

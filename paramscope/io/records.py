@@ -9,6 +9,8 @@ for every format (``handle[index].read().result()`` is a numpy array).
 from __future__ import annotations
 
 import functools
+import math
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,6 +76,10 @@ class StoredArray:
 # An array whose chunks were not all written reads as its fill value where they are missing. Such
 # values cost time and memory to make without any byte on disk behind them, so an array is read
 # only while they stay within these (a [2**40] array of no chunks would otherwise take hours).
+# The name of a step (a folder, or a file): its number, after an optional ``PREFIX_``
+# (Orbax's ``step_prefix``, flax's ``checkpoint_``).
+STEP_NAME = re.compile(r"^(?:(?P<prefix>.*)_)?(?P<step>\d+)$")
+
 MAX_FILL_ELEMENTS = 1 << 27
 MAX_MISSING_CHUNKS = 1 << 16
 
@@ -81,7 +87,7 @@ MAX_MISSING_CHUNKS = 1 << 16
 def chunk_grid(array: StoredArray) -> tuple[int, list[int]]:
     """How many chunks an array has, and the shape of one."""
     chunks = [max(1, c) for c in array.chunks] if len(array.chunks) == len(array.shape) else array.shape
-    return _product(-(-d // max(1, c)) for d, c in zip(array.shape, chunks)), list(chunks)
+    return math.prod(-(-d // max(1, c)) for d, c in zip(array.shape, chunks)), list(chunks)
 
 
 def skips_fill_chunks(array: StoredArray) -> bool:
@@ -98,7 +104,7 @@ def fill_problem(array: StoredArray) -> str | None:
         return None
     grid, chunks = chunk_grid(array)
     missing = grid - array.stored_chunks
-    filled = _product(array.shape) - array.stored_chunks * _product(chunks)
+    filled = math.prod(array.shape) - array.stored_chunks * math.prod(chunks)
     if missing > MAX_MISSING_CHUNKS:
         return (
             f"{missing:,} of its {grid:,} chunks are not stored (paramscope reads an array with at most "
@@ -168,14 +174,11 @@ class ArrayReadError(CorruptCheckpoint):
 # ----------------------------------------------------------------------------------------------
 # Arrays stored as raw bytes: read by byte range, one slab of leading-axis rows at a time
 
-_POOL: ThreadPoolExecutor | None = None
-
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="paramscope-read")
-    return _POOL
+    from paramscope.io.session import SESSION
+
+    return SESSION.pool()
 
 
 class BytesArray:
@@ -224,7 +227,7 @@ class BytesArray:
             position = _one_position(index[axis], shape[axis])
             if position is None:
                 break
-            start += position * dtype.itemsize * _product(shape[axis + 1 :])
+            start += position * dtype.itemsize * math.prod(shape[axis + 1 :])
             kept.append(isinstance(index[axis], slice))
             axis += 1
         rows = shape[axis]
@@ -236,7 +239,7 @@ class BytesArray:
         else:
             lo = int(first) + rows if int(first) < 0 else int(first)
             hi, within = lo + 1, 0
-        row_bytes = dtype.itemsize * _product(shape[axis + 1 :])
+        row_bytes = dtype.itemsize * math.prod(shape[axis + 1 :])
         raw = self._read_range(start + lo * row_bytes, start + hi * row_bytes) if hi > lo else b""
         block = np.frombuffer(raw, dtype).reshape((1,) * axis + (hi - lo, *shape[axis + 1 :]))
         # a stepped-over axis is one long in the block: a slice keeps it, an integer index drops it
@@ -256,13 +259,6 @@ def _one_position(selection, size: int) -> int | None:
     except TypeError:
         return None
     return position + size if position < 0 else position
-
-
-def _product(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 @functools.cache

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint, ItemNotFound, StepNotFound, StorageError
+from paramscope.errors import CorruptCheckpoint, ItemNotFound, StepNotFound, StorageError, few
 from paramscope.io.records import Item, Location, StoredArray, numpy_dtype
 from paramscope.io.storage import Tree
 
@@ -513,8 +513,7 @@ def _numpy_name(code: str) -> str | None:
 
 def _some(names: list[str], shown: int = 3, quote: bool = True) -> str:
     """The first few names, then how many more."""
-    text = ", ".join(repr(n[:200]) if quote else n for n in names[:shown])
-    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return few([repr(n[:200]) if quote else n for n in names], shown)
 
 
 def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, str]]:
@@ -527,12 +526,11 @@ def audit_item(item: Item, arrays: list[StoredArray]) -> list[tuple[str | None, 
     for header in _headers(found.tree, found.files):
         holes = header.holes()
         if holes:
-            spans = ", ".join(f"{a}-{b}" for a, b in holes[:_SHOWN_GAPS])
-            more = f" and {len(holes) - _SHOWN_GAPS} more" if len(holes) > _SHOWN_GAPS else ""
+            spans = few([f"{a}-{b}" for a, b in holes], _SHOWN_GAPS)
             problems.append(
                 (
                     None,
-                    f"{header.file}: bytes {spans}{more} of the data buffer belong to no tensor "
+                    f"{header.file}: bytes {spans} of the data buffer belong to no tensor "
                     "(safetensors requires the tensors to cover it exactly)",
                 )
             )

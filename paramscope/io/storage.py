@@ -177,7 +177,6 @@ _CONTEXT_ENV = (
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "HOME",
 )
-_CONTEXT: tuple[tuple, Any] | None = None
 
 
 def context():
@@ -186,13 +185,14 @@ def context():
     Every kvstore and array paramscope opens uses it, so the request limits hold for the whole
     process rather than per array.
     """
-    global _CONTEXT
-    key = tuple(os.environ.get(name) for name in _CONTEXT_ENV)
-    if _CONTEXT is None or _CONTEXT[0] != key:
+    from paramscope.io.session import SESSION
+
+    def make():
         import tensorstore as ts
 
-        _CONTEXT = (key, ts.Context(dict(_context_spec())))
-    return _CONTEXT[1]
+        return ts.Context(dict(_context_spec()))
+
+    return SESSION.context(tuple(os.environ.get(name) for name in _CONTEXT_ENV), make)
 
 
 def credentials_hint(scheme: str) -> str:
@@ -722,11 +722,10 @@ def short_error(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-@functools.lru_cache(maxsize=64)
 def _kvstore(spec: str, ctx):
-    import tensorstore as ts
+    from paramscope.io.session import SESSION
 
-    return ts.KvStore.open(json.loads(spec), context=ctx).result()
+    return SESSION.kvstore(spec, ctx)
 
 
 def read_range(spec: str, key: str, start: int, stop: int) -> bytes:

@@ -31,8 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound
-from paramscope.io import orbax
+from paramscope.errors import CorruptCheckpoint, NotACheckpoint, StepNotFound, few
+from paramscope.io import orbax, zarr
 from paramscope.io.records import Item, Location, Step, StoredArray, dtype_info
 from paramscope.io.storage import Tree, load_json, regular_file, rel_path
 from paramscope.names import join_keys
@@ -65,8 +65,7 @@ def _base(rel: str) -> str:
 
 
 def _few(names: list[str], shown: int = 3) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+    return few(names, shown)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +300,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
             )
         listed = [(e.keys, e.folder, "jax.Array") for e in entries]
         return _with_stored_chunks(
-            tree, item.rel, orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}")
+            tree, item.rel, zarr.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}")
         )
     found = _zarr_folders(tree, item.rel)
     if found.too_deep:
@@ -309,7 +308,7 @@ def read_arrays(item: Item, problems: list[str], values: list | None = None) -> 
     # the folder itself may be an array: it is read from its parent, under the folder's name
     own = _own_array(item) if "" in found.arrays else []
     listed = [(tuple(f.split("/")), f, "jax.Array") for f in sorted(found.arrays) if f]
-    arrays = orbax.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}") if listed else []
+    arrays = zarr.zarr_arrays(tree.spec(item.rel), listed, None, f"item {item.name!r}") if listed else []
     return _with_stored_chunks(tree, item.rel, own, own=True) + _with_stored_chunks(tree, item.rel, arrays)
 
 
@@ -388,7 +387,7 @@ def _own_array(item: Item) -> list[StoredArray]:
             f"{item.path} is one zarr array at the root of a bucket", hint="copy it into a folder"
         )
     kv = {**spec, "path": parent + "/" if parent or item.tree.scheme == "file" else ""}
-    return orbax.zarr_arrays(kv, [((name,), name, "jax.Array")], None, f"array {name!r}")
+    return zarr.zarr_arrays(kv, [((name,), name, "jax.Array")], None, f"array {name!r}")
 
 
 def witness_files(item: Item) -> list[str]:

@@ -153,13 +153,15 @@ def shown(row: dict[str, Any], column: Column) -> Any:
 
 
 def listed(items, limit: int = 5) -> str:
-    """The first few items, comma-separated, and ``...`` when there are more.
+    """The first few items, comma-separated, then how many more (:func:`paramscope.errors.few`,
+    the one way every message and note shortens a list).
 
     >>> listed(["a", "b", "c"], 2), listed(["a"])
-    ('a, b ...', 'a')
+    ('a, b and 1 more', 'a')
     """
-    items = list(items)
-    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+    from paramscope.errors import few
+
+    return few(items, limit)
 
 
 def column_names(columns: Sequence[Column]) -> str:

@@ -498,7 +498,7 @@ def _complex_note(params) -> list[str]:
     names = [p.path for p in params if _is_complex(p.dtype)]
     if not names:
         return []
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = few(names, 3)
     return [f"complex arrays ({shown}): mean, std, min, max and zeros are of the magnitudes |z|"]
 
 
