@@ -97,8 +97,6 @@ def show(
     - `paramscope show ckpt w --nonfinite`
     - `paramscope show ckpt w --out w.npy`
     """
-    from paramscope.compute.values import SUMMARY_THRESHOLD  # noqa: F401 - fails early without numpy
-
     axes = list(axis or [])
     if plot is not None:
         if not axes or len(axes) > 2:
@@ -190,7 +188,7 @@ def _counted(progress: dict, total: int) -> bool:
 
 
 def _budget(text: str | None) -> int | None:
-    from paramscope.compute.plan import parse_size
+    from paramscope.api import parse_size
 
     return parse_size(text) if text else None
 
