@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(repr=False)
 class Result:
     """One answer: the document the command line prints as JSON, and the same data as rows."""
 
@@ -84,6 +84,12 @@ class Result:
 
     def __str__(self) -> str:
         return self.to_text()
+
+    def __repr__(self) -> str:
+        """In a REPL, the command's table (not the dataclass's fields)."""
+        import shutil
+
+        return self.to_text(shutil.get_terminal_size((100, 24)).columns).rstrip("\n")
 
     def _repr_html_(self) -> str:
         import html

@@ -211,3 +211,13 @@ def test_a_closed_checkpoint_lets_go_of_its_reading_state_and_reads_again(demo_c
     assert not SESSION.stores and not SESSION.btrees and not SESSION.templates
     assert ck.norms(per_param=True).to_dict() == first
     ck.close()
+
+
+def test_a_result_in_a_repl_is_its_table(manager_ckpt):
+    """``repr`` (what a REPL echoes) is the command's table, not the dataclass's fields."""
+    import paramscope as ps
+
+    result = ps.open(manager_ckpt.path).count()
+    text = repr(result)
+    assert "Report(" not in text and "Column(" not in text
+    assert "group (depth 1)" in text and "total" in text

@@ -110,19 +110,21 @@ def show(
     common.quiet_libraries()
     result = common.with_progress(
         out.quiet,
-        lambda progress: _counted(progress, selection.box_count() * param.itemsize)
-        and ck.show(
-            path,
-            index=slice_text,
-            filter=sel.filter,
-            nonfinite=limit if nonfinite else None,
-            top=top,
-            axis=axes,
-            exact=out.exact,
-            out=out_file,
-            force=force,
-            memory_budget=budget,
-            on_bytes=progress.get("on_bytes"),
+        lambda progress: (
+            _counted(progress, selection.box_count() * param.itemsize)
+            and ck.show(
+                path,
+                index=slice_text,
+                filter=sel.filter,
+                nonfinite=limit if nonfinite else None,
+                top=top,
+                axis=axes,
+                exact=out.exact,
+                out=out_file,
+                force=force,
+                memory_budget=budget,
+                on_bytes=progress.get("on_bytes"),
+            )
         ),
     )
     for note in result.warnings[len(ck.warnings) :]:
@@ -172,8 +174,10 @@ def export(
     common.quiet_libraries()
     result = common.with_progress(
         out.quiet,
-        lambda progress: _counted(progress, sum(p.nbytes for p in params))
-        and ck.export(target, force=force, memory_budget=budget, on_bytes=progress.get("on_bytes")),
+        lambda progress: (
+            _counted(progress, sum(p.nbytes for p in params))
+            and ck.export(target, force=force, memory_budget=budget, on_bytes=progress.get("on_bytes"))
+        ),
     )
     for note in result.warnings[len(ck.warnings) :]:
         common.warn(note, out.quiet)
