@@ -32,12 +32,12 @@ def base_values():
 SPECS = {"embed": P("model", "data"), "dense.kernel": P("data", "model")}
 
 
-def save(path, values):
+def save(path, values, specs=SPECS):
     mesh = make_mesh()
 
     def place(key_path, value):
         name = ".".join(k.key for k in key_path)
-        return jax.device_put(value, NamedSharding(mesh, SPECS.get(name, P())))
+        return jax.device_put(value, NamedSharding(mesh, specs.get(name, P())))
 
     placed = jax.tree_util.tree_map_with_path(place, values)
     checkpointer = ocp.StandardCheckpointer()
@@ -175,6 +175,26 @@ def test_structural_changes(variants):
     assert code == 1 and found == {("embed", "shape")}
     code, found = violations("recast", "--only", "structure")
     assert code == 1 and found == {("dense.kernel", "dtype")}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_a_format_without_shardings_is_a_lossless_copy(variants, tmp_path, suffix):
+    # safetensors and npz store no sharding: nothing to compare A's with, so no change
+    paths, _, _ = variants
+    copy = str(tmp_path / f"params{suffix}")
+    assert run("export", paths["base"], copy).exit_code == 0
+    for extra in ([], ["--digest-only"]):
+        result = run("diff", paths["base"], copy, "--fail-on-change", "--format", "json", *extra)
+        assert result.exit_code == 0, (extra, result.stdout)
+        doc = json.loads(result.stdout)
+        assert set(statuses(doc).values()) == {"identical"}
+        assert all(not p.get("changes") for p in doc["params"])
+    # a change of sharding between two checkpoints that both store it still counts
+    resharded = str(tmp_path / "resharded")
+    save(resharded, base_values(), {**SPECS, "embed": P("data", "model")})
+    row = next(p for p in run_json("diff", paths["base"], resharded)["params"] if p["path"] == "embed")
+    assert row["status"] == "changed"
+    assert row["changes"] == ["sharding P('model', 'data') -> P('data', 'model')"]
 
 
 def test_diff_between_two_steps_of_a_manager_run(manager_ckpt):
