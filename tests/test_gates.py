@@ -234,15 +234,25 @@ def test_bad_baselines(variants, tmp_path):
             json.dumps({"schema": "paramscope.snapshot/1", "params": [{"no_path": 1}]}),
             "malformed",
         ),
+        # a document that compares nothing would pass anything
+        "empty.json": ('{"schema": "paramscope.snapshot/2"}', 'has no "params"'),
+        "no_norm.json": ('{"schema": "paramscope.norms/2", "count": 1}', 'has no "global_norm"'),
     }
     for name, (content, message) in cases.items():
         path = tmp_path / name
         if content is not None:
             path.write_text(content)
-        result = run("check", paths["base"], "--baseline", path)
-        assert result.exit_code == 2, name  # a bad input file, like a bad option
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, (name, lines)
+        commands = [("check", paths["base"], "--baseline", path)]
+        if name == "empty.json":
+            commands += [("verify", paths["base"], "--baseline", path), ("diff", paths["base"], path)]
+        for command in commands:
+            result = run(*command)
+            assert result.exit_code == 2, command  # a bad input file, like a bad option
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, (
+                command,
+                lines,
+            )
     result = run("check", paths["base"], "--baseline", baseline, "--only", "everything")
     assert result.exit_code == 2 and "unknown --only" in result.stderr
     inside = os.path.join(paths["base"], "baseline.json")
