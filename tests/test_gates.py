@@ -260,6 +260,17 @@ def test_bad_baselines(variants, tmp_path):
     assert result.exit_code == 2 and not os.path.exists(inside)
 
 
+def test_check_only_names_every_category_in_help_and_docs():
+    from paramscope.compute.baseline import CATEGORIES
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "commands")
+    with open(os.path.join(docs, "snapshot-check.md")) as f:
+        page = " ".join(f.read().split())
+    assert f"`--only {'|'.join(CATEGORIES)}`" in page
+    said = " ".join(run("check", "--help").stdout.replace("│", " ").split())
+    assert f"Compare only: {', '.join(CATEGORIES)} (repeatable)" in said
+
+
 def _validator(name):
     schema = json.loads(files("paramscope").joinpath("output", "schemas", f"{name}.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
