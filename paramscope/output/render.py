@@ -70,6 +70,8 @@ class Report:
     name: str = ""  # how --format csv and the table options pick this table among the sections
     empty: str = "nothing to show"  # the sentence shown instead of a table without rows
     hidden: bool = False  # a section shown only when asked for by name
+    # columns this table can have but does not, and the option that adds each (key -> option)
+    options_adding: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -184,8 +186,11 @@ def _choose_columns(report: Report, keys: Sequence[str] | None, hide_empty: bool
         by_name.update({c.key.lower(): c for c in report.columns})
         unknown = [k for k in keys if k.strip().lower() not in by_name]
         if unknown:
+            option = report.options_adding.get(unknown[0].strip().lower())
+            hint = "columns: " + column_names(report.columns)
             raise UsageError(
-                f"no column {unknown[0]!r} in this table", hint="columns: " + column_names(report.columns)
+                f"no column {unknown[0]!r} in this table",
+                hint=f"{option} adds it; {hint}" if option else hint,
             )
         chosen = [by_name[k.strip().lower()] for k in keys]
         # on a narrow terminal the path folds first, then the columns named last go first

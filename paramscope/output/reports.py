@@ -278,6 +278,22 @@ def info_report(result) -> Report:
     return report
 
 
+def _options_adding(scan, full: bool, masked: bool) -> dict[str, str]:
+    """The columns ``table`` shows only when asked, which it lacks now, and the option adding each,
+    by key and by header (as ``--columns`` names them)."""
+    adding = {}
+    if scan is None:
+        adding["norm"] = "--norms (or --stats)"
+    if not full:
+        adding.update({c.key: "--stats" for c in STAT_COLUMNS[1:]})
+    if scan is None or scan.digest is None:
+        adding["digest"] = "--digest"
+    if not masked:
+        adding["weight_decay"] = "--wd-include or --wd-exclude"
+    by_header = {field(key).header.lower(): option for key, option in adding.items()}
+    return {**by_header, **adding}
+
+
 def table_report(
     inv,
     params,
@@ -345,6 +361,7 @@ def table_report(
         empty="no arrays: the item holds only the values below"
         if inv.values and not inv.params
         else "no parameters match",
+        options_adding=_options_adding(scan, full, mask is not None),
     )
     if inv.values:
         payload["values"] = inv.values
