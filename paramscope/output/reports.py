@@ -81,12 +81,24 @@ def header(inv) -> dict[str, Any]:
     }
 
 
+def _items_part(shown: str, items: list[str]) -> list[str]:
+    """``item NAME`` (``items A,B``) for a title; nothing for the one item a path names itself
+    (a file such as ``model.safetensors``, an item folder passed alone).
+
+    >>> _items_part("ckpt", ["params"]), _items_part("out/model.npz", ["model.npz"])
+    (['item params'], [])
+    """
+    if len(items) == 1 and items[0] == shown.rstrip("/").rsplit("/", 1)[-1]:
+        return []
+    return [("item " if len(items) == 1 else "items ") + ",".join(items)]
+
+
 def where(inv) -> str:
     """The selection as the user would write it: path as typed, step, item(s), subtree."""
     parts = [inv.shown or inv.checkpoint]
     if inv.step is not None:
         parts.append(f"step {inv.step}")
-    parts.append(("item " if len(inv.items) == 1 else "items ") + ",".join(inv.items))
+    parts += _items_part(parts[0], inv.items)
     if inv.subtree:
         parts.append(f"subtree {inv.subtree}")
     return "  ".join(parts)
@@ -546,7 +558,7 @@ def verify_report(result, shown: str | None = None) -> Report:
     rows = [{"item": p.item, "path": p.path, "problem": p.problem} for p in result.problems]
     verdict = "OK" if result.ok else plural(len(rows), "problem")
     step_text = f"  step {result.step}" if result.step is not None else ""
-    items = ("item " if len(result.items) == 1 else "items ") + ",".join(result.items)
+    items = "".join(f"  {part}" for part in _items_part(shown or result.checkpoint, result.items))
     return Report(
         payload={
             "schema": schema("verify"),
@@ -560,7 +572,7 @@ def verify_report(result, shown: str | None = None) -> Report:
             "problems": rows,
             "notes": result.notes,
         },
-        title=f"{shown or result.checkpoint}{step_text}  {items}",
+        title=f"{shown or result.checkpoint}{step_text}{items}",
         columns=[field("item"), field("path", header="array"), field("problem")],
         rows=rows,
         notes=[
