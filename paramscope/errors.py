@@ -20,6 +20,14 @@ class ParamscopeError(Exception):
         self.message = message
         self.hint = hint
 
+    def __str__(self) -> str:
+        """The message and its hint, as a traceback or a notebook shows the error.
+
+        >>> str(ParamscopeError("ckpt does not exist", hint="check the path"))
+        'ckpt does not exist (hint: check the path)'
+        """
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
 
 class CheckpointNotFound(ParamscopeError):
     """The path does not exist."""

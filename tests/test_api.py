@@ -10,7 +10,7 @@ import pytest
 from test_cli import run
 
 import paramscope as ps
-from paramscope.errors import ParamscopeError
+from paramscope.errors import CheckpointNotFound, ParamscopeError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -77,6 +77,19 @@ def test_every_view_is_the_documents_the_command_line_prints(case, request):
     # and a notebook shows every parameter
     html = ck.table()._repr_html_()
     assert all(p.path.replace("&", "&amp;").replace("<", "&lt;") in html for p in ck.params)
+
+
+def test_library_errors_carry_their_hint(tmp_path, manager_ckpt):
+    # the CLI prints message and hint on one line; a notebook or a traceback shows the same
+    with pytest.raises(CheckpointNotFound) as caught:
+        ps.open(str(tmp_path / "nope"))
+    assert str(caught.value) == f"{caught.value.message} (hint: check the path)"
+    assert caught.value.message.endswith("nope does not exist")
+    result = run("table", str(tmp_path / "nope"))
+    assert result.stderr.count("hint") == 1 and result.stderr.count("\n") == 1
+    with pytest.raises(ParamscopeError) as caught:
+        ps.open(manager_ckpt.path, step=7)
+    assert str(caught.value).endswith(f"(hint: {caught.value.hint})") and caught.value.hint
 
 
 def test_the_api_takes_the_command_lines_names_and_units(manager_ckpt):

@@ -233,6 +233,10 @@ def test_version_and_help():
             manual += f.read()
     assert run("-V").stdout == run("--version").stdout
     listing = run("--help").stdout
+    with open(os.path.join(ROOT, "README.md")) as f:
+        codes = re.findall(r"^\| (\d+) \| ", f.read(), re.M)
+    said = " ".join(listing.split()).split("Exit codes: ", 1)[1].split(".", 1)[0]
+    assert "130" in codes and re.findall(r"(\d+) [a-z]", said) == codes  # every documented code
     commands = re.findall(r"^│ ([a-z]+) ", listing, re.M)
     assert set(COMMANDS) < set(commands) and {"diff", "snapshot", "check"} <= set(commands)
     for command in commands:

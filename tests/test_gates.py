@@ -32,12 +32,12 @@ def base_values():
 SPECS = {"embed": P("model", "data"), "dense.kernel": P("data", "model")}
 
 
-def save(path, values):
+def save(path, values, specs=SPECS):
     mesh = make_mesh()
 
     def place(key_path, value):
         name = ".".join(k.key for k in key_path)
-        return jax.device_put(value, NamedSharding(mesh, SPECS.get(name, P())))
+        return jax.device_put(value, NamedSharding(mesh, specs.get(name, P())))
 
     placed = jax.tree_util.tree_map_with_path(place, values)
     checkpointer = ocp.StandardCheckpointer()
@@ -177,6 +177,26 @@ def test_structural_changes(variants):
     assert code == 1 and found == {("dense.kernel", "dtype")}
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_a_format_without_shardings_is_a_lossless_copy(variants, tmp_path, suffix):
+    # safetensors and npz store no sharding: nothing to compare A's with, so no change
+    paths, _, _ = variants
+    copy = str(tmp_path / f"params{suffix}")
+    assert run("export", paths["base"], copy).exit_code == 0
+    for extra in ([], ["--digest-only"]):
+        result = run("diff", paths["base"], copy, "--fail-on-change", "--format", "json", *extra)
+        assert result.exit_code == 0, (extra, result.stdout)
+        doc = json.loads(result.stdout)
+        assert set(statuses(doc).values()) == {"identical"}
+        assert all(not p.get("changes") for p in doc["params"])
+    # a change of sharding between two checkpoints that both store it still counts
+    resharded = str(tmp_path / "resharded")
+    save(resharded, base_values(), {**SPECS, "embed": P("data", "model")})
+    row = next(p for p in run_json("diff", paths["base"], resharded)["params"] if p["path"] == "embed")
+    assert row["status"] == "changed"
+    assert row["changes"] == ["sharding P('model', 'data') -> P('data', 'model')"]
+
+
 def test_diff_between_two_steps_of_a_manager_run(manager_ckpt):
     doc = run_json("diff", manager_ckpt.path, manager_ckpt.path, "--step-a", "100", "--step-b", "200")
     assert doc["a"]["step"] == 100 and doc["b"]["step"] == 200
@@ -214,20 +234,41 @@ def test_bad_baselines(variants, tmp_path):
             json.dumps({"schema": "paramscope.snapshot/1", "params": [{"no_path": 1}]}),
             "malformed",
         ),
+        # a document that compares nothing would pass anything
+        "empty.json": ('{"schema": "paramscope.snapshot/2"}', 'has no "params"'),
+        "no_norm.json": ('{"schema": "paramscope.norms/2", "count": 1}', 'has no "global_norm"'),
     }
     for name, (content, message) in cases.items():
         path = tmp_path / name
         if content is not None:
             path.write_text(content)
-        result = run("check", paths["base"], "--baseline", path)
-        assert result.exit_code == 2, name  # a bad input file, like a bad option
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, (name, lines)
+        commands = [("check", paths["base"], "--baseline", path)]
+        if name == "empty.json":
+            commands += [("verify", paths["base"], "--baseline", path), ("diff", paths["base"], path)]
+        for command in commands:
+            result = run(*command)
+            assert result.exit_code == 2, command  # a bad input file, like a bad option
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, (
+                command,
+                lines,
+            )
     result = run("check", paths["base"], "--baseline", baseline, "--only", "everything")
     assert result.exit_code == 2 and "unknown --only" in result.stderr
     inside = os.path.join(paths["base"], "baseline.json")
     result = run("snapshot", paths["base"], "-o", inside)
     assert result.exit_code == 2 and not os.path.exists(inside)
+
+
+def test_check_only_names_every_category_in_help_and_docs():
+    from paramscope.compute.baseline import CATEGORIES
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "commands")
+    with open(os.path.join(docs, "snapshot-check.md")) as f:
+        page = " ".join(f.read().split())
+    assert f"`--only {'|'.join(CATEGORIES)}`" in page
+    said = " ".join(run("check", "--help").stdout.replace("│", " ").split())
+    assert f"Compare only: {', '.join(CATEGORIES)} (repeatable)" in said
 
 
 def _validator(name):

@@ -224,6 +224,15 @@ def test_narrow_tables_hide_whole_columns_and_say_which(manager_ckpt):
     assert shown_headers(ANSI.sub("", picked.stdout)) == ["path", "sharding"]
     bad = run("table", manager_ckpt.path, "--columns", "path,colour")
     assert bad.exit_code == 2 and "no column 'colour'" in bad.stderr and "sharding" in bad.stderr
+    # a column the table shows when asked: the hint names the option that adds it
+    for columns, extra, option in (
+        ("path,sharding,norm", [], "--norms (or --stats) adds it"),
+        ("path,zeros", ["--norms"], "--stats adds it"),
+        ("path,digest", ["--stats"], "--digest adds it"),
+    ):
+        missing = run("table", manager_ckpt.path, "--columns", columns, *extra)
+        assert missing.exit_code == 2 and missing.stderr.count("\n") == 1 and option in missing.stderr
+    assert "adds it" not in bad.stderr
 
 
 def test_empty_columns_are_not_shown(manager_ckpt):

@@ -3,6 +3,7 @@ without ever being unpickled (loading one would run the code it names)."""
 
 import os
 import pickle
+import shutil
 import zipfile
 
 import numpy as np
@@ -61,3 +62,33 @@ def test_other_formats_are_named(files, name, what):
     result = run("table", folder / name)
     assert result.exit_code == 3 and result.stderr.count("\n") == 1
     assert what in result.stderr and "does not read" in result.stderr
+
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.mark.parametrize("name", ["checkpoint.npz", "model.eqx"])
+def test_a_folder_holding_one_checkpoint_file_names_it(tmp_path, name):
+    # the folder is no checkpoint; its file is one, read when passed (never named another format)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if name.endswith(".npz"):
+        np.savez(folder / name, w=np.ones((2, 3), np.float32))
+    else:
+        shutil.copy(os.path.join(DATA, "equinox", name), folder / name)
+    assert run("table", folder / name).exit_code == 0
+    result = run("table", folder)
+    assert result.exit_code == 3 and result.stderr.count("\n") == 1, result.stderr
+    assert (
+        f"{folder} is a folder holding the checkpoint file {name}, not a checkpoint itself" in result.stderr
+    )
+    assert f"pass the file: {folder / name}" in result.stderr
+    assert "does not read" not in result.stderr
+
+
+def test_a_folder_above_a_checkpoint_folder_names_it(tmp_path):
+    shutil.copytree(os.path.join(DATA, "hf_flax", "bert"), tmp_path / "bert")
+    assert run("table", tmp_path / "bert").exit_code == 0
+    result = run("table", tmp_path)
+    assert result.exit_code == 3 and result.stderr.count("\n") == 1, result.stderr
+    assert "found checkpoints under bert/: pass one" in result.stderr

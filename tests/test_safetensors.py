@@ -253,6 +253,16 @@ def test_packed_dtypes_are_left_out_with_a_warning(tmp_path):
     one_line_failure(["table", odd], "odd.safetensors", "'x'", "needs")
 
 
+def test_a_file_is_named_once_in_titles(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "model.safetensors", {"w": np.ones((2, 2), np.float32)})
+    assert run("table", "model.safetensors").stdout.splitlines()[0] == "model.safetensors  1 array"
+    assert run("verify", "model.safetensors").stdout.splitlines()[0] == "model.safetensors"
+    diff = run("diff", "model.safetensors", "model.safetensors", "--all").stdout.splitlines()
+    assert diff[:2] == ["A model.safetensors", "B model.safetensors"]
+    assert run_json("table", "model.safetensors")["item"] == "model.safetensors"  # JSON keeps it
+
+
 def test_diff_against_an_orbax_checkpoint_with_the_same_names(tmp_path):
     rng = np.random.default_rng(3)
     flat = {

@@ -327,6 +327,20 @@ def test_levanter_diff_and_history_across_steps():
         assert got == {k: pytest.approx(v["norm"], rel=1e-6) for k, v in want.items()}
 
 
+def test_the_folder_above_a_levanter_run_is_refused_never_merged(tmp_path):
+    from test_cli import run
+
+    shutil.copytree(LEVANTER_RUN, tmp_path / "run")
+    for command in ("table", "norms"):
+        result = run(command, tmp_path)
+        assert result.exit_code == 3, result.stdout
+        assert result.stderr.strip().splitlines() == [
+            f"paramscope: error: {tmp_path} is not one checkpoint: found a run under run/ "
+            f"(hint: pass it: {tmp_path / 'run'})"
+        ]
+    assert run_json("table", tmp_path / "run")["step"] == 4
+
+
 def test_step_folders_beside_other_arrays_are_refused(tmp_path):
     from test_cli import run
 

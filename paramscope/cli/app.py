@@ -92,7 +92,7 @@ def _main(
     numpy .npz archive; an Equinox file; an EasyDeL checkpoint; a zarr tree or a Levanter run.
 
     Data goes to stdout, messages to stderr. Exit codes: 0 ok, 1 a check failed, 2 usage error,
-    3 checkpoint problem, 4 internal error.
+    3 checkpoint problem, 4 internal error, 130 interrupted (Ctrl-C).
     """
 
 

@@ -286,7 +286,7 @@ def check(
         typer.Option(
             "--only",
             metavar="WHAT",
-            help="Compare only: structure, counts, norms, stats (repeatable).",
+            help="Compare only: structure, counts, norms, stats, digests (repeatable).",
             rich_help_panel=CHECKS,
         ),
     ] = None,

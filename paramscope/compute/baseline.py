@@ -39,6 +39,9 @@ _ACCEPTED = {
 # Documents of numbers only: they list no typed PRNG keys (nor count them), so keys are not compared.
 NUMBERS_ONLY = tuple(f"paramscope.{name}/{version}" for name in ("norms", "stats") for version in (1, 2))
 REGENERATE = "regenerate it with `paramscope snapshot`"
+# The fields each kind of document always carries (its JSON Schema requires them) and that a
+# baseline is read for: without them a document compares nothing and would pass anything.
+_REQUIRED = {"snapshot": ("params",), "table": ("params",), "stats": ("params",), "norms": ("global_norm",)}
 NO_COMMON = "(none in common)"  # the violation of a checkpoint that shares no parameter with the baseline
 
 
@@ -278,6 +281,12 @@ def validate(path: str, document: Any) -> Baseline:
 
     def bad(where: str, value: Any, what: str) -> BaselineError:
         return BaselineError(f"baseline {path}: {where} is {_shown(value)}, not {what}", hint=REGENERATE)
+
+    for name in _REQUIRED[schema.split(".", 1)[1].split("/")[0]]:
+        if name not in document:
+            raise BaselineError(
+                f'baseline {path} has no "{name}": not a whole {schema} document', hint=REGENERATE
+            )
 
     def check_fields(fields: dict[str, Any], where: str) -> None:
         for name, value in fields.items():

@@ -181,7 +181,8 @@ _SMALL_BYTES = 1 << 16
 
 
 def _structure_changes(a: ParamInfo, b: ParamInfo, transposed: bool = False) -> list[str]:
-    """What differs in shape, dtype and saved sharding; A's as compared (transposed: ``A.T``)."""
+    """What differs in shape, dtype and saved sharding; A's as compared (transposed: ``A.T``).
+    A format that stores no sharding (safetensors, npz) leaves nothing to compare it with."""
     changes = []
     shape, sharding = a.shape, a.sharding
     if transposed:
@@ -192,7 +193,7 @@ def _structure_changes(a: ParamInfo, b: ParamInfo, transposed: bool = False) -> 
         changes.append(f"shape {seen}{shape} -> {b.shape}")
     if a.dtype != b.dtype:
         changes.append(f"dtype {a.dtype} -> {b.dtype}")
-    if sharding != b.sharding:
+    if a.sharding_stored and b.sharding_stored and sharding != b.sharding:
         changes.append(f"sharding {seen}{_sharding_text(a, sharding)} -> {_sharding_text(b, b.sharding)}")
     return changes
 

@@ -184,12 +184,58 @@ def locate(
             continue
         if found is not None:
             return found
-    refusal = unsupported(tree)
+    refusal = holds_checkpoints(tree) or unsupported(tree)
     if refusal is not None:
         raise refusal from None
     if first is not None:
         raise first from None
     raise NotACheckpoint(f"{tree.display} is not a checkpoint paramscope reads")
+
+
+_LOOKED_AT = 64  # files and folders inspected to name what a folder that is no checkpoint holds
+
+
+def holds_checkpoints(tree: Tree) -> ParamscopeError | None:
+    """The error for a folder that is no checkpoint itself but holds some: single-file checkpoints
+    (``.npz``, ``.eqx``, msgpack) at its top, or checkpoint folders (Hugging Face Flax,
+    safetensors) one level down, named so that the user can pass one. None when it holds none."""
+    if not tree.keys() or tree.root_is_file():
+        return None
+    from paramscope.io import eqx, hf_flax, msgpack, npz, safetensors
+
+    def readable(path: str, modules) -> bool:
+        for module in modules:
+            try:
+                if module.locate(Tree(path), None) is not None:
+                    return True
+            except ParamscopeError:
+                continue
+        return False
+
+    names = sorted(k for k in tree.keys() if "/" not in k)[:_LOOKED_AT]
+    files = [n for n in names if readable(tree.path(n), (npz, eqx, msgpack))]
+    if files:
+        if len(files) == 1:
+            held, hint = f"the checkpoint file {files[0]}", f"pass the file: {tree.path(files[0])}"
+        else:
+            more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+            held = f"checkpoint files ({', '.join(files[:3])}{more})"
+            hint = f"pass one of the files, e.g. {tree.path(files[0])}"
+        return NotACheckpoint(
+            f"{tree.display} is a folder holding {held}, not a checkpoint itself", hint=hint
+        )
+    folders = [
+        d + "/"
+        for d in tree.subdirs("")[:_LOOKED_AT]
+        if readable(tree.path(d), (hf_flax, safetensors, msgpack))
+    ]
+    if folders:
+        more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
+        return NotACheckpoint(
+            f"{tree.display} is not a checkpoint",
+            hint="found checkpoints under " + ", ".join(folders[:3]) + more + ": pass one",
+        )
+    return None
 
 
 # Files that are not checkpoints paramscope reads, by how they begin (and their names): named

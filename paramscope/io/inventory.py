@@ -244,7 +244,7 @@ def _content_text(item: checkpoint.Item) -> str:
     try:
         content = item_content(item)
     except ParamscopeError as err:
-        return f" ({str(err)[:120]})"
+        return f" ({err.message[:120]})"
     return "" if content is None else f": {shown_content(content)}"
 
 

@@ -146,6 +146,13 @@ def locate(tree: Tree, step: int | None = None, allow_unfinished: bool = False) 
         run = _run(tree, arrays, step, allow_unfinished)
         if run is not None:
             return run
+        runs = _runs_below(arrays)
+        if runs:  # the steps of a run are never merged into one tree
+            found, hint = ("a run", "pass it: ") if len(runs) == 1 else ("runs", "pass one, e.g. ")
+            raise NotACheckpoint(
+                f"{tree.display} is not one checkpoint: found {found} under {_few(runs)}",
+                hint=hint + tree.path(runs[0].rstrip("/")),
+            )
         if not arrays:
             return None
     name = _base(tree.display.rstrip("/")) or tree.display
@@ -159,6 +166,18 @@ def locate(tree: Tree, step: int | None = None, allow_unfinished: bool = False) 
         this = Step(name, tree.display, saved["step"], True, _timestamp(saved))
         return Location(tree.display, "step", this, [item], tree=tree, step_rel="")
     return Location(tree.display, "item", None, [item], selected_item=name, tree=tree)
+
+
+def _runs_below(arrays: dict[str, str]) -> list[str]:
+    """The folders below the top whose subfolders are Levanter ``step-<N>`` trees, relative."""
+    runs = set()
+    for folder in arrays:
+        parts = folder.split("/")
+        for depth in range(1, len(parts)):
+            if _STEP_FOLDER.match(parts[depth]):
+                runs.add("/".join(parts[:depth]) + "/")
+                break
+    return sorted(runs)
 
 
 def step_metadata(tree: Tree, rel: str) -> dict[str, Any] | None:

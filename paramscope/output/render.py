@@ -73,6 +73,8 @@ class Report:
     # lines laid out for a terminal width by their maker (numpy's printing of values), shown as
     # they come in place of the notes, never folded again
     verbatim: Callable[[int | None], list[str]] | None = None
+    # columns this table can have but does not, and the option that adds each (key -> option)
+    options_adding: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,8 +191,11 @@ def _choose_columns(report: Report, keys: Sequence[str] | None, hide_empty: bool
         by_name.update({c.key.lower(): c for c in report.columns})
         unknown = [k for k in keys if k.strip().lower() not in by_name]
         if unknown:
+            option = report.options_adding.get(unknown[0].strip().lower())
+            hint = "columns: " + column_names(report.columns)
             raise UsageError(
-                f"no column {unknown[0]!r} in this table", hint="columns: " + column_names(report.columns)
+                f"no column {unknown[0]!r} in this table",
+                hint=f"{option} adds it; {hint}" if option else hint,
             )
         chosen = [by_name[k.strip().lower()] for k in keys]
         # on a narrow terminal the path folds first, then the columns named last go first

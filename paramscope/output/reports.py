@@ -82,12 +82,24 @@ def header(inv) -> dict[str, Any]:
     }
 
 
+def _items_part(shown: str, items: list[str]) -> list[str]:
+    """``item NAME`` (``items A,B``) for a title; nothing for the one item a path names itself
+    (a file such as ``model.safetensors``, an item folder passed alone).
+
+    >>> _items_part("ckpt", ["params"]), _items_part("out/model.npz", ["model.npz"])
+    (['item params'], [])
+    """
+    if len(items) == 1 and items[0] == shown.rstrip("/").rsplit("/", 1)[-1]:
+        return []
+    return [("item " if len(items) == 1 else "items ") + ",".join(items)]
+
+
 def where(inv) -> str:
     """The selection as the user would write it: path as typed, step, item(s), subtree."""
     parts = [inv.shown or inv.checkpoint]
     if inv.step is not None:
         parts.append(f"step {inv.step}")
-    parts.append(("item " if len(inv.items) == 1 else "items ") + ",".join(inv.items))
+    parts += _items_part(parts[0], inv.items)
     if inv.subtree:
         parts.append(f"subtree {inv.subtree}")
     return "  ".join(parts)
@@ -279,6 +291,22 @@ def info_report(result) -> Report:
     return report
 
 
+def _options_adding(scan, full: bool, masked: bool) -> dict[str, str]:
+    """The columns ``table`` shows only when asked, which it lacks now, and the option adding each,
+    by key and by header (as ``--columns`` names them)."""
+    adding = {}
+    if scan is None:
+        adding["norm"] = "--norms (or --stats)"
+    if not full:
+        adding.update({c.key: "--stats" for c in STAT_COLUMNS[1:]})
+    if scan is None or scan.digest is None:
+        adding["digest"] = "--digest"
+    if not masked:
+        adding["weight_decay"] = "--wd-include or --wd-exclude"
+    by_header = {field(key).header.lower(): option for key, option in adding.items()}
+    return {**by_header, **adding}
+
+
 def table_report(
     inv,
     params,
@@ -346,6 +374,7 @@ def table_report(
         empty="no arrays: the item holds only the values below"
         if inv.values and not inv.params
         else "no parameters match",
+        options_adding=_options_adding(scan, full, mask is not None),
     )
     if inv.values:
         payload["values"] = inv.values
@@ -530,7 +559,7 @@ def verify_report(result, shown: str | None = None) -> Report:
     rows = [{"item": p.item, "path": p.path, "problem": p.problem} for p in result.problems]
     verdict = "OK" if result.ok else plural(len(rows), "problem")
     step_text = f"  step {result.step}" if result.step is not None else ""
-    items = ("item " if len(result.items) == 1 else "items ") + ",".join(result.items)
+    items = "".join(f"  {part}" for part in _items_part(shown or result.checkpoint, result.items))
     return Report(
         payload={
             "schema": schema("verify"),
@@ -544,7 +573,7 @@ def verify_report(result, shown: str | None = None) -> Report:
             "problems": rows,
             "notes": result.notes,
         },
-        title=f"{shown or result.checkpoint}{step_text}  {items}",
+        title=f"{shown or result.checkpoint}{step_text}{items}",
         columns=[field("item"), field("path", header="array"), field("problem")],
         rows=rows,
         notes=[
