@@ -398,3 +398,47 @@ def test_show_on_npz_equals_numpy(name):
     np.testing.assert_array_equal(
         np.asarray(sliced["values"], dtype=np.float64), value[::-3, 1, 2:].astype(np.float64)
     )
+
+
+QWIX = os.path.join(os.path.dirname(__file__), "data", "qwix", "state")
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int4", "int8"])
+def test_show_on_quantized_arrays_equals_what_qwix_held(kind):
+    """float8, int4 and int8 values (qwix's quantized kernels) read by ``show`` and ``ck.array``
+    equal the float64 norm, sum, minimum and maximum recorded from the values qwix held."""
+    with open(os.path.join(os.path.dirname(QWIX), "expected.json")) as f:
+        want = json.load(f)["leaves"][f"{kind}_proj.kernel.array.qvalue.value"]
+    path = f"{kind}_proj.kernel.array.qvalue"
+    values = reference(ps.open(QWIX).array(path)[...])
+    assert list(values.shape) == want["shape"]
+    assert values.sum() == pytest.approx(want["sum"], rel=1e-12, abs=1e-12)
+    assert (values.min(), values.max()) == (want["min"], want["max"])
+    doc = run_json("show", QWIX, path, "--top", "3", "--axis", "0", "--nonfinite")
+    assert doc["dtype"] == want["dtype"] and doc["nonfinite"]["count"] == 0
+    assert doc["stats"]["norm"] == pytest.approx(want["norm"], rel=1e-12)
+    assert (doc["stats"]["min"], doc["stats"]["max"]) == (want["min"], want["max"])
+    assert [[t["index"], t["value"]] for t in doc["top"]] == [[i, v] for i, v in numpy_top(values, 3)]
+    rows = numpy_axis(values, (0,))
+    np.testing.assert_allclose([r["norm"] for r in doc["axis"]["rows"]], rows["norm"], rtol=1e-12)
+    np.testing.assert_array_equal([r["max_abs"] for r in doc["axis"]["rows"]], rows["max_abs"])
+
+
+def test_show_on_a_hugging_face_flax_msgpack_folder():
+    """A msgpack checkpoint (Hugging Face Flax): the array's values, norms per row and whole,
+    equal the float64 norms recorded at save time; a slice equals the whole array's slice."""
+    folder = os.path.join(os.path.dirname(__file__), "data", "hf_flax")
+    with open(os.path.join(folder, "expected.json")) as f:
+        want = json.load(f)["folders"]["bert"]["params"]
+    path = "embeddings.position_embeddings.embedding"
+    ck = ps.open(os.path.join(folder, "bert"))
+    whole = reference(ck.array(path)[...])
+    assert list(whole.shape) == want[path]["shape"]
+    assert float(np.sqrt(np.sum(whole**2))) == pytest.approx(want[path]["norm"], rel=1e-12)
+    np.testing.assert_array_equal(reference(ck.array(path)[3:7, ::5]), whole[3:7, ::5])
+    doc = run_json("show", os.path.join(folder, "bert"), path, "--axis", "1", "--top", "2")
+    assert doc["stats"]["norm"] == pytest.approx(want[path]["norm"], rel=1e-12)
+    np.testing.assert_allclose(
+        [r["norm"] for r in doc["axis"]["rows"]], numpy_axis(whole, (1,))["norm"], rtol=1e-12
+    )
+    assert [[t["index"], t["value"]] for t in doc["top"]] == [[i, v] for i, v in numpy_top(whole, 2)]
