@@ -157,7 +157,13 @@ def _quiet_descriptors(debug: bool):
     sys.stdout.flush()
     sys.stderr.flush()
     stdout = os.fdopen(os.dup(1), "w", buffering=1)
-    stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    # where Python's stderr writes: descriptor 2 itself, or the terminal behind the pipe that
+    # holds back the C++ libraries' log lines (a line written to that pipe could be lost at exit)
+    try:
+        own = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        own = 2
+    stderr = os.fdopen(os.dup(own), "w", buffering=1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     if not debug:
