@@ -22,11 +22,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paramscope.errors import UsageError
 from paramscope.io.inventory import Inventory, ParamInfo
 from paramscope.output.render import Report
+
+if TYPE_CHECKING:
+    from paramscope.parallel.cluster import Cluster
 
 __all__ = [
     "Array",
@@ -139,7 +142,7 @@ def open(
     filter: str | None = None,
     unstack: bool = False,
     layer_axis: Sequence[str] | None = None,
-    cluster=None,
+    cluster: Cluster | None = None,
 ) -> Checkpoint:
     """Opens a checkpoint from its metadata (no array data is read).
 
