@@ -8,6 +8,20 @@ import time
 
 PYTHON = sys.executable
 
+# The start of a script that writes a sharded checkpoint on 8 simulated devices: argv[1] the
+# folder, argv[2] the size in GiB; it defines mesh, normal(key, shape, spec) and key.
+MESH_WRITER = """import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+path, gib = sys.argv[1], float(sys.argv[2])
+mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def normal(key, shape, spec):
+    sharding = NamedSharding(mesh, spec)
+    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32) * 0.02, out_shardings=sharding)(key)
+key = jax.random.key(0)
+"""
+
 
 def measure(command, env=None, stdout=None):
     """(wall seconds, peak RSS bytes) of one process, from its own rusage (Linux: KiB units)."""

@@ -31,19 +31,11 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import PYTHON, machine, measure, report  # noqa: E402
+from _bench import MESH_WRITER, PYTHON, machine, measure, report  # noqa: E402
 
-WRITE = """
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-import jax, jax.numpy as jnp, orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
-path, gib = sys.argv[1], float(sys.argv[2])
-mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-def normal(key, shape, spec):
-    sharding = NamedSharding(mesh, spec)
-    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32) * 0.02, out_shardings=sharding)(key)
-key = jax.random.key(0)
+WRITE = (
+    MESH_WRITER
+    + """
 tree = {"embed": normal(key, (65536, 2048), P("model", "data"))}  # 512 MiB: larger than the budget
 layers = max(1, round((gib * 2**30 - 512 * 2**20) / (64 * 2**20)))
 for i in range(layers):
@@ -57,6 +49,7 @@ ckpt = ocp.StandardCheckpointer()
 ckpt.save(path, tree)
 ckpt.wait_until_finished()
 """
+)
 
 NAIVE = """
 import json, math, sys
