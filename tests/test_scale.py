@@ -21,7 +21,7 @@ from paramscope.compute import plan
 from paramscope.compute.diff import _PairSums, diff_params
 from paramscope.compute.moments import BLOCK
 from paramscope.io import checkpoint as adapter
-from paramscope.io import orbax
+from paramscope.io import zarr
 
 ARRAYS = 2500
 
@@ -68,7 +68,7 @@ class Counts:
         self.calls = collections.Counter()
         self._wrap(monkeypatch, tensorstore, "open", "ts.open")
         self._wrap(monkeypatch, adapter, "open_arrays", "open_arrays", arg_len="arrays opened")
-        self._wrap(monkeypatch, orbax, "_read_kv", "_read_kv", arg_len="keys read", arg=1)
+        self._wrap(monkeypatch, zarr, "_read_kv", "_read_kv", arg_len="keys read", arg=1)
         self._wrap(monkeypatch, adapter, "start_read", "start_read")
 
     def _wrap(self, monkeypatch, owner, name, label, arg_len=None, arg=0):
